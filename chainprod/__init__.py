@@ -1,0 +1,32 @@
+"""chainprod: per-layer gradients of deep sequential models by parallel prefix scans.
+
+The gradient of layer ``l`` needs the suffix product ``A_L ... A_{l+1}`` of
+input Jacobians. Backprop forms these one after another; a prefix scan forms
+all of them in ``ceil(log2 L)`` rounds. chainprod plans such scans
+(:func:`schedule`), runs them on local cores, Ray or Dask (``backend=``), and
+measures where that beats backprop.
+
+>>> import chainprod as cp
+>>> chain = cp.mlp([4, 8, 8, 1])
+>>> g = cp.grad(chain, [0.1, 0.2, 0.3, 0.4], method="sklansky")
+>>> [p.shape for p in g[0]]
+[(8, 4), (8,)]
+"""
+
+from ._validate import NonFiniteError
+from .blocks import BlockSeq, Diag, Segment
+from .check import check_grad, numerical_grad
+from .executors import Trace, get_executor, valid_backends
+from .grad import backward, forward, grad, product, suffix_products, value_and_grad
+from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
+from .schedules import SCHEDULES, Schedule, ScheduleError, register_schedule, schedule
+from .schedules import valid_methods as valid_schedules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "Dense", "Diag", "Diagonal", "NonFiniteError",
+    "Schedule", "ScheduleError", "Segment", "Trace", "backward", "check_grad", "diagonal_chain",
+    "forward", "get_executor", "grad", "mlp", "numerical_grad", "product", "register_schedule",
+    "schedule", "suffix_products", "valid_backends", "valid_schedules", "value_and_grad",
+]

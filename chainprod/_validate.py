@@ -1,0 +1,56 @@
+"""Input checks at the API boundary: say what is wrong and where, early."""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(a, what: str, *, ndim=None, allow_nonfinite=False) -> np.ndarray:
+    """``a`` as a float32/float64 array, checked; never copies or modifies a good array."""
+    if isinstance(a, np.ndarray):
+        arr = a
+    else:
+        try:
+            arr = np.asarray(a)
+        except Exception as e:  # ragged lists and the like
+            raise TypeError(f"{what}: cannot be read as an array ({e})") from None
+    if arr.dtype == object:
+        raise TypeError(f"{what}: dtype object is not supported; use float32 or float64")
+    if arr.dtype not in FLOAT_DTYPES:
+        kind = {"b": "bool", "i": "integer", "u": "unsigned integer", "c": "complex"}.get(arr.dtype.kind, str(arr.dtype))
+        raise TypeError(
+            f"{what}: dtype {arr.dtype} ({kind}) is not supported; use float32 or float64 "
+            f"(e.g. np.asarray(x, dtype=np.float64))"
+        )
+    if ndim is not None and arr.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{what}: expected {ndim} dimension(s), got shape {arr.shape}")
+    if arr.size == 0 or 0 in arr.shape:
+        raise ValueError(f"{what}: has a zero-size dimension (shape {arr.shape})")
+    if not allow_nonfinite and not np.all(np.isfinite(arr)):
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(f"{what}: contains NaN or infinity (first at index {tuple(int(i) for i in bad)})")
+    return arr
+
+
+def check_workers(workers):
+    if workers is None:
+        return None
+    if isinstance(workers, (bool, np.bool_)) or not isinstance(workers, (int, np.integer)):
+        raise TypeError(f"workers must be a positive int or None, got {workers!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    return int(workers)
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A product of finite Jacobians overflowed or produced NaN.
+
+    ``layers`` is the ``(first, last)`` range (0-based, inclusive) whose
+    product first went non-finite.
+    """
+
+    def __init__(self, message, layers=None):
+        super().__init__(message)
+        self.layers = layers

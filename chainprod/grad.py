@@ -1,0 +1,399 @@
+"""Public entry points: per-layer gradients and suffix products.
+
+``grad`` = forward pass (sequential, stores layer outputs) + backward pass.
+The backward pass needs, for every layer ``l``, the row vector
+``v_l = seed . A_L ... A_{l+1}`` (``seed = dloss/dx_L``), then a parameter
+VJP. Backprop forms the ``v_l`` one after another; every other method hands
+the Jacobians to a schedule and an executor, which form all of them as the
+prefixes of one scan::
+
+    scan order:  [seed . A_L,  A_{L-1},  A_{L-2},  ...,  A_2]
+    prefix [0,k] = seed . A_L ... A_{L-k} = v_{L-k-1}
+
+Position 0 is a thin ``1 x w`` block, so every prefix is thin too: the
+schedule's down-sweep ops are vector-matrix products.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import NonFiniteError, as_float_array, check_workers
+from .blocks import COMBINE, BlockSeq, Diag, Segment
+from .executors import Trace, get_executor
+from .layers import Chain, _run_forward
+from .schedules import schedule
+
+__all__ = ["Tape", "forward", "backward", "grad", "value_and_grad", "suffix_products", "product", "LOSSES"]
+
+
+# -- losses: (value(out, y), seed(out, y) = dvalue/dout) ----------------------
+def _sum_value(out, y):
+    return out.sum()
+
+
+def _sum_seed(out, y):
+    return np.ones_like(out)
+
+
+def _mse_value(out, y):
+    return np.mean((out - y) ** 2)
+
+
+def _mse_seed(out, y):
+    return 2.0 * (out - y) / out.size
+
+
+LOSSES = {
+    # sum over the batch of the (scalar) output: the gradient the issue defines
+    "sum": (_sum_value, _sum_seed),
+    # mean squared error over all elements, as torch.nn.functional.mse_loss
+    "mse": (_mse_value, _mse_seed),
+}
+
+
+class Tape:
+    """What a forward pass keeps for the backward pass: every layer's output.
+
+    ``outputs[r]`` is the ``(count, N, d_out)`` stack of run ``r``'s outputs;
+    ``inputs[r]`` is that run's input ``(N, d_in)``.
+    """
+
+    def __init__(self, chain: Chain, x2, one: bool):
+        self.chain = chain
+        self.x = x2
+        self.one = one
+        self.inputs, self.outputs = [], []
+        h = x2
+        for run in chain.runs:
+            Y = np.empty((run.count, x2.shape[0], run.d_out), dtype=chain.dtype)
+            _run_forward(run, h, Y)
+            self.inputs.append(h)
+            self.outputs.append(Y)
+            h = Y[-1]
+        self.out = h
+
+    @property
+    def batch(self):
+        return self.x.shape[0]
+
+    def run_inputs(self, r):
+        """``(count, N, d_in)``: each layer's input in run ``r``."""
+        Y = self.outputs[r]
+        return np.concatenate([self.inputs[r][None], Y[:-1]]) if Y.shape[0] > 1 else self.inputs[r][None]
+
+
+def forward(chain: Chain, x) -> Tape:
+    """Run the chain forward on ``x`` and keep what the backward pass needs."""
+    if not isinstance(chain, Chain):
+        raise TypeError(f"expected a chainprod Chain, got {type(chain).__name__}")
+    x2, one = chain.check_input(x)
+    tape = Tape(chain, x2, one)
+    if not np.all(np.isfinite(tape.out)):
+        raise NonFiniteError("the forward pass produced NaN or infinity (activations overflowed)")
+    return tape
+
+
+def _seed(tape: Tape, y, loss):
+    out = tape.out
+    if loss is None:
+        loss = "sum" if y is None else "mse"
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(sorted(LOSSES))}")
+    if loss == "sum":
+        if y is not None:
+            raise ValueError("loss='sum' takes no targets y; use loss='mse' for targets")
+        if out.shape[1] != 1:
+            raise ValueError(
+                f"grad of the model output needs output width 1, but the last layer has width "
+                f"{out.shape[1]}; pass targets y= with loss='mse' for a vector output"
+            )
+    else:
+        y = as_float_array(y, "y", ndim=(1, 2))
+        y2 = y.reshape(out.shape) if (y.size == out.size) else None
+        if y2 is None:
+            raise ValueError(f"y has shape {y.shape} but the model output has shape "
+                             f"{out.shape if not tape.one else out.shape[1:]}")
+        if y.dtype != out.dtype:
+            raise TypeError(f"y is {y.dtype} but the chain is {out.dtype}")
+        y = y2
+    value_fn, seed_fn = LOSSES[loss]
+    return float(value_fn(out, y)), seed_fn(out, y)
+
+
+def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=None, trace=None):
+    """Per-layer parameter gradients from a tape and ``seed = dloss/dx_L`` ``(N, d_L)``."""
+    chain = tape.chain
+    L = len(chain)
+    workers = check_workers(workers)
+    if isinstance(method, str) and method == "backprop":
+        deltas = _backprop_deltas(tape, seed)
+    else:
+        deltas = _scan_deltas(tape, seed, method, backend, workers, trace)
+    grads = [None] * L
+    for r, run in enumerate(chain.runs):
+        gs = run.cls.param_grads(run.params, deltas[r], tape.run_inputs(r))
+        for i in range(run.count):
+            grads[run.start + i] = tuple(g[i] for g in gs)
+    return grads
+
+
+def _derivs(tape, r):
+    run = tape.chain.runs[r]
+    return run.cls.derivs(tape.outputs[r], run.activation)
+
+
+def _backprop_deltas(tape, seed):
+    """The sequential baseline: one vector-Jacobian product per layer, last to first."""
+    deltas = []
+    g = seed
+    for r in reversed(range(len(tape.chain.runs))):
+        run = tape.chain.runs[r]
+        S = _derivs(tape, r)
+        D = np.empty_like(S)
+        step, P = run.cls.backprop_step, run.params
+        for i in reversed(range(run.count)):
+            D[i], g = step(P, i, S[i], g)
+        if not np.all(np.isfinite(g)):
+            last = len(tape.chain) - 1
+            raise NonFiniteError(
+                f"backprop produced a non-finite gradient: the product of the input Jacobians of "
+                f"layers {run.start}..{last} (0-based) overflowed", (run.start, last))
+        deltas.append(D)
+    return deltas[::-1]
+
+
+def _scan_deltas(tape, seed, method, backend, workers, trace):
+    chain = tape.chain
+    L = len(chain)
+    runs = chain.runs
+    S = [_derivs(tape, r) for r in range(len(runs))]
+    # v[l] per layer, as per-run stacks G[r] of shape (count, N, d_out).
+    G = [np.empty_like(s) for s in S]
+    G[-1][-1] = seed
+    if L > 1:
+        seq = _jacobian_blocks(chain, S, seed)
+        sched = schedule(method, L - 1, workers=workers, blocks=seq, backend=backend)
+        if not sched.is_scan:
+            raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
+        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace)
+        bad = result.first_nonfinite()
+        if bad is not None:
+            lo = L - 1 - bad - 1
+            raise NonFiniteError(
+                f"non-finite value in the product of the input Jacobians of layers {lo + 1}..{L - 1} "
+                f"(0-based): the chain product overflowed; scale the weights down or shorten the chain",
+                (lo + 1, L - 1))
+        stacked = result.stack()
+        for r, run in enumerate(runs):
+            a, b = run.start, min(run.start + run.count, L - 1)  # layers whose v comes from the scan
+            if a >= b:
+                continue
+            # layer l <- prefix k = L-2-l; layers a..b-1 are prefixes L-2-a down to L-1-b
+            ks = np.arange(L - 2 - a, L - 2 - b, -1)
+            if stacked is not None:
+                G[r][: b - a] = stacked[1][L - 1 - b: L - 1 - a][::-1].reshape(b - a, *G[r].shape[1:])
+            else:
+                for i, k in enumerate(ks):
+                    G[r][i] = result.block(int(k))[1].reshape(G[r].shape[1:])
+    return [g * s for g, s in zip(G, S)]
+
+
+def _jacobian_blocks(chain, S, seed) -> BlockSeq:
+    """The scan sequence ``[seed . A_L, A_{L-1}, ..., A_2]`` as stacked segments (owned)."""
+    L = len(chain)
+    runs = chain.runs
+    last = runs[-1]
+    # Head: seed (N, 1, d_L) times the last layer's Jacobian.
+    J_last = last.cls.jacobians(tuple(p[-1:] for p in last.params), S[-1][-1:])[0]
+    rule = COMBINE[("dense", last.cls.kind)]
+    head = rule.kernel(seed[:, None, :], J_last)
+    segments = [Segment("dense", head[None])]
+    for r in reversed(range(len(runs))):
+        run = runs[r]
+        a = max(run.start, 1)  # layer 0's Jacobian is never needed
+        b = min(run.start + run.count, L - 1)  # layer L-1 is inside the head
+        if a >= b:
+            continue
+        ia, ib = a - run.start, b - run.start
+        P = tuple(p[ia:ib][::-1] for p in run.params)
+        segments.append(Segment(run.cls.kind, run.cls.jacobians(P, S[r][ia:ib][::-1])))
+    return BlockSeq(segments, owned=True)
+
+
+def _make_trace(return_trace, backend, workers):
+    if return_trace is True:
+        return Trace(backend=str(backend), workers=workers)
+    if isinstance(return_trace, Trace):
+        return return_trace
+    return None
+
+
+def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",
+                   workers=None, return_trace=False):
+    """Loss value and per-layer gradients (see :func:`grad`)."""
+    tape = forward(chain, x)
+    value, seed = _seed(tape, y, loss)
+    trace = _make_trace(return_trace, backend, workers)
+    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace)
+    return (value, g, trace) if return_trace else (value, g)
+
+
+def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized", workers=None,
+         return_trace=False):
+    """Per-layer parameter gradients of a sequential model.
+
+    Parameters
+    ----------
+    chain : Chain
+    x : array, shape ``(N, d_0)`` or ``(d_0,)``
+    y : array, optional
+        Targets; with ``y`` the default loss is ``"mse"``.
+    loss : {"sum", "mse"}, optional
+        ``"sum"`` (default without ``y``): the gradient of ``sum over the
+        batch of chain(x)``; needs output width 1. ``"mse"``: mean squared
+        error against ``y``, as ``torch.nn.functional.mse_loss``.
+    method : str or Schedule
+        ``"backprop"`` (the sequential baseline: vector-Jacobian products,
+        no Jacobian matrices), a schedule name (see
+        :func:`chainprod.schedule`), ``"auto"``, or a ready ``Schedule``
+        of length ``len(chain) - 1``.
+    backend : str
+        Executor: ``"vectorized"``, ``"serial"``, ``"threads"``, ``"ray"``, ``"dask"``.
+    workers : int, optional
+        Worker count ``P`` for parallel executors and ``chunked``/``auto``.
+    return_trace : bool or Trace
+        Also return the run's :class:`~chainprod.executors.Trace`.
+
+    Returns
+    -------
+    list of tuples
+        ``grads[l]`` has one array per parameter of layer ``l``, shaped like it.
+    """
+    tape = forward(chain, x)
+    _, seed = _seed(tape, y, loss)
+    trace = _make_trace(return_trace, backend, workers)
+    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace)
+    return (g, trace) if return_trace else g
+
+
+# -- suffix products -----------------------------------------------------------
+def _read_blocks(mats, what="mats"):
+    """Validate a list of matrices / Diag blocks -> (BlockSeq in scan order, batched?)."""
+    if isinstance(mats, np.ndarray) and mats.ndim >= 3 and mats.dtype != object:
+        mats = list(mats)  # a stacked (L, d, d) array is a list of L matrices
+    if not isinstance(mats, (list, tuple)):
+        raise TypeError(f"{what} must be a list of arrays (or chainprod.Diag), got {type(mats).__name__}")
+    if not mats:
+        raise ValueError(f"{what} is empty: a product needs at least one matrix")
+    items = []
+    for k, m in enumerate(mats):
+        if isinstance(m, Diag):
+            a = as_float_array(m.values, f"{what}[{k}] (Diag)", ndim=(1, 2))
+            items.append(("diag", a, a.ndim == 2))
+        else:
+            a = as_float_array(m, f"{what}[{k}]", ndim=(2, 3))
+            items.append(("dense", a, a.ndim == 3))
+    dtypes = {a.dtype for _, a, _ in items}
+    if len(dtypes) > 1:
+        k = next(i for i, it in enumerate(items) if it[1].dtype != items[0][1].dtype)
+        raise TypeError(f"mixed dtypes: {what}[0] is {items[0][1].dtype} but {what}[{k}] is {items[k][1].dtype}")
+    batches = {a.shape[0] for _, a, b in items if b}
+    if len(batches) > 1:
+        raise ValueError(f"{what}: batched blocks have different batch sizes {sorted(batches)}")
+    batched = bool(batches)
+    N = batches.pop() if batched else 1
+
+    def rc(kind, a):
+        return (a.shape[-1], a.shape[-1]) if kind == "diag" else a.shape[-2:]
+
+    for k in range(1, len(items)):
+        (r_prev, c_prev), (r, c) = rc(*items[k - 1][:2]), rc(*items[k][:2])
+        if c != r_prev:
+            raise ValueError(
+                f"shapes do not chain at {what}[{k}]: {what}[{k}] is {r}x{c} but {what}[{k - 1}] is "
+                f"{r_prev}x{c_prev}; out[k] = {what}[L-1] @ ... @ {what}[k] needs {what}[k].shape[-1] == "
+                f"{what}[k-1].shape[-2]"
+            )
+    # Scan order: position p holds mats[L-1-p]; group equal kind/shape runs.
+    segments = []
+    run: list = []
+    for kind, a, b in reversed(items):
+        a = a if b else a[None]
+        if run and (run[0][0] != kind or run[0][1].shape[1:] != a.shape[1:] or run[0][1].shape[0] != a.shape[0]):
+            segments.append(Segment(run[0][0], _stack([x for _, x in run], N)))
+            run = []
+        run.append((kind, a))
+    segments.append(Segment(run[0][0], _stack([x for _, x in run], N)))
+    return BlockSeq(segments, owned=True), batched
+
+
+def _stack(arrays, N):
+    out = np.empty((len(arrays), N, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        out[i] = a  # broadcasts an unbatched block over the batch
+    return out
+
+
+def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, return_trace=False):
+    """All suffix products of a list of matrices.
+
+    ``out[k] == mats[L-1] @ mats[L-2] @ ... @ mats[k]`` for ``k = 0 .. L-1``.
+
+    Parameters
+    ----------
+    mats : list of arrays
+        ``A_1 .. A_L``: each ``(d_l, d_{l-1})`` or batched ``(N, d_l, d_{l-1})``
+        (unbatched ones are broadcast over the batch). Wrap the diagonal of a
+        diagonal block in :class:`chainprod.Diag` (``(d,)`` or ``(N, d)``):
+        products of diagonal blocks stay diagonal and come back as ``Diag``.
+        Inputs are never modified.
+    method, backend, workers, return_trace
+        As in :func:`grad`.
+
+    Returns
+    -------
+    list
+        ``L`` arrays (or ``Diag``), unbatched if every input was.
+    """
+    seq, batched = _read_blocks(mats)
+    workers = check_workers(workers)
+    L = len(seq)
+    sched = schedule(method, L, workers=workers, blocks=seq, backend=backend)
+    if not sched.is_scan:
+        raise ValueError(f"schedule {sched.name!r} computes only the total product; "
+                         "use chainprod.product() or a scan schedule")
+    trace = _make_trace(return_trace, backend, workers)
+    result = get_executor(backend).run(sched, seq, workers=workers, trace=trace)
+    _check_finite(result, L)
+    out = [None] * L
+    for p in range(L):
+        kind, a = result.block(p)
+        a = a if batched else a[0]
+        out[L - 1 - p] = Diag(a) if kind == "diag" else a
+    return (out, trace) if return_trace else out
+
+
+def product(mats, *, method="tree", backend="vectorized", workers=None):
+    """The total product ``mats[L-1] @ ... @ mats[0]`` (Q3's balanced tree by default)."""
+    seq, batched = _read_blocks(mats)
+    sched = schedule(method, len(seq), workers=workers, blocks=seq, backend=backend)
+    if sched.outputs[-1] < 0:
+        raise ValueError(f"schedule {sched.name!r} does not produce the total product")
+    result = get_executor(backend).run(sched, seq, workers=check_workers(workers))
+    _check_finite(result, len(seq), only_last=True)
+    kind, a = result.block(len(seq) - 1)
+    a = a if batched else a[0]
+    return Diag(a) if kind == "diag" else a
+
+
+def _check_finite(result, L, only_last=False):
+    if only_last:
+        bad = None if np.all(np.isfinite(result.block(L - 1)[1])) else L - 1
+    else:
+        bad = result.first_nonfinite()
+    if bad is not None:
+        raise NonFiniteError(
+            f"non-finite value in the product of mats[{L - 1 - bad}..{L - 1}]: the product overflowed "
+            "(inputs are finite)", (L - 1 - bad, L - 1))
+
