@@ -177,7 +177,15 @@ class Dense(Layer):
     @staticmethod
     def param_grads(P, delta, X):
         """Stacked ``(dW, db)`` from ``delta = g * act'`` ``(n, N, d_out)`` and inputs ``X`` ``(n, N, d_in)``."""
-        return np.matmul(delta.transpose(0, 2, 1), X), delta.sum(axis=1)
+        N = delta.shape[1]
+        if N <= 4:
+            # A few outer products per layer: broadcasting beats n tiny matmul calls.
+            dW = delta[:, 0, :, None] * X[:, 0, None, :]
+            for i in range(1, N):
+                dW += delta[:, i, :, None] * X[:, i, None, :]
+        else:
+            dW = np.matmul(delta.transpose(0, 2, 1), X)
+        return dW, delta.sum(axis=1)
 
 
 class Diagonal(Layer):

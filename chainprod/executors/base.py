@@ -200,8 +200,7 @@ def alloc_slabs(plan, blocks):
     if blocks.owned:
         for (sid, rows), seg in zip(plan.placement, blocks.segments):
             if (isinstance(rows, slice) and rows.start == 0 and rows.step in (None, 1)
-                    and plan.slabs[sid].count == seg.count and seg.array.flags.writeable
-                    and seg.array.flags.c_contiguous):
+                    and plan.slabs[sid].count == seg.count and seg.array.flags.writeable):
                 slabs[sid] = seg.array
     for i, s in enumerate(plan.slabs):
         if slabs[i] is None:
