@@ -1,0 +1,433 @@
+"""Schedules asserted exactly from sizes, replayed by an independent checker."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import chainprod as cp
+from chainprod.schedules import SCHEDULES, Round
+
+SMALL = list(range(1, 71))
+LARGE = [127, 128, 129, 1000, 1025, 4096]
+SCANS = ["sequential", "independent", "hillis_steele", "sklansky", "brent_kung", "chunked"]
+
+
+def clog2(L: int) -> int:
+    """ceil(log2 L) for L >= 1 by integer arithmetic (0 for L = 1)."""
+    return (L - 1).bit_length()
+
+
+def replay(s):
+    """Independent replay: per round, the (i, k, j) of every op; checks every rule.
+
+    All ops of a round read the state as it was at the start of the round
+    (the round is order-free), and the result must be the same as applying
+    them one by one in order and in reverse order.
+    """
+    lo = np.full(s.n_slots, -1)
+    hi = np.full(s.n_slots, -1)
+    lo[: s.length] = hi[: s.length] = np.arange(s.length)
+    rounds = []
+    for st_ in s.steps:
+        left, right, out = (np.asarray(a) for a in (st_.left, st_.right, st_.out))
+        assert left.shape == right.shape == out.shape
+        assert len(set(out.tolist())) == out.size, "two ops write one slot"
+        i, k, k1, j = lo[left], hi[left], lo[right], hi[right]
+        assert np.all(i >= 0) and np.all(k1 >= 0), "reads an empty slot"
+        assert np.all(k + 1 == k1), "intervals not adjacent"
+        for order in (range(out.size), reversed(range(out.size))):
+            l2, h2 = lo.copy(), hi.copy()
+            for n in order:
+                a, b = (l2[left[n]], h2[left[n]]), (l2[right[n]], h2[right[n]])
+                assert (a, b) == ((i[n], k[n]), (k1[n], j[n])), "round is not order-free"
+                l2[out[n]], h2[out[n]] = a[0], b[1]
+        lo[out], hi[out] = i, j
+        rounds.append((i.copy(), k.copy(), j.copy()))
+    return rounds, lo, hi
+
+
+def check_scan(s):
+    _, lo, hi = replay(s)
+    assert s.outputs.shape == (s.length,)
+    for k, slot in enumerate(s.outputs.tolist()):
+        assert slot >= 0 and (lo[slot], hi[slot]) == (0, k), f"output {k}"
+
+
+def assert_widths(s, widths):
+    assert s.widths == widths
+    assert s.rounds == len(widths)
+    assert s.peak_width == max(widths, default=0)
+    assert s.num_ops == sum(widths)
+
+
+# -- exact properties ----------------------------------------------------------
+@pytest.mark.parametrize("L", SMALL + LARGE)
+def test_sequential(L):
+    s = cp.schedule("sequential", L).validate()
+    check_scan(s)
+    assert_widths(s, [1] * (L - 1))
+    assert s.rounds == L - 1 and s.num_ops == L - 1 and s.peak_width == (1 if L > 1 else 0)
+
+
+@pytest.mark.parametrize("L", SMALL + LARGE)
+def test_tree(L):
+    s = cp.schedule("tree", L).validate()
+    widths, n = [], L
+    while n > 1:
+        widths.append(n // 2)
+        n -= n // 2
+    assert_widths(s, widths)
+    assert s.rounds == clog2(L)
+    assert s.num_ops == L - 1
+    if L > 1:
+        assert s.widths[0] == L // 2
+        assert not s.is_scan
+        assert [k for k in range(L) if s.outputs[k] >= 0] == [L - 1]
+    _, lo, hi = replay(s)
+    slot = s.outputs[L - 1]
+    assert (lo[slot], hi[slot]) == (0, L - 1)
+
+
+@pytest.mark.parametrize("L", SMALL + [127, 128, 129, 1000, 1025])
+def test_independent(L):
+    s = cp.schedule("independent", L).validate()
+    if L <= 200:
+        check_scan(s)
+    assert s.rounds == clog2(L)
+    assert s.num_ops == L * (L - 1) // 2
+    # first round: every tree over k+1 leaves pairs them up
+    peak = sum((k + 1) // 2 for k in range(1, L))
+    assert s.peak_width == peak
+    assert (s.widths[0] if L > 1 else 0) == peak
+    if L >= 8:
+        assert abs(peak - L * L / 4) <= L  # grows as L^2/4
+    # every round exactly: trees of m leaves pair floor(m/2) nodes per round
+    expect = [0] * clog2(L)
+    for k in range(1, L):
+        m, r = k + 1, 0
+        while m > 1:
+            expect[r] += m // 2
+            m -= m // 2
+            r += 1
+    assert s.widths == expect
+
+
+@pytest.mark.parametrize("L", SMALL + LARGE)
+def test_hillis_steele(L):
+    s = cp.schedule("hillis_steele", L).validate()
+    check_scan(s)
+    strides = [1 << r for r in range(clog2(L))]
+    assert_widths(s, [L - st_ for st_ in strides])
+    assert s.rounds == clog2(L)
+    assert s.peak_width == max(L - 1, 0)
+    assert s.num_ops == sum(L - st_ for st_ in strides)
+
+
+@pytest.mark.parametrize("L", SMALL + LARGE)
+def test_sklansky(L):
+    s = cp.schedule("sklansky", L).validate()
+    check_scan(s)
+    assert s.rounds == clog2(L)
+    assert s.peak_width == L // 2
+    assert_widths(s, [sum(1 for p in range(L) if p >> r & 1) for r in range(clog2(L))])
+
+
+@pytest.mark.parametrize("L", SMALL + LARGE)
+def test_brent_kung(L):
+    s = cp.schedule("brent_kung", L).validate()
+    check_scan(s)
+    assert clog2(L) <= s.rounds <= 2 * clog2(L)
+    assert L - 1 <= s.num_ops < max(2 * L, 1)
+    assert s.peak_width == L // 2
+    n = clog2(L)
+    if L > 1 and L == 1 << n:  # powers of two: the textbook count
+        assert s.num_ops == 2 * L - 2 - n
+        assert s.rounds == 2 * n - 1
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 8, 13, 64, 100])
+def test_blelloch_and_other_aliases(L):
+    for alias, name in (("blelloch", "brent_kung"), ("kogge_stone", "hillis_steele"),
+                        ("ladner_fischer", "sklansky")):
+        a, b = cp.schedule(alias, L), cp.schedule(name, L)
+        assert a.widths == b.widths
+        for x, y in zip(a.steps, b.steps):
+            for u, v in zip(x, y):
+                assert np.array_equal(u, v)
+        assert np.array_equal(a.outputs, b.outputs)
+
+
+def chunked_bounds(s, L, P):
+    assert s.peak_width <= P
+    assert s.rounds <= 2 * -(-L // P) + clog2(P)
+    assert L - 1 <= s.num_ops <= 2 * L + (P // 2) * clog2(P)
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4, 7, 16, 33])
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 16, 17, 50, 64, 70, 1000, 1025, 4096])
+def test_chunked(L, P):
+    s = cp.schedule("chunked", L, chunks=P).validate()
+    if L <= 1025:
+        check_scan(s)
+    chunked_bounds(s, L, P)
+    assert s.options.get("chunks") == P
+    # workers= sets the chunk count
+    w = cp.schedule("chunked", L, workers=P)
+    assert w.widths == s.widths
+
+
+@settings(max_examples=60, deadline=None)
+@given(L=st.integers(1, 3000), P=st.integers(1, 200),
+       outer=st.sampled_from(["sklansky", "brent_kung", "hillis_steele", "sequential"]))
+def test_chunked_random(L, P, outer):
+    s = cp.schedule("chunked", L, chunks=P, outer=outer).validate()
+    check_scan(s)
+    assert s.peak_width <= P
+    outer_rounds = cp.schedule(outer, max(P, 1)).rounds
+    assert s.rounds <= 2 * -(-L // P) + outer_rounds
+    assert s.num_ops >= L - 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(L=st.integers(1, 600), name=st.sampled_from(["sequential", "hillis_steele", "sklansky", "brent_kung"]))
+def test_scans_random_lengths(L, name):
+    s = cp.schedule(name, L)
+    check_scan(s)
+    assert s.rounds >= clog2(L) and s.num_ops >= L - 1  # lower bounds of any prefix circuit
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 7, 64, 100, 1000])
+@pytest.mark.parametrize("backend", ["vectorized", "serial", "threads"])
+def test_auto_is_a_valid_scan(L, backend):
+    for blocks in (None, 8, [("dense", 1, 4)] + [("diag", 4, 4)] * (L - 1)):
+        s = cp.schedule("auto", L, blocks=blocks, backend=backend, workers=2).validate()
+        assert s.is_scan and s.length == L
+        if L <= 100:
+            check_scan(s)
+
+
+# -- validation of hand-made schedules ----------------------------------------------
+def R(left, right, out):
+    return Round(np.array(left), np.array(right), np.array(out))
+
+
+def test_hand_made_valid_schedule_passes():
+    # L = 3: [0]x[1] -> 1, then [0,1]x[2] -> 2
+    s = cp.Schedule("mine", 3, 3, [R([0], [1], [1]), R([1], [2], [2])], [0, 1, 2])
+    assert s.validate() is s
+    assert s.rounds == 2 and s.num_ops == 2 and s.is_scan
+    check_scan(s)
+    mats = [np.eye(2) * (k + 2) for k in range(3)]
+    out = cp.suffix_products(mats, method=s)
+    np.testing.assert_allclose(out[0], np.eye(2) * 24)
+
+
+@pytest.mark.parametrize(
+    "case,steps,n_slots,outputs,msg",
+    [
+        ("non-adjacent", [R([0], [2], [2]), R([0], [1], [1])], 3, [0, 1, 2], "adjacent"),
+        ("two-writers", [R([0, 1], [1, 2], [3, 3])], 4, [0, 1, 3], "same slot"),
+        ("read-after-write-in-round", [R([0, 1], [1, 2], [1, 2])], 3, [0, 1, 2], "another op"),
+        ("wrong-outputs", [R([0], [1], [1]), R([1], [2], [2])], 3, [0, 2, 1], "expected"),
+        ("output-not-a-prefix", [R([1], [2], [2])], 3, [0, 1, 2], "expected"),
+        ("empty-slot", [R([0], [3], [1])], 4, [0, 1, 2], "empty"),
+        ("slot-out-of-range", [R([0], [7], [1])], 3, [0, 1, 2], "range"),
+        ("outputs-wrong-length", [R([0], [1], [1]), R([1], [2], [2])], 3, [0, 1], "shape"),
+    ],
+)
+def test_broken_schedules_raise(case, steps, n_slots, outputs, msg):
+    s = cp.Schedule(case, 3, n_slots, steps, outputs)
+    with pytest.raises(cp.ScheduleError, match=msg):
+        s.validate()
+    assert issubclass(cp.ScheduleError, ValueError)
+
+
+def test_broken_schedule_rejected_by_suffix_products():
+    s = cp.Schedule("bad", 3, 3, [R([0], [2], [2]), R([0], [1], [1])], [0, 1, 2])
+    with pytest.raises(cp.ScheduleError):
+        cp.suffix_products([np.eye(2)] * 3, method=s)
+
+
+def test_callable_method_is_validated():
+    good = cp.schedule(lambda L: SCHEDULES["sklansky"](L), 9)
+    assert good.widths == cp.schedule("sklansky", 9).widths
+    with pytest.raises(cp.ScheduleError):
+        cp.schedule(lambda L: cp.Schedule("bad", L, L, [R([0], [2], [2])], np.arange(L)), 3)
+    with pytest.raises(TypeError, match="Schedule"):
+        cp.schedule(lambda L: "not a schedule", 3)
+
+
+def test_register_schedule_roundtrip():
+    def reverse_sequential(L):  # the same ops as sequential, built by hand
+        return cp.Schedule("mine", L, L, [R([j - 1], [j], [j]) for j in range(1, L)], np.arange(L))
+
+    cp.register_schedule("mine_seq", reverse_sequential)
+    try:
+        assert "mine_seq" in cp.valid_schedules()
+        mats = [np.eye(2) * 2.0] * 5
+        out = cp.suffix_products(mats, method="mine_seq")
+        np.testing.assert_allclose(out[0], np.eye(2) * 32)
+    finally:
+        SCHEDULES.pop("mine_seq", None)
+        from chainprod.schedules import build
+        build.cache_clear()
+    assert "mine_seq" not in cp.valid_schedules()
+
+
+def test_plans_are_immutable():
+    s = cp.schedule("sklansky", 16)
+    with pytest.raises(ValueError):
+        s.steps[0].left[0] = 5
+    with pytest.raises(ValueError):
+        s.outputs[0] = 3
+
+
+# -- names, ready schedules ------------------------------------------------------------
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(ValueError) as e:
+        cp.schedule("bogus_scan", 8)
+    msg = str(e.value)
+    assert "bogus_scan" in msg
+    for name in cp.valid_schedules():
+        assert name in msg
+    with pytest.raises(ValueError, match="sklansky"):
+        cp.suffix_products([np.eye(2)] * 3, method="bogus_scan")
+
+
+def test_ready_schedule_accepted_and_length_checked():
+    s = cp.schedule("brent_kung", 12)
+    assert cp.schedule(s, 12) is s
+    with pytest.raises(ValueError, match="12"):
+        cp.schedule(s, 13)
+
+
+def test_bad_lengths_and_options():
+    with pytest.raises(ValueError):
+        cp.schedule("sklansky", 0)
+    with pytest.raises(TypeError):
+        cp.schedule("sklansky", 4.0)
+    with pytest.raises(TypeError, match="chunks"):
+        cp.schedule("sklansky", 4, chunks=2)
+    with pytest.raises(ValueError):
+        cp.schedule("chunked", 8, chunks=0)
+    with pytest.raises(TypeError):
+        cp.schedule(3, 8)
+
+
+# -- printing ------------------------------------------------------------------------
+@pytest.mark.parametrize("name,L", [("sklansky", 8), ("brent_kung", 13), ("chunked", 20), ("sequential", 5),
+                                    ("hillis_steele", 17)])
+def test_str_teaches_the_plan(name, L):
+    s = cp.schedule(name, L)
+    text = str(s)
+    low = text.lower()
+    for word in ("rounds", "peak width", "ops", "flops", "brent"):
+        assert word in low
+    assert name in text
+    assert re.search(rf"rounds[^\n]*\b{s.rounds}\b", low)
+    assert re.search(rf"peak width[^\n]*\b{s.peak_width}\b", low)
+    assert re.search(rf"ops[^\n]*\b{s.num_ops}\b", low)
+    rows = [ln for ln in text.splitlines() if re.match(r"^\s+\d+\s+\d+\s+\S+\s+\[", ln)]
+    assert len(rows) == s.rounds
+    assert [int(r.split()[1]) for r in rows] == s.widths
+    assert name in repr(s) and str(L) in repr(s)
+
+
+def test_str_of_long_plan_is_bounded():
+    s = cp.schedule("sequential", 200)
+    assert len(str(s).splitlines()) < 60
+
+
+# -- costs -----------------------------------------------------------------------------
+def flops_gradient_chain(s, w):
+    """Per-round flops by hand: an op whose left interval starts at 0 is 1xw @ wxw."""
+    rounds, _, _ = replay(s)
+    return [sum(2 * w * w if i == 0 else 2 * w**3 for i in ii.tolist()) for ii, _, _ in rounds]
+
+
+def flops_from_specs(s, specs):
+    kinds = [k for k, _, _ in specs]
+    rows = [r for _, r, _ in specs]
+    cols = [c for _, _, c in specs]
+    out = []
+    for ii, kk, jj in replay(s)[0]:
+        tot = 0
+        for i, k, j in zip(ii.tolist(), kk.tolist(), jj.tolist()):
+            ld = any(x == "dense" for x in kinds[i: k + 1])
+            rd = any(x == "dense" for x in kinds[k + 1: j + 1])
+            r, inner, c = rows[i], cols[k], cols[j]
+            if ld and rd:
+                tot += 2 * r * inner * c
+            elif ld or rd:
+                tot += r * c  # scaling rows or columns
+            else:
+                tot += r  # diagonal times diagonal
+        out.append(tot)
+    return out
+
+
+@pytest.mark.parametrize("w", [1, 3, 8])
+@pytest.mark.parametrize("name", SCANS + ["tree"])
+@pytest.mark.parametrize("L", [1, 2, 5, 16, 33])
+def test_flops_gradient_chain(name, L, w):
+    s = cp.schedule(name, L)
+    per = flops_gradient_chain(s, w)
+    np.testing.assert_allclose(s.flops_per_round(w), per, rtol=0)
+    assert s.flops(w) == sum(per)
+    if name == "sequential":
+        assert s.flops(w) == 2 * w * w * (L - 1)  # backprop: all vector-matrix
+
+
+def test_flops_diag_and_mixed():
+    d = 6
+    L = 20
+    rng = np.random.default_rng(0)
+    for name in SCANS:
+        s = cp.schedule(name, L)
+        specs = [("diag", d, d)] * L
+        assert s.flops(specs) == s.num_ops * d  # every op is elementwise, d flops
+        mixed = [("dense", 1, d)] + [("diag" if rng.random() < 0.5 else "dense", d, d) for _ in range(L - 1)]
+        np.testing.assert_allclose(s.flops_per_round(mixed), flops_from_specs(s, mixed), rtol=0)
+        rect = [("dense", 1, 4), ("dense", 4, 4), ("dense", 4, 7), ("dense", 7, 2)] + [("dense", 2, 2)] * (L - 4)
+        np.testing.assert_allclose(s.flops_per_round(rect), flops_from_specs(s, rect), rtol=0)
+    with pytest.raises(ValueError):
+        cp.schedule("sklansky", 4).flops([("dense", 2, 2)] * 3)
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 8])
+@pytest.mark.parametrize("name", SCANS)
+def test_brent_bound(name, P):
+    L, w = 23, 5
+    s = cp.schedule(name, L)
+    rounds = replay(s)[0]
+    work = depth = 0
+    for ii, _, _ in rounds:
+        f = [2 * w * w if i == 0 else 2 * w**3 for i in ii.tolist()]
+        work += sum(f)
+        depth += max(f)
+    assert s.brent_bound(P, w) == pytest.approx(work / P + depth, rel=1e-12)
+    # more workers never hurt, one worker means W + D
+    assert s.brent_bound(P + 1, w) <= s.brent_bound(P, w)
+    assert s.brent_bound(1, w) == pytest.approx(s.flops(w) + depth)
+    with pytest.raises(ValueError):
+        s.brent_bound(0, w)
+
+
+def test_describe_sequential_flops():
+    s = cp.schedule("sklansky", 9)
+    info = s.describe(8, workers=2)
+    assert info.flops == s.flops(8)
+    assert info.sequential_flops == 2 * 8 * 8 * 8  # L-1 thin products
+    assert info.brent == pytest.approx(s.brent_bound(2, 8))
+
+
+def test_schedule_ops_listing():
+    s = cp.schedule("sklansky", 4)
+    # round 1: [0]x[1] -> [0,1], [2]x[3] -> [2,3]; round 2: [0,1]x[2] -> [0,2], [0,1]x[2,3] -> [0,3]
+    assert sorted(s.ops(0)) == [((0, 0), (1, 1), (0, 1)), ((2, 2), (3, 3), (2, 3))]
+    assert sorted(s.ops(1)) == [((0, 1), (2, 2), (0, 2)), ((0, 1), (2, 3), (0, 3))]
