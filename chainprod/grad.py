@@ -126,10 +126,13 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
     chain = tape.chain
     L = len(chain)
     workers = check_workers(workers)
-    if isinstance(method, str) and method == "backprop":
-        deltas = _backprop_deltas(tape, seed)
-    else:
-        deltas = _scan_deltas(tape, seed, method, backend, workers, trace)
+    # Overflow is detected and reported with the layer range after the fact;
+    # numpy's own warnings would only repeat it without the range.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if isinstance(method, str) and method == "backprop":
+            deltas = _backprop_deltas(tape, seed)
+        else:
+            deltas = _scan_deltas(tape, seed, method, backend, workers, trace)
     grads = []
     for r, run in enumerate(chain.runs):
         gs = run.cls.param_grads(run.params, deltas[r], tape.run_inputs(r))
@@ -156,9 +159,11 @@ def _backprop_deltas(tape, seed):
             D[i], g = step(P, i, S[i], g)
         if not np.all(np.isfinite(g)):
             last = len(tape.chain) - 1
+            ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1)
+            first = run.start + int(np.flatnonzero(~ok)[-1]) if not ok.all() else run.start
             raise NonFiniteError(
                 f"backprop produced a non-finite gradient: the product of the input Jacobians of "
-                f"layers {run.start}..{last} (0-based) overflowed", (run.start, last))
+                f"layers {first}..{last} (0-based) overflowed", (first, last))
         deltas.append(D)
     return deltas[::-1]
 
@@ -366,7 +371,8 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
         raise ValueError(f"schedule {sched.name!r} computes only the total product; "
                          "use chainprod.product() or a scan schedule")
     trace = _make_trace(return_trace, backend, workers)
-    result = get_executor(backend).run(sched, seq, workers=workers, trace=trace)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the range
+        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace)
     _check_finite(result, L)
     out = [None] * L
     for p in range(L):
@@ -382,7 +388,8 @@ def product(mats, *, method="tree", backend="vectorized", workers=None):
     sched = schedule(method, len(seq), workers=workers, blocks=seq, backend=backend)
     if sched.outputs[-1] < 0:
         raise ValueError(f"schedule {sched.name!r} does not produce the total product")
-    result = get_executor(backend).run(sched, seq, workers=check_workers(workers))
+    with np.errstate(over="ignore", invalid="ignore"):
+        result = get_executor(backend).run(sched, seq, workers=check_workers(workers))
     _check_finite(result, len(seq), only_last=True)
     kind, a = result.block(len(seq) - 1)
     a = a if batched else a[0]

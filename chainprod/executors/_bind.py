@@ -129,20 +129,19 @@ def _bind_cached(schedule: Schedule, signature: tuple) -> BoundPlan:
         ko = key(so, st.out)
         for kk in np.unique(ko):
             holders.setdefault(int(kk), []).append(st.out[ko == kk])
-    slab_of_key = {}
     slot_lists = []
     slabs = []
     for kk in sorted(holders):
         slots = np.unique(np.concatenate(holders[kk]))
-        slab_of_key[kk] = len(slabs)
         slot_lists.append(slots)
         code = kk // 2
         c, r, kind = code % big, (code // big) % big, kind_names[code // big // big]
         slabs.append(Slab(kind, int(r), int(c), int(slots.size)))
 
+    sorted_keys = np.array(sorted(holders), dtype=np.int64)  # slab id = rank of its key
+
     def locate(codes, slots):
-        ks = key(codes, slots)
-        sid = np.fromiter((slab_of_key[int(x)] for x in ks), dtype=np.int64, count=ks.size)
+        sid = np.searchsorted(sorted_keys, key(codes, slots))
         row = np.empty_like(slots)
         for s in np.unique(sid):
             m = sid == s
