@@ -157,10 +157,10 @@ def _backprop_deltas(tape, seed):
         step, P = run.cls.backprop_step, run.params
         for i in reversed(range(run.count)):
             D[i], g = step(P, i, S[i], g)
-        if not np.all(np.isfinite(g)):
-            last = len(tape.chain) - 1
-            ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1)
-            first = run.start + int(np.flatnonzero(~ok)[-1]) if not ok.all() else run.start
+        ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1)
+        if not ok.all():
+            # delta_l = v_l * act' and v_l = seed . A_L ... A_{l+1}
+            first, last = run.start + int(np.flatnonzero(~ok)[-1]) + 1, len(tape.chain) - 1
             raise NonFiniteError(
                 f"backprop produced a non-finite gradient: the product of the input Jacobians of "
                 f"layers {first}..{last} (0-based) overflowed", (first, last))
