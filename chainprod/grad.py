@@ -131,6 +131,12 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
     with np.errstate(over="ignore", invalid="ignore"):
         if isinstance(method, str) and method == "backprop":
             deltas = _backprop_deltas(tape, seed)
+        # -- distributed dispatch (ray/dask): Jacobians, scan and VJPs run on the workers;
+        # only per-layer gradients come back (chainprod/executors/_cluster.py) --
+        elif L > 1 and hasattr(get_executor(backend), "backward_remote"):
+            return get_executor(backend).backward_remote(tape, seed, method=method, workers=workers,
+                                                         trace=trace)
+        # -- end distributed dispatch --
         else:
             deltas = _scan_deltas(tape, seed, method, backend, workers, trace)
     grads = []

@@ -1,0 +1,357 @@
+"""What the Ray and Dask executors share: running the task graph, errors, cluster lifecycle.
+
+An engine subclass (:class:`~chainprod.executors.ray_executor.RayExecutor`,
+:class:`~chainprod.executors.dask_executor.DaskExecutor`) supplies five verbs:
+connect to (or start) a cluster, place driver data, submit a task whose
+arguments may be handles of other tasks, wait for handles with a deadline,
+and release/cancel handles. Everything else, the plan
+(:func:`chainprod.executors._remote.partition`), the trace, the error
+messages, ``grad`` on the workers, lives here once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .._validate import NonFiniteError, check_workers
+from ..schedules import schedule as build_schedule
+from . import _remote
+from .base import Executor, ListResult, TraceEvent
+
+__all__ = ["DistributedError", "DistributedTimeoutError", "ClusterConnectionError", "DistributedExecutor",
+           "cluster", "check_reachable"]
+
+
+class DistributedError(RuntimeError):
+    """A distributed run failed for a reason outside the numbers (a worker died, a task was lost)."""
+
+    def __init__(self, message, backend=None, task=None):
+        super().__init__(message)
+        self.backend = backend
+        self.task = task
+
+
+class DistributedTimeoutError(DistributedError, TimeoutError):
+    """A distributed run did not finish within ``timeout`` seconds."""
+
+
+class ClusterConnectionError(DistributedError, ConnectionError):
+    """The cluster at ``address`` could not be reached or started."""
+
+
+# -- lifecycle helpers -----------------------------------------------------------
+_TEMP_DIRS: list[str] = []
+_LOCK = threading.RLock()
+
+
+def make_temp_dir(prefix: str) -> str:
+    """A temp dir chainprod owns (removed at exit, or by :func:`remove_temp_dir`)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    _TEMP_DIRS.append(d)
+    return d
+
+
+def remove_temp_dir(d: str | None):
+    if d:
+        shutil.rmtree(d, ignore_errors=True)
+        with contextlib.suppress(ValueError):
+            _TEMP_DIRS.remove(d)
+
+
+@atexit.register
+def _cleanup_temp_dirs():  # pragma: no cover - runs at interpreter exit
+    for d in list(_TEMP_DIRS):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def check_reachable(address: str, backend: str, timeout: float = 3.0):
+    """Fail fast with a clear error when nothing listens at ``host:port``."""
+    a = address if "://" in address else f"tcp://{address}"
+    u = urlparse(a)
+    host, port = u.hostname, u.port
+    if not host or not port:
+        raise ClusterConnectionError(
+            f"{backend}: cannot read host:port from address {address!r} (expected e.g. '127.0.0.1:6379')",
+            backend)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ClusterConnectionError(
+            f"{backend}: no cluster reachable at {address!r} ({e.strerror or e}); start one "
+            f"(e.g. `ray start --head` / `dask scheduler`) or pass address=None for an embedded "
+            "local cluster", backend) from None
+
+
+class Deadline:
+    """Seconds left of a run's ``timeout`` (``None`` = unbounded)."""
+
+    def __init__(self, timeout):
+        self.timeout = timeout
+        self.t_end = None if timeout is None else time.monotonic() + timeout
+
+    def left(self):
+        if self.t_end is None:
+            return None
+        return max(0.0, self.t_end - time.monotonic())
+
+
+# -- the shared executor --------------------------------------------------------
+class DistributedExecutor(Executor):
+    """Runs a schedule as the owner-computes task graph of :mod:`._remote` on a cluster.
+
+    Parameters (all also accepted per run as keywords of :meth:`run`)
+    ----------
+    address : str or engine client, optional
+        Join this cluster; chainprod never shuts down a cluster it joined.
+        ``None``: use the engine's current connection if there is one, else
+        start an embedded local cluster on loopback (reused by later runs,
+        shut down at interpreter exit).
+    timeout : float, optional
+        Seconds; bounds every wait of a run. ``None`` waits as long as it takes.
+    retries : int
+        How often a task is re-run after its worker process died (Ray
+        ``max_retries``; Dask ``allowed-failures`` on clusters chainprod
+        starts). ``0`` turns retries off: a dead worker raises
+        :class:`DistributedError`. Exceptions raised by the numbers themselves
+        are never retried.
+    workers : int, optional
+        Default ``P`` when a run passes none (else the cluster's CPU count, or 2).
+    """
+
+    name = "?"
+    parallel = True
+    engine_hint = ""
+
+    def __init__(self, address=None, *, timeout=None, retries=3, workers=None, **engine_options):
+        self.address = address
+        self.timeout = _check_timeout(timeout)
+        self.retries = _check_retries(retries)
+        self.workers = check_workers(workers)
+        self.engine_options = engine_options
+
+    def __repr__(self):
+        where = "embedded" if self.address is None else repr(self.address)
+        return f"<{type(self).__name__} {self.name!r} {where}, timeout={self.timeout}, retries={self.retries}>"
+
+    # -- engine verbs (subclasses) ------------------------------------------
+    def _connect(self, workers):  # -> int: cluster CPU count
+        raise NotImplementedError
+
+    def _default_workers(self) -> int:
+        return 2
+
+    def _put(self, obj, key):
+        raise NotImplementedError
+
+    def _submit(self, fn, args, key, retries):
+        raise NotImplementedError
+
+    def _wait(self, handles, deadline, names):  # -> list of values
+        raise NotImplementedError
+
+    def _release(self, handles):
+        pass
+
+    def _token(self, *parts) -> str:
+        return ""
+
+    # -- options ------------------------------------------------------------
+    def _opts(self, options):
+        unknown = set(options) - {"timeout", "retries", "address"}
+        if unknown:
+            raise TypeError(f"{self.name} executor: unknown option(s) {sorted(unknown)}; "
+                            "valid: address, timeout, retries")
+        if "address" in options and options["address"] != self.address:
+            raise ValueError(f"{self.name}: pass address= when creating the executor "
+                             f"(e.g. {type(self).__name__}(address=...)) or use chainprod.cluster()")
+        timeout = _check_timeout(options.get("timeout", self.timeout))
+        retries = _check_retries(options.get("retries", self.retries))
+        return timeout, retries
+
+    def _resolve_workers(self, workers):
+        workers = check_workers(workers)
+        return workers or self.workers or self._default_workers()
+
+    # -- the graph ----------------------------------------------------------
+    def _submit_graph(self, part, init_handles, retries, token, collect=None, collect_extra=None):
+        """Submit every segment and collect task of ``part``; returns handles by tid."""
+        h = list(init_handles) + [None] * (len(part.tasks) - part.workers)
+        for t in part.tasks[part.workers:]:
+            args = [h[d] for d in t.deps]
+            key = f"chainprod-{self.name}-{t.kind}-{token}-{t.tid}"
+            if t.kind == "segment":
+                h[t.tid] = self._submit(_remote.segment_task, [t, *args], key, retries)
+            else:
+                fn = collect or _remote.collect_task
+                extra = [] if collect_extra is None else [collect_extra[t.worker]]
+                h[t.tid] = self._submit(fn, [t, *extra, *args], key, retries)
+        return h
+
+    def _fill_trace(self, trace, metas, wall0, workers):
+        if trace is None:
+            return
+        trace.backend = trace.backend or self.name
+        trace.workers = trace.workers or workers
+        others = getattr(trace, "other_events", None)
+        if others is None:
+            others = trace.other_events = []
+        for meta in metas:
+            for r, where, t0, t1, ops, task in meta:
+                ev = TraceEvent(int(r), where, t0 - wall0, t1 - wall0, int(ops), task)
+                if r >= 0:
+                    trace.add(ev)
+                else:
+                    others.append(ev)  # Jacobians, VJPs, collection: not combine rounds
+
+    def run(self, schedule, blocks, *, workers=None, trace=None, **options):
+        """Run ``schedule`` on ``blocks`` with ``P = workers`` chains of tasks (see :mod:`._remote`)."""
+        timeout, retries = self._opts(options)
+        deadline = Deadline(timeout)
+        if schedule.length != len(blocks):
+            raise ValueError(f"schedule is for L={schedule.length} factors, got {len(blocks)} blocks")
+        P = self._resolve_workers(workers)
+        self._connect(P)
+        wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
+        part = _remote.partition(schedule, P)
+        token = self._token(_schedule_token(schedule), P, [s.array for s in blocks.segments])
+        inits = []
+        for b in range(part.workers):
+            vals = {int(p): blocks.block(int(p)) for p in part.init_slots[b]}
+            inits.append(self._put({"values": vals, "meta": []}, f"chainprod-{self.name}-init-{token}-{b}"))
+        handles = self._submit_graph(part, inits, retries, token)
+        names = {id(h): t.name for h, t in zip(handles, part.tasks)}
+        try:
+            results = self._wait([handles[t] for t in part.collect], deadline,
+                                 [part.tasks[t].name for t in part.collect])
+        finally:
+            self._release(handles)
+            del handles, inits, names
+        items = [None] * schedule.length
+        for res in results:
+            for kind, ks, arr in res["outputs"]:
+                for q, k in enumerate(ks.tolist()):
+                    items[k] = (kind, arr[q])
+        self._fill_trace(trace, [r["meta"] for r in results], wall0, P)
+        return ListResult(items)
+
+    # -- grad on the workers ------------------------------------------------
+    def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
+        """Per-layer gradients with Jacobians, scan and VJPs computed on the workers.
+
+        Called by :func:`chainprod.grad.backward` for this backend. The driver
+        ships each worker the layer data of its chunk (parameters and
+        activations), the workers build their Jacobian blocks, run the scan
+        and apply the parameter VJPs; only per-layer gradients come back.
+        """
+        timeout, retries = self._opts(options)
+        deadline = Deadline(timeout)
+        chain = tape.chain
+        L = len(chain)
+        P = self._resolve_workers(workers)
+        n = L - 1
+        specs = [("dense", 1, chain.layers[L - 1].d_in)]
+        specs += [(chain.layers[L - 1 - p].kind, chain.layers[L - 1 - p].d_out, chain.layers[L - 1 - p].d_in)
+                  for p in range(1, n)]
+        sched = build_schedule(method, n, workers=P, blocks=specs, backend=self.name)
+        if not sched.is_scan:
+            raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
+        self._connect(P)
+        wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
+        part = _remote.partition(sched, P)
+        payloads = _remote.grad_payloads(tape, seed, part)
+        token = self._token(_schedule_token(sched), P, tape.x, seed, [p for r in chain.runs for p in r.params])
+        data = [self._put(p, f"chainprod-{self.name}-layers-{token}-{b}") for b, p in enumerate(payloads)]
+        inits = [self._submit(_remote.jacobian_task, [d], f"chainprod-{self.name}-jac-{token}-{b}", retries)
+                 for b, d in enumerate(data)]
+        handles = self._submit_graph(part, inits, retries, token, collect=_remote.vjp_task, collect_extra=data)
+        try:
+            results = self._wait([handles[t] for t in part.collect], deadline,
+                                 [f"w{part.tasks[t].worker}.vjp" for t in part.collect])
+        finally:
+            self._release(handles + data)
+            del handles, inits, data
+        self._fill_trace(trace, [r["meta"] for r in results], wall0, P)
+        bads = [r["bad"] for r in results if r["bad"] is not None]
+        if bads:
+            bad = min(bads)
+            lo = L - 1 - bad - 1
+            raise NonFiniteError(
+                f"non-finite value in the product of the input Jacobians of layers {lo + 1}..{L - 1} "
+                f"(0-based): the chain product overflowed; scale the weights down or shorten the chain",
+                (lo + 1, L - 1))
+        grads = [None] * L
+        for res in results:
+            for layers, gs in res["grads"]:
+                for q, l in enumerate(layers.tolist()):
+                    grads[l] = tuple(np.array(g[q]) for g in gs)
+        # The last layer's v is the seed itself: one cheap VJP on the driver.
+        last = chain.runs[-1]
+        Y = tape.outputs[-1][-1:]
+        S = last.cls.derivs(Y, last.activation)
+        X = tape.run_inputs(len(chain.runs) - 1)[-1:]
+        gs = last.cls.param_grads(tuple(p[-1:] for p in last.params), (seed * S[0])[None], X)
+        grads[L - 1] = tuple(g[0] for g in gs)
+        return grads
+
+
+def _schedule_token(s):
+    return (s.name, s.length, s.n_slots, tuple(sorted((k, repr(v)) for k, v in s.options.items())),
+            [(st.left, st.right, st.out) for st in s.steps], s.outputs)
+
+
+def _check_timeout(timeout):
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_retries(retries):
+    if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    return int(retries)
+
+
+# -- holding a cluster for a block of work -----------------------------------------
+@contextlib.contextmanager
+def cluster(backend: str, workers: int | None = None, address=None, *, timeout=None, retries=3,
+            **engine_options):
+    """Hold a Ray or Dask cluster for a block of work; yields the executor.
+
+    >>> with chainprod.cluster("dask", workers=2) as ex:          # doctest: +SKIP
+    ...     g = chainprod.grad(chain, x, backend=ex, workers=2)
+    ...     g = chainprod.grad(chain, x, backend="dask")           # same cluster
+
+    With ``address=None`` a local cluster is started for the block (unless
+    the process already holds one, which is then reused) and shut down at
+    its end if this block started it. With ``address=`` (a ``host:port``, a
+    ``ray://`` URL or a ``distributed.Client``) the cluster is joined and
+    left running. ``engine_options`` go to ``ray.init`` / ``LocalCluster``.
+    Inside the block ``backend="ray"`` / ``"dask"`` use this cluster too.
+    """
+    if backend == "ray":
+        from .ray_executor import cluster as engine_cluster
+    elif backend == "dask":
+        from .dask_executor import cluster as engine_cluster
+    else:
+        raise ValueError(f"chainprod.cluster() needs backend 'ray' or 'dask', got {backend!r}")
+    with engine_cluster(workers=workers, address=address, timeout=timeout, retries=retries,
+                        **engine_options) as ex:
+        yield ex
+
+
+def env_flag(name, default=False):
+    v = os.environ.get(name)
+    return default if v is None else v.lower() not in ("", "0", "false", "no")

@@ -1,0 +1,394 @@
+"""The task graph the Ray and Dask executors run, and the functions run on workers.
+
+How this works (owner computes)
+-------------------------------
+Scan positions ``0 .. L-1`` are cut into ``P`` contiguous chunks of
+``c = ceil(L/P)`` positions; worker ``b`` *owns* chunk ``b``. An op
+``[i, k] (x) [k+1, j] -> [i, j]`` runs on the owner of ``j``, the right end
+of the interval it produces, so the prefix ``[0, k]`` ends on the owner of
+``k`` and the output of a scan never moves between workers.
+
+Walking the schedule round by round, the ops of one worker are *fused* into
+one task for as long as they only read values that worker already holds.
+When a worker needs a value another worker produced, the producer's task is
+closed (its value becomes a task result) and the reader starts a new task
+that takes that result as an argument. So a task is a run of rounds on one
+worker, and only the values that cross a chunk boundary travel:
+
+* ``chunked`` with ``chunks = P`` becomes: local reduce (one task per
+  worker), a scan of the ``P`` chunk totals (a hop per level), local
+  down-sweep (one task per worker);
+* ``sequential`` becomes ``P`` tasks handing one block along;
+* ``sklansky`` / ``brent_kung`` run their first ``log2 c`` levels locally
+  in one task and hop only on the levels that span chunks.
+
+Each worker's tasks form a *chain* (every task takes its predecessor as an
+argument), so at most ``P`` tasks run at once and a trace can prove it. The
+whole DAG is built here from the schedule alone (pure, cached) and submitted
+at once by the engine; there is no driver round-trip per round.
+
+Everything below ``# -- on the workers`` is plain numpy and runs inside Ray
+or Dask worker processes; it imports no engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..blocks import COMBINE
+from ..schedules import Schedule
+
+__all__ = ["TaskSpec", "Partition", "partition", "segment_task", "collect_task", "jacobian_task",
+           "vjp_task", "grad_payloads"]
+
+
+@dataclass
+class TaskSpec:
+    """One task of the graph; arguments are ``deps`` (task ids) in this order."""
+
+    tid: int
+    worker: int
+    kind: str  # "init" | "segment" | "collect"
+    index: int = 0  # position in the worker's chain
+    rounds: list = field(default_factory=list)  # of (round, left, right, out) slot arrays
+    deps: list = field(default_factory=list)  # task ids; deps[0] is the chain predecessor
+    reads: dict = field(default_factory=dict)  # slot -> index into deps, for slots read first
+    keep: set = field(default_factory=set)  # slots whose final value is returned
+    outputs: list = field(default_factory=list)  # collect: (k, slot) pairs
+    opened: int = 0
+    closed: int | None = None
+
+    @property
+    def ops(self) -> int:
+        return sum(len(o) for _, _, _, o in self.rounds)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "segment" and self.rounds:
+            return f"w{self.worker}.seg{self.index} rounds {self.rounds[0][0]}..{self.rounds[-1][0]}"
+        return f"w{self.worker}.{self.kind}"
+
+
+@dataclass
+class Partition:
+    """The distributed plan of one schedule on ``P`` workers (see module docstring)."""
+
+    length: int
+    workers: int  # workers that own at least one position
+    chunk: int
+    tasks: list  # TaskSpec by tid; tids 0..workers-1 are the init tasks
+    chains: list  # per worker: its tids in order (init first, collect last)
+    init_slots: list  # per worker: input positions its init must hold
+    cross_edges: int  # task arguments that cross workers
+    segments: int  # combine tasks
+
+    def owner(self, pos):
+        return np.minimum(np.asarray(pos) // self.chunk, self.workers - 1)
+
+    @property
+    def collect(self) -> list[int]:
+        return [c[-1] for c in self.chains]
+
+    def describe(self) -> str:
+        return (f"{self.workers} chains of ~{self.chunk} positions, {self.segments} combine tasks, "
+                f"{self.cross_edges} cross-worker edges")
+
+
+def partition(schedule: Schedule, workers: int) -> Partition:
+    """Cut ``schedule`` into per-worker chains of fused tasks (cached; pure)."""
+    return _partition(schedule, int(workers))
+
+
+@functools.lru_cache(maxsize=32)
+def _partition(schedule: Schedule, P: int) -> Partition:
+    L = schedule.length
+    c = max(1, -(-L // P))
+    nw = -(-L // c)
+
+    def owner(pos):
+        return np.minimum(pos // c, nw - 1)
+
+    tasks: list[TaskSpec] = [TaskSpec(b, b, "init", closed=-1) for b in range(nw)]
+    chains = [[b] for b in range(nw)]
+    init_slots = [set(range(b * c, min((b + 1) * c, L))) for b in range(nw)]
+    INIT = -1
+    # producer[s]: tid whose result holds the current value of slot s; INIT = the
+    # reader's own init (input positions not yet overwritten); -2 = empty.
+    producer = np.full(schedule.n_slots, -2, dtype=np.int64)
+    producer[:L] = INIT
+    open_task = [None] * nw
+    seq = 0
+    cross = 0
+
+    def close(t: TaskSpec):
+        nonlocal seq
+        if t.closed is None:
+            seq += 1
+            t.closed = seq
+            open_task[t.worker] = None
+
+    for r, ((_, _, j), st) in enumerate(zip(schedule.intervals(), schedule.steps)):
+        ob = owner(j)
+        reads = (st.left, st.right)
+        # Pass 1: a value another worker produced in a still-open task must
+        # become a task result: close that task at this round boundary.
+        for s_arr in reads:
+            src = producer[s_arr]
+            for b, t in zip(ob.tolist(), src.tolist()):
+                if t >= 0 and tasks[t].worker != b and tasks[t].closed is None:
+                    close(tasks[t])
+        # A worker whose open task began before a value it now reads was
+        # closed cannot take that value as an argument: split its task.
+        for b in np.unique(ob).tolist():
+            t_open = open_task[b]
+            if t_open is None:
+                continue
+            m = ob == b
+            for s_arr in reads:
+                for t in producer[s_arr[m]].tolist():
+                    if t >= 0 and t != t_open.tid and tasks[t].closed > t_open.opened:
+                        close(t_open)
+                        break
+                if open_task[b] is None:
+                    break
+        # Pass 2: place the ops; record where each task reads its operands.
+        for b in np.unique(ob).tolist():
+            m = ob == b
+            t = open_task[b]
+            if t is None:
+                seq += 1
+                prev = chains[b][-1]
+                t = TaskSpec(len(tasks), b, "segment", index=len(chains[b]) - 1, deps=[prev], opened=seq)
+                tasks.append(t)
+                chains[b].append(t.tid)
+                open_task[b] = t
+            left, right, out = st.left[m], st.right[m], st.out[m]
+            for s in np.concatenate([left, right]).tolist():
+                src = int(producer[s])
+                if src == t.tid or s in t.reads:
+                    continue
+                if src == -2:  # pragma: no cover - validate() rules this out
+                    raise RuntimeError(f"round {r}: slot {s} read before written")
+                if src == INIT:
+                    init_slots[b].add(s)
+                    src = b
+                if src not in t.deps:
+                    t.deps.append(src)
+                    if tasks[src].worker != b:
+                        cross += 1
+                t.reads[s] = t.deps.index(src)
+                if src >= nw:
+                    tasks[src].keep.add(s)
+            t.rounds.append((r, left, right, out))
+        for b in np.unique(ob).tolist():
+            m = ob == b
+            producer[st.out[m]] = open_task[b].tid
+    for t in list(open_task):
+        if t is not None:
+            close(t)
+    # Collect: each worker gathers the prefixes it owns.
+    ks = np.flatnonzero(schedule.outputs >= 0)
+    kown = owner(ks)
+    for b in range(nw):
+        t = TaskSpec(len(tasks), b, "collect", index=len(chains[b]) - 1, deps=[chains[b][-1]])
+        if b not in t.deps:
+            t.deps.append(b)  # its own init: inputs and, for grad, the layer data
+        for k in ks[kown == b].tolist():
+            s = int(schedule.outputs[k])
+            src = int(producer[s])
+            if src == INIT:
+                init_slots[b].add(s)
+                src = b
+            if src not in t.deps:
+                t.deps.append(src)
+                if tasks[src].worker != b:
+                    cross += 1
+            t.reads[s] = t.deps.index(src)
+            t.outputs.append((k, s))
+            if src >= nw:
+                tasks[src].keep.add(s)
+        tasks.append(t)
+        chains[b].append(t.tid)
+    segs = sum(1 for t in tasks if t.kind == "segment")
+    return Partition(L, nw, c, tasks, chains, [np.array(sorted(s), dtype=np.int64) for s in init_slots],
+                     cross, segs)
+
+
+# -- grad: what each worker needs to build its Jacobians and its VJPs --------
+def grad_payloads(tape, seed, part: Partition):
+    """Per worker, the layer data for its Jacobian blocks and its parameter VJPs.
+
+    Scan position ``p`` holds layer ``L-1-p``'s input Jacobian (position 0:
+    ``seed . A_{L-1}``); prefix ``k`` is ``v`` of layer ``L-2-k``. Worker ``b``
+    needs the layers of its input positions and of its output prefixes: one
+    contiguous layer range, shipped as slices of the chain's stacked runs.
+    """
+    chain = tape.chain
+    L = len(chain)
+    n = L - 1  # scan length
+    payloads = []
+    for b in range(part.workers):
+        pos = part.init_slots[b]
+        kout = [k for t in (part.tasks[part.chains[b][-1]],) for k, _ in t.outputs]
+        layers = [L - 1 - int(p) for p in pos] + [L - 2 - k for k in kout]
+        lo, hi = min(layers), max(layers)
+        runs = []
+        for r, run in enumerate(chain.runs):
+            a, z = max(lo, run.start), min(hi + 1, run.start + run.count)
+            if a >= z:
+                continue
+            ia, iz = a - run.start, z - run.start
+            X = tape.inputs[r][None] if ia == 0 else None
+            Xs = tape.outputs[r][max(ia - 1, 0): iz - 1]
+            X = Xs if X is None else (np.concatenate([X, Xs]) if Xs.shape[0] else X)
+            runs.append(dict(cls=run.cls, activation=run.activation, kind=run.cls.kind, start=a,
+                             count=z - a, params=tuple(p[ia:iz] for p in run.params),
+                             Y=tape.outputs[r][ia:iz], X=X))
+        payloads.append(dict(L=L, n=n, positions=pos, outputs=np.array(kout, dtype=np.int64),
+                             seed=seed if 0 in set(pos.tolist()) else None, runs=runs))
+    return payloads
+
+
+# -- on the workers -------------------------------------------------------------
+_BLAS_LIMITED = False
+
+
+def _limit_blas():
+    """One BLAS thread per worker process (P workers use P cores, no oversubscription)."""
+    global _BLAS_LIMITED
+    if _BLAS_LIMITED:
+        return
+    _BLAS_LIMITED = True
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except Exception:  # pragma: no cover - env vars set by the engine still apply
+        pass
+
+
+def _where() -> str:
+    return f"{socket.gethostname()}/pid{os.getpid()}"
+
+
+def _run_round(vals, left, right, out):
+    """Run one round's ops on the slot dict ``vals`` (reads first: rounds are order-free)."""
+    n = len(out)
+    if n == 0:
+        return
+    L_, R_ = [vals[s] for s in left.tolist()], [vals[s] for s in right.tolist()]
+    if n >= 4:
+        # Batch ops of equal kinds and shapes when the blocks are small: one
+        # numpy call instead of n (for big blocks the per-op call is cheap).
+        groups: dict = {}
+        for i, ((ka, a), (kb, b)) in enumerate(zip(L_, R_)):
+            groups.setdefault((ka, kb, a.shape, b.shape), []).append(i)
+        res = [None] * n
+        for (ka, kb, sa, sb), idx in groups.items():
+            rule = COMBINE[(ka, kb)]
+            if len(idx) >= 4 and int(np.prod(sb)) <= 8192:
+                y = rule.kernel(np.stack([L_[i][1] for i in idx]), np.stack([R_[i][1] for i in idx]))
+                for q, i in enumerate(idx):
+                    res[i] = (rule.out, y[q])
+            else:
+                for i in idx:
+                    res[i] = (rule.out, rule.kernel(L_[i][1], R_[i][1]))
+    else:
+        res = []
+        for (ka, a), (kb, b) in zip(L_, R_):
+            rule = COMBINE[(ka, kb)]
+            res.append((rule.out, rule.kernel(a, b)))
+    for s, v in zip(out.tolist(), res):
+        vals[s] = v
+
+
+def segment_task(spec: TaskSpec, *inputs):
+    """Run a fused run of rounds on one worker. Returns ``{"values", "meta"}``."""
+    _limit_blas()
+    t_start = time.time()
+    vals = {s: inputs[i]["values"][s] for s, i in spec.reads.items()}
+    where = _where()
+    meta = list(inputs[0]["meta"])
+    for r, left, right, out in spec.rounds:
+        t0 = time.time()
+        _run_round(vals, left, right, out)
+        meta.append((r, where, t0, time.time(), len(out), spec.name))
+    if not spec.rounds:  # pragma: no cover
+        meta.append((-1, where, t_start, time.time(), 0, spec.name))
+    return {"values": {s: vals[s] for s in spec.keep}, "meta": meta}
+
+
+def _gather_outputs(spec, inputs):
+    return [(k, inputs[spec.reads[s]]["values"][s]) for k, s in spec.outputs]
+
+
+def collect_task(spec: TaskSpec, *inputs):
+    """Gather the prefixes this worker owns into stacked arrays (one per kind and shape)."""
+    t0 = time.time()
+    groups: dict = {}
+    for k, (kind, a) in _gather_outputs(spec, inputs):
+        groups.setdefault((kind, a.shape), []).append((k, a))
+    out = [(kind, np.array([k for k, _ in items], dtype=np.int64), np.stack([a for _, a in items]))
+           for (kind, _), items in groups.items()]
+    meta = list(inputs[0]["meta"])
+    meta.append((-1, _where(), t0, time.time(), 0, spec.name))
+    return {"outputs": out, "meta": meta}
+
+
+def jacobian_task(payload):
+    """The input Jacobian blocks of this worker's positions, from its layer data."""
+    _limit_blas()
+    t0 = time.time()
+    L = payload["L"]
+    want = set(payload["positions"].tolist())
+    vals = {}
+    for run in payload["runs"]:
+        layers = np.arange(run["start"], run["start"] + run["count"])
+        need = [i for i, l in enumerate(layers.tolist()) if (L - 1 - l) in want]
+        if not need:
+            continue
+        cls = run["cls"]
+        sel = np.asarray(need)
+        S = cls.derivs(run["Y"][sel], run["activation"])
+        J = cls.jacobians(tuple(p[sel] for p in run["params"]), S)
+        for q, i in enumerate(need):
+            p = L - 1 - int(layers[i])
+            if p == 0:  # the head: seed . A_{L-1}, a thin 1 x d block per sample
+                rule = COMBINE[("dense", run["kind"])]
+                vals[0] = (rule.out, rule.kernel(payload["seed"][:, None, :], J[q]))
+            else:
+                vals[p] = (run["kind"], J[q])
+    return {"values": vals, "meta": [(-1, _where(), t0, time.time(), 0, "jacobians")]}
+
+
+def vjp_task(spec: TaskSpec, payload, *inputs):
+    """Per-layer parameter gradients for this worker's prefixes (only these go back).
+
+    Returns ``{"grads": [(first layer, count, stacked grads)], "bad": smallest
+    non-finite prefix or None, "meta": the chain's trace}``.
+    """
+    _limit_blas()
+    t0 = time.time()
+    L = payload["L"]
+    v = dict((L - 2 - k, a) for k, (_, a) in _gather_outputs(spec, inputs))
+    bad = [L - 2 - l for l, a in v.items() if not np.all(np.isfinite(a))]
+    grads = []
+    for run in payload["runs"]:
+        layers = [l for l in range(run["start"], run["start"] + run["count"]) if l in v]
+        if not layers:
+            continue
+        sel = np.asarray(layers) - run["start"]
+        Y = run["Y"][sel]
+        S = run["cls"].derivs(Y, run["activation"])
+        G = np.stack([v[l].reshape(Y.shape[1:]) for l in layers])
+        gs = run["cls"].param_grads(tuple(p[sel] for p in run["params"]), G * S, run["X"][sel])
+        grads.append((np.asarray(layers, dtype=np.int64), gs))
+    meta = list(inputs[0]["meta"])
+    meta.append((-1, _where(), t0, time.time(), 0, f"w{spec.worker}.vjp"))
+    return {"grads": grads, "bad": min(bad) if bad else None, "meta": meta}

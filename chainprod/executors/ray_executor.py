@@ -1,0 +1,245 @@
+"""The Ray executor: ``backend="ray"``.
+
+The schedule runs as the owner-computes task graph of
+:mod:`chainprod.executors._remote`: ``P`` chains of fused tasks, submitted
+at once, task arguments are ``ObjectRef`` s of earlier tasks (so Ray moves
+only chunk-boundary blocks between workers and nothing goes through the
+driver between rounds).
+
+Cluster lifecycle
+-----------------
+* ``address=None`` and no ``RAY_ADDRESS``: if this process is already
+  connected to Ray (``ray.is_initialized()``), that connection is used;
+  otherwise an embedded local cluster is started on loopback with
+  ``num_cpus = workers or 2``, its temp dir under a directory chainprod
+  creates (and deletes), token auth and usage stats off, and it is reused
+  by later runs and shut down at interpreter exit.
+* ``address="host:port"`` (or ``RAY_ADDRESS``) joins that cluster; an
+  unreachable address fails within a few seconds with
+  :class:`~chainprod.executors._cluster.ClusterConnectionError`. A joined
+  cluster is never shut down.
+* :func:`cluster` holds a cluster for a block of work.
+
+Ray sets ``OMP_NUM_THREADS=1`` in its workers; chainprod's tasks also cap
+BLAS at one thread with threadpoolctl, on any cluster.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import threading
+
+import ray
+import ray.exceptions as rex
+
+from . import _remote
+from ._cluster import (
+    ClusterConnectionError,
+    DistributedError,
+    DistributedExecutor,
+    DistributedTimeoutError,
+    check_reachable,
+    make_temp_dir,
+    remove_temp_dir,
+)
+
+__all__ = ["RayExecutor", "cluster", "shutdown"]
+
+_LOCK = threading.RLock()
+#: what chainprod started: {"temp": dir, "env": saved env} or None
+_OWNED: dict | None = None
+_REMOTE = {}
+
+
+def _fn(f):
+    if f not in _REMOTE:
+        _REMOTE[f] = ray.remote(f)
+    return _REMOTE[f]
+
+
+def _current_address():
+    try:
+        return ray.get_runtime_context().gcs_address
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _start_embedded(workers, init_kwargs):
+    """Start a local Ray on loopback in a temp dir chainprod owns; returns True."""
+    global _OWNED
+    temp = make_temp_dir("cpray-")
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    # A loopback cluster of our own needs no auth token (which Ray would write
+    # under ~/.ray) and must not phone home.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kw = dict(num_cpus=workers or 2, include_dashboard=False, log_to_driver=False,
+              logging_level=logging.ERROR, configure_logging=False, _node_ip_address="127.0.0.1",
+              _temp_dir=temp)
+    kw.update(init_kwargs)
+    try:
+        ray.init(**kw)
+    except Exception as e:
+        _restore_env(saved)
+        remove_temp_dir(temp)
+        raise ClusterConnectionError(f"ray: could not start an embedded local cluster: {e}", "ray") from e
+    _OWNED = {"temp": temp, "env": saved}
+    return True
+
+
+def _restore_env(saved):
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _join(address, init_kwargs):
+    if not address.startswith("ray://") and address != "auto":
+        check_reachable(address, "ray")
+    kw = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
+    kw.update(init_kwargs)
+    try:
+        ray.init(address=address, **kw)
+    except Exception as e:
+        raise ClusterConnectionError(f"ray: could not join the cluster at {address!r}: {e}", "ray") from e
+    return False
+
+
+def ensure_ray(address=None, workers=None, **init_kwargs) -> bool:
+    """Connect this process to Ray (see module doc); True if this call started a cluster."""
+    with _LOCK:
+        if address is None:
+            address = os.environ.get("RAY_ADDRESS") or None
+        if ray.is_initialized():
+            if address is not None and address != "auto" and _OWNED is not None:
+                raise ClusterConnectionError(
+                    f"ray: this process runs an embedded chainprod cluster; cannot also join {address!r} "
+                    "(one process talks to one Ray cluster). Call "
+                    "chainprod.executors.ray_executor.shutdown() first.", "ray")
+            if address is not None and address != "auto" and not address.startswith("ray://"):
+                cur = _current_address() or ""
+                if cur.split(":")[-1] != address.split(":")[-1]:
+                    raise ClusterConnectionError(
+                        f"ray: this process is already connected to {cur!r}; cannot also join {address!r}",
+                        "ray")
+            return False
+        if address is None:
+            return _start_embedded(workers, init_kwargs)
+        return _join(address, init_kwargs)
+
+
+def shutdown():
+    """Shut down Ray if chainprod started it (a joined cluster is only disconnected from)."""
+    global _OWNED
+    with _LOCK:
+        owned, _OWNED = _OWNED, None
+        if ray.is_initialized() and owned is not None:
+            ray.shutdown()
+        if owned is not None:
+            _restore_env(owned["env"])
+            remove_temp_dir(owned["temp"])
+
+
+@atexit.register
+def _at_exit():  # pragma: no cover - interpreter exit
+    with contextlib.suppress(Exception):
+        shutdown()
+
+
+class RayExecutor(DistributedExecutor):
+    """``backend="ray"``: the owner-computes task graph on a Ray cluster.
+
+    ``RayExecutor(address=None, timeout=None, retries=3, workers=None,
+    **ray_init_kwargs)``; see :class:`~chainprod.executors._cluster.DistributedExecutor`.
+    Every task runs with ``num_cpus=1``, ``max_retries=retries`` and
+    ``retry_exceptions=False`` (errors of the numbers are never retried).
+    """
+
+    name = "ray"
+
+    def _connect(self, workers):
+        addr = self.address
+        if addr is not None and not isinstance(addr, str):
+            raise TypeError(f"ray: address must be a 'host:port' string or None, got {type(addr).__name__}")
+        ensure_ray(addr, workers, **self.engine_options)
+
+    def _default_workers(self):
+        if ray.is_initialized():
+            return max(1, int(ray.cluster_resources().get("CPU", 2)))
+        return 2
+
+    def _put(self, obj, key):
+        return ray.put(obj)
+
+    def _submit(self, fn, args, key, retries):
+        spec = args[0]
+        name = spec.name if isinstance(spec, _remote.TaskSpec) else fn.__name__
+        return _fn(fn).options(num_cpus=1, max_retries=retries, retry_exceptions=False,
+                               name=f"chainprod {name}").remote(*args)
+
+    def _wait(self, handles, deadline, names):
+        out = []
+        try:
+            for h, name in zip(handles, names):
+                try:
+                    out.append(ray.get(h, timeout=deadline.left()))
+                except rex.GetTimeoutError:
+                    raise DistributedTimeoutError(
+                        f"ray: the run did not finish within timeout={deadline.timeout}s (waiting for "
+                        f"task {name!r}); its tasks were cancelled. Raise timeout= or use fewer/larger "
+                        "workers.", "ray", name) from None
+                except (rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
+                        rex.OwnerDiedError, rex.TaskUnschedulableError, rex.OutOfMemoryError) as e:
+                    raise DistributedError(
+                        f"ray: task {name!r} (or a task it depends on) failed: {type(e).__name__}: "
+                        f"{_first_line(e)}. A worker process died or its data was lost and Ray could not "
+                        f"recover it with retries={self._last_retries} (max_retries per task).",
+                        "ray", name) from e
+                except rex.TaskCancelledError as e:
+                    raise DistributedError(f"ray: task {name!r} was cancelled", "ray", name) from e
+                except rex.RayTaskError as e:
+                    # An exception raised by the numbers: surface it as its own type.
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, Exception):
+                        raise cause from None
+                    raise
+        except BaseException:
+            for h in handles:
+                with contextlib.suppress(Exception):
+                    ray.cancel(h, force=True, recursive=True)
+            raise
+        return out
+
+    def run(self, schedule, blocks, *, workers=None, trace=None, **options):
+        self._last_retries = self._opts(options)[1]
+        return super().run(schedule, blocks, workers=workers, trace=trace, **options)
+
+    def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
+        self._last_retries = self._opts(options)[1]
+        return super().backward_remote(tape, seed, method=method, workers=workers, trace=trace, **options)
+
+
+def _first_line(e):
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
+
+
+@contextlib.contextmanager
+def cluster(workers=None, address=None, *, timeout=None, retries=3, **ray_init_kwargs):
+    """Hold a Ray cluster for a block of work; yields a :class:`RayExecutor`.
+
+    Starts an embedded cluster (``num_cpus=workers or 2``, ``ray_init_kwargs``
+    passed to ``ray.init``) unless this process is already connected, or joins
+    ``address``. Shuts down only a cluster this block started.
+    """
+    started = ensure_ray(address, workers, **ray_init_kwargs)
+    try:
+        yield RayExecutor(address=address, timeout=timeout, retries=retries, workers=workers)
+    finally:
+        if started:
+            shutdown()
