@@ -1,0 +1,252 @@
+"""The Dask executor: ``backend="dask"`` (dask.distributed).
+
+The schedule runs as the owner-computes task graph of
+:mod:`chainprod.executors._remote`: ``P`` chains of fused tasks submitted
+at once with ``client.submit``, each task taking the futures of its inputs,
+so only chunk-boundary blocks move between workers.
+
+Keys are deterministic per input: ``dask.base.tokenize`` of the blocks (or
+of the chain's parameters and input) and of the schedule, so Dask's cache of
+live keys can only ever return the result of the same computation. Driver
+data enters the graph as tasks (not ``scatter``), so the scheduler can
+recompute anything a dead worker held.
+
+Cluster lifecycle
+-----------------
+* ``address=None``: the process's default ``distributed.Client`` if there
+  is one; otherwise an embedded ``LocalCluster`` on loopback (processes, one
+  thread each, ``n_workers = workers or 2``, ``local_directory`` a temp dir
+  chainprod creates and deletes, ``OMP/OPENBLAS/MKL_NUM_THREADS=1`` through
+  ``distributed.nanny.pre-spawn-environ``), reused by later runs and closed
+  at interpreter exit. Worker processes are spawned, so scripts need the
+  usual ``if __name__ == "__main__":`` guard.
+* ``address="tcp://host:port"`` or a ``distributed.Client`` joins; never
+  closed by chainprod (only the client chainprod opened is).
+* ``retries`` maps to the scheduler's ``allowed_failures`` (how often a task
+  may be on a worker that dies) on clusters chainprod started; a joined
+  cluster keeps its own ``distributed.scheduler.allowed-failures``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import threading
+import warnings
+
+import dask
+import distributed
+from dask.base import tokenize
+from distributed import Client, LocalCluster
+
+from . import _remote
+from ._cluster import (
+    ClusterConnectionError,
+    DistributedError,
+    DistributedExecutor,
+    DistributedTimeoutError,
+    check_reachable,
+    make_temp_dir,
+    remove_temp_dir,
+)
+
+__all__ = ["DaskExecutor", "cluster", "shutdown", "BLAS_ENV"]
+
+#: set in every worker process before it starts (before numpy loads BLAS)
+BLAS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+_LOCK = threading.RLock()
+#: the embedded cluster chainprod started: {"cluster", "client", "temp"} or None
+_EMBEDDED: dict | None = None
+#: clients chainprod opened to joined clusters, by address
+_JOINED: dict = {}
+
+
+def _value(x):
+    """Driver data as a task: the scheduler keeps it, so it can be recomputed."""
+    return x
+
+
+def start_local(workers=None, retries=3, **cluster_kwargs):
+    """Start chainprod's embedded LocalCluster (if not running); returns (client, started)."""
+    global _EMBEDDED
+    with _LOCK:
+        if _EMBEDDED is not None:
+            return _EMBEDDED["client"], False
+        temp = make_temp_dir("cpdask-")
+        config = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in BLAS_ENV.items()}
+        config["distributed.scheduler.allowed-failures"] = retries
+        kw = dict(n_workers=workers or 2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                  dashboard_address=None, local_directory=temp, silence_logs=logging.ERROR)
+        kw.update(cluster_kwargs)
+        try:
+            with dask.config.set(config), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*already in use.*")
+                lc = LocalCluster(**kw)
+                client = Client(lc, set_as_default=False)
+        except Exception as e:
+            remove_temp_dir(temp)
+            raise ClusterConnectionError(f"dask: could not start an embedded LocalCluster: {e}", "dask") from e
+        _EMBEDDED = {"cluster": lc, "client": client, "temp": temp}
+        return client, True
+
+
+def _join(address, timeout):
+    with _LOCK:
+        c = _JOINED.get(address)
+        if c is not None and c.status == "running":
+            return c
+        check_reachable(address, "dask")
+        try:
+            c = Client(address, timeout=timeout or 10, set_as_default=False)
+        except Exception as e:
+            raise ClusterConnectionError(f"dask: could not join the scheduler at {address!r}: {e}",
+                                         "dask") from e
+        _JOINED[address] = c
+        return c
+
+
+def shutdown():
+    """Close the embedded cluster (if chainprod started one) and the clients chainprod opened."""
+    global _EMBEDDED
+    with _LOCK:
+        emb, _EMBEDDED = _EMBEDDED, None
+        for c in list(_JOINED.values()):
+            with contextlib.suppress(Exception):
+                c.close(timeout=5)
+        _JOINED.clear()
+        if emb is not None:
+            with contextlib.suppress(Exception):
+                emb["client"].close(timeout=5)
+            with contextlib.suppress(Exception):
+                emb["cluster"].close(timeout=10)
+            remove_temp_dir(emb["temp"])
+
+
+@atexit.register
+def _at_exit():  # pragma: no cover - interpreter exit
+    with contextlib.suppress(Exception):
+        shutdown()
+
+
+class DaskExecutor(DistributedExecutor):
+    """``backend="dask"``: the owner-computes task graph on a dask.distributed cluster.
+
+    ``DaskExecutor(address=None, timeout=None, retries=3, workers=None,
+    **local_cluster_kwargs)``; ``address`` may be a scheduler address or a
+    ``distributed.Client``. See
+    :class:`~chainprod.executors._cluster.DistributedExecutor`.
+    """
+
+    name = "dask"
+
+    def __init__(self, address=None, **kw):
+        super().__init__(address, **kw)
+        self._client = None
+        self._owned = False
+
+    def _connect(self, workers):
+        a = self.address
+        if isinstance(a, Client):
+            self._client, self._owned = a, False
+        elif isinstance(a, str):
+            self._client, self._owned = _join(a, self.timeout), False
+        elif a is None:
+            try:
+                self._client, self._owned = distributed.default_client(), False
+            except ValueError:
+                self._client, _ = start_local(workers, self.retries, **self.engine_options)
+                self._owned = True
+        else:
+            raise TypeError(f"dask: address must be 'tcp://host:port', a distributed.Client or None, "
+                            f"got {type(a).__name__}")
+        if self._client.status != "running":
+            raise ClusterConnectionError(f"dask: the client is {self._client.status}", "dask")
+        return self._client
+
+    def _set_retries(self, retries):
+        """Honour ``retries`` on a cluster chainprod started (the scheduler runs in this process)."""
+        if self._owned and _EMBEDDED is not None:
+            sched = getattr(_EMBEDDED["cluster"], "scheduler", None)
+            if sched is not None:
+                sched.allowed_failures = retries
+
+    def _default_workers(self):
+        if self._client is not None:
+            return max(1, len(self._client.scheduler_info().get("workers", {})))
+        return 2
+
+    def _token(self, *parts):
+        return tokenize(*parts)
+
+    def _put(self, obj, key):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Large object.*")
+            return self._client.submit(_value, obj, key=key)
+
+    def _submit(self, fn, args, key, retries):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Large object.*")
+            return self._client.submit(fn, *args, key=key)
+
+    def _wait(self, handles, deadline, names):
+        out = []
+        try:
+            for f, name in zip(handles, names):
+                try:
+                    out.append(f.result(timeout=deadline.left()))
+                except (TimeoutError, distributed.TimeoutError):
+                    raise DistributedTimeoutError(
+                        f"dask: the run did not finish within timeout={deadline.timeout}s (waiting for "
+                        f"task {name!r}); its tasks were cancelled. Raise timeout= or use fewer/larger "
+                        "workers.", "dask", name) from None
+                except distributed.scheduler.KilledWorker as e:
+                    raise DistributedError(
+                        f"dask: task {name!r} (or a task it depends on) failed: the worker running it "
+                        f"died (KilledWorker: {e}); allowed failures per task were exhausted "
+                        f"(retries={self._last_retries}).", "dask", name) from None
+                except distributed.client.FutureCancelledError as e:
+                    raise DistributedError(f"dask: task {name!r} was cancelled ({e})", "dask", name) from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._client.cancel(handles, force=True)
+            raise
+        return out
+
+    def _release(self, handles):
+        for f in handles:
+            with contextlib.suppress(Exception):
+                f.release()
+
+    def run(self, schedule, blocks, *, workers=None, trace=None, **options):
+        self._last_retries = self._opts(options)[1]
+        self._connect(self._resolve_workers(workers))
+        self._set_retries(self._last_retries)
+        return super().run(schedule, blocks, workers=workers, trace=trace, **options)
+
+    def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
+        self._last_retries = self._opts(options)[1]
+        self._connect(self._resolve_workers(workers))
+        self._set_retries(self._last_retries)
+        return super().backward_remote(tape, seed, method=method, workers=workers, trace=trace, **options)
+
+
+@contextlib.contextmanager
+def cluster(workers=None, address=None, *, timeout=None, retries=3, **cluster_kwargs):
+    """Hold a Dask cluster for a block of work; yields a :class:`DaskExecutor`.
+
+    With ``address=None`` starts chainprod's embedded ``LocalCluster``
+    (``cluster_kwargs`` go to it) unless it already runs, and closes it at the
+    end of the block if this block started it. With ``address`` (string or
+    ``distributed.Client``) joins and leaves the cluster running.
+    """
+    started = False
+    if address is None:
+        _, started = start_local(workers, retries, **cluster_kwargs)
+    ex = DaskExecutor(address=address, timeout=timeout, retries=retries, workers=workers)
+    try:
+        yield ex
+    finally:
+        if started:
+            shutdown()
