@@ -160,9 +160,7 @@ def _backprop_deltas(tape, seed):
         run = tape.chain.runs[r]
         S = _derivs(tape, r)
         D = np.empty_like(S)
-        step, P = run.cls.backprop_step, run.params
-        for i in reversed(range(run.count)):
-            D[i], g = step(P, i, S[i], g)
+        g = run.cls.backprop(run.params, S, g, D)
         ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1)
         if not ok.all():
             # delta_l = v_l * act' and v_l = seed . A_L ... A_{l+1}
@@ -227,10 +225,12 @@ def _jacobian_blocks(chain, S, seed) -> BlockSeq:
         if a >= b:
             continue
         ia, ib = a - run.start, b - run.start
-        # Jacobians are formed in layer order (a reversed write is 4x slower)
-        # and handed over as a reversed view: scan order is last layer first.
-        J = run.cls.jacobians(tuple(p[ia:ib] for p in run.params), S[r][ia:ib])
-        segments.append(Segment(run.cls.kind, J[::-1]))
+        # Scan order is last layer first. Run parameters are stored that way,
+        # so the Jacobians come out contiguous in scan order (reading or
+        # writing a reversed view of a big stack is several times slower).
+        n = run.count
+        P = tuple(p[n - ib: n - ia] for p in run.reversed)
+        segments.append(Segment(run.cls.kind, run.cls.jacobians(P, S[r][ia:ib][::-1])))
     return BlockSeq(segments, owned=True)
 
 

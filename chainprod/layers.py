@@ -99,7 +99,7 @@ class Layer:
     def forward(self, x):
         """``y = f(x)`` for ``x`` of shape ``(N, d_in)`` or ``(d_in,)``."""
         x = np.asarray(x)
-        P = type(self).prepare(tuple(p[None] for p in self.params))
+        P = tuple(p[None] for p in self.params)
         y = np.empty(x.shape[:-1] + (self.d_out,), dtype=np.result_type(x, self.dtype))
         type(self).step(P, 0, x, y, self.activation)
         return y
@@ -149,15 +149,9 @@ class Dense(Layer):
 
     # -- run operations ------------------------------------------------
     @staticmethod
-    def prepare(P):
-        """Stacked params in the layout :meth:`step` wants."""
-        W, b = P
-        return (np.ascontiguousarray(W.transpose(0, 2, 1)), b)  # W.T per layer, for x @ W.T
-
-    @staticmethod
     def step(P, l, x, out, activation):
-        Wt, b = P  # prepared: W transposed
-        np.matmul(x, Wt[l], out=out)
+        W, b = P
+        np.matmul(x, W[l].T, out=out)  # BLAS takes the transpose as a flag: no copy
         out += b[l]
         _apply_act(activation, out)
         return out
@@ -169,10 +163,19 @@ class Dense(Layer):
         return np.multiply(S[..., :, None], W[:, None], out=out)
 
     @staticmethod
-    def backprop_step(P, l, s, g):
-        """``g_prev = (g * s) @ W_l``; returns ``(delta, g_prev)``."""
-        delta = g * s
-        return delta, delta @ P[0][l]
+    def backprop(P, S, g, D):
+        """Backprop through a run: ``D[l] = g_l * S[l]``, ``g_{l-1} = D[l] @ W_l``, last layer first.
+
+        Two numpy calls per layer with preallocated outputs (the fastest
+        plain-numpy loop we know); no Jacobian matrix is formed. Returns the
+        gradient with respect to the run's input.
+        """
+        W = P[0]
+        buf = np.empty((2,) + S.shape[1:-1] + (W.shape[-1],), dtype=S.dtype)
+        for i in range(S.shape[0] - 1, -1, -1):
+            np.multiply(g, S[i], out=D[i])
+            g = np.matmul(D[i], W[i], out=buf[i & 1])
+        return g
 
     @staticmethod
     def param_grads(P, delta, X):
@@ -217,10 +220,6 @@ class Diagonal(Layer):
         return f"Diagonal({self.d_in}, {self.activation})"
 
     @staticmethod
-    def prepare(P):
-        return P
-
-    @staticmethod
     def step(P, l, x, out, activation):
         a, b = P
         np.multiply(x, a[l], out=out)
@@ -234,9 +233,20 @@ class Diagonal(Layer):
         return np.multiply(S, P[0][:, None], out=out)
 
     @staticmethod
-    def backprop_step(P, l, s, g):
-        delta = g * s
-        return delta, delta * P[0][l]
+    def backprop(P, S, g, D):
+        """Backprop through a run of diagonal layers: one numpy call per layer.
+
+        The diagonal Jacobians ``S * a`` are formed in one batched call first
+        (they are no bigger than ``S``), then ``g_{l-1} = g_l * J_l``.
+        """
+        J = Diagonal.jacobians(P, S)
+        n = S.shape[0]
+        D[n - 1] = g
+        for i in range(n - 1, 0, -1):
+            np.multiply(D[i], J[i], out=D[i - 1])
+        g = D[0] * J[0]
+        np.multiply(D, S, out=D)  # delta_l = v_l * act'
+        return g
 
     @staticmethod
     def param_grads(P, delta, X):
@@ -250,14 +260,20 @@ def _frozen(a):
 
 
 class Run(NamedTuple):
-    """``count`` consecutive layers ``start .. start+count-1`` of one type and shape."""
+    """``count`` consecutive layers ``start .. start+count-1`` of one type and shape.
+
+    Parameters are stacked once, last layer first (``reversed``, contiguous):
+    that is scan order, so the Jacobians of a run come out contiguous in the
+    order the executors read them. ``params`` are layer-order views of the
+    same memory.
+    """
 
     cls: type
     activation: str
     start: int
     count: int
-    params: tuple  # stacked, leading axis = count
-    prepared: tuple  # params in the layout ``step`` wants
+    params: tuple  # stacked, leading axis = count, layer order (views of ``reversed``)
+    reversed: tuple  # the same, last layer first, contiguous
     d_in: int
     d_out: int
 
@@ -306,11 +322,10 @@ class Chain:
                 stop += 1
             group = layers[start:stop]
             cls = type(group[0])
-            params = tuple(np.stack([ly.params[i] for ly in group]) for i in range(len(group[0].params)))
-            for p in params:
+            rev = tuple(np.stack([ly.params[i] for ly in reversed(group)]) for i in range(len(group[0].params)))
+            for p in rev:
                 p.setflags(write=False)
-            prepared = cls.prepare(params)
-            yield Run(cls, group[0].activation, start, stop - start, params, prepared,
+            yield Run(cls, group[0].activation, start, stop - start, tuple(p[::-1] for p in rev), rev,
                       group[0].d_in, group[-1].d_out)
             start = stop
 
@@ -381,7 +396,7 @@ class Chain:
 
 def _run_forward(run, x, Y):
     """Forward through one run; ``Y[i]`` receives layer ``start+i``'s output."""
-    step, P, act = run.cls.step, run.prepared, run.activation
+    step, P, act = run.cls.step, run.params, run.activation
     for i in range(run.count):
         step(P, i, x, Y[i], act)
         x = Y[i]
