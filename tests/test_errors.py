@@ -357,3 +357,14 @@ def test_error_messages_quote_the_bad_value():
         cp.schedule("Sklansky", 4)
     assert "'Sklansky'" in str(e.value)
     assert re.search(r"valid", str(e.value))
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: non-native byte order float64 ('>f8', e.g. read from a file) is "
+                   "rejected with the self-contradicting 'dtype >f8 is not supported; use float32 or float64'")
+def test_big_endian_float64_accepted():
+    A = np.random.default_rng(0).standard_normal((3, 3)) / 2
+    out = cp.suffix_products([A.astype(">f8")] * 3, method="sklansky")
+    np.testing.assert_allclose(out[0], A @ A @ A, rtol=1e-13)
+    chain = cp.mlp([3, 4, 1], seed=0)
+    g = cp.grad(chain, A.astype(">f8"))
+    np.testing.assert_allclose(g[0][0], cp.grad(chain, A)[0][0], rtol=1e-13)

@@ -432,3 +432,21 @@ def test_schedule_ops_listing():
     # round 1: [0]x[1] -> [0,1], [2]x[3] -> [2,3]; round 2: [0,1]x[2] -> [0,2], [0,1]x[2,3] -> [0,3]
     assert sorted(s.ops(0)) == [((0, 0), (1, 1), (0, 1)), ((2, 2), (3, 3), (2, 3))]
     assert sorted(s.ops(1)) == [((0, 1), (2, 2), (0, 2)), ((0, 1), (2, 3), (0, 3))]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: built plans are cached and shared, steps/outputs are read-only but "
+                   "Schedule.options is a plain dict: mutating one caller's plan changes every later "
+                   "schedule('chunked', ...) with the same arguments")
+def test_cached_plan_options_are_not_shared_mutable_state():
+    s = cp.schedule("chunked", 23, chunks=3)
+    try:
+        try:
+            s.options["chunks"] = 99
+        except TypeError:
+            pass  # read-only options are a fine fix
+        assert cp.schedule("chunked", 23, chunks=3).options["chunks"] == 3
+    finally:
+        try:
+            s.options["chunks"] = 3  # do not poison the cache for other tests
+        except TypeError:
+            pass
