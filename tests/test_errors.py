@@ -368,3 +368,13 @@ def test_big_endian_float64_accepted():
     chain = cp.mlp([3, 4, 1], seed=0)
     g = cp.grad(chain, A.astype(">f8"))
     np.testing.assert_allclose(g[0][0], cp.grad(chain, A)[0][0], rtol=1e-13)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: y is reshaped to the output shape whenever the sizes agree, so "
+                   "targets of shape (d_out, N) for an (N, d_out) output are silently paired wrongly")
+def test_mse_targets_with_transposed_shape_rejected():
+    chain = cp.mlp([3, 4, 2], seed=0)  # output (3, 2)
+    x = np.ones((3, 3))
+    y = np.arange(6.0).reshape(2, 3)
+    with pytest.raises(ValueError, match="y"):
+        cp.grad(chain, x, y, loss="mse")
