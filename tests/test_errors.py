@@ -378,3 +378,14 @@ def test_mse_targets_with_transposed_shape_rejected():
     y = np.arange(6.0).reshape(2, 3)
     with pytest.raises(ValueError, match="y"):
         cp.grad(chain, x, y, loss="mse")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: an overflow in the parameter VJP (dW = delta^T x) is returned "
+                   "silently as inf (only a numpy RuntimeWarning) instead of a NonFiniteError naming the layer")
+@pytest.mark.parametrize("method", ["backprop", "sklansky"])
+def test_overflow_in_parameter_gradient_names_the_layer(method):
+    # forward finite (x = 1e200 -> 1 -> 1e200); v_0 = 1e200 finite; dW_0 = v_0 * x = 1e400 overflows
+    chain = cp.Chain([cp.Dense(np.array([[1e-200]]), np.zeros(1), None),
+                      cp.Dense(np.array([[1e200]]), np.zeros(1), None)])
+    with pytest.raises(cp.NonFiniteError, match=r"layer 0\b|layers 0\b"):
+        cp.grad(chain, np.array([1e200]), method=method)
