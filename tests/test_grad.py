@@ -129,14 +129,18 @@ def test_against_my_backprop_sum_and_mse(chain):
     grads_close(cp.grad(chain, x, y), ref_mse, 1e-10)
 
 
-def test_vector_output_with_mse():
-    chain = cp.mlp([3, 6, 6, 4], seed=5)  # output width 4
-    x = inputs(chain, 3, seed=5)
-    y = np.random.default_rng(1).standard_normal((3, 4))
-    out, _ = my_backprop(chain, x, np.zeros((3, 4)))
-    _, ref = my_backprop(chain, x, 2 * (out - y) / out.size)
-    for method in ("backprop", "sklansky", "sequential", "hillis_steele"):
-        grads_close(cp.grad(chain, x, y, loss="mse", method=method), ref, 1e-10)
+@pytest.mark.parametrize("backend,workers", [("serial", None), ("vectorized", None), ("threads", 2)],
+                         ids=["serial", "vectorized", "threads-w2"])
+def test_vector_output_with_mse(backend, workers):
+    # output width > 1: dense MLP, and a purely diagonal chain (diagonal last Jacobian)
+    for chain in (cp.mlp([3, 6, 6, 4], seed=5), cp.diagonal_chain(6, 3, activation="tanh", readout=False)):
+        x = inputs(chain, 3, seed=5)
+        y = np.random.default_rng(1).standard_normal((3, chain.d_out))
+        out, _ = my_backprop(chain, x, np.zeros((3, chain.d_out)))
+        _, ref = my_backprop(chain, x, 2 * (out - y) / out.size)
+        for method in ("backprop", "sklansky", "sequential", "hillis_steele", "chunked"):
+            g = cp.grad(chain, x, y, loss="mse", method=method, backend=backend, workers=workers)
+            grads_close(g, ref, 1e-10)
 
 
 def test_batch_gradient_is_sum_of_sample_gradients():
