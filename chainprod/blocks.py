@@ -196,16 +196,25 @@ class BlockSeq:
         self.dtype = dtypes.pop()
         self.owned = owned
         self.length = sum(s.count for s in self.segments)
-        # Per-position logical description, as arrays for vectorised planning.
-        kinds, rows, cols = [], [], []
-        for s in self.segments:
-            spec = s.spec
-            kinds += [spec.kind] * s.count
-            rows += [spec.rows] * s.count
-            cols += [spec.cols] * s.count
-        self.kinds = np.array(kinds, dtype=object)
-        self.rows = np.array(rows, dtype=np.int64)
-        self.cols = np.array(cols, dtype=np.int64)
+
+    def _per_position(self, field):
+        counts = [s.count for s in self.segments]
+        values = [getattr(s.spec, field) for s in self.segments]
+        return np.repeat(np.array(values, dtype=object if field == "kind" else np.int64), counts)
+
+    # Per-position logical description, as arrays for vectorised planning
+    # (built on demand: executors only need the segment-level signature).
+    @property
+    def kinds(self) -> np.ndarray:
+        return self._per_position("kind")
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self._per_position("rows")
+
+    @property
+    def cols(self) -> np.ndarray:
+        return self._per_position("cols")
 
     def __len__(self):
         return self.length
@@ -215,7 +224,7 @@ class BlockSeq:
         return tuple((s.kind, s.count, s.spec.rows, s.spec.cols) for s in self.segments)
 
     def specs(self) -> list[BlockSpec]:
-        return [BlockSpec(k, int(r), int(c)) for k, r, c in zip(self.kinds, self.rows, self.cols)]
+        return [s.spec for s in self.segments for _ in range(s.count)]
 
     def block(self, p: int) -> tuple[str, np.ndarray]:
         """Kind and ``(N, ...)`` array of the block at scan position ``p``."""

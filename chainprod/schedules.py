@@ -255,7 +255,7 @@ def _replay(s: Schedule, check_outputs=False):
 
 class _Spec(NamedTuple):
     dense_before: np.ndarray  # dense_before[p] = number of dense blocks in positions < p
-    kind_names: tuple
+    kind_names: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
 
@@ -265,21 +265,21 @@ def _spec_arrays(blocks, length) -> _Spec:
         blocks = 64
     if isinstance(blocks, (int, np.integer)):
         w = int(blocks)
-        kinds = ["dense"] * length
+        kinds = np.full(length, "dense", dtype=object)
         rows = np.full(length, w, dtype=np.int64)
         rows[0] = 1
         cols = np.full(length, w, dtype=np.int64)
     elif isinstance(blocks, BlockSeq):
-        kinds, rows, cols = list(blocks.kinds), blocks.rows, blocks.cols
+        kinds, rows, cols = blocks.kinds, blocks.rows, blocks.cols
     else:
         specs = [BlockSpec(*b) for b in blocks]
-        kinds = [b.kind for b in specs]
+        kinds = np.array([b.kind for b in specs], dtype=object)
         rows = np.array([b.rows for b in specs], dtype=np.int64)
         cols = np.array([b.cols for b in specs], dtype=np.int64)
     if len(kinds) != length:
         raise ValueError(f"blocks describe {len(kinds)} factors, the schedule has {length}")
-    dense = np.array([k != "diag" for k in kinds], dtype=np.int64)
-    return _Spec(np.concatenate([[0], np.cumsum(dense)]), tuple(kinds), rows, cols)
+    dense = (kinds != "diag").astype(np.int64)
+    return _Spec(np.concatenate([[0], np.cumsum(dense)]), kinds, rows, cols)
 
 
 def _interval_dense(spec, i, j):
