@@ -1,0 +1,267 @@
+"""The ``chainprod`` command: ``bench``, ``plot``, ``schedule``, ``simulate``, ``calibrate``, ``demo``.
+
+``chainprod bench`` is the main job: a sweep of depth, workers, width,
+backend, method, structure, batch and dtype against backprop, with results
+and figures written to ``--out``. Run ``chainprod <command> --help`` for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _ints(s):
+    out = []
+    for part in s.split(","):
+        part = part.strip()
+        if part.startswith("2^") or part.startswith("2**"):
+            out.append(2 ** int(part.split("^")[-1].split("**")[-1]))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def _strs(s):
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="chainprod",
+        description="Per-layer gradients by parallel prefix scans of Jacobians: benchmarks, plans, model.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser("bench", help="sweep depth x workers x width x backend x method against backprop",
+                       description="Measure forward, backward and end-to-end times of every configuration "
+                                   "and of backprop (the baseline, measured for every problem); write "
+                                   "results.csv, results.json and figures to --out. Ctrl-C keeps what "
+                                   "was measured. Defaults: about 3 minutes on a 2-core machine.")
+    b.add_argument("--depths", type=_ints, help="comma list of depths L, e.g. 256,2048,2^14")
+    b.add_argument("--workers", type=_ints, help="comma list of worker counts P")
+    b.add_argument("--widths", type=_ints, help="comma list of widths w")
+    b.add_argument("--backends", type=_strs, help="comma list: vectorized,threads,serial,ray,dask")
+    b.add_argument("--methods", type=_strs, help="comma list: backprop,auto,sklansky,brent_kung,chunked,...")
+    b.add_argument("--structure", type=_strs, help="comma list: dense,diagonal")
+    b.add_argument("--batch", type=_ints, help="comma list of batch sizes N")
+    b.add_argument("--dtype", type=_strs, help="comma list: float64,float32")
+    b.add_argument("--repeats", type=int, help="timed repeats per configuration (median and spread)")
+    b.add_argument("--max-config-seconds", type=float, help="skip configurations predicted to take longer")
+    b.add_argument("--out", default="chainprod-results", help="output directory (default: %(default)s)")
+    b.add_argument("--quick", action="store_true", help="a seconds-long sweep (smoke test)")
+    b.add_argument("--no-plots", action="store_true", help="write results only")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    pl = sub.add_parser("plot", help="redraw the figures of a saved sweep",
+                        description="Read RESULTS (a directory with results.csv/results.json, or the CSV) "
+                                    "and write every figure as PNG and SVG.")
+    pl.add_argument("results", metavar="RESULTS")
+    pl.add_argument("--out", help="figure directory (default: RESULTS/plots)")
+
+    s = sub.add_parser("schedule", help="print a plan (and draw it with --draw FILE)",
+                       description="Build schedule NAME over L factors from sizes alone and print its "
+                                   "summary: rounds, peak width, ops, flops, Brent bound, one row per round.")
+    s.add_argument("name", help="sequential, tree, independent, hillis_steele, sklansky, brent_kung, chunked, auto")
+    s.add_argument("L", type=int, help="number of factors")
+    s.add_argument("--width", type=int, default=64, help="w for flops (1 x w head, w x w blocks)")
+    s.add_argument("--workers", type=int, help="P for chunked/auto and the Brent bound")
+    s.add_argument("--draw", metavar="FILE", help="draw the circuit to FILE (.png/.svg; both are written)")
+    s.add_argument("--validate", action="store_true", help="prove the plan by symbolic replay")
+
+    sm = sub.add_parser("simulate", help="predict times for up to 4096 workers and 2^20 layers",
+                        description="Use the calibrated cost model to predict the backward pass of the best "
+                                    "scan and of backprop for worker counts and depths far beyond this "
+                                    "machine; print the Q4 crossover (smallest depth where the scan wins) "
+                                    "per worker count and plot speedup vs depth.")
+    sm.add_argument("--width", type=int, default=64)
+    sm.add_argument("--workers", type=_ints, default=[1, 2, 4, 16, 64, 256, 1024, 4096])
+    sm.add_argument("--depths", type=_ints, default=[2 ** k for k in range(4, 21, 2)])
+    sm.add_argument("--structure", default="dense", choices=["dense", "diagonal"])
+    sm.add_argument("--batch", type=int, default=1)
+    sm.add_argument("--backend", default="ray", help="whose latencies to use (ray, dask, threads, ideal)")
+    sm.add_argument("--out", default="chainprod-simulation", help="figure directory")
+
+    c = sub.add_parser("calibrate", help="measure this machine's per-op costs for the model",
+                       description="Time numpy kernels (matmul, matvec, elementwise, call latency), the "
+                                   "per-layer forward/backprop/Jacobian costs and the task/hop/run latency "
+                                   "of each installed engine; save JSON where method='auto' finds it.")
+    c.add_argument("--quick", action="store_true", help="fewer repeats")
+    c.add_argument("--engines", type=_strs, default=["threads", "ray", "dask"],
+                   help="engines to time (default: %(default)s)")
+    c.add_argument("--output", help="where to save (default: $CHAINPROD_COST_MODEL or ~/.cache/chainprod)")
+
+    d = sub.add_parser("demo", help="per-layer gradient agreement with backprop and a schedule summary",
+                       description="A few seconds: gradients of a small MLP and a diagonal chain by every "
+                                   "scan, compared layer by layer with backprop, then a schedule summary.")
+    d.add_argument("--depth", type=int, default=64)
+    d.add_argument("--width", type=int, default=16)
+    d.add_argument("--backend", default="vectorized")
+    return p
+
+
+def _cmd_bench(a):
+    from .bench import PRESETS, Sweep, run_sweep
+
+    base = PRESETS["quick" if a.quick else "default"]
+    sweep = Sweep(**{**base.__dict__})
+    for arg, fld in (("depths", "depths"), ("workers", "workers"), ("widths", "widths"),
+                     ("backends", "backends"), ("methods", "methods"), ("structure", "structures"),
+                     ("batch", "batches"), ("dtype", "dtypes"), ("repeats", "repeats"),
+                     ("max_config_seconds", "max_config_seconds")):
+        v = getattr(a, arg)
+        if v is not None:
+            setattr(sweep, fld, v)
+    if "backprop" not in sweep.methods:
+        sweep.methods = ["backprop", *sweep.methods]  # the baseline is always measured
+    cmd = "chainprod " + " ".join(shlex.quote(x) for x in a._argv)
+    meta = run_sweep(sweep, a.out, progress=not a.no_progress, command=cmd)
+    print(f"results: {meta['csv']}\n         {meta['json']}")
+    _print_table(meta["csv"])
+    for k, v in meta.get("prediction", {}).items():
+        print(f"model vs measured [{k}]: median |error| {v['median_abs_error_total']:.0%} end-to-end, "
+              f"{v['within_25pct_total']:.0%} within 25% (n={v['n']})")
+    if not a.no_plots:
+        try:
+            from .plots import plot_results
+
+            plot_results(a.out, log=lambda p: None)
+            print(f"figures: {os.path.join(a.out, 'plots')}/")
+        except ImportError as e:
+            print(f"no figures: {e} (pip install 'chainprod[plot]')")
+    return 0
+
+
+def _print_table(csv_path):
+    from .bench import read_results
+
+    rows = [r for r in read_results(csv_path) if r["status"] == "ok" and r["method"] != "backprop"]
+    if not rows:
+        return
+    print(f"\n{'structure':9} {'L':>6} {'w':>4} {'N':>3} {'backend':10} {'P':>2} {'schedule':22} "
+          f"{'bwd ms':>9} {'bp ms':>9} {'speedup':>8} {'e2e x':>6} {'pred err':>8}")
+    for r in rows:
+        print(f"{r['structure']:9} {r['depth']:>6} {r['width']:>4} {r['batch']:>3} {r['backend']:10} "
+              f"{r['workers']:>2} {str(r['schedule'])[:22]:22} {r['backward_median'] * 1e3:>9.2f} "
+              f"{(r['backprop_backward_median'] or float('nan')) * 1e3:>9.2f} "
+              f"{(r['speedup_backward'] or float('nan')):>7.2f}x {(r['speedup_total'] or float('nan')):>5.2f}x "
+              f"{r['prediction_error_total']:>+8.0%}")
+
+
+def _cmd_plot(a):
+    from .plots import plot_results
+
+    path = a.results
+    if path.endswith(".csv"):
+        path = os.path.dirname(path) or "."
+    if not os.path.exists(os.path.join(path, "results.csv")):
+        print(f"chainprod plot: no results.csv in {path!r}", file=sys.stderr)
+        return 2
+    plot_results(path, a.out)
+    return 0
+
+
+def _cmd_schedule(a):
+    from .schedules import schedule
+
+    opts = {}
+    s = schedule(a.name, a.L, workers=a.workers, blocks=a.width)
+    if a.validate:
+        s.validate()
+        print("validated: every output holds exactly its prefix")
+    print(s.describe(a.width, a.workers))
+    if a.draw:
+        from .plots import schedule_diagram
+
+        stem = os.path.splitext(a.draw)[0]
+        for p in schedule_diagram(s, stem, **opts):
+            print(f"drew {p}")
+    return 0
+
+
+def _cmd_simulate(a):
+    from . import cost
+
+    model = cost.load_model()
+    print(f"cost model: {model.source}; backend latencies: {a.backend}; "
+          f"{a.structure} w={a.width} N={a.batch}; backward pass only (forward is sequential for both)")
+    results = []
+    print(f"{'P':>6} {'crossover L':>12}   " + " ".join(f"{L:>9}" for L in a.depths))
+    for P in a.workers:
+        line = []
+        for L in a.depths:
+            r = cost.simulate(L, a.width, P, structure=a.structure, batch=a.batch, backend=a.backend, model=model)
+            results.append(r)
+            line.append(f"{r['speedup']:>8.2f}x")
+        x = cost.crossover(a.width, P, structure=a.structure, batch=a.batch, backend=a.backend, model=model)
+        print(f"{P:>6} {('>2^20' if x is None else str(x)):>12}   " + " ".join(line))
+    print("(speedup = predicted backprop time / predicted best-scan time; crossover = smallest L = 2^k "
+          "where the scan wins)")
+    try:
+        from .plots import simulation
+
+        for p in simulation(results, os.path.join(a.out, f"simulate_{a.structure}_w{a.width}"),
+                            machine=(model.machine or {}).get("hostname")):
+            print(f"drew {p}")
+    except ImportError as e:
+        print(f"no figure: {e}")
+    import json
+
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, f"simulate_{a.structure}_w{a.width}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+def _cmd_calibrate(a):
+    from .calibrate import calibrate
+
+    calibrate(quick=a.quick, engines=tuple(a.engines), path=a.output)
+    return 0
+
+
+def _cmd_demo(a):
+    import numpy as np
+
+    import chainprod as cp
+
+    print(f"chainprod {cp.__version__}: per-layer gradients by parallel prefix scans\n")
+    for name, chain in (("tanh MLP", cp.mlp([a.width] * a.depth + [1])),
+                        ("diagonal chain", cp.diagonal_chain(a.depth - 1, a.width))):
+        x = np.random.default_rng(0).standard_normal((4, a.width))
+        ref = cp.grad(chain, x, method="backprop")
+        print(f"{name}: L={len(chain)} layers, width {a.width}, batch 4, backend {a.backend}")
+        for method in ("sklansky", "brent_kung", "hillis_steele", "chunked", "auto"):
+            g = cp.grad(chain, x, method=method, backend=a.backend)
+            worst = max(float(np.max(np.abs(gp - rp)) / (np.max(np.abs(rp)) + 1e-300))
+                        for gl, rl in zip(g, ref) for gp, rp in zip(gl, rl))
+            print(f"  {method:14} worst per-layer relative difference vs backprop: {worst:.1e}")
+    print()
+    print(cp.schedule("sklansky", 16).describe(a.width))
+    return 0
+
+
+_COMMANDS = {"bench": _cmd_bench, "plot": _cmd_plot, "schedule": _cmd_schedule, "simulate": _cmd_simulate,
+             "calibrate": _cmd_calibrate, "demo": _cmd_demo}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    a._argv = argv
+    if not a.command:
+        parser.print_help()
+        return 0
+    try:
+        return _COMMANDS[a.command](a) or 0
+    except (ValueError, TypeError, ImportError) as e:
+        print(f"chainprod {a.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
