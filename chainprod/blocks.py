@@ -35,6 +35,7 @@ __all__ = [
     "BlockSeq",
     "combine",
     "product_kind",
+    "kind_table",
     "op_flops",
 ]
 
@@ -88,6 +89,17 @@ COMBINE: dict[tuple[str, str], Rule] = {
     ("diag", "dense"): Rule("dense", _diag_dense, lambda r, k, c: r * c),
     ("diag", "diag"): Rule("diag", _diag_diag, lambda r, k, c: r),
 }
+
+
+def kind_table():
+    """``(names, table)``: kind names in a fixed order and the ``K x K`` array of
+    product kind ids, ``table[a, b]`` = id of the kind of ``a @ b``. Lets planners
+    follow kinds through a whole schedule with one lookup per round."""
+    names = sorted(KINDS)
+    table = np.full((len(names), len(names)), -1, dtype=np.int64)
+    for (a, b), rule in COMBINE.items():
+        table[names.index(a), names.index(b)] = names.index(rule.out)
+    return names, table
 
 
 def product_kind(kinds) -> str:

@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .blocks import COMBINE, BlockSeq, BlockSpec
+from .blocks import COMBINE, BlockSeq, BlockSpec, kind_table
 
 __all__ = [
     "Schedule",
@@ -172,8 +172,17 @@ class Schedule:
         ``1 x w`` head (it contains the output Jacobian ``A_L``) followed by
         dense ``w x w`` blocks. ``None`` uses ``w = 64``.
         """
+        return np.array([f.sum() for f in self.op_flops(blocks)], dtype=float)
+
+    def op_flops(self, blocks=None) -> list[np.ndarray]:
+        """Per round, the flops of each op (per batch element).
+
+        Kinds are followed through the plan with the combine table of
+        :mod:`chainprod.blocks` (e.g. diagonal x diagonal stays diagonal), so a
+        new block kind is costed by its own rule without changes here.
+        """
         spec = _spec_arrays(blocks, self.length)
-        return np.array([_round_flops(spec, i, k, j).sum() for i, k, j in self.intervals()], dtype=float)
+        return [_round_flops(spec, i, k, j, kl, kr) for i, k, j, kl, kr in _kinded_rounds(self, spec)]
 
     def flops(self, blocks=None) -> float:
         """Total flops per batch element (see :meth:`flops_per_round`)."""
@@ -186,10 +195,8 @@ class Schedule:
         largest single op (the critical path when every round is a barrier).
         """
         workers = _check_workers(workers)
-        spec = _spec_arrays(blocks, self.length)
         work = depth = 0.0
-        for i, k, j in self.intervals():
-            f = _round_flops(spec, i, k, j)
+        for f in self.op_flops(blocks):
             work += float(f.sum())
             depth += float(f.max())
         return work / workers + depth
@@ -258,6 +265,20 @@ class _Spec(NamedTuple):
     kind_names: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
+    kind_ids: np.ndarray  # per position, index into blocks.kind_table()[0]
+
+
+def _kinded_rounds(s: Schedule, spec: _Spec):
+    """Replay with kinds: per round ``(i, k, j, left_kind_id, right_kind_id)``."""
+    _, table = kind_table()
+    slot_kind = np.full(s.n_slots, -1, dtype=np.int64)
+    slot_kind[: s.length] = spec.kind_ids
+    out = []
+    for (i, k, j), st in zip(s.intervals(), s.steps):
+        kl, kr = slot_kind[st.left], slot_kind[st.right]
+        out.append((i, k, j, kl, kr))
+        slot_kind[st.out] = table[kl, kr]
+    return out
 
 
 def _spec_arrays(blocks, length) -> _Spec:
@@ -278,24 +299,35 @@ def _spec_arrays(blocks, length) -> _Spec:
         cols = np.array([b.cols for b in specs], dtype=np.int64)
     if len(kinds) != length:
         raise ValueError(f"blocks describe {len(kinds)} factors, the schedule has {length}")
+    names, _ = kind_table()
+    unknown = set(np.unique(kinds).tolist()) - set(names)
+    if unknown:
+        raise ValueError(f"unknown block kind(s) {sorted(unknown)}; known kinds: {', '.join(names)}")
+    kind_ids = np.searchsorted(np.array(names, dtype=object), kinds).astype(np.int64)
     dense = (kinds != "diag").astype(np.int64)
-    return _Spec(np.concatenate([[0], np.cumsum(dense)]), kinds, rows, cols)
+    return _Spec(np.concatenate([[0], np.cumsum(dense)]), kinds, rows, cols, kind_ids)
 
 
 def _interval_dense(spec, i, j):
     return (spec.dense_before[j + 1] - spec.dense_before[i]) > 0
 
 
-def _round_flops(spec: _Spec, i, k, j) -> np.ndarray:
-    """Flops of each op ``[i,k] (x) [k+1,j]`` from the combine table."""
-    left_dense = _interval_dense(spec, i, k)
-    right_dense = _interval_dense(spec, k + 1, j)
+def _round_flops(spec: _Spec, i, k, j, kl=None, kr=None) -> np.ndarray:
+    """Flops of each op ``[i,k] (x) [k+1,j]`` from the combine table.
+
+    ``kl``/``kr`` are the kind ids of the two operands (from a kinded
+    replay); without them the two built-in kinds are inferred (an interval
+    is dense if any of its blocks is).
+    """
+    names, _ = kind_table()
+    if kl is None or kr is None:
+        dense_id, diag_id = names.index("dense"), names.index("diag")
+        kl = np.where(_interval_dense(spec, i, k), dense_id, diag_id)
+        kr = np.where(_interval_dense(spec, k + 1, j), dense_id, diag_id)
     r, inner, c = spec.rows[i], spec.cols[k], spec.cols[j]
     f = np.zeros(i.shape, dtype=float)
     for (lk, rk), rule in COMBINE.items():
-        if {lk, rk} - {"dense", "diag"}:
-            continue  # structured kinds beyond these two are costed by their own tables
-        m = (left_dense == (lk == "dense")) & (right_dense == (rk == "dense"))
+        m = (kl == names.index(lk)) & (kr == names.index(rk))
         if np.any(m):
             f[m] = rule.flops(r[m], inner[m], c[m])
     return f
@@ -359,8 +391,14 @@ def _sequential_flops(spec: _Spec) -> float:
     L = len(spec.rows)
     if L < 2:
         return 0.0
+    # kind of each prefix [0, p], folded with the combine table
+    _, table = kind_table()
+    table, ids = table.tolist(), spec.kind_ids.tolist()
+    pref = [ids[0]]
+    for p in range(1, L):
+        pref.append(table[pref[-1]][ids[p]])
     j = np.arange(1, L)
-    return float(_round_flops(spec, np.zeros_like(j), j - 1, j).sum())
+    return float(_round_flops(spec, np.zeros_like(j), j - 1, j, np.array(pref[:-1]), spec.kind_ids[1:]).sum())
 
 
 # ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..blocks import COMBINE, KINDS, BlockSeq
+from ..blocks import COMBINE, KINDS, BlockSeq, kind_table
 from ..schedules import Schedule
 
 __all__ = ["BoundPlan", "Group", "bind", "as_index"]
@@ -88,32 +88,30 @@ def bind(schedule: Schedule, blocks: BlockSeq) -> BoundPlan:
 
 @functools.lru_cache(maxsize=64)
 def _bind_cached(schedule: Schedule, signature: tuple) -> BoundPlan:
-    kinds, rows, cols = [], [], []
-    for kind, count, r, c in signature:
-        kinds += [kind] * count
-        rows += [r] * count
-        cols += [c] * count
+    kind_names, table = kind_table()
+    counts = [count for _, count, _, _ in signature]
+    kind_of_pos = np.repeat([kind_names.index(k) for k, _, _, _ in signature], counts)
+    rows = np.repeat([r for _, _, r, _ in signature], counts).astype(np.int64)
+    cols = np.repeat([c for _, _, _, c in signature], counts).astype(np.int64)
     L = schedule.length
-    rows = np.asarray(rows, dtype=np.int64)
-    cols = np.asarray(cols, dtype=np.int64)
-    kind_names = sorted(KINDS)
-    kind_id = np.array([kind_names.index(k) for k in kinds], dtype=np.int64)
-    dense_before = np.concatenate([[0], np.cumsum(kind_id == kind_names.index("dense"))])
-    diag_id, dense_id = kind_names.index("diag"), kind_names.index("dense")
     big = int(max(rows.max(), cols.max())) + 1
 
-    def sig(i, j):  # signature code of interval [i, j]; kind rule: any dense -> dense
-        kind = np.where(dense_before[j + 1] - dense_before[i] > 0, dense_id, diag_id)
+    def sig(kind, i, j):  # signature code of an interval [i, j] of the given kind id
         return (kind * big + rows[i]) * big + cols[j]
 
-    # Replay: signature code held by each slot over time, per op.
-    ivals = schedule.intervals()
+    # Replay: the kind (via the combine table) and signature each slot holds over time.
+    pos = np.arange(L)
+    slot_kind = np.full(schedule.n_slots, -1, dtype=np.int64)
+    slot_kind[:L] = kind_of_pos
     slot_sig = np.full(schedule.n_slots, -1, dtype=np.int64)
-    slot_sig[:L] = sig(np.arange(L), np.arange(L))
+    slot_sig[:L] = slot_sig_init = sig(slot_kind[:L], pos, pos)
+    ivals = schedule.intervals()
     per_round = []
-    for (i, k, j), st in zip(ivals, schedule.steps):
-        sl, sr, so = slot_sig[st.left], slot_sig[st.right], sig(i, j)
-        per_round.append((sl, sr, so))
+    for (i, _, j), st in zip(ivals, schedule.steps):
+        ko = table[slot_kind[st.left], slot_kind[st.right]]
+        so = sig(ko, i, j)
+        per_round.append((slot_sig[st.left], slot_sig[st.right], so))
+        slot_kind[st.out] = ko
         slot_sig[st.out] = so
     # Slab keys: (signature, region); region 1 = scratch slots.
     region = (np.arange(schedule.n_slots) >= L).astype(np.int64)
@@ -122,7 +120,7 @@ def _bind_cached(schedule: Schedule, signature: tuple) -> BoundPlan:
         return code * 2 + region[slots]
 
     holders: dict[int, list[np.ndarray]] = {}
-    init_keys = key(slot_sig_init := sig(np.arange(L), np.arange(L)), np.arange(L))
+    init_keys = key(slot_sig_init, pos)
     for kk in np.unique(init_keys):
         holders.setdefault(int(kk), []).append(np.flatnonzero(init_keys == kk))
     for (_, _, so), st in zip(per_round, schedule.steps):
@@ -181,5 +179,5 @@ def _bind_cached(schedule: Schedule, signature: tuple) -> BoundPlan:
     ks = np.flatnonzero(schedule.outputs >= 0)
     if ks.size:
         slots = schedule.outputs[ks]
-        out_slab[ks], out_row[ks] = locate(sig(np.zeros_like(ks), ks), slots)
+        out_slab[ks], out_row[ks] = locate(slot_sig[slots], slots)
     return BoundPlan(schedule, tuple(slabs), tuple(placement), tuple(rounds), out_slab, out_row)
