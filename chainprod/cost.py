@@ -457,7 +457,7 @@ def round_stats(name: str, L: int, chunks: int | None = None) -> list[tuple[int,
             thin = min(max(L - half, 0), half)
             out.append((thin, ops - thin))
             half *= 2
-        return out
+        return [o for o in out if sum(o)]
     if name in ("hillis_steele", "kogge_stone"):
         out, stride = [], 1
         while stride < L:
@@ -469,11 +469,11 @@ def round_stats(name: str, L: int, chunks: int | None = None) -> list[tuple[int,
         up, strides, stride = [], [], 1
         while stride < L:
             ops = len(range(2 * stride - 1, L, 2 * stride))
-            up.append((1, ops - 1))
+            up.append((min(ops, 1), max(ops - 1, 0)))
             strides.append(stride)
             stride *= 2
         down = [(len(range(3 * s - 1, L, 2 * s)), 0) for s in reversed(strides[:-1])]
-        return up + [d for d in down if d[0]]
+        return [u for u in up if sum(u)] + [d for d in down if d[0]]
     if name == "chunked":
         chunks = chunks or max(1, round(math.sqrt(L)))
         c = max(1, -(-L // chunks))
