@@ -16,6 +16,8 @@ def as_float_array(a, what: str, *, ndim=None, allow_nonfinite=False) -> np.ndar
             arr = np.asarray(a)
         except Exception as e:  # ragged lists and the like
             raise TypeError(f"{what}: cannot be read as an array ({e})") from None
+    if arr.dtype.kind == "f" and not arr.dtype.isnative and arr.dtype.itemsize in (4, 8):
+        arr = arr.astype(arr.dtype.newbyteorder("="))  # e.g. '>f8' read from a file
     if arr.dtype == object:
         raise TypeError(f"{what}: dtype object is not supported; use float32 or float64")
     if arr.dtype not in FLOAT_DTYPES:

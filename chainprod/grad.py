@@ -88,9 +88,15 @@ def forward(chain: Chain, x) -> Tape:
     if not isinstance(chain, Chain):
         raise TypeError(f"expected a chainprod Chain, got {type(chain).__name__}")
     x2, one = chain.check_input(x)
-    tape = Tape(chain, x2, one)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below with the layer
+        tape = Tape(chain, x2, one)
     if not np.all(np.isfinite(tape.out)):
-        raise NonFiniteError("the forward pass produced NaN or infinity (activations overflowed)")
+        for run, Y in zip(chain.runs, tape.outputs):
+            ok = np.isfinite(Y.reshape(Y.shape[0], -1)).all(axis=1)
+            if not ok.all():
+                l = run.start + int(np.flatnonzero(~ok)[0])
+                raise NonFiniteError(f"the forward pass overflowed: the output of layer {l} is NaN or "
+                                     "infinite (inputs and parameters are finite)", (l, l))
     return tape
 
 
@@ -110,13 +116,15 @@ def _seed(tape: Tape, y, loss):
             )
     else:
         y = as_float_array(y, "y", ndim=(1, 2))
-        y2 = y.reshape(out.shape) if (y.size == out.size) else None
-        if y2 is None:
-            raise ValueError(f"y has shape {y.shape} but the model output has shape "
-                             f"{out.shape if not tape.one else out.shape[1:]}")
+        expect = out.shape[1:] if tape.one else out.shape
+        # Accept exactly the output's shape, or (N,) for a width-1 output; never
+        # reshape anything else (a transposed y would pair targets wrongly).
+        if y.shape == expect or (out.shape[1] == 1 and y.shape == out.shape[:1] and not tape.one):
+            y = y.reshape(out.shape)
+        else:
+            raise ValueError(f"y has shape {y.shape} but the model output has shape {expect}")
         if y.dtype != out.dtype:
             raise TypeError(f"y is {y.dtype} but the chain is {out.dtype}")
-        y = y2
     value_fn, seed_fn = LOSSES[loss]
     return float(value_fn(out, y)), seed_fn(out, y)
 
@@ -126,6 +134,7 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
     chain = tape.chain
     L = len(chain)
     workers = check_workers(workers)
+    _check_method_backend(method, backend)
     # Overflow is detected and reported with the layer range after the fact;
     # numpy's own warnings would only repeat it without the range.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -141,10 +150,31 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
             deltas = _scan_deltas(tape, seed, method, backend, workers, trace)
     grads = []
     for r, run in enumerate(chain.runs):
-        gs = run.cls.param_grads(run.params, deltas[r], tape.run_inputs(r))
+        with np.errstate(over="ignore", invalid="ignore"):
+            gs = run.cls.param_grads(run.params, deltas[r], tape.run_inputs(r))
+        for g in gs:
+            ok = np.isfinite(g.reshape(g.shape[0], -1)).all(axis=1)
+            if not ok.all():
+                l = run.start + int(np.flatnonzero(~ok)[0])
+                raise NonFiniteError(f"the parameter gradient of layer {l} overflowed (delta^T x is not "
+                                     "finite although both factors are)", (l, l))
         # list(array) makes the per-layer views in C; zip pairs them per layer
         grads += zip(*(list(g) for g in gs))
     return grads
+
+
+def _check_method_backend(method, backend):
+    """Fail on unknown names even where they would not be used (backprop, one layer)."""
+    from .executors import Executor, valid_backends
+    from .schedules import Schedule, valid_methods
+
+    if not isinstance(backend, Executor) and backend not in valid_backends():
+        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(valid_backends())}")
+    if isinstance(method, str) and method != "backprop" and method not in valid_methods():
+        raise ValueError(f"unknown schedule method {method!r}; valid methods: backprop, "
+                         f"{', '.join(valid_methods())}")
+    if not isinstance(method, (str, Schedule)) and not callable(method):
+        raise TypeError(f"method must be a name, a Schedule or a callable, got {method!r}")
 
 
 def _derivs(tape, r):

@@ -389,6 +389,14 @@ class Chain:
 
     def sgd_step(self, grads, lr: float) -> Chain:
         """``theta - lr * grad`` for every parameter: one step of plain gradient descent."""
+        grads = list(grads)
+        if len(grads) != len(self):
+            raise ValueError(f"expected {len(self)} gradient tuples (one per layer), got {len(grads)}")
+        for l, (ps, gs) in enumerate(zip(self.params, grads)):
+            shapes = tuple(np.shape(g) for g in gs)
+            if shapes != tuple(p.shape for p in ps):
+                raise ValueError(f"gradient of layer {l} has shapes {shapes}, the parameters have "
+                                 f"{tuple(p.shape for p in ps)}")
         return self.with_params(
             tuple(p - lr * g for p, g in zip(ps, gs)) for ps, gs in zip(self.params, grads)
         )
@@ -409,6 +417,7 @@ def mlp(widths, activation="tanh", seed=0, dtype=np.float64, bias_scale=0.1) -> 
     ``widths = [d_0, d_1, ..., d_L]``; ``widths[-1] == 1`` gives a scalar
     model. Weights are ``N(0, 1/d_in)`` (LeCun), biases ``N(0, bias_scale^2)``.
     """
+    activation = _activation(activation)
     widths = [int(w) for w in widths]
     if len(widths) < 2:
         raise ValueError(f"mlp needs at least two widths (input and output), got {widths}")

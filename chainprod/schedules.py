@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from types import MappingProxyType
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -98,7 +99,17 @@ class Schedule:
         self.steps = tuple(s for s in steps if len(s))  # empty rounds are not rounds
         self.outputs = np.asarray(outputs, dtype=np.int64)
         self.outputs.setflags(write=False)
-        self.options = dict(options or {})
+        # plans are cached and shared: nothing about them may be mutable
+        self.options = MappingProxyType(dict(options or {}))
+
+    def __getstate__(self):  # plans travel to Ray/Dask workers; a mappingproxy does not pickle
+        state = dict(self.__dict__)
+        state["options"] = dict(self.options)
+        return state
+
+    def __setstate__(self, state):
+        state["options"] = MappingProxyType(state["options"])
+        self.__dict__.update(state)
 
     # -- shape-free statistics -------------------------------------------
     @property
@@ -358,7 +369,7 @@ class ScheduleInfo:
             if isinstance(self.blocks, (int, np.integer)) else "given blocks")
         lines = [
             f"Schedule {s.name!r} over L={s.length} factors"
-            + (f"  {s.options}" if s.options else ""),
+            + (f"  {dict(s.options)}" if s.options else ""),
             "  scan order: position 0 = A_L (output end); [i,k] (x) [k+1,j] -> [i,j]",
             f"  shapes                  : {desc}",
             f"  rounds (depth D)        : {s.rounds}",
@@ -564,6 +575,9 @@ def chunked(L: int, chunks: int | None = None, outer: str = "sklansky") -> Sched
     if chunks is None:
         chunks = max(1, round(math.sqrt(L)))
     chunks = _check_workers(chunks)
+    if not build(outer, 2).is_scan:
+        raise ValueError(f"chunked: outer={outer!r} is not a scan (it does not produce every prefix); "
+                         "use sequential, sklansky, brent_kung or hillis_steele")
     c = max(1, -(-L // chunks))
     n = -(-L // c) if L else 0
     opts = {"chunks": chunks, "outer": outer}

@@ -434,9 +434,6 @@ def test_schedule_ops_listing():
     assert sorted(s.ops(1)) == [((0, 1), (2, 2), (0, 2)), ((0, 1), (2, 3), (0, 3))]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: built plans are cached and shared, steps/outputs are read-only but "
-                   "Schedule.options is a plain dict: mutating one caller's plan changes every later "
-                   "schedule('chunked', ...) with the same arguments")
 def test_cached_plan_options_are_not_shared_mutable_state():
     s = cp.schedule("chunked", 23, chunks=3)
     try:
