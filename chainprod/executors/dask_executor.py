@@ -182,12 +182,12 @@ class DaskExecutor(DistributedExecutor):
 
     def _put(self, obj, key):
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Large object.*")
+            warnings.filterwarnings("ignore", message=".*(Large object|large graph).*")
             return self._client.submit(_value, obj, key=key)
 
     def _submit(self, fn, args, key, retries):
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*Large object.*")
+            warnings.filterwarnings("ignore", message=".*(Large object|large graph).*")
             return self._client.submit(fn, *args, key=key)
 
     def _wait(self, handles, deadline, names):

@@ -10,7 +10,7 @@ Cluster lifecycle
 -----------------
 * ``address=None`` and no ``RAY_ADDRESS``: if this process is already
   connected to Ray (``ray.is_initialized()``), that connection is used;
-  otherwise an embedded local cluster is started on loopback with
+  otherwise an embedded single-node local cluster is started with
   ``num_cpus = workers or 2``, its temp dir under a directory chainprod
   creates (and deletes), token auth and usage stats off, and it is reused
   by later runs and shut down at interpreter exit.
@@ -77,7 +77,7 @@ def _start_embedded(workers, init_kwargs):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kw = dict(num_cpus=workers or 2, include_dashboard=False, log_to_driver=False,
-              logging_level=logging.ERROR, configure_logging=False, _node_ip_address="127.0.0.1",
+              logging_level=logging.ERROR, configure_logging=False,
               _temp_dir=temp)
     kw.update(init_kwargs)
     try:
@@ -99,8 +99,6 @@ def _restore_env(saved):
 
 
 def _join(address, init_kwargs):
-    if not address.startswith("ray://") and address != "auto":
-        check_reachable(address, "ray")
     kw = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
     kw.update(init_kwargs)
     try:
@@ -115,6 +113,8 @@ def ensure_ray(address=None, workers=None, **init_kwargs) -> bool:
     with _LOCK:
         if address is None:
             address = os.environ.get("RAY_ADDRESS") or None
+        if address is not None and address != "auto" and not address.startswith("ray://"):
+            check_reachable(address, "ray")  # fail fast, before anything else
         if ray.is_initialized():
             if address is not None and address != "auto" and _OWNED is not None:
                 raise ClusterConnectionError(

@@ -1,0 +1,277 @@
+"""Ray and Dask executors on real embedded clusters (2 workers each, started once).
+
+Gradients against backprop, traces that prove the worker count, the task
+graph's shape, and the failure paths: a worker process killed mid-run (the
+exact result still comes back through retries), retries off (a clear error),
+timeouts, unreachable addresses, and 100 back-to-back runs without memory
+growth or leftover processes.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import chainprod as cp
+from chainprod.executors._cluster import ClusterConnectionError, DistributedError, DistributedTimeoutError
+from chainprod.executors._remote import partition
+from chainprod.testing import left_fold_suffix, random_chain, random_mats
+
+pytest.importorskip("ray")
+pytest.importorskip("distributed")
+psutil = pytest.importorskip("psutil")
+
+ENGINES = ["ray", "dask"]
+P = 2
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine(request):
+    """The default executor of each engine; its embedded cluster starts once per session."""
+    ex = cp.get_executor(request.param)
+    cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=P)  # start it
+    return request.param
+
+
+def max_err(g, ref):
+    return max(float(np.abs(a - b).max() / (np.abs(b).max() + 1e-300)) for gl, rl in zip(g, ref)
+               for a, b in zip(gl, rl))
+
+
+# -- the plan --------------------------------------------------------------------------
+def test_partition_chunked_is_reduce_scan_downsweep():
+    s = cp.schedule("chunked", 1000, chunks=4)
+    part = partition(s, 4)
+    assert part.workers == 4 and part.chunk == 250
+    # every chain: its reduce, then one task per carry it waits for, then its down-sweep
+    assert part.segments <= 4 * 3
+    # only chunk-boundary values cross: a handful of edges, not O(L)
+    assert part.cross_edges <= 8
+
+
+def test_partition_fuses_sequential_into_p_tasks():
+    part = partition(cp.schedule("sequential", 4096), 2)
+    assert part.segments == 2 and part.cross_edges == 1
+
+
+@pytest.mark.parametrize("method", ["sequential", "sklansky", "brent_kung", "hillis_steele", "chunked"])
+@pytest.mark.parametrize("L,workers", [(1, 2), (2, 3), (7, 2), (33, 3), (100, 5)])
+def test_partition_covers_every_op_once(method, L, workers):
+    s = cp.schedule(method, L, workers=workers)
+    part = partition(s, workers)
+    seen = [0] * s.rounds
+    for t in part.tasks:
+        for r, left, right, out in t.rounds:
+            seen[r] += len(out)
+            # ops run on the owner of the right end of what they produce
+            j = s.intervals()[r][2]
+            assert set(part.owner(j[np.isin(s.steps[r].out, out)]).tolist()) == {t.worker}
+        for d in t.deps:  # tasks only depend on earlier tasks: the graph is a DAG
+            assert d < t.tid
+    assert seen == s.widths
+
+
+# -- results and gradients ----------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dense", "diag", "mixed"])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_grad_equals_backprop(engine, kind, batch):
+    chain = (cp.mlp([5] * 12 + [1], seed=2) if kind == "dense" else
+             cp.diagonal_chain(15, 4, activation="tanh", seed=3) if kind == "diag" else
+             random_chain(14, 4, kind="mixed", seed=4))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(chain.d_in if batch is None else (batch, chain.d_in))
+    ref = cp.grad(chain, x, method="backprop")
+    for method in ("chunked", "sklansky", "sequential", "auto"):
+        g = cp.grad(chain, x, method=method, backend=engine, workers=P)
+        assert len(g) == len(chain)
+        assert all(a.shape == b.shape for gl, rl in zip(g, ref) for a, b in zip(gl, rl))
+        assert max_err(g, ref) < 1e-12, (method, max_err(g, ref))
+
+
+def test_grad_mse_and_float32(engine):
+    chain = cp.mlp([4, 6, 6, 2], seed=1, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    y = np.zeros((5, 2), np.float32)
+    ref = cp.grad(chain, x, y, method="backprop")
+    g = cp.grad(chain, x, y, method="brent_kung", backend=engine, workers=P)
+    assert max_err(g, ref) < 1e-5
+
+
+def test_grad_nonfinite_names_layers_and_is_not_retried(engine):
+    # tanh at 0: the forward pass stays 0, the Jacobians are 1e150 * I and their products overflow
+    chain = cp.Chain([cp.Dense(1e150 * np.eye(3), np.zeros(3), "tanh") for _ in range(5)]
+                     + [cp.Dense(np.ones((1, 3)), np.zeros(1), "identity")])
+    t0 = time.perf_counter()
+    with pytest.raises(cp.NonFiniteError, match=r"layers \d+\.\.5"):
+        cp.grad(chain, np.zeros(3), method="sklansky", backend=engine, workers=P)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_suffix_products_large_blocks_and_trace(engine):
+    mats = random_mats(64, 24, kind="mixed", batch=2, seed=5)
+    out, tr = cp.suffix_products(mats, method="chunked", backend=engine, workers=P, return_trace=True)
+    for o, r in zip(out, left_fold_suffix(mats)):
+        np.testing.assert_allclose(np.asarray(o.todense() if isinstance(o, cp.Diag) else o), r,
+                                   rtol=1e-10, atol=1e-12)
+    # at most P tasks at once, measured on the workers
+    assert 1 <= tr.peak_concurrency() <= P
+    assert len({e.worker for e in tr.events}) <= P
+    assert tr.span > 0
+
+
+def test_worker_count_is_real(engine):
+    # sklansky's early rounds run on both chunks at the same time: the trace shows
+    # two workers (processes) busy at once, never more
+    mats = random_mats(256, 48, batch=2, seed=1)
+    _, tr = cp.suffix_products(mats, method="sklansky", backend=engine, workers=P, return_trace=True)
+    assert tr.peak_concurrency() <= P
+    assert len({e.worker.split("/")[-1] for e in tr.events}) == P
+
+
+def test_unknown_option_and_bad_values(engine):
+    ex = cp.get_executor(engine)
+    s = cp.schedule("sequential", 3)
+    seq = cp.BlockSeq([cp.Segment("dense", np.ones((3, 1, 2, 2)))])
+    with pytest.raises(TypeError, match="unknown option"):
+        ex.run(s, seq, workers=P, bogus=1)
+    with pytest.raises(ValueError, match="timeout"):
+        ex.run(s, seq, workers=P, timeout=-1)
+    with pytest.raises(ValueError, match="retries"):
+        ex.run(s, seq, workers=P, retries=-2)
+
+
+# -- bounded waits and failures ---------------------------------------------------------------
+def _slow_mats():
+    # sklansky on 64 blocks of (32, 128, 128): 192 batched 128^3 products, ~1-2 s on 2 workers
+    rng = np.random.default_rng(0)
+    return [(np.eye(128) + rng.standard_normal((32, 128, 128)) / 128) * 0.9 for _ in range(64)]
+
+
+def test_timeout_raises_clear_error(engine):
+    cls = type(cp.get_executor(engine))
+    ex = cls(timeout=0.2)
+    t0 = time.perf_counter()
+    with pytest.raises(DistributedTimeoutError, match=rf"{engine}: .*timeout=0.2"):
+        cp.suffix_products(_slow_mats(), method="sklansky", backend=ex, workers=P)
+    assert time.perf_counter() - t0 < 15
+    # the cluster is still usable afterwards
+    out = cp.suffix_products(random_mats(5, 2), method="sklansky", backend=engine, workers=P)
+    assert len(out) == 5
+
+
+def _busy_worker_pids(engine):
+    if engine == "ray":
+        return [p.pid for p in psutil.process_iter(["cmdline"])
+                if p.info["cmdline"] and "chainprod w" in " ".join(p.info["cmdline"])
+                and "seg" in " ".join(p.info["cmdline"])]
+    from chainprod.executors import dask_executor
+
+    client = dask_executor._EMBEDDED["client"]
+    busy = {a for a, keys in client.processing().items() if any("segment" in str(k) for k in keys)}
+    pids = client.run(os.getpid)
+    return [pids[a] for a in busy if a in pids]
+
+
+def _run_and_kill(engine, ex, mats):
+    box = {}
+
+    def target():
+        try:
+            box["out"] = cp.suffix_products(mats, method="sklansky", backend=ex, workers=P)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            box["err"] = e
+
+    th = threading.Thread(target=target)
+    th.start()
+    killed = None
+    t_end = time.monotonic() + 30
+    while killed is None and time.monotonic() < t_end and th.is_alive():
+        pids = _busy_worker_pids(engine)
+        if pids:
+            killed = pids[0]
+            psutil.Process(killed).kill()
+        else:
+            time.sleep(0.02)
+    th.join(120)
+    assert killed is not None, "no worker was seen running a combine task"
+    return box, killed
+
+
+@pytest.mark.parametrize("retries", [3, 0], ids=["retries-on", "retries-off"])
+def test_killed_worker(engine, retries):
+    mats = _slow_mats()
+    ex = type(cp.get_executor(engine))(retries=retries, timeout=120)
+    box, pid = _run_and_kill(engine, ex, mats)
+    if retries:
+        assert "err" not in box, box.get("err")
+        ref = left_fold_suffix(mats)
+        for a, b in zip(box["out"], ref):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    else:
+        err = box.get("err")
+        assert isinstance(err, DistributedError), repr(err)
+        msg = str(err)
+        assert msg.startswith(f"{engine}: task") and ("died" in msg or "lost" in msg.lower()), msg
+        assert "retries=0" in msg
+    # the cluster recovers for the next run
+    time.sleep(0.5)
+    out = cp.suffix_products(random_mats(6, 2), method="sklansky", backend=engine, workers=P)
+    assert len(out) == 6
+
+
+def test_unreachable_address_fails_fast(engine):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ex = type(cp.get_executor(engine))(address=f"127.0.0.1:{port}" if engine == "ray" else f"tcp://127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterConnectionError, match=rf"{engine}: no cluster reachable at"):
+        cp.suffix_products(random_mats(3, 2), backend=ex, workers=P)
+    assert time.perf_counter() - t0 < 5
+
+
+# -- many runs on one cluster ---------------------------------------------------------------------
+def _proc_count():
+    me = psutil.Process()
+    return len([c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE])
+
+
+def test_hundred_runs_no_growth(engine):
+    mats = random_mats(20, 8, kind="mixed", batch=2, seed=3)
+    chain = cp.mlp([6] * 10 + [1])
+    x = np.ones((2, 6))
+    me = psutil.Process()
+
+    def once(i):
+        if i % 2:
+            cp.suffix_products(mats, method="sklansky", backend=engine, workers=P)
+        else:
+            cp.grad(chain, x, method="chunked", backend=engine, workers=P)
+
+    for i in range(10):  # warm up caches, worker pools, plans
+        once(i)
+    time.sleep(0.5)
+    rss0, procs0 = me.memory_info().rss, _proc_count()
+    for i in range(100):
+        once(i)
+    time.sleep(0.5)
+    grown = (me.memory_info().rss - rss0) / 2**20
+    assert grown < 40, f"driver RSS grew by {grown:.1f} MiB over 100 runs"
+    assert _proc_count() <= procs0 + 1, "runs left processes behind"
+
+
+def test_cluster_context_manager_reuses_cluster(engine):
+    with cp.executors._cluster.cluster(engine, workers=P, timeout=60) as ex:
+        assert ex.timeout == 60 and ex.name == engine
+        out = cp.suffix_products(random_mats(9, 3), method="brent_kung", backend=ex, workers=P)
+        out2 = cp.suffix_products(random_mats(9, 3), method="brent_kung", backend=engine, workers=P)
+        for a, b in zip(out, out2):
+            np.testing.assert_array_equal(a, b)
+    # the session's embedded cluster was already running: the block left it running
+    assert len(cp.suffix_products(random_mats(4, 2), backend=engine, workers=P)) == 4

@@ -1,0 +1,125 @@
+"""Ray specifics: joining a cluster started with ``ray start`` by address; worker BLAS threads."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import chainprod as cp
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_started(temp):
+    """Stop only the processes of the cluster we started (found by its temp dir), not `ray stop`."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.info["cmdline"] and any(temp in a for a in p.info["cmdline"]):
+                procs.append(p)
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    return procs
+
+
+JOIN_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, chainprod as cp
+    from chainprod.executors.ray_executor import RayExecutor
+    from chainprod.testing import random_mats, left_fold_suffix, random_chain
+    ex = RayExecutor(address=sys.argv[1], timeout=120)
+    mats = random_mats(40, 5, kind="mixed", batch=2, seed=1)
+    out, tr = cp.suffix_products(mats, method="chunked", backend=ex, workers=2, return_trace=True)
+    for o, r in zip(out, left_fold_suffix(mats)):
+        o = o.todense() if isinstance(o, cp.Diag) else o
+        assert np.allclose(o, r, rtol=1e-10, atol=1e-12)
+    assert tr.peak_concurrency() <= 2
+    chain = random_chain(20, 4, kind="mixed", seed=2)
+    x = np.ones((3, 4))
+    ref = cp.grad(chain, x, method="backprop")
+    g = cp.grad(chain, x, method="sklansky", backend=ex, workers=2)
+    assert max(np.abs(a - b).max() for gl, rl in zip(g, ref) for a, b in zip(gl, rl)) < 1e-12
+    import ray
+    print("JOINED", ray.get_runtime_context().gcs_address)
+""")
+
+
+def test_join_ray_start_head_by_address():
+    temp = tempfile.mkdtemp(prefix="cprt-")
+    port = _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        res = subprocess.run([sys.executable, "-c", JOIN_SCRIPT, f"127.0.0.1:{port}"], env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "JOINED" in res.stdout and res.stdout.strip().endswith(f":{port}")
+        # the joined cluster was not shut down by chainprod: its processes still run
+        assert any(temp in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+    finally:
+        _stop_started(temp)
+        time.sleep(0.5)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_workers_use_one_blas_thread():
+    cp.get_executor("ray")
+    cp.suffix_products([np.eye(2)] * 3, backend="ray", workers=2)  # make sure Ray runs
+
+    @ray.remote
+    def probe():
+        from threadpoolctl import threadpool_info
+
+        from chainprod.executors import _remote
+
+        _remote._limit_blas()
+        return os.environ.get("OMP_NUM_THREADS"), [i["num_threads"] for i in threadpool_info()
+                                                   if i.get("user_api") == "blas"]
+
+    omp, blas = ray.get(probe.remote(), timeout=60)
+    assert omp == "1"
+    assert all(n == 1 for n in blas)
+
+
+def test_embedded_ray_writes_nothing_outside_its_temp_dir():
+    from chainprod.executors import ray_executor
+
+    cp.suffix_products([np.eye(2)] * 3, backend="ray", workers=2)
+    owned = ray_executor._OWNED
+    if owned is None:
+        pytest.skip("Ray was started outside chainprod in this process")
+    assert os.path.isdir(owned["temp"])
+    sessions = os.listdir(owned["temp"])
+    assert any(s.startswith("session_") for s in sessions)
