@@ -21,7 +21,8 @@ def as_float_array(a, what: str, *, ndim=None, allow_nonfinite=False) -> np.ndar
     if arr.dtype == object:
         raise TypeError(f"{what}: dtype object is not supported; use float32 or float64")
     if arr.dtype not in FLOAT_DTYPES:
-        kind = {"b": "bool", "i": "integer", "u": "unsigned integer", "c": "complex"}.get(arr.dtype.kind, str(arr.dtype))
+        names = {"b": "bool", "i": "integer", "u": "unsigned integer", "c": "complex"}
+        kind = names.get(arr.dtype.kind, str(arr.dtype))
         raise TypeError(
             f"{what}: dtype {arr.dtype} ({kind}) is not supported; use float32 or float64 "
             f"(e.g. np.asarray(x, dtype=np.float64))"

@@ -12,7 +12,8 @@ y^2``, ...), so a forward pass stores outputs only.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from types import MappingProxyType
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 

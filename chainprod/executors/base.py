@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..blocks import KINDS
-
 __all__ = ["Executor", "ScanResult", "ListResult", "Trace", "TraceEvent"]
 
 
