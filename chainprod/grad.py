@@ -322,9 +322,14 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
 
 # -- suffix products -----------------------------------------------------------
 def _read_blocks(mats, what="mats"):
-    """Validate a list of matrices / Diag blocks -> (BlockSeq in scan order, batched?)."""
+    """Validate matrices / Diag blocks -> (BlockSeq in scan order, batched?).
+
+    Cheap per-item checks (kind, dtype, shape) in one pass; the value checks
+    (finite) run once per stacked segment, so a list of thousands of small
+    matrices costs one stacking copy, not thousands of validations.
+    """
     if isinstance(mats, np.ndarray) and mats.ndim >= 3 and mats.dtype != object:
-        mats = list(mats)  # a stacked (L, d, d) array is a list of L matrices
+        return _read_stacked(mats, what)
     if not isinstance(mats, (list, tuple)):
         raise TypeError(f"{what} must be a list of arrays (or chainprod.Diag), got {type(mats).__name__}")
     if not mats:
@@ -332,10 +337,10 @@ def _read_blocks(mats, what="mats"):
     items = []
     for k, m in enumerate(mats):
         if isinstance(m, Diag):
-            a = as_float_array(m.values, f"{what}[{k}] (Diag)", ndim=(1, 2))
+            a = _cheap_array(m.values, f"{what}[{k}] (Diag)", (1, 2))
             items.append(("diag", a, a.ndim == 2))
         else:
-            a = as_float_array(m, f"{what}[{k}]", ndim=(2, 3))
+            a = _cheap_array(m, f"{what}[{k}]", (2, 3))
             items.append(("dense", a, a.ndim == 3))
     dtypes = {a.dtype for _, a, _ in items}
     if len(dtypes) > 1:
@@ -350,32 +355,65 @@ def _read_blocks(mats, what="mats"):
     def rc(kind, a):
         return (a.shape[-1], a.shape[-1]) if kind == "diag" else a.shape[-2:]
 
+    shapes = [rc(kind, a) for kind, a, _ in items]
     for k in range(1, len(items)):
-        (r_prev, c_prev), (r, c) = rc(*items[k - 1][:2]), rc(*items[k][:2])
+        (r_prev, c_prev), (r, c) = shapes[k - 1], shapes[k]
         if c != r_prev:
             raise ValueError(
                 f"shapes do not chain at {what}[{k}]: {what}[{k}] is {r}x{c} but {what}[{k - 1}] is "
                 f"{r_prev}x{c_prev}; out[k] = {what}[L-1] @ ... @ {what}[k] needs {what}[k].shape[-1] == "
                 f"{what}[k-1].shape[-2]"
             )
-    # Scan order: position p holds mats[L-1-p]; group equal kind/shape runs.
+    # Scan order: position p holds mats[L-1-p]; group runs of one kind and shape.
+    L = len(items)
     segments = []
-    run: list = []
-    for kind, a, b in reversed(items):
-        a = a if b else a[None]
-        if run and (run[0][0] != kind or run[0][1].shape[1:] != a.shape[1:] or run[0][1].shape[0] != a.shape[0]):
-            segments.append(Segment(run[0][0], _stack([x for _, x in run], N)))
-            run = []
-        run.append((kind, a))
-    segments.append(Segment(run[0][0], _stack([x for _, x in run], N)))
+    p = 0
+    while p < L:
+        kind, first, _ = items[L - 1 - p]
+        q = p + 1
+        while q < L and items[L - 1 - q][0] == kind and items[L - 1 - q][1].shape[-2:] == first.shape[-2:] \
+                and (kind == "dense" or items[L - 1 - q][1].shape[-1] == first.shape[-1]):
+            q += 1
+        block_shape = first.shape[-2:] if kind == "dense" else first.shape[-1:]
+        stack = np.empty((q - p, N, *block_shape), dtype=first.dtype)
+        for i in range(p, q):
+            stack[i - p] = items[L - 1 - i][1]  # broadcasts an unbatched block over the batch
+        _check_finite_stack(stack, [L - 1 - i for i in range(p, q)], what + ("" if kind == "dense" else "|Diag"))
+        segments.append(Segment(kind, stack))
+        p = q
     return BlockSeq(segments, owned=True), batched
 
 
-def _stack(arrays, N):
-    out = np.empty((len(arrays), N, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
-    for i, a in enumerate(arrays):
-        out[i] = a  # broadcasts an unbatched block over the batch
-    return out
+def _cheap_array(m, what, ndim):
+    if not isinstance(m, np.ndarray):
+        return as_float_array(m, what, ndim=ndim)
+    a = m
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8) or not a.dtype.isnative or a.ndim not in ndim \
+            or a.size == 0:
+        return as_float_array(a, what, ndim=ndim)  # the slow path says exactly what is wrong
+    return a
+
+
+def _check_finite_stack(stack, indices, what):
+    ok = np.isfinite(stack.reshape(stack.shape[0], -1)).all(axis=1)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        name, _, tag = what.partition("|")
+        where = tuple(int(v) for v in np.argwhere(~np.isfinite(stack[i]))[0])
+        raise ValueError(f"{name}[{indices[i]}]{' (' + tag + ')' if tag else ''}: contains NaN or infinity "
+                         f"(first at index {where} of its (batch, ...) block)")
+
+
+def _read_stacked(mats, what):
+    """A stacked ``(L, r, c)`` or batched ``(L, N, r, c)`` array: one check, one reversed copy."""
+    a = as_float_array(mats, what, ndim=(3, 4), allow_nonfinite=True)
+    L = a.shape[0]
+    if L > 1 and a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"shapes do not chain: a stacked {what} of shape {a.shape} needs square blocks")
+    batched = a.ndim == 4
+    stack = np.ascontiguousarray((a if batched else a[:, None])[::-1])  # scan order
+    _check_finite_stack(stack, list(range(L - 1, -1, -1)), what)
+    return BlockSeq([Segment("dense", stack)], owned=True), batched
 
 
 def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, return_trace=False):
@@ -410,11 +448,17 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the range
         result = get_executor(backend).run(sched, seq, workers=workers, trace=trace)
     _check_finite(result, L)
-    out = [None] * L
-    for p in range(L):
-        kind, a = result.block(p)
-        a = a if batched else a[0]
-        out[L - 1 - p] = Diag(a) if kind == "diag" else a
+    stacked = result.stack()
+    if stacked is not None:  # one shape: views of one array, made in C
+        kind, arr = stacked
+        arr = arr[::-1] if batched else arr[::-1, 0]
+        out = list(arr) if kind != "diag" else [Diag(a) for a in arr]
+    else:
+        out = [None] * L
+        for p in range(L):
+            kind, a = result.block(p)
+            a = a if batched else a[0]
+            out[L - 1 - p] = Diag(a) if kind == "diag" else a
     return (out, trace) if return_trace else out
 
 
