@@ -72,7 +72,9 @@ JOIN_SCRIPT = textwrap.dedent("""
 def test_join_ray_start_head_by_address():
     temp = tempfile.mkdtemp(prefix="cprt-")
     port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every process of this test cluster on loopback
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
         ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=2",

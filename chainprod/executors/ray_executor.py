@@ -71,11 +71,22 @@ def _start_embedded(workers, init_kwargs):
     """Start a local Ray on loopback in a temp dir chainprod owns; returns True."""
     global _OWNED
     temp = make_temp_dir("cpray-")
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED",
+                                            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     # A loopback cluster of our own needs no auth token (which Ray would write
     # under ~/.ray) and must not phone home.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Keep every Ray process on loopback: on Linux Ray registers nodes under the
+    # host's network address even for a single-machine cluster (and ignores
+    # _node_ip_address for that). Ray's "no cluster" switch makes the driver
+    # (patched constant) and the workers (inherited env) use 127.0.0.1. Only
+    # for clusters we start: joining a real cluster leaves Ray's defaults alone.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
     kw = dict(num_cpus=workers or 2, include_dashboard=False, log_to_driver=False,
               logging_level=logging.ERROR, configure_logging=False,
               _temp_dir=temp)
@@ -84,9 +95,10 @@ def _start_embedded(workers, init_kwargs):
         ray.init(**kw)
     except Exception as e:
         _restore_env(saved)
+        ray_constants.ENABLE_RAY_CLUSTER = saved_cluster_flag
         remove_temp_dir(temp)
         raise ClusterConnectionError(f"ray: could not start an embedded local cluster: {e}", "ray") from e
-    _OWNED = {"temp": temp, "env": saved}
+    _OWNED = {"temp": temp, "env": saved, "cluster_flag": saved_cluster_flag}
     return True
 
 
@@ -142,6 +154,9 @@ def shutdown():
             ray.shutdown()
         if owned is not None:
             _restore_env(owned["env"])
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = owned["cluster_flag"]
             remove_temp_dir(owned["temp"])
 
 
