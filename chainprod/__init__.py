@@ -17,6 +17,7 @@ from ._validate import NonFiniteError
 from .blocks import BlockSeq, Diag, Segment
 from .check import check_grad, numerical_grad
 from .executors import Trace, get_executor, valid_backends
+from .executors._cluster import cluster
 from .grad import backward, forward, grad, product, suffix_products, value_and_grad
 from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
 from .schedules import SCHEDULES, Schedule, ScheduleError, register_schedule, schedule
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "Dense", "Diag", "Diagonal", "NonFiniteError",
-    "Schedule", "ScheduleError", "Segment", "Trace", "backward", "check_grad", "diagonal_chain",
+    "Schedule", "ScheduleError", "Segment", "Trace", "backward", "check_grad", "cluster", "diagonal_chain",
     "forward", "get_executor", "grad", "mlp", "numerical_grad", "product", "register_schedule",
     "schedule", "suffix_products", "valid_backends", "valid_schedules", "value_and_grad",
 ]

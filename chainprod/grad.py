@@ -129,8 +129,13 @@ def _seed(tape: Tape, y, loss):
     return float(value_fn(out, y)), seed_fn(out, y)
 
 
-def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=None, trace=None):
-    """Per-layer parameter gradients from a tape and ``seed = dloss/dx_L`` ``(N, d_L)``."""
+def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=None, trace=None,
+             engine_options=None):
+    """Per-layer parameter gradients from a tape and ``seed = dloss/dx_L`` ``(N, d_L)``.
+
+    ``engine_options`` (``timeout=``, ``retries=`` for Ray/Dask) go to the executor.
+    """
+    engine_options = dict(engine_options or {})
     chain = tape.chain
     L = len(chain)
     workers = check_workers(workers)
@@ -144,10 +149,10 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
         # only per-layer gradients come back (chainprod/executors/_cluster.py) --
         elif L > 1 and hasattr(get_executor(backend), "backward_remote"):
             return get_executor(backend).backward_remote(tape, seed, method=method, workers=workers,
-                                                         trace=trace)
+                                                         trace=trace, **engine_options)
         # -- end distributed dispatch --
         else:
-            deltas = _scan_deltas(tape, seed, method, backend, workers, trace)
+            deltas = _scan_deltas(tape, seed, method, backend, workers, trace, engine_options)
     grads = []
     for r, run in enumerate(chain.runs):
         with np.errstate(over="ignore", invalid="ignore"):
@@ -202,7 +207,7 @@ def _backprop_deltas(tape, seed):
     return deltas[::-1]
 
 
-def _scan_deltas(tape, seed, method, backend, workers, trace):
+def _scan_deltas(tape, seed, method, backend, workers, trace, engine_options):
     chain = tape.chain
     L = len(chain)
     runs = chain.runs
@@ -215,7 +220,7 @@ def _scan_deltas(tape, seed, method, backend, workers, trace):
         sched = schedule(method, L - 1, workers=workers, blocks=seq, backend=backend)
         if not sched.is_scan:
             raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
-        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace)
+        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **engine_options)
         bad = result.first_nonfinite()
         if bad is not None:
             lo = L - 1 - bad - 1
@@ -273,17 +278,18 @@ def _make_trace(return_trace, backend, workers):
 
 
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",
-                   workers=None, return_trace=False):
+                   workers=None, return_trace=False, engine_options=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
     tape = forward(chain, x)
     value, seed = _seed(tape, y, loss)
     trace = _make_trace(return_trace, backend, workers)
-    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace)
+    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
+                 engine_options=engine_options)
     return (value, g, trace) if return_trace else (value, g)
 
 
 def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized", workers=None,
-         return_trace=False):
+         return_trace=False, engine_options=None):
     """Per-layer parameter gradients of a sequential model.
 
     Parameters
@@ -307,6 +313,10 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         Worker count ``P`` for parallel executors and ``chunked``/``auto``.
     return_trace : bool or Trace
         Also return the run's :class:`~chainprod.executors.Trace`.
+    engine_options : dict, optional
+        Per-call options of a distributed executor: ``timeout`` (seconds,
+        bounds every wait) and ``retries`` (re-runs of tasks whose worker
+        died). Local executors take none.
 
     Returns
     -------
@@ -316,7 +326,8 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
     tape = forward(chain, x)
     _, seed = _seed(tape, y, loss)
     trace = _make_trace(return_trace, backend, workers)
-    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace)
+    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
+                 engine_options=engine_options)
     return (g, trace) if return_trace else g
 
 
@@ -416,7 +427,8 @@ def _read_stacked(mats, what):
     return BlockSeq([Segment("dense", stack)], owned=True), batched
 
 
-def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, return_trace=False):
+def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, return_trace=False,
+                    engine_options=None):
     """All suffix products of a list of matrices.
 
     ``out[k] == mats[L-1] @ mats[L-2] @ ... @ mats[k]`` for ``k = 0 .. L-1``.
@@ -429,7 +441,7 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
         diagonal block in :class:`chainprod.Diag` (``(d,)`` or ``(N, d)``):
         products of diagonal blocks stay diagonal and come back as ``Diag``.
         Inputs are never modified.
-    method, backend, workers, return_trace
+    method, backend, workers, return_trace, engine_options
         As in :func:`grad`.
 
     Returns
@@ -446,7 +458,7 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
                          "use chainprod.product() or a scan schedule")
     trace = _make_trace(return_trace, backend, workers)
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the range
-        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace)
+        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **(engine_options or {}))
     _check_finite(result, L)
     stacked = result.stack()
     if stacked is not None:  # one shape: views of one array, made in C
@@ -462,14 +474,14 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
     return (out, trace) if return_trace else out
 
 
-def product(mats, *, method="tree", backend="vectorized", workers=None):
+def product(mats, *, method="tree", backend="vectorized", workers=None, engine_options=None):
     """The total product ``mats[L-1] @ ... @ mats[0]`` (Q3's balanced tree by default)."""
     seq, batched = _read_blocks(mats)
     sched = schedule(method, len(seq), workers=workers, blocks=seq, backend=backend)
     if sched.outputs[-1] < 0:
         raise ValueError(f"schedule {sched.name!r} does not produce the total product")
     with np.errstate(over="ignore", invalid="ignore"):
-        result = get_executor(backend).run(sched, seq, workers=check_workers(workers))
+        result = get_executor(backend).run(sched, seq, workers=check_workers(workers), **(engine_options or {}))
     _check_finite(result, len(seq), only_last=True)
     kind, a = result.block(len(seq) - 1)
     a = a if batched else a[0]

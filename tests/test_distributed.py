@@ -275,3 +275,21 @@ def test_cluster_context_manager_reuses_cluster(engine):
             np.testing.assert_array_equal(a, b)
     # the session's embedded cluster was already running: the block left it running
     assert len(cp.suffix_products(random_mats(4, 2), backend=engine, workers=P)) == 4
+
+
+def test_engine_options_flow_from_the_public_api(engine):
+    # timeout= given per call through grad()/suffix_products(), not through an executor object
+    t0 = time.perf_counter()
+    with pytest.raises(DistributedTimeoutError, match=rf"{engine}: .*timeout=0.2"):
+        cp.suffix_products(_slow_mats(), method="sklansky", backend=engine, workers=P,
+                           engine_options={"timeout": 0.2})
+    assert time.perf_counter() - t0 < 15
+    chain = cp.mlp([3, 5, 5, 5, 1], seed=4)
+    x = np.ones((2, 3))
+    g = cp.grad(chain, x, method="chunked", backend=engine, workers=P,
+                engine_options={"timeout": 120, "retries": 1})
+    assert max_err(g, cp.grad(chain, x, method="backprop")) < 1e-12
+    with pytest.raises(TypeError, match="unknown option"):
+        cp.grad(chain, x, backend=engine, workers=P, engine_options={"bogus": 1})
+    with pytest.raises(TypeError, match="no engine options"):
+        cp.grad(chain, x, backend="vectorized", engine_options={"timeout": 1})

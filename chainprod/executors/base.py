@@ -32,6 +32,12 @@ class Executor:
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):  # pragma: no cover
         raise NotImplementedError
 
+    def check_options(self, options):
+        """Local executors take no engine options: say so instead of ignoring them."""
+        if options:
+            raise TypeError(f"backend {self.name!r} takes no engine options, got {sorted(options)}; "
+                            "engine_options (timeout, retries) are for 'ray' and 'dask'")
+
     def __repr__(self):
         return f"<{type(self).__name__} {self.name!r}>"
 

@@ -12,6 +12,7 @@ class SerialExecutor(Executor):
     name = "serial"
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):
+        self.check_options(options)
         slots = [None] * schedule.n_slots
         for p in range(len(blocks)):
             slots[p] = blocks.block(p)

@@ -34,6 +34,7 @@ class ThreadsExecutor(Executor):
             return self._pools[workers]
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):
+        self.check_options(options)
         workers = workers or os.cpu_count() or 1
         plan = bind(schedule, blocks)
         slabs = alloc_slabs(plan, blocks)

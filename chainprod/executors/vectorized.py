@@ -19,6 +19,7 @@ class VectorizedExecutor(Executor):
     name = "vectorized"
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):
+        self.check_options(options)
         plan = bind(schedule, blocks)
         slabs = alloc_slabs(plan, blocks)
         for r, groups in enumerate(plan.rounds):
