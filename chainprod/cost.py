@@ -322,9 +322,38 @@ def predict(sched: Schedule, blocks=None, *, backend="vectorized", workers=None,
     model = model or load_model()
     P = workers or (1 if backend in ("vectorized", "serial") else (os.cpu_count() or 1))
     total = model.latency("run", backend) if sched.rounds else 0.0
+    if backend in ("ray", "dask") and sched.rounds:
+        return total + _partitioned_makespan(sched, blocks, P, backend, batch, model)
     for t, n_groups, gathered in _round_costs(sched, blocks, model):
         total += _round_time(t, n_groups, gathered, P, backend, batch, model)
     return total
+
+
+def _partitioned_makespan(sched, blocks, P, backend, batch, model):
+    """Longest path through the task graph the Ray/Dask executors really submit.
+
+    Those executors do not pay a hop per round: each worker owns a chunk of
+    positions and runs its rounds as a chain of fused tasks, cutting a task
+    only where it needs a value another worker made
+    (:func:`chainprod.executors._remote.partition`). So a task costs one task
+    latency plus its ops; an argument that crosses workers adds one hop.
+    """
+    from .executors._remote import partition
+
+    part = partition(sched, P)
+    # time of every op, keyed by (round, out slot): out slots are unique in a round
+    op_time = {}
+    for r, ((t, _, _), st) in enumerate(zip(_round_costs(sched, blocks, model), sched.steps)):
+        op_time[r] = dict(zip(st.out.tolist(), (t * batch).tolist()))
+    hop, task = model.latency("round", backend), model.latency("task", backend)
+    finish = {}
+    for spec in sorted(part.tasks, key=lambda s: s.tid):  # deps always have smaller ids
+        # ops inside a task run from a dict of slots: a Python-level cost per op on top of the math
+        work = sum(op_time[r][o] + model.serial_op_latency for r, _, _, outs in spec.rounds for o in outs.tolist())
+        start = max((finish[d] + (hop if part.tasks[d].worker != spec.worker else 0.0)
+                     for d in spec.deps), default=0.0)
+        finish[spec.tid] = start + task + work
+    return max(finish.values(), default=0.0)
 
 
 def predict_backprop(L, width, batch=1, model: CostModel | None = None, structure="dense") -> float:
