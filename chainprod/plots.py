@@ -62,15 +62,21 @@ def _best(rows):
     return list(best.values())
 
 
+def _panel_grid(plt, panels, cols_max=3):
+    """A grid of at most ``cols_max`` columns for ``panels`` panels: ``(n, fig, axes)``."""
+    n = max(panels, 1)
+    cols = min(n, cols_max)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    return n, fig, axes
+
+
 def speedup_vs_depth(rows, stem, *, machine=None, metric="speedup_backward"):
     """One panel per (structure, width, backend): speedup over backprop vs depth, a line per worker count."""
     plt = _plt()
     rows = _best(_ok(rows))
     panels = _groups(rows, ("structure", "width", "batch", "dtype", "backend"))
-    n = max(len(panels), 1)
-    cols = min(n, 3)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.6 * cols, 3.4 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    n, fig, axes = _panel_grid(plt, len(panels))
     for ax, (key, rs) in zip(axes.flat, sorted(panels.items(), key=lambda kv: str(kv[0]))):
         for P, line in sorted(_groups(rs, ("workers",)).items()):
             line = sorted(line, key=lambda r: r["depth"])
@@ -95,10 +101,7 @@ def speedup_vs_workers(rows, stem, *, machine=None, metric="speedup_backward"):
     plt = _plt()
     rows = [r for r in _best(_ok(rows)) if r["backend"] not in ("vectorized", "serial")]
     panels = _groups(rows, ("structure", "width", "batch", "dtype", "backend"))
-    n = max(len(panels), 1)
-    cols = min(n, 3)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(4.6 * cols, 3.4 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    n, fig, axes = _panel_grid(plt, len(panels))
     for ax, (key, rs) in zip(axes.flat, sorted(panels.items(), key=lambda kv: str(kv[0]))):
         for L, line in sorted(_groups(rs, ("depth",)).items()):
             line = sorted(line, key=lambda r: r["workers"])
