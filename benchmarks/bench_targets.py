@@ -105,6 +105,7 @@ def test_peak_memory(benchmark, which, mlp_tape, diag_tape):
     cp.backward(tape, seed, method="brent_kung")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    print(f"\n[{which}] peak {peak / 1e6:.1f} MB vs Jacobians {jac_bytes / 1e6:.1f} MB: {peak / jac_bytes:.2f}x (target <= 2x)")
+    print(f"\n[{which}] peak {peak / 1e6:.1f} MB vs Jacobians {jac_bytes / 1e6:.1f} MB: "
+          f"{peak / jac_bytes:.2f}x (target <= 2x)")
     benchmark.extra_info.update(peak_bytes=peak, jacobian_bytes=jac_bytes, ratio=peak / jac_bytes)
     benchmark.pedantic(lambda: None, rounds=1)

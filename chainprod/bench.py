@@ -160,6 +160,7 @@ def backend_available(backend) -> str | None:
 
 def _measure(chain, x, method, backend, workers, repeats, trace_it):
     import chainprod as cp
+
     from .grad import _seed
 
     kw = {} if method == "backprop" else {"backend": backend, "workers": workers}

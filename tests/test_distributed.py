@@ -65,7 +65,7 @@ def test_partition_covers_every_op_once(method, L, workers):
     part = partition(s, workers)
     seen = [0] * s.rounds
     for t in part.tasks:
-        for r, left, right, out in t.rounds:
+        for r, _, _, out in t.rounds:
             seen[r] += len(out)
             # ops run on the owner of the right end of what they produce
             j = s.intervals()[r][2]

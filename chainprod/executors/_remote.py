@@ -290,7 +290,7 @@ def _run_round(vals, left, right, out):
         for i, ((ka, a), (kb, b)) in enumerate(zip(L_, R_)):
             groups.setdefault((ka, kb, a.shape, b.shape), []).append(i)
         res = [None] * n
-        for (ka, kb, sa, sb), idx in groups.items():
+        for (ka, kb, _, sb), idx in groups.items():
             rule = COMBINE[(ka, kb)]
             if len(idx) >= 4 and int(np.prod(sb)) <= 8192:
                 y = rule.kernel(np.stack([L_[i][1] for i in idx]), np.stack([R_[i][1] for i in idx]))

@@ -40,7 +40,6 @@ import distributed
 from dask.base import tokenize
 from distributed import Client, LocalCluster
 
-from . import _remote
 from ._cluster import (
     ClusterConnectionError,
     DistributedError,
