@@ -429,7 +429,7 @@ def _candidates(L, workers, backend):
     else:
         P = workers or os.cpu_count() or 1
         if 1 < P < L:
-            yield build("chunked", L, chunks=P)
+            yield build("chunked", L, chunks=P + 1)  # P + 1 chunks keep P workers busy
 
 
 def _choose(L, blocks, workers, backend, batch, model):
@@ -561,7 +561,7 @@ def simulate(L: int, width: int, workers: int, *, structure="dense", batch=1, ba
     for m in methods:
         if m == "chunked" and not (1 < workers < L - 1):
             continue
-        stats = round_stats(m, L - 1, chunks=workers if m == "chunked" else None)
+        stats = round_stats(m, L - 1, chunks=workers + 1 if m == "chunked" else None)
         t = run + prep + _sim_scan(stats, t_thin * batch, t_sq * batch, workers, rl, tl, model.call_latency)
         if best is None or t < best[0]:
             best = (t, m, len(stats))

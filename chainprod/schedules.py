@@ -566,7 +566,8 @@ def chunked(L: int, chunks: int | None = None, outer: str = "sklansky") -> Sched
     ``outer`` schedule scans the chunk totals, so each chunk gets the prefix
     that ends just before it. Phase 3: each chunk after the first runs a
     sequential thin scan from that prefix. About ``2L/chunks + log2 chunks``
-    rounds, width ``chunks - 1``, about ``2L`` ops; the down-sweep ops are all
+    rounds, width ``chunks - 1`` (so ``P`` workers want ``P + 1`` chunks, which
+    is what ``schedule("chunked", L, workers=P)`` builds), about ``2L`` ops; the down-sweep ops are all
     thin (vector-matrix) because every prefix contains ``a_0``.
 
     Chunks have equal size ``c = ceil(L/chunks)`` except a shorter last one,
@@ -687,8 +688,8 @@ def schedule(method, L: int, *, workers: int | None = None, blocks=None, backend
     L : int
         Number of factors.
     workers : int, optional
-        Workers ``P`` the plan will run on; ``chunked`` uses it as its chunk
-        count and ``auto`` as the cost model's ``P``.
+        Workers ``P`` the plan will run on; ``chunked`` then uses ``P + 1``
+        chunks (peak width ``P``) and ``auto`` takes it as the cost model's ``P``.
     blocks : optional
         Shapes for ``auto`` (see :meth:`Schedule.flops_per_round`).
     backend : str
@@ -720,5 +721,9 @@ def schedule(method, L: int, *, workers: int | None = None, blocks=None, backend
 
         return choose_schedule(_check_length(L), blocks=blocks, workers=workers, backend=backend)
     if ALIASES.get(method, method) == "chunked" and "chunks" not in options and workers is not None:
-        options["chunks"] = workers
+        # P workers want P + 1 chunks: chunk 0 scans itself beside the P - 1
+        # folds of chunks 1..P-1 (the last chunk's total is never needed), then
+        # P chunks run their down-sweeps. With P chunks one worker would idle
+        # in each phase, and P = 2 would be backprop order with no parallelism.
+        options["chunks"] = workers + 1
     return build(method, L, **options)

@@ -176,9 +176,13 @@ def test_chunked(L, P):
         check_scan(s)
     chunked_bounds(s, L, P)
     assert s.options.get("chunks") == P
-    # workers= sets the chunk count
+    # workers=P builds P + 1 chunks: peak width P, and real parallelism even for P = 2
     w = cp.schedule("chunked", L, workers=P)
-    assert w.widths == s.widths
+    assert w.options["chunks"] == P + 1
+    assert w.widths == cp.schedule("chunked", L, chunks=P + 1).widths
+    assert w.peak_width <= P
+    if P == 2 and L >= 6:  # two workers really work side by side
+        assert w.peak_width == 2
 
 
 @settings(max_examples=40, deadline=None)
