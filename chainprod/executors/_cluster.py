@@ -293,8 +293,9 @@ class DistributedExecutor(Executor):
         grads = [None] * L
         for res in results:
             for layers, gs in res["grads"]:
-                for q, l in enumerate(layers.tolist()):
-                    grads[l] = tuple(np.array(g[q]) for g in gs)
+                # list(array) makes the per-layer views in C; no per-layer copies
+                for l, g in zip(layers.tolist(), zip(*(list(g) for g in gs))):
+                    grads[l] = g
         # The last layer's v is the seed itself: one cheap VJP on the driver.
         last = chain.runs[-1]
         Y = tape.outputs[-1][-1:]
