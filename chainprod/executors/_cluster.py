@@ -272,8 +272,9 @@ class DistributedExecutor(Executor):
         payloads = _remote.grad_payloads(tape, seed, part)
         token = self._token(_schedule_token(sched), P, tape.x, seed, [p for r in chain.runs for p in r.params])
         data = [self._put(p, f"chainprod-{self.name}-layers-{token}-{b}") for b, p in enumerate(payloads)]
-        inits = [self._submit(_remote.jacobian_task, [d], f"chainprod-{self.name}-jac-{token}-{b}", retries)
-                 for b, d in enumerate(data)]
+        # The layer data is each chain's init: segments build the Jacobian
+        # blocks they read from it where they run (Jacobians never travel).
+        inits = data
         handles = self._submit_graph(part, inits, retries, token, collect=_remote.vjp_task, collect_extra=data)
         try:
             results = self._wait([handles[t] for t in part.collect], deadline,

@@ -256,7 +256,7 @@ def grad_payloads(tape, seed, part: Partition):
                              count=z - a, rparams=tuple(p[m - iz: m - ia] for p in run.reversed),
                              Y=tape.outputs[r][ia:iz], X=X))
         payloads.append(dict(L=L, n=n, positions=pos, outputs=np.array(kout, dtype=np.int64),
-                             seed=seed if 0 in set(pos.tolist()) else None, runs=runs))
+                             seed=seed if 0 in set(pos.tolist()) else None, runs=runs, meta=[]))
     return payloads
 
 
@@ -313,11 +313,33 @@ def _run_round(vals, left, right, out):
         vals[s] = v
 
 
+def _read(spec, inputs, pairs):
+    """``{slot: (kind, array)}`` for ``(slot, dep index)`` pairs.
+
+    A dep is either a task result (``{"values": ...}``) or, in ``grad``, the
+    worker's layer data: then the input Jacobian blocks are built here, where
+    they are used, in one batched call per run (they never travel).
+    """
+    by_dep: dict = {}
+    for s, i in pairs:
+        by_dep.setdefault(i, []).append(s)
+    vals = {}
+    for i, slots in by_dep.items():
+        inp = inputs[i]
+        if "runs" in inp:
+            vals.update(_jacobians(inp, slots))
+        else:
+            src = inp["values"]
+            for s in slots:
+                vals[s] = src[s]
+    return vals
+
+
 def segment_task(spec: TaskSpec, *inputs):
     """Run a fused run of rounds on one worker. Returns ``{"values", "meta"}``."""
     _limit_blas()
     t_start = time.time()
-    vals = {s: inputs[i]["values"][s] for s, i in spec.reads.items()}
+    vals = _read(spec, inputs, spec.reads.items())
     where = _where()
     meta = list(inputs[0]["meta"])
     for r, left, right, out in spec.rounds:
@@ -330,7 +352,8 @@ def segment_task(spec: TaskSpec, *inputs):
 
 
 def _gather_outputs(spec, inputs):
-    return [(k, inputs[spec.reads[s]]["values"][s]) for k, s in spec.outputs]
+    vals = _read(spec, inputs, [(s, spec.reads[s]) for _, s in spec.outputs])
+    return [(k, vals[s]) for k, s in spec.outputs]
 
 
 def collect_task(spec: TaskSpec, *inputs):
@@ -346,13 +369,11 @@ def collect_task(spec: TaskSpec, *inputs):
     return {"outputs": out, "meta": meta}
 
 
-def jacobian_task(payload):
-    """The input Jacobian blocks of this worker's positions, from its layer data."""
-    _limit_blas()
-    t0 = time.time()
+def _jacobians(payload, positions):
+    """``{p: (kind, block)}``: the input Jacobian blocks of scan positions ``positions``."""
     L = payload["L"]
     want = np.zeros(L, dtype=bool)
-    want[payload["positions"]] = True
+    want[np.asarray(positions, dtype=np.int64)] = True
     vals = {}
     for run in payload["runs"]:
         start, count = run["start"], run["count"]
@@ -373,6 +394,14 @@ def jacobian_task(payload):
                 vals[0] = (rule.out, rule.kernel(payload["seed"][:, None, :], J[i - lo]))
             else:
                 vals[p] = (run["kind"], J[i - lo])
+    return vals
+
+
+def jacobian_task(payload):
+    """The input Jacobian blocks of this worker's positions, from its layer data (as a task result)."""
+    _limit_blas()
+    t0 = time.time()
+    vals = _jacobians(payload, payload["positions"])
     return {"values": vals, "meta": [(-1, _where(), t0, time.time(), 0, "jacobians")]}
 
 
