@@ -270,7 +270,8 @@ class DistributedExecutor(Executor):
         wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
         part = _remote.partition(sched, P)
         payloads = _remote.grad_payloads(tape, seed, part)
-        token = self._token(_schedule_token(sched), P, tape.x, seed, [p for r in chain.runs for p in r.params])
+        token = self._token(_schedule_token(sched), P, tape.x, seed,
+                            [(r.cls.__name__, r.activation, r.start, r.reversed) for r in chain.runs])
         data = [self._put(p, f"chainprod-{self.name}-layers-{token}-{b}") for b, p in enumerate(payloads)]
         # The layer data is each chain's init: segments build the Jacobian
         # blocks they read from it where they run (Jacobians never travel).

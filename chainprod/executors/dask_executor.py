@@ -34,8 +34,10 @@ import contextlib
 import logging
 import threading
 import warnings
+import weakref
 
 import dask
+import numpy as np
 import distributed
 from dask.base import tokenize
 from distributed import Client, LocalCluster
@@ -65,6 +67,32 @@ _JOINED: dict = {}
 def _value(x):
     """Driver data as a task: the scheduler keeps it, so it can be recomputed."""
     return x
+
+
+#: id(array) -> (weakref, token) for big read-only arrays (a chain's frozen parameters)
+_TOKENS: dict = {}
+
+
+def _cached_tokens(obj):
+    """``obj`` with big read-only arrays replaced by their (cached) tokens.
+
+    Hashing a chain's parameters costs ~0.3 s per 512 MB; they are frozen
+    (``writeable=False``), so their token is computed once per array object.
+    """
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cached_tokens(o) for o in obj)
+    if isinstance(obj, np.ndarray) and obj.nbytes >= 1 << 20 and not obj.flags.writeable:
+        hit = _TOKENS.get(id(obj))
+        if hit is not None and hit[0]() is obj:
+            return ("ndarray-token", hit[1])
+        tok = tokenize(obj)
+        try:
+            ref = weakref.ref(obj, lambda _r, k=id(obj): _TOKENS.pop(k, None))
+        except TypeError:  # pragma: no cover
+            return ("ndarray-token", tok)
+        _TOKENS[id(obj)] = (ref, tok)
+        return ("ndarray-token", tok)
+    return obj
 
 
 def start_local(workers=None, retries=3, **cluster_kwargs):
@@ -177,7 +205,7 @@ class DaskExecutor(DistributedExecutor):
         return 2
 
     def _token(self, *parts):
-        return tokenize(*parts)
+        return tokenize(*_cached_tokens(parts))
 
     def _put(self, obj, key):
         with warnings.catch_warnings():
@@ -194,7 +222,16 @@ class DaskExecutor(DistributedExecutor):
         try:
             for f, name in zip(handles, names):
                 try:
-                    out.append(f.result(timeout=deadline.left()))
+                    self._client.sync(distributed.client._wait, [f], timeout=deadline.left())
+                    if f.status != "finished":
+                        f.result()  # raises the task's error (KilledWorker, an error of the numbers, ...)
+                    # all finished: fetch every result at once, straight from the workers
+                    # (not through the scheduler, which runs in this process for
+                    # embedded clusters), on the last iteration
+                    if len(out) == len(handles) - 1:
+                        out = self._client.gather(list(handles), direct=True)
+                    else:
+                        out.append(None)
                 except (TimeoutError, distributed.TimeoutError):
                     raise DistributedTimeoutError(
                         f"dask: the run did not finish within timeout={deadline.timeout}s (waiting for "
