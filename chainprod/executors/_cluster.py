@@ -26,6 +26,7 @@ import numpy as np
 from .._validate import NonFiniteError, check_workers
 from ..schedules import schedule as build_schedule
 from . import _remote
+from ._bind import as_index
 from .base import Executor, ListResult, TraceEvent
 
 __all__ = ["DistributedError", "DistributedTimeoutError", "ClusterConnectionError", "DistributedExecutor",
@@ -227,8 +228,17 @@ class DistributedExecutor(Executor):
         token = self._token(_schedule_token(schedule), P, [s.array for s in blocks.segments])
         inits = []
         for b in range(part.workers):
-            vals = {int(p): blocks.block(int(p)) for p in part.init_slots[b]}
-            inits.append(self._put({"values": vals, "meta": []}, f"chainprod-{self.name}-init-{token}-{b}"))
+            # Each worker's inputs as slices of the stacked segments: a few big
+            # buffers to serialise, not one small array per block.
+            slots = part.init_slots[b]
+            packed, p0 = [], 0
+            for seg in blocks.segments:
+                sl = slots[(slots >= p0) & (slots < p0 + seg.count)]
+                if sl.size:
+                    packed.append((seg.kind, sl, seg.array[as_index(sl - p0)]))
+                p0 += seg.count
+            inits.append(self._put({"values": {}, "packed": packed, "meta": []},
+                                   f"chainprod-{self.name}-init-{token}-{b}"))
         handles = self._submit_graph(part, inits, retries, token)
         names = {id(h): t.name for h, t in zip(handles, part.tasks)}
         try:
@@ -237,13 +247,8 @@ class DistributedExecutor(Executor):
         finally:
             self._release(handles)
             del handles, inits, names
-        items = [None] * schedule.length
-        for res in results:
-            for kind, ks, arr in res["outputs"]:
-                for q, k in enumerate(ks.tolist()):
-                    items[k] = (kind, arr[q])
         self._fill_trace(trace, [r["meta"] for r in results], wall0, P)
-        return ListResult(items)
+        return GroupResult(schedule.length, [g for res in results for g in res["outputs"]])
 
     # -- grad on the workers ------------------------------------------------
     def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
@@ -306,6 +311,41 @@ class DistributedExecutor(Executor):
         gs = last.cls.param_grads(tuple(p[-1:] for p in last.params), (seed * S[0])[None], X)
         grads[L - 1] = tuple(g[0] for g in gs)
         return grads
+
+
+class GroupResult(ListResult):
+    """Prefixes as the workers returned them: ``(kind, positions, stacked array)`` groups.
+
+    ``stack()`` is one concatenation of the workers' stacks (no per-block
+    work); ``first_nonfinite()`` one vectorised check per group.
+    """
+
+    def __init__(self, length, groups):
+        items = [None] * length
+        for kind, ks, arr in groups:
+            for k, a in zip(ks.tolist(), list(arr)):  # views, made in C
+                items[k] = (kind, a)
+        super().__init__(items)
+        self.groups = sorted(groups, key=lambda g: int(g[1][0]) if g[1].size else -1)
+
+    def stack(self, positions=None):
+        gs = [g for g in self.groups if g[1].size]
+        if gs and len({(g[0], g[2].shape[1:], g[2].dtype) for g in gs}) == 1:
+            ks = np.concatenate([g[1] for g in gs])
+            if positions is None or np.array_equal(np.asarray(positions), ks):
+                if np.all(np.diff(ks) > 0):
+                    arr = gs[0][2] if len(gs) == 1 else np.concatenate([g[2] for g in gs])
+                    return gs[0][0], arr
+        return super().stack(positions)
+
+    def first_nonfinite(self):
+        bad = []
+        for _, ks, arr in self.groups:
+            if ks.size:
+                ok = np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
+                if not ok.all():
+                    bad.append(int(ks[~ok].min()))
+        return min(bad) if bad else None
 
 
 def _schedule_token(s):

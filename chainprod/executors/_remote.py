@@ -34,6 +34,7 @@ or Dask worker processes; it imports no engine.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import socket
 import time
@@ -313,6 +314,42 @@ def _run_round(vals, left, right, out):
         vals[s] = v
 
 
+#: blocks up to this many bytes travel stacked (one buffer per kind and shape);
+#: bigger ones travel as they are (stacking would only add a copy)
+_STACK_MAX = 1 << 16
+
+
+def _pack(vals, slots):
+    """The values of ``slots`` for a task result: ``(big, packed)``.
+
+    Serialising thousands of tiny arrays one by one costs far more than the
+    numbers in them, so small blocks go as ``(kind, slots, stacked array)``
+    groups; big blocks stay per slot in ``big``.
+    """
+    big, groups = {}, {}
+    for s in slots:
+        kind, a = vals[s]
+        if a.nbytes > _STACK_MAX:
+            big[s] = (kind, a)
+        else:
+            groups.setdefault((kind, a.shape, a.dtype.str), []).append(s)
+    packed = [(k[0], np.array(ss, dtype=np.int64), np.stack([vals[s][1] for s in ss]))
+              for k, ss in groups.items()]
+    return big, packed
+
+
+def _values(inp) -> dict:
+    """``{slot: (kind, array)}`` of a task result (``values`` plus unpacked ``packed``)."""
+    vals = inp["values"]
+    packed = inp.get("packed")
+    if packed:
+        vals = dict(vals)
+        for kind, slots, arr in packed:
+            # list(arr) makes the per-block views in C
+            vals.update(zip(slots.tolist(), zip(itertools.repeat(kind), list(arr))))
+    return vals
+
+
 def _read(spec, inputs, pairs):
     """``{slot: (kind, array)}`` for ``(slot, dep index)`` pairs.
 
@@ -329,7 +366,7 @@ def _read(spec, inputs, pairs):
         if "runs" in inp:
             vals.update(_jacobians(inp, slots))
         else:
-            src = inp["values"]
+            src = _values(inp)
             for s in slots:
                 vals[s] = src[s]
     return vals
@@ -348,7 +385,8 @@ def segment_task(spec: TaskSpec, *inputs):
         meta.append((r, where, t0, time.time(), len(out), spec.name))
     if not spec.rounds:  # pragma: no cover
         meta.append((-1, where, t_start, time.time(), 0, spec.name))
-    return {"values": {s: vals[s] for s in spec.keep}, "meta": meta}
+    big, packed = _pack(vals, sorted(spec.keep))
+    return {"values": big, "packed": packed, "meta": meta}
 
 
 def _gather_outputs(spec, inputs):
