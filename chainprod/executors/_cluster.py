@@ -395,6 +395,18 @@ def cluster(backend: str, workers: int | None = None, address=None, *, timeout=N
         yield ex
 
 
+def embedded_size(workers) -> int:
+    """Worker slots of an embedded cluster: ``max(workers, CPU count)`` (at least 2).
+
+    Sized by the machine, not only by the first call's ``workers``: a first
+    run with ``workers=1`` must not leave later ``workers=2`` runs with one
+    slot (their two chains would then run one after the other in one
+    process). At most ``P`` tasks of a run still run at once: each worker's
+    tasks form a chain.
+    """
+    return max(int(workers or 0), os.cpu_count() or 1, 2)
+
+
 def env_flag(name, default=False):
     v = os.environ.get(name)
     return default if v is None else v.lower() not in ("", "0", "false", "no")

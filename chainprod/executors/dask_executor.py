@@ -15,7 +15,7 @@ Cluster lifecycle
 -----------------
 * ``address=None``: the process's default ``distributed.Client`` if there
   is one; otherwise an embedded ``LocalCluster`` on loopback (processes, one
-  thread each, ``n_workers = workers or 2``, ``local_directory`` a temp dir
+  thread each, ``n_workers = max(workers, CPU count)``, ``local_directory`` a temp dir
   chainprod creates and deletes, ``OMP/OPENBLAS/MKL_NUM_THREADS=1`` through
   ``distributed.nanny.pre-spawn-environ``), reused by later runs and closed
   at interpreter exit. Worker processes are spawned, so scripts need the
@@ -48,6 +48,7 @@ from ._cluster import (
     DistributedExecutor,
     DistributedTimeoutError,
     check_reachable,
+    embedded_size,
     make_temp_dir,
     remove_temp_dir,
 )
@@ -104,7 +105,7 @@ def start_local(workers=None, retries=3, **cluster_kwargs):
         temp = make_temp_dir("cpdask-")
         config = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in BLAS_ENV.items()}
         config["distributed.scheduler.allowed-failures"] = retries
-        kw = dict(n_workers=workers or 2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        kw = dict(n_workers=embedded_size(workers), threads_per_worker=1, processes=True, host="127.0.0.1",
                   dashboard_address=None, local_directory=temp, silence_logs=logging.ERROR)
         kw.update(cluster_kwargs)
         try:

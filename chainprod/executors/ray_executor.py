@@ -11,7 +11,7 @@ Cluster lifecycle
 * ``address=None`` and no ``RAY_ADDRESS``: if this process is already
   connected to Ray (``ray.is_initialized()``), that connection is used;
   otherwise an embedded single-node local cluster is started with
-  ``num_cpus = workers or 2``, its temp dir under a directory chainprod
+  ``num_cpus = max(workers, CPU count)``, its temp dir under a directory chainprod
   creates (and deletes), token auth and usage stats off, and it is reused
   by later runs and shut down at interpreter exit.
 * ``address="host:port"`` (or ``RAY_ADDRESS``) joins that cluster; an
@@ -42,6 +42,7 @@ from ._cluster import (
     DistributedExecutor,
     DistributedTimeoutError,
     check_reachable,
+    embedded_size,
     make_temp_dir,
     remove_temp_dir,
 )
@@ -87,7 +88,7 @@ def _start_embedded(workers, init_kwargs):
 
     saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
-    kw = dict(num_cpus=workers or 2, include_dashboard=False, log_to_driver=False,
+    kw = dict(num_cpus=embedded_size(workers), include_dashboard=False, log_to_driver=False,
               logging_level=logging.ERROR, configure_logging=False,
               _temp_dir=temp)
     kw.update(init_kwargs)
@@ -248,7 +249,7 @@ def _first_line(e):
 def cluster(workers=None, address=None, *, timeout=None, retries=3, **ray_init_kwargs):
     """Hold a Ray cluster for a block of work; yields a :class:`RayExecutor`.
 
-    Starts an embedded cluster (``num_cpus=workers or 2``, ``ray_init_kwargs``
+    Starts an embedded cluster (``num_cpus = max(workers, CPU count)``, ``ray_init_kwargs``
     passed to ``ray.init``) unless this process is already connected, or joins
     ``address``. Shuts down only a cluster this block started.
     """
