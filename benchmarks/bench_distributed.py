@@ -80,14 +80,14 @@ def test_scaling_suffix_sklansky_L256(benchmark, engine, dense_mats, P):
     """Sklansky on 256 dense 256x256 blocks (1024 matmuls): same work at P=1 and P=2."""
     benchmark.group = f"scaling-suffix-{engine}"
     benchmark.pedantic(lambda: cp.suffix_products(dense_mats, method="sklansky", backend=engine, workers=P),
-                       rounds=2, warmup_rounds=0)
+                       rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("P", [1, 2])
 def test_scaling_suffix_sklansky_L256_threads(benchmark, dense_mats, P):
     benchmark.group = "scaling-suffix-threads"
     benchmark.pedantic(lambda: cp.suffix_products(dense_mats, method="sklansky", backend="threads", workers=P),
-                       rounds=2, warmup_rounds=0)
+                       rounds=3, warmup_rounds=1)
 
 
 # -- 3. grad, dense MLP w=256, L=1024, batch 1 ----------------------------------------------------
@@ -99,7 +99,7 @@ def mlp():
 
 
 @pytest.mark.parametrize("P", [1, 2])
-@pytest.mark.parametrize("method", ["auto", "chunked"])
+@pytest.mark.parametrize("method", ["auto", "chunked", "brent_kung"])
 def test_grad_dense(benchmark, engine, mlp, P, method):
     """End to end grad (forward on the driver, Jacobians + scan + VJPs on the workers)."""
     chain, x = mlp
@@ -109,11 +109,12 @@ def test_grad_dense(benchmark, engine, mlp, P, method):
                        rounds=3, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("method", ["auto", "chunked"])
-def test_grad_dense_threads(benchmark, mlp, method):
+@pytest.mark.parametrize("P", [1, 2])
+@pytest.mark.parametrize("method", ["auto", "chunked", "brent_kung"])
+def test_grad_dense_threads(benchmark, mlp, method, P):
     chain, x = mlp
     benchmark.group = f"grad-w{W}-L{L}"
-    benchmark.pedantic(lambda: cp.grad(chain, x, method=method, backend="threads", workers=2),
+    benchmark.pedantic(lambda: cp.grad(chain, x, method=method, backend="threads", workers=P),
                        rounds=3, warmup_rounds=1)
 
 

@@ -293,3 +293,43 @@ def test_engine_options_flow_from_the_public_api(engine):
         cp.grad(chain, x, backend=engine, workers=P, engine_options={"bogus": 1})
     with pytest.raises(TypeError, match="no engine options"):
         cp.grad(chain, x, backend="vectorized", engine_options={"timeout": 1})
+
+
+# -- what travels: stacked small blocks, grouped results (pure, no engine) --------------------
+def test_pack_roundtrip_small_stacked_big_as_is():
+    from chainprod.executors._remote import _pack, _values
+
+    rng = np.random.default_rng(0)
+    vals = {s: ("dense", rng.standard_normal((1, 2, 2))) for s in range(10)}
+    vals[10] = ("diag", rng.standard_normal((1, 3)))
+    vals[11] = ("dense", rng.standard_normal((1, 100, 100)))  # > 64 KiB: travels as it is
+    big, packed = _pack(vals, [1, 3, 5, 10, 11])
+    assert set(big) == {11} and big[11][1] is vals[11][1]
+    assert sorted(len(sl) for _, sl, _ in packed) == [1, 3]
+    back = _values({"values": big, "packed": packed})
+    assert set(back) == {1, 3, 5, 10, 11}
+    for s, (kind, a) in back.items():
+        assert kind == vals[s][0] and np.array_equal(a, vals[s][1])
+
+
+def test_group_result_stack_and_nonfinite():
+    from chainprod.executors._cluster import GroupResult
+
+    a = np.arange(4 * 4, dtype=float).reshape(4, 1, 2, 2)
+    b = np.arange(2 * 4, dtype=float).reshape(2, 1, 2, 2) + 100
+    res = GroupResult(6, [("dense", np.array([4, 5]), b), ("dense", np.array([0, 1, 2, 3]), a)])
+    kind, st = res.stack()
+    assert kind == "dense" and np.array_equal(st, np.concatenate([a, b]))
+    assert res.block(5)[1] is not None and np.array_equal(res.block(5)[1], b[1])
+    assert res.first_nonfinite() is None
+    b[1, 0, 0, 0] = np.nan
+    a[2, 0, 1, 1] = np.inf
+    assert res.first_nonfinite() == 2
+
+
+def test_embedded_cluster_sized_by_machine():
+    from chainprod.executors._cluster import embedded_size
+
+    assert embedded_size(1) >= 2 and embedded_size(None) >= 2
+    assert embedded_size(1) == embedded_size(None) >= (os.cpu_count() or 1)
+    assert embedded_size(64) >= 64

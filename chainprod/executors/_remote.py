@@ -45,8 +45,8 @@ import numpy as np
 from ..blocks import COMBINE
 from ..schedules import Schedule
 
-__all__ = ["TaskSpec", "Partition", "partition", "segment_task", "collect_task", "jacobian_task",
-           "vjp_task", "grad_payloads"]
+__all__ = ["TaskSpec", "Partition", "partition", "segment_task", "collect_task", "vjp_task",
+           "grad_payloads"]
 
 
 @dataclass
@@ -433,14 +433,6 @@ def _jacobians(payload, positions):
             else:
                 vals[p] = (run["kind"], J[i - lo])
     return vals
-
-
-def jacobian_task(payload):
-    """The input Jacobian blocks of this worker's positions, from its layer data (as a task result)."""
-    _limit_blas()
-    t0 = time.time()
-    vals = _jacobians(payload, payload["positions"])
-    return {"values": vals, "meta": [(-1, _where(), t0, time.time(), 0, "jacobians")]}
 
 
 def vjp_task(spec: TaskSpec, payload, *inputs):

@@ -37,8 +37,8 @@ import warnings
 import weakref
 
 import dask
-import numpy as np
 import distributed
+import numpy as np
 from dask.base import tokenize
 from distributed import Client, LocalCluster
 
@@ -87,11 +87,12 @@ def _cached_tokens(obj):
         if hit is not None and hit[0]() is obj:
             return ("ndarray-token", hit[1])
         tok = tokenize(obj)
+        key = id(obj)
         try:
-            ref = weakref.ref(obj, lambda _r, k=id(obj): _TOKENS.pop(k, None))
+            ref = weakref.ref(obj, lambda _r: _TOKENS.pop(key, None))
         except TypeError:  # pragma: no cover
             return ("ndarray-token", tok)
-        _TOKENS[id(obj)] = (ref, tok)
+        _TOKENS[key] = (ref, tok)
         return ("ndarray-token", tok)
     return obj
 
