@@ -257,7 +257,9 @@ class DistributedExecutor(Executor):
         Called by :func:`chainprod.grad.backward` for this backend. The driver
         ships each worker the layer data of its chunk (parameters and
         activations), the workers build their Jacobian blocks, run the scan
-        and apply the parameter VJPs; only per-layer gradients come back.
+        and apply the parameter VJPs; only per-layer gradients come back, as
+        views of one stacked array per worker and parameter (on Ray: zero-copy,
+        read-only views of the object store; ``np.array(g)`` for a writable copy).
         """
         timeout, retries = self._opts(options)
         deadline = Deadline(timeout)
