@@ -290,6 +290,15 @@ def _run_round(vals, left, right, out):
         return
     L_, R_ = [vals[s] for s in left.tolist()], [vals[s] for s in right.tolist()]
     if n >= 4:
+        # Fast path (the usual case): one kind and one small shape on each side.
+        (ka, a0), (kb, b0) = L_[0], R_[0]
+        sa, sb = a0.shape, b0.shape
+        if (b0.size <= 8192 and all(k == ka and a.shape == sa for k, a in L_)
+                and all(k == kb and b.shape == sb for k, b in R_)):
+            rule = COMBINE[(ka, kb)]
+            y = rule.kernel(np.array([a for _, a in L_]), np.array([b for _, b in R_]))
+            vals.update(zip(out.tolist(), zip(itertools.repeat(rule.out), list(y))))
+            return
         # Batch ops of equal kinds and shapes when the blocks are small: one
         # numpy call instead of n (for big blocks the per-op call is cheap).
         groups: dict = {}
@@ -333,7 +342,8 @@ def _pack(vals, slots):
             big[s] = (kind, a)
         else:
             groups.setdefault((kind, a.shape, a.dtype.str), []).append(s)
-    packed = [(k[0], np.array(ss, dtype=np.int64), np.stack([vals[s][1] for s in ss]))
+    # np.array (one C loop) rather than np.stack (Python per array) for many small blocks
+    packed = [(k[0], np.array(ss, dtype=np.int64), np.array([vals[s][1] for s in ss]))
               for k, ss in groups.items()]
     return big, packed
 
@@ -400,7 +410,7 @@ def collect_task(spec: TaskSpec, *inputs):
     groups: dict = {}
     for k, (kind, a) in _gather_outputs(spec, inputs):
         groups.setdefault((kind, a.shape), []).append((k, a))
-    out = [(kind, np.array([k for k, _ in items], dtype=np.int64), np.stack([a for _, a in items]))
+    out = [(kind, np.array([k for k, _ in items], dtype=np.int64), np.array([a for _, a in items]))
            for (kind, _), items in groups.items()]
     meta = list(inputs[0]["meta"])
     meta.append((-1, _where(), t0, time.time(), 0, spec.name))
