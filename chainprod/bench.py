@@ -293,6 +293,8 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress=True, command=None, log=pr
                 row["schedule"] = "backprop"
                 row.update(rounds=max(L - 1, 0), peak_width=1, num_ops=max(L - 1, 0))
             else:
+                if trace is not None and trace.schedule is not None:
+                    sched = trace.schedule  # what really ran (auto decides on the real blocks)
                 row["schedule"] = sched.name + (f"(chunks={sched.options['chunks']})"
                                                 if "chunks" in sched.options else "")
                 spec_flops = sched.flops(blocks)

@@ -220,6 +220,8 @@ def _scan_deltas(tape, seed, method, backend, workers, trace, engine_options):
         sched = schedule(method, L - 1, workers=workers, blocks=seq, backend=backend)
         if not sched.is_scan:
             raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
+        if trace is not None:
+            trace.schedule = sched
         result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **engine_options)
         bad = result.first_nonfinite()
         if bad is not None:
@@ -457,6 +459,8 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
         raise ValueError(f"schedule {sched.name!r} computes only the total product; "
                          "use chainprod.product() or a scan schedule")
     trace = _make_trace(return_trace, backend, workers)
+    if trace is not None:
+        trace.schedule = sched
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the range
         result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **(engine_options or {}))
     _check_finite(result, L)

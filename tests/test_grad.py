@@ -287,3 +287,13 @@ def test_backprop_does_not_fail_on_unneeded_input_jacobian():
     assert np.isfinite(want[0][1]).all() and want[0][1][0] == pytest.approx(1e10)
     got = cp.grad(chain, x, method="backprop")
     grads_close(got, want, 1e-12)
+
+
+def test_trace_records_the_schedule_auto_chose():
+    chain = cp.mlp([4] * 40 + [1], seed=3)
+    g, trace = cp.grad(chain, np.ones((2, 4)), return_trace=True)
+    assert isinstance(trace.schedule, cp.Schedule) and trace.schedule.length == len(chain) - 1
+    g2 = cp.grad(chain, np.ones((2, 4)), method=trace.schedule)
+    assert all(np.array_equal(a, b) for ga, gb in zip(g, g2) for a, b in zip(ga, gb))
+    out, tr = cp.suffix_products([np.eye(3)] * 5, method="sklansky", return_trace=True)
+    assert tr.schedule.name == "sklansky"

@@ -273,6 +273,8 @@ class DistributedExecutor(Executor):
         sched = build_schedule(method, n, workers=P, blocks=specs, backend=self.name)
         if not sched.is_scan:
             raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
+        if trace is not None:
+            trace.schedule = sched
         self._connect(P)
         wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
         part = _remote.partition(sched, P)

@@ -157,6 +157,8 @@ class Trace:
 
     backend: str = ""
     workers: int | None = None
+    #: the Schedule that ran (set by the planner: says what ``method="auto"`` chose)
+    schedule: object = None
     events: list = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
