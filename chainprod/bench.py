@@ -288,9 +288,11 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress=True, command=None, log=pr
             for name, ts in (("forward", fw), ("backward", bw), ("total", tot)):
                 for k, v in _summary(ts).items():
                     row[f"{name}_{k}"] = v
-            if m == "backprop":
-                baseline[prob] = (row["backward_median"], row["total_median"])
-                row["schedule"] = "backprop"
+            ran_backprop = trace is not None and trace.schedule == "backprop"  # auto chose backprop
+            if m == "backprop" or ran_backprop:
+                if m == "backprop":
+                    baseline[prob] = (row["backward_median"], row["total_median"])
+                row["schedule"] = "backprop" if m == "backprop" else "backprop (auto)"
                 row.update(rounds=max(L - 1, 0), peak_width=1, num_ops=max(L - 1, 0))
             else:
                 if trace is not None and trace.schedule is not None:

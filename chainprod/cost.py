@@ -403,6 +403,10 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
             sched = method
         elif method == "auto":
             sched = _choose(L - 1, blocks, workers, backend, batch, model)
+            if sched.name == "sequential" and backend in ("vectorized", "serial", "threads"):
+                # grad's auto then runs backprop itself (see chainprod.grad._auto_prefers_backprop)
+                bwd = predict_backprop(L, width, batch, model, structure)
+                return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": "backprop"}
         else:
             from .schedules import schedule as _schedule
 

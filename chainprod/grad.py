@@ -145,6 +145,8 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
     with np.errstate(over="ignore", invalid="ignore"):
         if isinstance(method, str) and method == "backprop":
             deltas = _backprop_deltas(tape, seed)
+        elif _auto_prefers_backprop(tape, method, backend, workers, trace):
+            deltas = _backprop_deltas(tape, seed)
         # -- distributed dispatch (ray/dask): Jacobians, scan and VJPs run on the workers;
         # only per-layer gradients come back (chainprod/executors/_cluster.py) --
         elif L > 1 and hasattr(get_executor(backend), "backward_remote"):
@@ -180,6 +182,42 @@ def _check_method_backend(method, backend):
                          f"{', '.join(valid_methods())}")
     if not isinstance(method, (str, Schedule)) and not callable(method):
         raise TypeError(f"method must be a name, a Schedule or a callable, got {method!r}")
+
+
+def _auto_prefers_backprop(tape, method, backend, workers, trace) -> bool:
+    """``method="auto"`` on a local backend: is backprop itself the fastest way?
+
+    The cost model picks the best scan for the real block shapes (planned on a
+    shape-only sequence: no Jacobian is formed to decide). When that is the
+    ``sequential`` scan, no parallel schedule pays for its extra matrix-matrix
+    work here, and backprop does the same sequential order without forming
+    Jacobians at all, so it wins outright (seed Q4: wide blocks, short chains,
+    few workers). The trace then records ``schedule = "backprop"``.
+    """
+    if not (isinstance(method, str) and method == "auto") or len(tape.chain) < 2:
+        return False
+    if not isinstance(backend, str) or backend not in ("vectorized", "serial", "threads"):
+        return False
+    plan = schedule("auto", len(tape.chain) - 1, workers=workers, blocks=_jacobian_shapes(tape), backend=backend)
+    if plan.name != "sequential":
+        return False
+    if trace is not None:
+        trace.schedule = "backprop"
+    return True
+
+
+def _jacobian_shapes(tape) -> BlockSeq:
+    """The scan sequence of :func:`_jacobian_blocks` as shapes only (zero-stride views, no memory)."""
+    chain, N, dt = tape.chain, tape.batch, tape.chain.dtype
+    L = len(chain)
+    last = chain.layers[-1]
+    segments = [Segment("dense", np.broadcast_to(np.zeros((), dt), (1, N, 1, last.d_in)))]
+    for run in reversed(chain.runs):
+        a, b = max(run.start, 1), min(run.start + run.count, L - 1)
+        if a < b:
+            shape = (run.d_out, run.d_in) if run.cls.kind == "dense" else (run.d_out,)
+            segments.append(Segment(run.cls.kind, np.broadcast_to(np.zeros((), dt), (b - a, N, *shape))))
+    return BlockSeq(segments)
 
 
 def _derivs(tape, r):

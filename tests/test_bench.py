@@ -31,7 +31,9 @@ def test_csv_rows_and_columns(small_sweep):
         for k in ("forward_median", "backward_median", "total_median", "speedup_backward", "predicted_total"):
             assert float(r[k]) > 0
         assert float(r["backward_min"]) <= float(r["backward_median"]) <= float(r["backward_max"])
-    scans = [r for r in rows if r["method"] != "backprop"]
+    # auto rows where the model chose backprop itself are labelled so, and have no scan trace
+    assert all(r["schedule"] != "backprop (auto)" or r["method"] == "auto" for r in rows)
+    scans = [r for r in rows if not r["schedule"].startswith("backprop")]
     assert all(int(r["measured_rounds"]) >= 1 and int(r["peak_concurrency"]) >= 1 for r in scans)
     assert all(float(r["flops"]) > 0 and float(r["brent_bound"]) > 0 for r in scans)
 

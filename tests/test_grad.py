@@ -297,3 +297,17 @@ def test_trace_records_the_schedule_auto_chose():
     assert all(np.array_equal(a, b) for ga, gb in zip(g, g2) for a, b in zip(ga, gb))
     out, tr = cp.suffix_products([np.eye(3)] * 5, method="sklansky", return_trace=True)
     assert tr.schedule.name == "sklansky"
+
+
+def test_auto_runs_backprop_when_no_scan_pays():
+    """Wide, short chain on one core: the model's best scan is sequential, so auto is backprop."""
+    from chainprod.cost import CostModel
+
+    chain = cp.mlp([64] * 12 + [1], seed=5)
+    x = np.ones((1, 64))
+    g, trace = cp.grad(chain, x, return_trace=True)
+    ref = cp.grad(chain, x, method="backprop")
+    assert all(np.allclose(a, b, rtol=1e-12, atol=1e-14) for ga, gb in zip(g, ref) for a, b in zip(ga, gb))
+    planned = cp.schedule("auto", len(chain) - 1, blocks=64)
+    assert (trace.schedule == "backprop") == (planned.name == "sequential")
+    assert isinstance(CostModel(), CostModel)

@@ -28,7 +28,7 @@ def _check(paths):
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("res")
     run_sweep(Sweep(depths=[16, 128], widths=[4, 8], workers=[1, 2], backends=["vectorized", "threads"],
-                    methods=["backprop", "auto"], structures=["dense"], repeats=1),
+                    methods=["backprop", "auto", "sklansky"], structures=["dense"], repeats=1),
               str(out), progress=False, command="t", log=lambda *a: None)
     return out
 
