@@ -385,6 +385,14 @@ def _read_blocks(mats, what="mats"):
         raise TypeError(f"{what} must be a list of arrays (or chainprod.Diag), got {type(mats).__name__}")
     if not mats:
         raise ValueError(f"{what} is empty: a product needs at least one matrix")
+    if all(type(m) is np.ndarray for m in mats) and len({m.dtype for m in mats}) == 1:
+        # The common case, plain matrices of one shape: one C-level copy, already in scan order.
+        try:
+            stacked = np.array(mats[::-1])
+        except ValueError:  # shapes differ: the per-item path says where
+            stacked = None
+        if stacked is not None and stacked.ndim in (3, 4) and stacked.dtype != object:
+            return _read_stacked(stacked, what, scan_order=True)
     items = []
     for k, m in enumerate(mats):
         if isinstance(m, Diag):
@@ -455,14 +463,18 @@ def _check_finite_stack(stack, indices, what):
                          f"(first at index {where} of its (batch, ...) block)")
 
 
-def _read_stacked(mats, what):
-    """A stacked ``(L, r, c)`` or batched ``(L, N, r, c)`` array: one check, one reversed copy."""
+def _read_stacked(mats, what, scan_order=False):
+    """A stacked ``(L, r, c)`` or batched ``(L, N, r, c)`` array: one check, one copy in scan order.
+
+    ``scan_order=True``: ``mats`` is already a private copy, last matrix first.
+    """
     a = as_float_array(mats, what, ndim=(3, 4), allow_nonfinite=True)
     L = a.shape[0]
     if L > 1 and a.shape[-1] != a.shape[-2]:
         raise ValueError(f"shapes do not chain: a stacked {what} of shape {a.shape} needs square blocks")
     batched = a.ndim == 4
-    stack = np.ascontiguousarray((a if batched else a[:, None])[::-1])  # scan order
+    a = a if batched else a[:, None]
+    stack = a if scan_order else np.ascontiguousarray(a[::-1])
     _check_finite_stack(stack, list(range(L - 1, -1, -1)), what)
     return BlockSeq([Segment("dense", stack)], owned=True), batched
 
