@@ -140,6 +140,8 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
     L = len(chain)
     workers = check_workers(workers)
     _check_method_backend(method, backend)
+    if engine_options and not hasattr(get_executor(backend), "backward_remote"):
+        get_executor(backend).check_options(engine_options)  # local: say they do nothing, whatever the method
     # Overflow is detected and reported with the layer range after the fact;
     # numpy's own warnings would only repeat it without the range.
     with np.errstate(over="ignore", invalid="ignore"):
