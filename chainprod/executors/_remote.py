@@ -127,6 +127,20 @@ def _partition(schedule: Schedule, P: int) -> Partition:
     seq = 0
     cross = 0
 
+    def read(t: TaskSpec, s: int, src: int):
+        """Task ``t`` reads slot ``s`` produced by task ``src``: make it an argument."""
+        nonlocal cross
+        if src == INIT:  # an input position: the reader's own init task holds it
+            init_slots[t.worker].add(s)
+            src = t.worker
+        if src not in t.deps:
+            t.deps.append(src)
+            if tasks[src].worker != t.worker:
+                cross += 1
+        t.reads[s] = t.deps.index(src)
+        if src >= nw:
+            tasks[src].keep.add(s)
+
     def close(t: TaskSpec):
         nonlocal seq
         if t.closed is None:
@@ -176,16 +190,7 @@ def _partition(schedule: Schedule, P: int) -> Partition:
                     continue
                 if src == -2:  # pragma: no cover - validate() rules this out
                     raise RuntimeError(f"round {r}: slot {s} read before written")
-                if src == INIT:
-                    init_slots[b].add(s)
-                    src = b
-                if src not in t.deps:
-                    t.deps.append(src)
-                    if tasks[src].worker != b:
-                        cross += 1
-                t.reads[s] = t.deps.index(src)
-                if src >= nw:
-                    tasks[src].keep.add(s)
+                read(t, s, src)
             t.rounds.append((r, left, right, out))
         for b in np.unique(ob).tolist():
             m = ob == b
@@ -202,18 +207,8 @@ def _partition(schedule: Schedule, P: int) -> Partition:
             t.deps.append(b)  # its own init: inputs and, for grad, the layer data
         for k in ks[kown == b].tolist():
             s = int(schedule.outputs[k])
-            src = int(producer[s])
-            if src == INIT:
-                init_slots[b].add(s)
-                src = b
-            if src not in t.deps:
-                t.deps.append(src)
-                if tasks[src].worker != b:
-                    cross += 1
-            t.reads[s] = t.deps.index(src)
+            read(t, s, int(producer[s]))
             t.outputs.append((k, s))
-            if src >= nw:
-                tasks[src].keep.add(s)
         tasks.append(t)
         chains[b].append(t.tid)
     segs = sum(1 for t in tasks if t.kind == "segment")
