@@ -162,6 +162,8 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
         with np.errstate(over="ignore", invalid="ignore"):
             gs = run.cls.param_grads(run.params, deltas[r], tape.run_inputs(r))
         for g in gs:
+            if np.isfinite(g).all():  # the common case: one pass, no per-layer reduction
+                continue
             ok = np.isfinite(g.reshape(g.shape[0], -1)).all(axis=1)
             if not ok.all():
                 l = run.start + int(np.flatnonzero(~ok)[0])
@@ -236,8 +238,8 @@ def _backprop_deltas(tape, seed):
         S = _derivs(tape, r)
         D = np.empty_like(S)
         g = run.cls.backprop(run.params, S, g, D)
-        ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1)
-        if not ok.all():
+        ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1) if not np.isfinite(D).all() else None
+        if ok is not None:
             # delta_l = v_l * act' and v_l = seed . A_L ... A_{l+1}
             first, last = run.start + int(np.flatnonzero(~ok)[-1]) + 1, len(tape.chain) - 1
             raise NonFiniteError(

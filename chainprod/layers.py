@@ -109,7 +109,8 @@ class Layer:
     def derivs(Y, activation):
         """``act'(z)`` stacked, from the stacked outputs ``Y``."""
         d = ACTIVATIONS[activation].deriv
-        return np.ones_like(Y) if d is None else d(Y)
+        # identity: a read-only broadcast of 1, no memory (nothing writes into derivatives)
+        return np.broadcast_to(np.ones((), Y.dtype), Y.shape) if d is None else d(Y)
 
 
 def _apply_act(activation, y):
