@@ -232,19 +232,17 @@ def _op_times(spec, i, k, j, model):
 
 
 def _signature(blocks, L):
+    """The segment signature (as :meth:`BlockSeq.signature`) of any ``blocks`` description."""
     if isinstance(blocks, BlockSeq):
         return blocks.signature()
     spec = _spec_arrays(blocks, L)
-    kinds = ["diag" if spec.dense_before[p + 1] == spec.dense_before[p] else "dense" for p in range(L)]
-    sig, p = [], 0
-    while p < L:
-        q = p
-        while q + 1 < L and kinds[q + 1] == kinds[p] and spec.rows[q + 1] == spec.rows[p] \
-                and spec.cols[q + 1] == spec.cols[p]:
-            q += 1
-        sig.append((kinds[p], q - p + 1, int(spec.rows[p]), int(spec.cols[p])))
-        p = q + 1
-    return tuple(sig)
+    # run-length encoding of (kind, rows, cols) along the positions
+    change = np.flatnonzero((spec.kind_ids[1:] != spec.kind_ids[:-1]) | (spec.rows[1:] != spec.rows[:-1])
+                            | (spec.cols[1:] != spec.cols[:-1])) + 1
+    starts = np.concatenate([[0], change])
+    counts = np.diff(np.concatenate([starts, [L]]))
+    return tuple((spec.kind_names[p], int(n), int(spec.rows[p]), int(spec.cols[p]))
+                 for p, n in zip(starts.tolist(), counts.tolist()))
 
 
 def _round_costs(sched: Schedule, blocks, model: CostModel):
@@ -403,7 +401,7 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
             sched = method
         elif method == "auto":
             sched = _choose(L - 1, blocks, workers, backend, batch, model)
-            if sched.name == "sequential" and backend in ("vectorized", "serial", "threads"):
+            if auto_runs_backprop(sched, backend):
                 # grad's auto then runs backprop itself (see chainprod.grad._auto_prefers_backprop)
                 bwd = predict_backprop(L, width, batch, model, structure)
                 return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": "backprop"}
@@ -418,6 +416,13 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
 
 
 # -- method="auto" -------------------------------------------------------------
+LOCAL_BACKENDS = ("vectorized", "serial", "threads")
+
+
+def auto_runs_backprop(sched: Schedule, backend) -> bool:
+    """For ``grad``: when ``auto``'s best scan is the sequential one on a local backend,
+    backprop does the same order without forming Jacobians, so ``auto`` runs backprop."""
+    return sched.name == "sequential" and isinstance(backend, str) and backend in LOCAL_BACKENDS
 def _candidates(L, workers, backend):
     yield build("sequential", L)
     if L < 4:

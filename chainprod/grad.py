@@ -198,12 +198,12 @@ def _auto_prefers_backprop(tape, method, backend, workers, trace) -> bool:
     Jacobians at all, so it wins outright (seed Q4: wide blocks, short chains,
     few workers). The trace then records ``schedule = "backprop"``.
     """
-    if not (isinstance(method, str) and method == "auto") or len(tape.chain) < 2:
-        return False
-    if not isinstance(backend, str) or backend not in ("vectorized", "serial", "threads"):
+    from .cost import LOCAL_BACKENDS, auto_runs_backprop
+
+    if not (isinstance(method, str) and method == "auto") or len(tape.chain) < 2 or backend not in LOCAL_BACKENDS:
         return False
     plan = schedule("auto", len(tape.chain) - 1, workers=workers, blocks=_jacobian_shapes(tape), backend=backend)
-    if plan.name != "sequential":
+    if not auto_runs_backprop(plan, backend):
         return False
     if trace is not None:
         trace.schedule = "backprop"

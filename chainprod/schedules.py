@@ -320,22 +320,13 @@ def _spec_arrays(blocks, length) -> _Spec:
     return _Spec(np.concatenate([[0], np.cumsum(dense)]), kinds, rows, cols, kind_ids)
 
 
-def _interval_dense(spec, i, j):
-    return (spec.dense_before[j + 1] - spec.dense_before[i]) > 0
-
-
-def _round_flops(spec: _Spec, i, k, j, kl=None, kr=None) -> np.ndarray:
+def _round_flops(spec: _Spec, i, k, j, kl, kr) -> np.ndarray:
     """Flops of each op ``[i,k] (x) [k+1,j]`` from the combine table.
 
-    ``kl``/``kr`` are the kind ids of the two operands (from a kinded
-    replay); without them the two built-in kinds are inferred (an interval
-    is dense if any of its blocks is).
+    ``kl``/``kr`` are the kind ids of the two operands (from a kinded replay,
+    :func:`_kinded_rounds`).
     """
     names, _ = kind_table()
-    if kl is None or kr is None:
-        dense_id, diag_id = names.index("dense"), names.index("diag")
-        kl = np.where(_interval_dense(spec, i, k), dense_id, diag_id)
-        kr = np.where(_interval_dense(spec, k + 1, j), dense_id, diag_id)
     r, inner, c = spec.rows[i], spec.cols[k], spec.cols[j]
     f = np.zeros(i.shape, dtype=float)
     for (lk, rk), rule in COMBINE.items():
