@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 import chainprod as cp
-from chainprod.grad import _seed
+from chainprod.grad import loss_seed
 
 
 def tape_and_seed(chain, x):
     tape = cp.forward(chain, x)
-    _, seed = _seed(tape, None, None)
+    _, seed = loss_seed(tape, None, None)
     return tape, seed
 
 

@@ -45,15 +45,3 @@ def check_workers(workers):
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     return int(workers)
-
-
-class NonFiniteError(FloatingPointError, ValueError):
-    """A product of finite Jacobians overflowed or produced NaN.
-
-    ``layers`` is the ``(first, last)`` range (0-based, inclusive) whose
-    product first went non-finite.
-    """
-
-    def __init__(self, message, layers=None):
-        super().__init__(message)
-        self.layers = layers

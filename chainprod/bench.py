@@ -161,14 +161,14 @@ def backend_available(backend) -> str | None:
 def _measure(chain, x, method, backend, workers, repeats, trace_it):
     import chainprod as cp
 
-    from .grad import _seed
+    from .grad import loss_seed
 
     kw = {} if method == "backprop" else {"backend": backend, "workers": workers}
     trace = cp.Trace(backend=backend, workers=workers) if (trace_it and method != "backprop") else None
     # warm-up: binds the plan, chooses "auto", starts engines; carries the trace
     t0 = time.perf_counter()
     tape = cp.forward(chain, x)
-    _, seed = _seed(tape, None, None)
+    _, seed = loss_seed(tape, None, None)
     cp.backward(tape, seed, method=method, trace=trace, **kw)
     warm = time.perf_counter() - t0
     fw, bw, tot = [], [], []
@@ -176,7 +176,7 @@ def _measure(chain, x, method, backend, workers, repeats, trace_it):
         t0 = time.perf_counter()
         tape = cp.forward(chain, x)
         t1 = time.perf_counter()
-        _, seed = _seed(tape, None, None)
+        _, seed = loss_seed(tape, None, None)
         t2 = time.perf_counter()
         cp.backward(tape, seed, method=method, **kw)
         t3 = time.perf_counter()

@@ -106,7 +106,7 @@ _a1 = np.ones(4)
 def _layer_costs(repeats, widths=_W, batches=(1, 16)):
     """Per-layer forward, backprop and scan-preparation seconds (median), per structure."""
     import chainprod as cp
-    from chainprod.grad import _seed
+    from chainprod.grad import loss_seed
 
     out = {}
     for structure in ("dense", "diagonal"):
@@ -118,7 +118,7 @@ def _layer_costs(repeats, widths=_W, batches=(1, 16)):
                 chain = cp.mlp([w] * L + [1]) if structure == "dense" else cp.diagonal_chain(L - 1, w)
                 x = np.random.default_rng(0).standard_normal((N, w))
                 tape = cp.forward(chain, x)
-                _, seed = _seed(tape, None, None)
+                _, seed = loss_seed(tape, None, None)
                 # the bench's own protocol: fresh forward then backward each repeat, medians
                 from .bench import _measure
 
@@ -127,7 +127,7 @@ def _layer_costs(repeats, widths=_W, batches=(1, 16)):
                 preps = []
                 for _ in range(repeats):
                     tape = cp.forward(chain, x)
-                    _, seed = _seed(tape, None, None)
+                    _, seed = loss_seed(tape, None, None)
                     tr = cp.Trace()
                     t0 = time.perf_counter()
                     cp.backward(tape, seed, method="brent_kung", trace=tr)

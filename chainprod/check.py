@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grad import LOSSES, _seed, forward, grad
+from .grad import LOSSES, forward, grad, loss_seed
 from .layers import Chain
 
 __all__ = ["check_grad", "numerical_grad"]
@@ -23,7 +23,7 @@ def _loss(chain, x, y, loss, layer=None, params=None):
         layers[layer] = type(ly)(*params, activation=ly.activation)
         chain = Chain(layers)
     tape = forward(chain, x)
-    value, _ = _seed(tape, y, loss)
+    value, _ = loss_seed(tape, y, loss)
     return value
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import NonFiniteError, as_float_array, check_workers
+from ._validate import as_float_array, check_workers
+from .errors import NonFiniteError
 from .blocks import COMBINE, BlockSeq, Diag, Segment
 from .executors import Trace, get_executor
 from .layers import Chain, _run_forward
 from .schedules import schedule
 
-__all__ = ["Tape", "forward", "backward", "grad", "value_and_grad", "suffix_products", "product", "LOSSES"]
+__all__ = ["Tape", "forward", "backward", "loss_seed", "grad", "value_and_grad", "suffix_products", "product", "LOSSES"]
 
 
 # -- losses: (value(out, y), seed(out, y) = dvalue/dout) ----------------------
@@ -100,7 +101,30 @@ def forward(chain: Chain, x) -> Tape:
     return tape
 
 
-def _seed(tape: Tape, y, loss):
+def loss_seed(tape: Tape, y=None, loss=None):
+    """The loss value and its gradient with respect to the model output.
+
+    Parameters
+    ----------
+    tape : Tape
+        From :func:`forward`.
+    y : array, optional
+        Targets (with ``y`` the default loss is ``"mse"``).
+    loss : {"sum", "mse"}, optional
+        As in :func:`grad`.
+
+    Returns
+    -------
+    value : float
+    seed : ndarray, shape ``(N, d_L)``
+        ``dloss/dx_L``, the row that :func:`backward` starts from.
+
+    >>> import numpy as np, chainprod as cp
+    >>> tape = cp.forward(cp.mlp([3, 4, 1]), np.ones((2, 3)))
+    >>> value, seed = cp.loss_seed(tape)
+    >>> seed.tolist()
+    [[1.0], [1.0]]
+    """
     out = tape.out
     if loss is None:
         loss = "sum" if y is None else "mse"
@@ -325,7 +349,7 @@ def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend
                    workers=None, return_trace=False, engine_options=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
     tape = forward(chain, x)
-    value, seed = _seed(tape, y, loss)
+    value, seed = loss_seed(tape, y, loss)
     trace = _make_trace(return_trace, backend, workers)
     g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options)
@@ -368,7 +392,7 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         ``grads[l]`` has one array per parameter of layer ``l``, shaped like it.
     """
     tape = forward(chain, x)
-    _, seed = _seed(tape, y, loss)
+    _, seed = loss_seed(tape, y, loss)
     trace = _make_trace(return_trace, backend, workers)
     g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options)

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .blocks import COMBINE, BlockSeq, BlockSpec, kind_table
+from .errors import ScheduleError
 
 __all__ = [
     "Schedule",
@@ -50,10 +51,6 @@ __all__ = [
     "schedule",
     "register_schedule",
 ]
-
-
-class ScheduleError(ValueError):
-    """A schedule breaks one of the rules (raised by ``Schedule.validate``)."""
 
 
 class Round(NamedTuple):

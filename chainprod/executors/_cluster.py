@@ -23,7 +23,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .._validate import NonFiniteError, check_workers
+from .._validate import check_workers
+from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError, NonFiniteError
 from ..schedules import schedule as build_schedule
 from . import _remote
 from ._bind import as_index
@@ -31,23 +32,6 @@ from .base import Executor, ListResult, TraceEvent
 
 __all__ = ["DistributedError", "DistributedTimeoutError", "ClusterConnectionError", "DistributedExecutor",
            "cluster", "check_reachable"]
-
-
-class DistributedError(RuntimeError):
-    """A distributed run failed for a reason outside the numbers (a worker died, a task was lost)."""
-
-    def __init__(self, message, backend=None, task=None):
-        super().__init__(message)
-        self.backend = backend
-        self.task = task
-
-
-class DistributedTimeoutError(DistributedError, TimeoutError):
-    """A distributed run did not finish within ``timeout`` seconds."""
-
-
-class ClusterConnectionError(DistributedError, ConnectionError):
-    """The cluster at ``address`` could not be reached or started."""
 
 
 # -- lifecycle helpers -----------------------------------------------------------

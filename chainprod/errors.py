@@ -1,0 +1,51 @@
+"""Every exception chainprod raises on purpose, in one place.
+
+Catch these by class; each says what went wrong and where (the layer range,
+the option and its valid values, the backend and task).
+
+>>> import chainprod as cp
+>>> issubclass(cp.errors.NonFiniteError, ValueError)
+True
+"""
+
+from __future__ import annotations
+
+__all__ = ["NonFiniteError", "ScheduleError", "DistributedError", "DistributedTimeoutError",
+           "ClusterConnectionError", "GradientCheckError"]
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A product of finite Jacobians overflowed or produced NaN.
+
+    ``layers`` is the ``(first, last)`` range (0-based, inclusive) whose
+    product first went non-finite.
+    """
+
+    def __init__(self, message, layers=None):
+        super().__init__(message)
+        self.layers = layers
+
+
+class ScheduleError(ValueError):
+    """A schedule breaks one of the rules (raised by ``Schedule.validate``)."""
+
+
+class DistributedError(RuntimeError):
+    """A distributed run failed for a reason outside the numbers (a worker died, a task was lost)."""
+
+    def __init__(self, message, backend=None, task=None):
+        super().__init__(message)
+        self.backend = backend
+        self.task = task
+
+
+class DistributedTimeoutError(DistributedError, TimeoutError):
+    """A distributed run did not finish within ``timeout`` seconds."""
+
+
+class ClusterConnectionError(DistributedError, ConnectionError):
+    """The cluster at ``address`` could not be reached or started."""
+
+
+class GradientCheckError(AssertionError):
+    """Analytic and numerical gradients disagree (raised by ``testing.assert_grads_close``)."""
