@@ -13,21 +13,22 @@ measures where that beats backprop.
 [(8, 4), (8,)]
 """
 
-from . import errors
-from .errors import NonFiniteError
+from . import cost, errors
+from ._caches import clear_caches
 from .blocks import BlockSeq, Diag, Segment
 from .check import check_grad, numerical_grad
-from .executors import Trace, get_executor, valid_backends
-from .executors._cluster import cluster
-from .grad import backward, forward, grad, loss_seed, product, suffix_products, value_and_grad
+from .errors import NonFiniteError
+from .executors import Trace, cluster, get_executor, valid_backends
+from .grad import backward, forward, grad, loss_seed, value_and_grad
 from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
+from .products import product, suffix_products
 from .schedules import SCHEDULES, Schedule, ScheduleError, register_schedule, schedule
 from .schedules import valid_methods as valid_schedules
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "Dense", "Diag", "Diagonal", "NonFiniteError",
+    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "clear_caches", "Dense", "Diag", "Diagonal", "NonFiniteError",
     "Schedule", "ScheduleError", "Segment", "Trace", "backward", "check_grad", "cluster", "diagonal_chain",
     "errors", "forward", "get_executor", "grad", "loss_seed", "mlp", "numerical_grad", "product", "register_schedule",
     "schedule", "suffix_products", "valid_backends", "valid_schedules", "value_and_grad",

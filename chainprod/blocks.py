@@ -82,13 +82,16 @@ class Rule(NamedTuple):
     kernel: Callable
     #: flops per batch element for ``(rows x inner) @ (inner x cols)``
     flops: Callable[[int, int, int], int]
+    #: the cost model's op class: ``"matmul"`` (a BLAS product: ``mm``, or ``mv``
+    #: for the thin head) or ``"elementwise"`` (memory-bound over the output)
+    cost: str = "matmul"
 
 
 COMBINE: dict[tuple[str, str], Rule] = {
-    ("dense", "dense"): Rule("dense", _dense_dense, lambda r, k, c: 2 * r * k * c),
-    ("dense", "diag"): Rule("dense", _dense_diag, lambda r, k, c: r * c),
-    ("diag", "dense"): Rule("dense", _diag_dense, lambda r, k, c: r * c),
-    ("diag", "diag"): Rule("diag", _diag_diag, lambda r, k, c: r),
+    ("dense", "dense"): Rule("dense", _dense_dense, lambda r, k, c: 2 * r * k * c, "matmul"),
+    ("dense", "diag"): Rule("dense", _dense_diag, lambda r, k, c: r * c, "elementwise"),
+    ("diag", "dense"): Rule("dense", _diag_dense, lambda r, k, c: r * c, "elementwise"),
+    ("diag", "diag"): Rule("diag", _diag_diag, lambda r, k, c: r, "elementwise"),
 }
 
 

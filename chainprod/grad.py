@@ -19,13 +19,14 @@ from __future__ import annotations
 import numpy as np
 
 from ._validate import as_float_array, check_workers
+from .blocks import COMBINE, KINDS, BlockSeq, Segment
+from .cost import LOCAL_BACKENDS, auto_runs_backprop
 from .errors import NonFiniteError
-from .blocks import COMBINE, BlockSeq, Diag, Segment
-from .executors import Trace, get_executor
+from .executors import Executor, Trace, get_executor, valid_backends
 from .layers import Chain, _run_forward
-from .schedules import schedule
+from .schedules import Schedule, schedule, valid_methods
 
-__all__ = ["Tape", "forward", "backward", "loss_seed", "grad", "value_and_grad", "suffix_products", "product", "LOSSES"]
+__all__ = ["Tape", "forward", "backward", "loss_seed", "grad", "value_and_grad", "LOSSES", "make_trace"]
 
 
 # -- losses: (value(out, y), seed(out, y) = dvalue/dout) ----------------------
@@ -174,7 +175,7 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
         elif _auto_prefers_backprop(tape, method, backend, workers, trace):
             deltas = _backprop_deltas(tape, seed)
         # -- distributed dispatch (ray/dask): Jacobians, scan and VJPs run on the workers;
-        # only per-layer gradients come back (chainprod/executors/_cluster.py) --
+        # only per-layer gradients come back (chainprod/executors/distributed.py) --
         elif L > 1 and hasattr(get_executor(backend), "backward_remote"):
             return get_executor(backend).backward_remote(tape, seed, method=method, workers=workers,
                                                          trace=trace, **engine_options)
@@ -200,9 +201,6 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
 
 def _check_method_backend(method, backend):
     """Fail on unknown names even where they would not be used (backprop, one layer)."""
-    from .executors import Executor, valid_backends
-    from .schedules import Schedule, valid_methods
-
     if not isinstance(backend, Executor) and backend not in valid_backends():
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(valid_backends())}")
     if isinstance(method, str) and method != "backprop" and method not in valid_methods():
@@ -222,8 +220,6 @@ def _auto_prefers_backprop(tape, method, backend, workers, trace) -> bool:
     Jacobians at all, so it wins outright (seed Q4: wide blocks, short chains,
     few workers). The trace then records ``schedule = "backprop"``.
     """
-    from .cost import LOCAL_BACKENDS, auto_runs_backprop
-
     if not (isinstance(method, str) and method == "auto") or len(tape.chain) < 2 or backend not in LOCAL_BACKENDS:
         return False
     plan = schedule("auto", len(tape.chain) - 1, workers=workers, blocks=_jacobian_shapes(tape), backend=backend)
@@ -243,7 +239,7 @@ def _jacobian_shapes(tape) -> BlockSeq:
     for run in reversed(chain.runs):
         a, b = max(run.start, 1), min(run.start + run.count, L - 1)
         if a < b:
-            shape = (run.d_out, run.d_in) if run.cls.kind == "dense" else (run.d_out,)
+            shape = KINDS[run.cls.kind].shape(run.d_out, run.d_in)
             segments.append(Segment(run.cls.kind, np.broadcast_to(np.zeros((), dt), (b - a, N, *shape))))
     return BlockSeq(segments)
 
@@ -337,7 +333,7 @@ def _jacobian_blocks(chain, S, seed) -> BlockSeq:
     return BlockSeq(segments, owned=True)
 
 
-def _make_trace(return_trace, backend, workers):
+def make_trace(return_trace, backend, workers):
     if return_trace is True:
         return Trace(backend=str(backend), workers=workers)
     if isinstance(return_trace, Trace):
@@ -350,7 +346,7 @@ def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend
     """Loss value and per-layer gradients (see :func:`grad`)."""
     tape = forward(chain, x)
     value, seed = loss_seed(tape, y, loss)
-    trace = _make_trace(return_trace, backend, workers)
+    trace = make_trace(return_trace, backend, workers)
     g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options)
     return (value, g, trace) if return_trace else (value, g)
@@ -393,190 +389,7 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
     """
     tape = forward(chain, x)
     _, seed = loss_seed(tape, y, loss)
-    trace = _make_trace(return_trace, backend, workers)
+    trace = make_trace(return_trace, backend, workers)
     g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options)
     return (g, trace) if return_trace else g
-
-
-# -- suffix products -----------------------------------------------------------
-def _read_blocks(mats, what="mats"):
-    """Validate matrices / Diag blocks -> (BlockSeq in scan order, batched?).
-
-    Cheap per-item checks (kind, dtype, shape) in one pass; the value checks
-    (finite) run once per stacked segment, so a list of thousands of small
-    matrices costs one stacking copy, not thousands of validations.
-    """
-    if isinstance(mats, np.ndarray) and mats.ndim >= 3 and mats.dtype != object:
-        return _read_stacked(mats, what)
-    if not isinstance(mats, (list, tuple)):
-        raise TypeError(f"{what} must be a list of arrays (or chainprod.Diag), got {type(mats).__name__}")
-    if not mats:
-        raise ValueError(f"{what} is empty: a product needs at least one matrix")
-    if all(type(m) is np.ndarray for m in mats) and len({m.dtype for m in mats}) == 1:
-        # The common case, plain matrices of one shape: one C-level copy, already in scan order.
-        try:
-            stacked = np.array(mats[::-1])
-        except ValueError:  # shapes differ: the per-item path says where
-            stacked = None
-        if stacked is not None and stacked.ndim in (3, 4) and stacked.dtype != object:
-            return _read_stacked(stacked, what, scan_order=True)
-    items = []
-    for k, m in enumerate(mats):
-        if isinstance(m, Diag):
-            a = _cheap_array(m.values, f"{what}[{k}] (Diag)", (1, 2))
-            items.append(("diag", a, a.ndim == 2))
-        else:
-            a = _cheap_array(m, f"{what}[{k}]", (2, 3))
-            items.append(("dense", a, a.ndim == 3))
-    dtypes = {a.dtype for _, a, _ in items}
-    if len(dtypes) > 1:
-        k = next(i for i, it in enumerate(items) if it[1].dtype != items[0][1].dtype)
-        raise TypeError(f"mixed dtypes: {what}[0] is {items[0][1].dtype} but {what}[{k}] is {items[k][1].dtype}")
-    batches = {a.shape[0] for _, a, b in items if b}
-    if len(batches) > 1:
-        raise ValueError(f"{what}: batched blocks have different batch sizes {sorted(batches)}")
-    batched = bool(batches)
-    N = batches.pop() if batched else 1
-
-    def rc(kind, a):
-        return (a.shape[-1], a.shape[-1]) if kind == "diag" else a.shape[-2:]
-
-    shapes = [rc(kind, a) for kind, a, _ in items]
-    for k in range(1, len(items)):
-        (r_prev, c_prev), (r, c) = shapes[k - 1], shapes[k]
-        if c != r_prev:
-            raise ValueError(
-                f"shapes do not chain at {what}[{k}]: {what}[{k}] is {r}x{c} but {what}[{k - 1}] is "
-                f"{r_prev}x{c_prev}; out[k] = {what}[L-1] @ ... @ {what}[k] needs {what}[k].shape[-1] == "
-                f"{what}[k-1].shape[-2]"
-            )
-    # Scan order: position p holds mats[L-1-p]; group runs of one kind and shape.
-    L = len(items)
-    segments = []
-    p = 0
-    while p < L:
-        kind, first, _ = items[L - 1 - p]
-        q = p + 1
-        while q < L and items[L - 1 - q][0] == kind and items[L - 1 - q][1].shape[-2:] == first.shape[-2:] \
-                and (kind == "dense" or items[L - 1 - q][1].shape[-1] == first.shape[-1]):
-            q += 1
-        block_shape = first.shape[-2:] if kind == "dense" else first.shape[-1:]
-        stack = np.empty((q - p, N, *block_shape), dtype=first.dtype)
-        for i in range(p, q):
-            stack[i - p] = items[L - 1 - i][1]  # broadcasts an unbatched block over the batch
-        _check_finite_stack(stack, [L - 1 - i for i in range(p, q)], what + ("" if kind == "dense" else "|Diag"))
-        segments.append(Segment(kind, stack))
-        p = q
-    return BlockSeq(segments, owned=True), batched
-
-
-def _cheap_array(m, what, ndim):
-    if not isinstance(m, np.ndarray):
-        return as_float_array(m, what, ndim=ndim)
-    a = m
-    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8) or not a.dtype.isnative or a.ndim not in ndim \
-            or a.size == 0:
-        return as_float_array(a, what, ndim=ndim)  # the slow path says exactly what is wrong
-    return a
-
-
-def _check_finite_stack(stack, indices, what):
-    ok = np.isfinite(stack.reshape(stack.shape[0], -1)).all(axis=1)
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        name, _, tag = what.partition("|")
-        where = tuple(int(v) for v in np.argwhere(~np.isfinite(stack[i]))[0])
-        raise ValueError(f"{name}[{indices[i]}]{' (' + tag + ')' if tag else ''}: contains NaN or infinity "
-                         f"(first at index {where} of its (batch, ...) block)")
-
-
-def _read_stacked(mats, what, scan_order=False):
-    """A stacked ``(L, r, c)`` or batched ``(L, N, r, c)`` array: one check, one copy in scan order.
-
-    ``scan_order=True``: ``mats`` is already a private copy, last matrix first.
-    """
-    a = as_float_array(mats, what, ndim=(3, 4), allow_nonfinite=True)
-    L = a.shape[0]
-    if L > 1 and a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"shapes do not chain: a stacked {what} of shape {a.shape} needs square blocks")
-    batched = a.ndim == 4
-    a = a if batched else a[:, None]
-    stack = a if scan_order else np.ascontiguousarray(a[::-1])
-    _check_finite_stack(stack, list(range(L - 1, -1, -1)), what)
-    return BlockSeq([Segment("dense", stack)], owned=True), batched
-
-
-def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, return_trace=False,
-                    engine_options=None):
-    """All suffix products of a list of matrices.
-
-    ``out[k] == mats[L-1] @ mats[L-2] @ ... @ mats[k]`` for ``k = 0 .. L-1``.
-
-    Parameters
-    ----------
-    mats : list of arrays
-        ``A_1 .. A_L``: each ``(d_l, d_{l-1})`` or batched ``(N, d_l, d_{l-1})``
-        (unbatched ones are broadcast over the batch). Wrap the diagonal of a
-        diagonal block in :class:`chainprod.Diag` (``(d,)`` or ``(N, d)``):
-        products of diagonal blocks stay diagonal and come back as ``Diag``.
-        Inputs are never modified.
-    method, backend, workers, return_trace, engine_options
-        As in :func:`grad`.
-
-    Returns
-    -------
-    list
-        ``L`` arrays (or ``Diag``), unbatched if every input was.
-    """
-    seq, batched = _read_blocks(mats)
-    workers = check_workers(workers)
-    L = len(seq)
-    sched = schedule(method, L, workers=workers, blocks=seq, backend=backend)
-    if not sched.is_scan:
-        raise ValueError(f"schedule {sched.name!r} computes only the total product; "
-                         "use chainprod.product() or a scan schedule")
-    trace = _make_trace(return_trace, backend, workers)
-    if trace is not None:
-        trace.schedule = sched
-    with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the range
-        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **(engine_options or {}))
-    _check_finite(result, L)
-    stacked = result.stack()
-    if stacked is not None:  # one shape: views of one array, made in C
-        kind, arr = stacked
-        arr = arr[::-1] if batched else arr[::-1, 0]
-        out = list(arr) if kind != "diag" else [Diag(a) for a in arr]
-    else:
-        out = [None] * L
-        for p in range(L):
-            kind, a = result.block(p)
-            a = a if batched else a[0]
-            out[L - 1 - p] = Diag(a) if kind == "diag" else a
-    return (out, trace) if return_trace else out
-
-
-def product(mats, *, method="tree", backend="vectorized", workers=None, engine_options=None):
-    """The total product ``mats[L-1] @ ... @ mats[0]`` (Q3's balanced tree by default)."""
-    seq, batched = _read_blocks(mats)
-    sched = schedule(method, len(seq), workers=workers, blocks=seq, backend=backend)
-    if sched.outputs[-1] < 0:
-        raise ValueError(f"schedule {sched.name!r} does not produce the total product")
-    with np.errstate(over="ignore", invalid="ignore"):
-        result = get_executor(backend).run(sched, seq, workers=check_workers(workers), **(engine_options or {}))
-    _check_finite(result, len(seq), only_last=True)
-    kind, a = result.block(len(seq) - 1)
-    a = a if batched else a[0]
-    return Diag(a) if kind == "diag" else a
-
-
-def _check_finite(result, L, only_last=False):
-    if only_last:
-        bad = None if np.all(np.isfinite(result.block(L - 1)[1])) else L - 1
-    else:
-        bad = result.first_nonfinite()
-    if bad is not None:
-        raise NonFiniteError(
-            f"non-finite value in the product of mats[{L - 1 - bad}..{L - 1}]: the product overflowed "
-            "(inputs are finite)", (L - 1 - bad, L - 1))
-

@@ -86,7 +86,7 @@ def test_model_roundtrip(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("CHAINPROD_COST_MODEL")
         cost.load_model.cache_clear()
-        cost._CHOICES.clear()
+        cost.auto._CHOICES.clear()
 
 
 def test_loglog_interpolation_exact_at_grid():
@@ -100,7 +100,7 @@ def test_loglog_interpolation_exact_at_grid():
 def test_distributed_prediction_follows_the_task_graph():
     """Ray/Dask are costed on the tasks the executor submits, not a hop per round."""
     from chainprod.cost import CostModel, predict
-    from chainprod.executors._remote import partition
+    from chainprod.planning.partition import partition
 
     model = CostModel(round_latency={"ray": 1.0}, task_latency={"ray": 0.0}, run_latency={"ray": 0.0},
                       serial_op_latency=0.0)

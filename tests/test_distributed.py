@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import chainprod as cp
-from chainprod.executors._cluster import ClusterConnectionError, DistributedError, DistributedTimeoutError
-from chainprod.executors._remote import partition
+from chainprod.errors import ClusterConnectionError, DistributedError, DistributedTimeoutError
+from chainprod.planning.partition import partition
 from chainprod.testing import left_fold_suffix, random_chain, random_mats
 
 pytest.importorskip("ray")
@@ -267,7 +267,7 @@ def test_hundred_runs_no_growth(engine):
 
 
 def test_cluster_context_manager_reuses_cluster(engine):
-    with cp.executors._cluster.cluster(engine, workers=P, timeout=60) as ex:
+    with cp.executors.cluster(engine, workers=P, timeout=60) as ex:
         assert ex.timeout == 60 and ex.name == engine
         out = cp.suffix_products(random_mats(9, 3), method="brent_kung", backend=ex, workers=P)
         out2 = cp.suffix_products(random_mats(9, 3), method="brent_kung", backend=engine, workers=P)
@@ -297,7 +297,7 @@ def test_engine_options_flow_from_the_public_api(engine):
 
 # -- what travels: stacked small blocks, grouped results (pure, no engine) --------------------
 def test_pack_roundtrip_small_stacked_big_as_is():
-    from chainprod.executors._remote import _pack, _values
+    from chainprod.executors.remote_tasks import _pack, _values
 
     rng = np.random.default_rng(0)
     vals = {s: ("dense", rng.standard_normal((1, 2, 2))) for s in range(10)}
@@ -313,7 +313,7 @@ def test_pack_roundtrip_small_stacked_big_as_is():
 
 
 def test_group_result_stack_and_nonfinite():
-    from chainprod.executors._cluster import GroupResult
+    from chainprod.executors.distributed import GroupResult
 
     a = np.arange(4 * 4, dtype=float).reshape(4, 1, 2, 2)
     b = np.arange(2 * 4, dtype=float).reshape(2, 1, 2, 2) + 100
@@ -328,7 +328,7 @@ def test_group_result_stack_and_nonfinite():
 
 
 def test_embedded_cluster_sized_by_machine():
-    from chainprod.executors._cluster import embedded_size
+    from chainprod.executors.distributed import embedded_size
 
     assert embedded_size(1) >= 2 and embedded_size(None) >= 2
     assert embedded_size(1) == embedded_size(None) >= (os.cpu_count() or 1)

@@ -104,9 +104,9 @@ def test_ray_workers_use_one_blas_thread():
     def probe():
         from threadpoolctl import threadpool_info
 
-        from chainprod.executors import _remote
+        from chainprod.executors import remote_tasks
 
-        _remote._limit_blas()
+        remote_tasks._limit_blas()
         return os.environ.get("OMP_NUM_THREADS"), [i["num_threads"] for i in threadpool_info()
                                                    if i.get("user_api") == "blas"]
 

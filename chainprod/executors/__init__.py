@@ -1,19 +1,24 @@
 """Executors: run any schedule on blocks, locally or on a cluster.
 
 Named registry in joblib's ``BACKENDS`` habit; engines are imported only
-when chosen, so ``import chainprod`` never imports Ray or Dask.
+when chosen, so ``import chainprod`` never imports Ray or Dask. Inside the
+package the order is ``base`` -> ``serial``, ``vectorized``, ``threads`` ->
+``remote_tasks`` -> ``distributed`` -> ``ray_executor``, ``dask_executor``;
+this module, the registry, reaches the engines only by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 from .base import Executor, ListResult, ScanResult, Trace, TraceEvent
 
-__all__ = ["EXECUTORS", "get_executor", "register_executor", "valid_backends",
+__all__ = ["EXECUTORS", "get_executor", "register_executor", "valid_backends", "cluster",
            "Executor", "ScanResult", "ListResult", "Trace", "TraceEvent"]
 
-#: name -> ("module:Class", pip extra that provides its engine or None)
+#: name -> ("module:Class", pip extra that provides its engine or None).
+#: A distributed engine's module also defines ``cluster(workers, address, ...)``.
 EXECUTORS: dict[str, tuple[str, str | None]] = {
     "serial": ("chainprod.executors.serial:SerialExecutor", None),
     "vectorized": ("chainprod.executors.vectorized:VectorizedExecutor", None),
@@ -21,17 +26,38 @@ EXECUTORS: dict[str, tuple[str, str | None]] = {
     "ray": ("chainprod.executors.ray_executor:RayExecutor", "ray"),
     "dask": ("chainprod.executors.dask_executor:DaskExecutor", "dask"),
 }
+_BUILTIN = frozenset(EXECUTORS)
+_DISTRIBUTED = ("ray", "dask")
 _instances: dict[str, Executor] = {}
 
 
 def valid_backends() -> list[str]:
+    """Every registered backend name."""
     return sorted(EXECUTORS)
 
 
-def register_executor(name: str, target, extra: str | None = None) -> None:
-    """Register an executor class (or ``"module:Class"`` string) under ``name``."""
+def register_executor(name: str, target, extra: str | None = None, *, override: bool = False) -> None:
+    """Register an executor class (or ``"module:Class"`` string) under ``name``.
+
+    ``extra`` names the pip extra that installs its engine (for the error
+    when it is missing). A built-in name is replaced only with ``override=True``.
+    """
+    if name in _BUILTIN and not override:
+        raise ValueError(f"{name!r} is a built-in backend; pass override=True to replace it")
     EXECUTORS[name] = (target, extra)
     _instances.pop(name, None)
+
+
+def _import(backend, attr=None):
+    target, extra = EXECUTORS[backend]
+    if not isinstance(target, str):
+        return target
+    mod, cls = target.split(":")
+    try:
+        return getattr(importlib.import_module(mod), attr or cls)
+    except ImportError as e:
+        hint = f" Install it with: pip install 'chainprod[{extra}]'" if extra else ""
+        raise ImportError(f"backend {backend!r} needs a package that is missing ({e.name}).{hint}") from e
 
 
 def get_executor(backend) -> Executor:
@@ -41,13 +67,29 @@ def get_executor(backend) -> Executor:
     if not isinstance(backend, str) or backend not in EXECUTORS:
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(valid_backends())}")
     if backend not in _instances:
-        target, extra = EXECUTORS[backend]
-        if isinstance(target, str):
-            mod, cls = target.split(":")
-            try:
-                target = getattr(importlib.import_module(mod), cls)
-            except ImportError as e:
-                hint = f" Install it with: pip install 'chainprod[{extra}]'" if extra else ""
-                raise ImportError(f"backend {backend!r} needs a package that is missing ({e.name}).{hint}") from e
-        _instances[backend] = target()
+        _instances[backend] = _import(backend)()
     return _instances[backend]
+
+
+@contextlib.contextmanager
+def cluster(backend: str, workers: int | None = None, address=None, *, timeout=None, retries=3,
+            **engine_options):
+    """Hold a Ray or Dask cluster for a block of work; yields the executor.
+
+    >>> with chainprod.cluster("dask", workers=2) as ex:          # doctest: +SKIP
+    ...     g = chainprod.grad(chain, x, backend=ex, workers=2)
+    ...     g = chainprod.grad(chain, x, backend="dask")           # same cluster
+
+    With ``address=None`` a local cluster is started for the block (unless
+    the process already holds one, which is then reused) and shut down at
+    its end if this block started it. With ``address=`` (a ``host:port``, a
+    ``ray://`` URL or a ``distributed.Client``) the cluster is joined and
+    left running. ``engine_options`` go to ``ray.init`` / ``LocalCluster``.
+    Inside the block ``backend="ray"`` / ``"dask"`` use this cluster too.
+    """
+    if backend not in _DISTRIBUTED:
+        raise ValueError(f"chainprod.cluster() needs backend 'ray' or 'dask', got {backend!r}")
+    engine_cluster = _import(backend, "cluster")
+    with engine_cluster(workers=workers, address=address, timeout=timeout, retries=retries,
+                        **engine_options) as ex:
+        yield ex

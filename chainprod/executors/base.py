@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..planning.bind import as_index
+
 __all__ = ["Executor", "ScanResult", "ListResult", "Trace", "TraceEvent"]
 
 
@@ -26,8 +28,6 @@ class Executor:
     """Base class: subclasses set ``name`` and implement :meth:`run`."""
 
     name = "?"
-    #: True when ``run`` honours ``workers`` with real parallelism
-    parallel = False
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):  # pragma: no cover
         raise NotImplementedError
@@ -112,8 +112,6 @@ class SlabResult(ScanResult):
         return self.plan.slabs[s].kind, self.slabs[s][int(self.plan.out_row[k])]
 
     def stack(self, positions=None):
-        from ._bind import as_index
-
         ks = self.available() if positions is None else np.asarray(positions, dtype=np.int64)
         sids = self.plan.out_slab[ks]
         if ks.size and np.all(sids == sids[0]) and sids[0] >= 0:
@@ -162,6 +160,8 @@ class Trace:
     #: the Schedule that ran (set by the planner: says what ``method="auto"`` chose)
     schedule: object = None
     events: list = field(default_factory=list)
+    #: work of a run outside the combine rounds (Jacobians, VJPs, collection on Ray/Dask workers)
+    other_events: list = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -1,7 +1,7 @@
 """The Dask executor: ``backend="dask"`` (dask.distributed).
 
 The schedule runs as the owner-computes task graph of
-:mod:`chainprod.executors._remote`: ``P`` chains of fused tasks submitted
+:mod:`chainprod.planning.partition`: ``P`` chains of fused tasks submitted
 at once with ``client.submit``, each task taking the futures of its inputs,
 so only chunk-boundary blocks move between workers.
 
@@ -42,11 +42,9 @@ import numpy as np
 from dask.base import tokenize
 from distributed import Client, LocalCluster
 
-from ._cluster import (
-    ClusterConnectionError,
-    DistributedError,
+from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError
+from .distributed import (
     DistributedExecutor,
-    DistributedTimeoutError,
     check_reachable,
     embedded_size,
     make_temp_dir,

@@ -1,7 +1,7 @@
 """The Ray executor: ``backend="ray"``.
 
 The schedule runs as the owner-computes task graph of
-:mod:`chainprod.executors._remote`: ``P`` chains of fused tasks, submitted
+:mod:`chainprod.planning.partition`: ``P`` chains of fused tasks, submitted
 at once, task arguments are ``ObjectRef`` s of earlier tasks (so Ray moves
 only chunk-boundary blocks between workers and nothing goes through the
 driver between rounds).
@@ -35,12 +35,10 @@ import threading
 import ray
 import ray.exceptions as rex
 
-from . import _remote
-from ._cluster import (
-    ClusterConnectionError,
-    DistributedError,
+from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError
+from ..planning.partition import TaskSpec
+from .distributed import (
     DistributedExecutor,
-    DistributedTimeoutError,
     check_reachable,
     embedded_size,
     make_temp_dir,
@@ -194,7 +192,7 @@ class RayExecutor(DistributedExecutor):
 
     def _submit(self, fn, args, key, retries):
         spec = args[0]
-        name = spec.name if isinstance(spec, _remote.TaskSpec) else fn.__name__
+        name = spec.name if isinstance(spec, TaskSpec) else fn.__name__
         return _fn(fn).options(num_cpus=1, max_retries=retries, retry_exceptions=False,
                                name=f"chainprod {name}").remote(*args)
 

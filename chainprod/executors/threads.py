@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import threadpool_limits
 
-from ._bind import bind
+from ..planning.bind import bind
 from .base import Executor, SlabResult, TraceEvent, alloc_slabs, run_group
 
 
@@ -21,7 +21,6 @@ class ThreadsExecutor(Executor):
     """``workers`` threads; every round's ops split into at most ``workers`` contiguous parts."""
 
     name = "threads"
-    parallel = True
 
     def __init__(self):
         self._pools: dict[int, ThreadPoolExecutor] = {}

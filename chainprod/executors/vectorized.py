@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._bind import bind
+from ..planning.bind import bind
 from .base import Executor, SlabResult, TraceEvent, alloc_slabs, run_group
 
 

@@ -1,8 +1,9 @@
 """Binding a schedule to block shapes: where every value lives, which kernel runs.
 
 A schedule speaks of slots and intervals; arrays have kinds and shapes.
-Binding joins the two once per (schedule, shapes) pair and is cached, so
-repeated runs pay nothing for it:
+Binding joins the two once per (schedule, shapes) pair and is cached by
+value (``Schedule.key`` and the blocks' signature), so repeated runs pay
+nothing for it:
 
 * every interval value has a *signature* ``(kind, rows, cols)``;
 * values of one signature live in one *slab*, a stacked array
@@ -18,15 +19,15 @@ repeated runs pay nothing for it:
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import numpy as np
 
+from .._caches import PlanCache
 from ..blocks import COMBINE, KINDS, BlockSeq, kind_table
 from ..schedules import Schedule
 
-__all__ = ["BoundPlan", "Group", "bind", "as_index"]
+__all__ = ["BoundPlan", "Group", "Slab", "bind", "bind_signature", "as_index"]
 
 
 class Group(NamedTuple):
@@ -45,6 +46,8 @@ class Group(NamedTuple):
 
 
 class Slab(NamedTuple):
+    """Stacked storage for every value of one ``(kind, rows, cols)`` in one region."""
+
     kind: str
     rows: int  # logical block rows
     cols: int
@@ -79,81 +82,74 @@ def as_index(rows: np.ndarray):
     return rows
 
 
+_BOUND = PlanCache(maxsize=64)
+
+
 def bind(schedule: Schedule, blocks: BlockSeq) -> BoundPlan:
-    """Bind ``schedule`` to the kinds and shapes of ``blocks`` (cached)."""
+    """Bind ``schedule`` to the kinds and shapes of ``blocks`` (cached by value)."""
     if schedule.length != len(blocks):
         raise ValueError(f"schedule is for L={schedule.length} factors, got {len(blocks)} blocks")
-    return _bind_cached(schedule, blocks.signature())
+    return bind_signature(schedule, blocks.signature())
 
 
-@functools.lru_cache(maxsize=64)
-def _bind_cached(schedule: Schedule, signature: tuple) -> BoundPlan:
+def bind_signature(schedule: Schedule, signature: tuple) -> BoundPlan:
+    """Bind ``schedule`` to a segment signature (as :meth:`BlockSeq.signature`), cached by value."""
+    return _BOUND.get((schedule.key, signature), lambda: _bind(schedule, signature))
+
+
+def _bind(schedule: Schedule, signature: tuple) -> BoundPlan:
     kind_names, table = kind_table()
     counts = [count for _, count, _, _ in signature]
     kind_of_pos = np.repeat([kind_names.index(k) for k, _, _, _ in signature], counts)
     rows = np.repeat([r for _, _, r, _ in signature], counts).astype(np.int64)
     cols = np.repeat([c for _, _, _, c in signature], counts).astype(np.int64)
     L = schedule.length
-    big = int(max(rows.max(), cols.max())) + 1
+    region = (np.arange(schedule.n_slots) >= L).astype(np.int64)  # 1 = scratch slot
 
-    def sig(kind, i, j):  # signature code of an interval [i, j] of the given kind id
-        return (kind * big + rows[i]) * big + cols[j]
-
-    # Replay: the kind (via the combine table) and signature each slot holds over time.
+    # Pass 1, replay: the (kind, rows, cols, region) key of every value a
+    # slot receives; an interval [i, j] has the rows of i and the cols of j.
     pos = np.arange(L)
     slot_kind = np.full(schedule.n_slots, -1, dtype=np.int64)
     slot_kind[:L] = kind_of_pos
-    slot_sig = np.full(schedule.n_slots, -1, dtype=np.int64)
-    slot_sig[:L] = slot_sig_init = sig(slot_kind[:L], pos, pos)
-    ivals = schedule.intervals()
-    per_round = []
-    for (i, _, j), st in zip(ivals, schedule.steps):
+    init_keys = np.stack([kind_of_pos, rows, cols, region[:L]], axis=1)
+    written = []  # per round, the (ops, 4) keys of its outputs
+    for (i, _, j), st in zip(schedule.intervals(), schedule.steps):
         ko = table[slot_kind[st.left], slot_kind[st.right]]
-        so = sig(ko, i, j)
-        per_round.append((slot_sig[st.left], slot_sig[st.right], so))
+        written.append(np.stack([ko, rows[i], cols[j], region[st.out]], axis=1))
         slot_kind[st.out] = ko
-        slot_sig[st.out] = so
-    # Slab keys: (signature, region); region 1 = scratch slots.
-    region = (np.arange(schedule.n_slots) >= L).astype(np.int64)
+    # One slab per distinct key, numbered in sorted key order.
+    all_keys = np.concatenate([init_keys, *written]) if written else init_keys
+    slab_keys, slab_of = np.unique(all_keys, axis=0, return_inverse=True)
+    slab_of = slab_of.reshape(-1)
+    init_sid, out_sids = slab_of[:L], np.split(slab_of[L:], np.cumsum([len(w) for w in written])[:-1])
 
-    def key(code, slots):
-        return code * 2 + region[slots]
+    # Pass 2: which slab each slot holds over time; a slot's row in a slab is
+    # its rank among the slots that ever hold a value of that slab.
+    holders = [[] for _ in range(len(slab_keys))]
+    for s in np.unique(init_sid):
+        holders[s].append(pos[init_sid == s])
+    for sids, st in zip(out_sids, schedule.steps):
+        for s in np.unique(sids):
+            holders[s].append(st.out[sids == s])
+    slot_lists = [np.unique(np.concatenate(h)) for h in holders]
+    slabs = tuple(Slab(kind_names[k], int(r), int(c), int(sl.size))
+                  for (k, r, c, _), sl in zip(slab_keys.tolist(), slot_lists))
 
-    holders: dict[int, list[np.ndarray]] = {}
-    init_keys = key(slot_sig_init, pos)
-    for kk in np.unique(init_keys):
-        holders.setdefault(int(kk), []).append(np.flatnonzero(init_keys == kk))
-    for (_, _, so), st in zip(per_round, schedule.steps):
-        ko = key(so, st.out)
-        for kk in np.unique(ko):
-            holders.setdefault(int(kk), []).append(st.out[ko == kk])
-    slot_lists = []
-    slabs = []
-    for kk in sorted(holders):
-        slots = np.unique(np.concatenate(holders[kk]))
-        slot_lists.append(slots)
-        code = kk // 2
-        c, r, kind = code % big, (code // big) % big, kind_names[code // big // big]
-        slabs.append(Slab(kind, int(r), int(c), int(slots.size)))
-
-    sorted_keys = np.array(sorted(holders), dtype=np.int64)  # slab id = rank of its key
-
-    def locate(codes, slots):
-        sid = np.searchsorted(sorted_keys, key(codes, slots))
+    def rows_in(sids, slots):
         row = np.empty_like(slots)
-        for s in np.unique(sid):
-            m = sid == s
+        for s in np.unique(sids):
+            m = sids == s
             row[m] = np.searchsorted(slot_lists[s], slots[m])
-        return sid, row
+        return row
 
+    slot_sid = np.full(schedule.n_slots, -1, dtype=np.int64)
+    slot_sid[:L] = init_sid
     rounds = []
-    for (sl, sr, so), st in zip(per_round, schedule.steps):
-        lsid, lrow = locate(sl, st.left)
-        rsid, rrow = locate(sr, st.right)
-        osid, orow = locate(so, st.out)
-        combo = np.stack([lsid, rsid, osid])
+    for osid, st in zip(out_sids, schedule.steps):
+        lsid, rsid = slot_sid[st.left], slot_sid[st.right]
+        lrow, rrow, orow = rows_in(lsid, st.left), rows_in(rsid, st.right), rows_in(osid, st.out)
         groups = []
-        for ls, rs, os_ in np.unique(combo, axis=1).T:
+        for ls, rs, os_ in np.unique(np.stack([lsid, rsid, osid]), axis=1).T.tolist():
             m = (lsid == ls) & (rsid == rs) & (osid == os_)
             # Sort by out row so that slices come out ascending where possible.
             order = np.argsort(orow[m], kind="stable")
@@ -161,17 +157,16 @@ def _bind_cached(schedule: Schedule, signature: tuple) -> BoundPlan:
             kernel = COMBINE[(slabs[ls].kind, slabs[rs].kind)].kernel
             aliased = bool((ls == os_ and np.intersect1d(li, oi).size)
                            or (rs == os_ and np.intersect1d(ri, oi).size))
-            groups.append(Group(kernel, int(ls), as_index(li), int(rs), as_index(ri),
-                                int(os_), as_index(oi), int(oi.size), aliased))
+            groups.append(Group(kernel, ls, as_index(li), rs, as_index(ri), os_, as_index(oi),
+                                int(oi.size), aliased))
         rounds.append(tuple(groups))
-    # Inputs: each segment's positions.
+        slot_sid[st.out] = osid
+    # Inputs: each segment's positions (one kind and shape, so one slab).
     placement = []
     p0 = 0
-    for _kind, count, _r, _c in signature:
-        pos = np.arange(p0, p0 + count)
-        sid, row = locate(slot_sig_init[pos], pos)
-        assert np.all(sid == sid[0]), "a segment has one kind and shape"
-        placement.append((int(sid[0]), as_index(row)))
+    for count in counts:
+        seg = pos[p0:p0 + count]
+        placement.append((int(init_sid[p0]), as_index(rows_in(init_sid[seg], seg))))
         p0 += count
     # Outputs.
     out_slab = np.full(L, -1, dtype=np.int64)
@@ -179,5 +174,6 @@ def _bind_cached(schedule: Schedule, signature: tuple) -> BoundPlan:
     ks = np.flatnonzero(schedule.outputs >= 0)
     if ks.size:
         slots = schedule.outputs[ks]
-        out_slab[ks], out_row[ks] = locate(slot_sig[slots], slots)
-    return BoundPlan(schedule, tuple(slabs), tuple(placement), tuple(rounds), out_slab, out_row)
+        out_slab[ks] = slot_sid[slots]
+        out_row[ks] = rows_in(out_slab[ks], slots)
+    return BoundPlan(schedule, slabs, tuple(placement), tuple(rounds), out_slab, out_row)

@@ -5,7 +5,7 @@ An engine subclass (:class:`~chainprod.executors.ray_executor.RayExecutor`,
 connect to (or start) a cluster, place driver data, submit a task whose
 arguments may be handles of other tasks, wait for handles with a deadline,
 and release/cancel handles. Everything else, the plan
-(:func:`chainprod.executors._remote.partition`), the trace, the error
+(:func:`chainprod.planning.partition.partition`), the trace, the error
 messages, ``grad`` on the workers, lives here once.
 """
 
@@ -24,14 +24,15 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .._validate import check_workers
-from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError, NonFiniteError
+from ..errors import ClusterConnectionError, NonFiniteError
+from ..planning.bind import as_index
+from ..planning.partition import partition
 from ..schedules import schedule as build_schedule
-from . import _remote
-from ._bind import as_index
+from . import remote_tasks
 from .base import Executor, ListResult, TraceEvent
 
-__all__ = ["DistributedError", "DistributedTimeoutError", "ClusterConnectionError", "DistributedExecutor",
-           "cluster", "check_reachable"]
+__all__ = ["DistributedExecutor", "GroupResult", "Deadline", "check_reachable", "embedded_size", "make_temp_dir",
+           "remove_temp_dir"]
 
 
 # -- lifecycle helpers -----------------------------------------------------------
@@ -93,7 +94,7 @@ class Deadline:
 
 # -- the shared executor --------------------------------------------------------
 class DistributedExecutor(Executor):
-    """Runs a schedule as the owner-computes task graph of :mod:`._remote` on a cluster.
+    """Runs a schedule as the owner-computes task graph of :mod:`chainprod.planning.partition` on a cluster.
 
     Parameters (all also accepted per run as keywords of :meth:`run`)
     ----------
@@ -115,8 +116,6 @@ class DistributedExecutor(Executor):
     """
 
     name = "?"
-    parallel = True
-    engine_hint = ""
 
     def __init__(self, address=None, *, timeout=None, retries=3, workers=None, **engine_options):
         self.address = address
@@ -176,9 +175,9 @@ class DistributedExecutor(Executor):
             args = [h[d] for d in t.deps]
             key = f"chainprod-{self.name}-{t.kind}-{token}-{t.tid}"
             if t.kind == "segment":
-                h[t.tid] = self._submit(_remote.segment_task, [t, *args], key, retries)
+                h[t.tid] = self._submit(remote_tasks.segment_task, [t, *args], key, retries)
             else:
-                fn = collect or _remote.collect_task
+                fn = collect or remote_tasks.collect_task
                 extra = [] if collect_extra is None else [collect_extra[t.worker]]
                 h[t.tid] = self._submit(fn, [t, *extra, *args], key, retries)
         return h
@@ -188,19 +187,16 @@ class DistributedExecutor(Executor):
             return
         trace.backend = trace.backend or self.name
         trace.workers = trace.workers or workers
-        others = getattr(trace, "other_events", None)
-        if others is None:
-            others = trace.other_events = []
         for meta in metas:
             for r, where, t0, t1, ops, task in meta:
                 ev = TraceEvent(int(r), where, t0 - wall0, t1 - wall0, int(ops), task)
                 if r >= 0:
                     trace.add(ev)
                 else:
-                    others.append(ev)  # Jacobians, VJPs, collection: not combine rounds
+                    trace.other_events.append(ev)  # Jacobians, VJPs, collection: not combine rounds
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):
-        """Run ``schedule`` on ``blocks`` with ``P = workers`` chains of tasks (see :mod:`._remote`)."""
+        """Run ``schedule`` on ``blocks`` as ``P = workers`` chains of tasks (:mod:`chainprod.planning.partition`)."""
         timeout, retries = self._opts(options)
         deadline = Deadline(timeout)
         if schedule.length != len(blocks):
@@ -208,8 +204,8 @@ class DistributedExecutor(Executor):
         P = self._resolve_workers(workers)
         self._connect(P)
         wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
-        part = _remote.partition(schedule, P)
-        token = self._token(_schedule_token(schedule), P, [s.array for s in blocks.segments])
+        part = partition(schedule, P)
+        token = self._token(schedule.key, P, [s.array for s in blocks.segments])
         inits = []
         for b in range(part.workers):
             # Each worker's inputs as slices of the stacked segments: a few big
@@ -224,13 +220,12 @@ class DistributedExecutor(Executor):
             inits.append(self._put({"values": {}, "packed": packed, "meta": []},
                                    f"chainprod-{self.name}-init-{token}-{b}"))
         handles = self._submit_graph(part, inits, retries, token)
-        names = {id(h): t.name for h, t in zip(handles, part.tasks)}
         try:
             results = self._wait([handles[t] for t in part.collect], deadline,
                                  [part.tasks[t].name for t in part.collect])
         finally:
             self._release(handles)
-            del handles, inits, names
+            del handles, inits
         self._fill_trace(trace, [r["meta"] for r in results], wall0, P)
         return GroupResult(schedule.length, [g for res in results for g in res["outputs"]])
 
@@ -261,15 +256,15 @@ class DistributedExecutor(Executor):
             trace.schedule = sched
         self._connect(P)
         wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
-        part = _remote.partition(sched, P)
-        payloads = _remote.grad_payloads(tape, seed, part)
-        token = self._token(_schedule_token(sched), P, tape.x, seed,
+        part = partition(sched, P)
+        payloads = remote_tasks.grad_payloads(tape, seed, part)
+        token = self._token(sched.key, P, tape.x, seed,
                             [(r.cls.__name__, r.activation, r.start, r.reversed) for r in chain.runs])
         data = [self._put(p, f"chainprod-{self.name}-layers-{token}-{b}") for b, p in enumerate(payloads)]
         # The layer data is each chain's init: segments build the Jacobian
         # blocks they read from it where they run (Jacobians never travel).
         inits = data
-        handles = self._submit_graph(part, inits, retries, token, collect=_remote.vjp_task, collect_extra=data)
+        handles = self._submit_graph(part, inits, retries, token, collect=remote_tasks.vjp_task, collect_extra=data)
         try:
             results = self._wait([handles[t] for t in part.collect], deadline,
                                  [f"w{part.tasks[t].worker}.vjp" for t in part.collect])
@@ -336,11 +331,6 @@ class GroupResult(ListResult):
         return min(bad) if bad else None
 
 
-def _schedule_token(s):
-    return (s.name, s.length, s.n_slots, tuple(sorted((k, repr(v)) for k, v in s.options.items())),
-            [(st.left, st.right, st.out) for st in s.steps], s.outputs)
-
-
 def _check_timeout(timeout):
     if timeout is None:
         return None
@@ -355,34 +345,6 @@ def _check_retries(retries):
     return int(retries)
 
 
-# -- holding a cluster for a block of work -----------------------------------------
-@contextlib.contextmanager
-def cluster(backend: str, workers: int | None = None, address=None, *, timeout=None, retries=3,
-            **engine_options):
-    """Hold a Ray or Dask cluster for a block of work; yields the executor.
-
-    >>> with chainprod.cluster("dask", workers=2) as ex:          # doctest: +SKIP
-    ...     g = chainprod.grad(chain, x, backend=ex, workers=2)
-    ...     g = chainprod.grad(chain, x, backend="dask")           # same cluster
-
-    With ``address=None`` a local cluster is started for the block (unless
-    the process already holds one, which is then reused) and shut down at
-    its end if this block started it. With ``address=`` (a ``host:port``, a
-    ``ray://`` URL or a ``distributed.Client``) the cluster is joined and
-    left running. ``engine_options`` go to ``ray.init`` / ``LocalCluster``.
-    Inside the block ``backend="ray"`` / ``"dask"`` use this cluster too.
-    """
-    if backend == "ray":
-        from .ray_executor import cluster as engine_cluster
-    elif backend == "dask":
-        from .dask_executor import cluster as engine_cluster
-    else:
-        raise ValueError(f"chainprod.cluster() needs backend 'ray' or 'dask', got {backend!r}")
-    with engine_cluster(workers=workers, address=address, timeout=timeout, retries=retries,
-                        **engine_options) as ex:
-        yield ex
-
-
 def embedded_size(workers) -> int:
     """Worker slots of an embedded cluster: ``max(workers, CPU count)`` (at least 2).
 
@@ -393,8 +355,3 @@ def embedded_size(workers) -> int:
     tasks form a chain.
     """
     return max(int(workers or 0), os.cpu_count() or 1, 2)
-
-
-def env_flag(name, default=False):
-    v = os.environ.get(name)
-    return default if v is None else v.lower() not in ("", "0", "false", "no")

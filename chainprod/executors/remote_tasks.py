@@ -1,219 +1,25 @@
-"""The task graph the Ray and Dask executors run, and the functions run on workers.
+"""What the Ray and Dask executors ship and run: per-worker payloads and the task functions.
 
-How this works (owner computes)
--------------------------------
-Scan positions ``0 .. L-1`` are cut into ``P`` contiguous chunks of
-``c = ceil(L/P)`` positions; worker ``b`` *owns* chunk ``b``. An op
-``[i, k] (x) [k+1, j] -> [i, j]`` runs on the owner of ``j``, the right end
-of the interval it produces, so the prefix ``[0, k]`` ends on the owner of
-``k`` and the output of a scan never moves between workers.
-
-Walking the schedule round by round, the ops of one worker are *fused* into
-one task for as long as they only read values that worker already holds.
-When a worker needs a value another worker produced, the producer's task is
-closed (its value becomes a task result) and the reader starts a new task
-that takes that result as an argument. So a task is a run of rounds on one
-worker, and only the values that cross a chunk boundary travel:
-
-* ``chunked`` with ``chunks = P`` becomes: local reduce (one task per
-  worker), a scan of the ``P`` chunk totals (a hop per level), local
-  down-sweep (one task per worker);
-* ``sequential`` becomes ``P`` tasks handing one block along;
-* ``sklansky`` / ``brent_kung`` run their first ``log2 c`` levels locally
-  in one task and hop only on the levels that span chunks.
-
-Each worker's tasks form a *chain* (every task takes its predecessor as an
-argument), so at most ``P`` tasks run at once and a trace can prove it. The
-whole DAG is built here from the schedule alone (pure, cached) and submitted
-at once by the engine; there is no driver round-trip per round.
-
-Everything below ``# -- on the workers`` is plain numpy and runs inside Ray
-or Dask worker processes; it imports no engine.
+The task graph itself is planned in :mod:`chainprod.planning.partition`.
+The payload builder reads a forward tape duck-typed (runs of stacked
+parameters and outputs) and imports no layer; everything below
+``# -- on the workers`` is plain numpy and runs inside Ray or Dask worker
+processes; it imports no engine.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..blocks import COMBINE
-from ..schedules import Schedule
+from ..planning.partition import Partition, TaskSpec
 
-__all__ = ["TaskSpec", "Partition", "partition", "segment_task", "collect_task", "vjp_task",
-           "grad_payloads"]
-
-
-@dataclass
-class TaskSpec:
-    """One task of the graph; arguments are ``deps`` (task ids) in this order."""
-
-    tid: int
-    worker: int
-    kind: str  # "init" | "segment" | "collect"
-    index: int = 0  # position in the worker's chain
-    rounds: list = field(default_factory=list)  # of (round, left, right, out) slot arrays
-    deps: list = field(default_factory=list)  # task ids; deps[0] is the chain predecessor
-    reads: dict = field(default_factory=dict)  # slot -> index into deps, for slots read first
-    keep: set = field(default_factory=set)  # slots whose final value is returned
-    outputs: list = field(default_factory=list)  # collect: (k, slot) pairs
-    opened: int = 0
-    closed: int | None = None
-
-    @property
-    def ops(self) -> int:
-        return sum(len(o) for _, _, _, o in self.rounds)
-
-    @property
-    def name(self) -> str:
-        if self.kind == "segment" and self.rounds:
-            return f"w{self.worker}.seg{self.index} rounds {self.rounds[0][0]}..{self.rounds[-1][0]}"
-        return f"w{self.worker}.{self.kind}"
-
-
-@dataclass
-class Partition:
-    """The distributed plan of one schedule on ``P`` workers (see module docstring)."""
-
-    length: int
-    workers: int  # workers that own at least one position
-    chunk: int
-    tasks: list  # TaskSpec by tid; tids 0..workers-1 are the init tasks
-    chains: list  # per worker: its tids in order (init first, collect last)
-    init_slots: list  # per worker: input positions its init must hold
-    cross_edges: int  # task arguments that cross workers
-    segments: int  # combine tasks
-
-    def owner(self, pos):
-        return np.minimum(np.asarray(pos) // self.chunk, self.workers - 1)
-
-    @property
-    def collect(self) -> list[int]:
-        return [c[-1] for c in self.chains]
-
-    def describe(self) -> str:
-        return (f"{self.workers} chains of ~{self.chunk} positions, {self.segments} combine tasks, "
-                f"{self.cross_edges} cross-worker edges")
-
-
-def partition(schedule: Schedule, workers: int) -> Partition:
-    """Cut ``schedule`` into per-worker chains of fused tasks (cached; pure)."""
-    return _partition(schedule, int(workers))
-
-
-@functools.lru_cache(maxsize=32)
-def _partition(schedule: Schedule, P: int) -> Partition:
-    L = schedule.length
-    c = max(1, -(-L // P))
-    nw = -(-L // c)
-
-    def owner(pos):
-        return np.minimum(pos // c, nw - 1)
-
-    tasks: list[TaskSpec] = [TaskSpec(b, b, "init", closed=-1) for b in range(nw)]
-    chains = [[b] for b in range(nw)]
-    init_slots = [set(range(b * c, min((b + 1) * c, L))) for b in range(nw)]
-    INIT = -1
-    # producer[s]: tid whose result holds the current value of slot s; INIT = the
-    # reader's own init (input positions not yet overwritten); -2 = empty.
-    producer = np.full(schedule.n_slots, -2, dtype=np.int64)
-    producer[:L] = INIT
-    open_task = [None] * nw
-    seq = 0
-    cross = 0
-
-    def read(t: TaskSpec, s: int, src: int):
-        """Task ``t`` reads slot ``s`` produced by task ``src``: make it an argument."""
-        nonlocal cross
-        if src == INIT:  # an input position: the reader's own init task holds it
-            init_slots[t.worker].add(s)
-            src = t.worker
-        if src not in t.deps:
-            t.deps.append(src)
-            if tasks[src].worker != t.worker:
-                cross += 1
-        t.reads[s] = t.deps.index(src)
-        if src >= nw:
-            tasks[src].keep.add(s)
-
-    def close(t: TaskSpec):
-        nonlocal seq
-        if t.closed is None:
-            seq += 1
-            t.closed = seq
-            open_task[t.worker] = None
-
-    for r, ((_, _, j), st) in enumerate(zip(schedule.intervals(), schedule.steps)):
-        ob = owner(j)
-        reads = (st.left, st.right)
-        # Pass 1: a value another worker produced in a still-open task must
-        # become a task result: close that task at this round boundary.
-        for s_arr in reads:
-            src = producer[s_arr]
-            for b, t in zip(ob.tolist(), src.tolist()):
-                if t >= 0 and tasks[t].worker != b and tasks[t].closed is None:
-                    close(tasks[t])
-        # A worker whose open task began before a value it now reads was
-        # closed cannot take that value as an argument: split its task.
-        for b in np.unique(ob).tolist():
-            t_open = open_task[b]
-            if t_open is None:
-                continue
-            m = ob == b
-            for s_arr in reads:
-                for t in producer[s_arr[m]].tolist():
-                    if t >= 0 and t != t_open.tid and tasks[t].closed > t_open.opened:
-                        close(t_open)
-                        break
-                if open_task[b] is None:
-                    break
-        # Pass 2: place the ops; record where each task reads its operands.
-        for b in np.unique(ob).tolist():
-            m = ob == b
-            t = open_task[b]
-            if t is None:
-                seq += 1
-                prev = chains[b][-1]
-                t = TaskSpec(len(tasks), b, "segment", index=len(chains[b]) - 1, deps=[prev], opened=seq)
-                tasks.append(t)
-                chains[b].append(t.tid)
-                open_task[b] = t
-            left, right, out = st.left[m], st.right[m], st.out[m]
-            for s in np.concatenate([left, right]).tolist():
-                src = int(producer[s])
-                if src == t.tid or s in t.reads:
-                    continue
-                if src == -2:  # pragma: no cover - validate() rules this out
-                    raise RuntimeError(f"round {r}: slot {s} read before written")
-                read(t, s, src)
-            t.rounds.append((r, left, right, out))
-        for b in np.unique(ob).tolist():
-            m = ob == b
-            producer[st.out[m]] = open_task[b].tid
-    for t in list(open_task):
-        if t is not None:
-            close(t)
-    # Collect: each worker gathers the prefixes it owns.
-    ks = np.flatnonzero(schedule.outputs >= 0)
-    kown = owner(ks)
-    for b in range(nw):
-        t = TaskSpec(len(tasks), b, "collect", index=len(chains[b]) - 1, deps=[chains[b][-1]])
-        if b not in t.deps:
-            t.deps.append(b)  # its own init: inputs and, for grad, the layer data
-        for k in ks[kown == b].tolist():
-            s = int(schedule.outputs[k])
-            read(t, s, int(producer[s]))
-            t.outputs.append((k, s))
-        tasks.append(t)
-        chains[b].append(t.tid)
-    segs = sum(1 for t in tasks if t.kind == "segment")
-    return Partition(L, nw, c, tasks, chains, [np.array(sorted(s), dtype=np.int64) for s in init_slots],
-                     cross, segs)
+__all__ = ["segment_task", "collect_task", "vjp_task", "grad_payloads"]
 
 
 # -- grad: what each worker needs to build its Jacobians and its VJPs --------

@@ -1,0 +1,65 @@
+"""One switch for every cache chainprod keeps.
+
+Plans, bound plans, cost-model choices and compiled flat plans are cached
+by plain tuples of sizes and names (never by object identity), so a cache
+entry is valid for as long as the process lives. :func:`clear_caches`
+empties them all at once (after registering a schedule that replaces one,
+or to measure cold starts); each module registers its own caches here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["clear_caches", "register_cache", "PlanCache"]
+
+_CLEARERS: list[Callable[[], None]] = []
+
+
+def register_cache(cache):
+    """Register a cache: a zero-argument function that empties it, or an
+    ``lru_cache``-wrapped function (its ``cache_clear`` is used). Returns
+    ``cache``, so it works as a decorator."""
+    _CLEARERS.append(getattr(cache, "cache_clear", cache))
+    return cache
+
+
+def clear_caches() -> None:
+    """Empty every cache chainprod keeps (plans, bound plans, cost choices, flat plans).
+
+    >>> import chainprod as cp
+    >>> cp.clear_caches()
+    """
+    for clear in _CLEARERS:
+        clear()
+
+
+class PlanCache:
+    """A small least-recently-used map from plain tuple keys to plans.
+
+    ``functools.lru_cache`` keys on the arguments themselves; plans are
+    built from objects (a :class:`~chainprod.schedules.Schedule`) whose
+    value is described by a tuple (``Schedule.key``), so this cache takes
+    the key and a maker explicitly.
+    """
+
+    def __init__(self, maxsize: int = 64):
+        self.maxsize = maxsize
+        self._data: dict = {}
+        register_cache(self.clear)
+
+    def get(self, key, make: Callable[[], object]):
+        """The value for ``key``, made by ``make()`` on a miss."""
+        hit = self._data.pop(key, None)
+        if hit is None:
+            hit = make()
+            if len(self._data) >= self.maxsize:
+                self._data.pop(next(iter(self._data)))  # the least recently used
+        self._data[key] = hit
+        return hit
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self):
+        return len(self._data)

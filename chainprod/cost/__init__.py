@@ -1,0 +1,50 @@
+"""A cost model of one run, the simulator behind it, and ``method="auto"``.
+
+How a run is costed
+-------------------
+Every combine op of a schedule falls in one of three *op classes*, from the
+block shapes and the combine table (:data:`chainprod.blocks.COMBINE`):
+
+* ``mm`` -- dense x dense with more than one row (an interior ``w x w``
+  interval times another): a matrix-matrix product;
+* ``mv`` -- dense x dense with one row (an interval containing the output
+  Jacobian ``A_L`` is a thin ``1 x w`` block): a vector-matrix product;
+* ``ew`` -- anything touching a diagonal block: elementwise.
+
+``chainprod calibrate`` measures the seconds per op of each class at a grid
+of sizes (ops batched as the vectorized executor batches them, in place) and
+the fixed cost of one numpy call; the model interpolates log-log between
+grid points. A round on ``P`` workers is list-scheduled: its ops are dealt
+to ``min(P, ops)`` tasks in contiguous shares, so the round takes::
+
+    round latency(backend) + tasks x task latency(backend)
+        + max over tasks of (calls x call latency + sum of its ops' times x batch)
+
+and rounds add up (every round is a barrier). That is Brent's schedule:
+``T_P <= W/P + D`` with ``W`` the work and ``D`` the sum of the rounds'
+longest ops, plus the engine's latencies.
+
+``grad`` adds the per-layer work around the scan, also calibrated per
+layer type, width and batch: the forward pass (sequential for every
+method), building the Jacobians and the parameter VJPs (the scan's
+*preparation*), and the backprop loop itself. :func:`predict_grad` puts
+these together; :func:`simulate` answers Q4 for many more workers than this
+machine has; :func:`crossover` gives the smallest depth where the scan wins.
+
+The defaults below were measured on the development machine (2-core
+x86_64, numpy 2.4, OpenBLAS); ``chainprod calibrate`` measures this machine
+and saves a JSON file where :func:`load_model` finds it.
+"""
+
+from __future__ import annotations
+
+from .auto import LOCAL_BACKENDS, auto_runs_backprop, choose_schedule, predict_grad
+from .model import DEFAULT_MODEL, OP_CLASSES, STRUCTURES, CostModel, load_model, model_path, save_model
+from .scan import chain_blocks, predict, predict_backprop
+from .simulate import crossover, round_stats, simulate
+
+__all__ = [
+    "CostModel", "DEFAULT_MODEL", "load_model", "save_model", "model_path", "predict",
+    "predict_backprop", "predict_grad", "choose_schedule", "round_stats", "simulate", "crossover",
+    "OP_CLASSES", "STRUCTURES", "LOCAL_BACKENDS", "auto_runs_backprop", "chain_blocks",
+]

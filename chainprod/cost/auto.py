@@ -1,0 +1,113 @@
+"""``method="auto"``: the candidate schedule with the least predicted time, and grad's whole time.
+
+Registered in the schedule registry as ``"auto"`` (it needs the blocks,
+the workers and the backend, so it is a context builder).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from .._caches import PlanCache
+from ..blocks import KINDS, BlockSeq, Segment
+from ..schedules import Schedule, build, register_schedule, schedule
+from .model import CostModel, load_model
+from .scan import chain_blocks, predict, predict_backprop, signature
+
+__all__ = ["LOCAL_BACKENDS", "auto_runs_backprop", "choose_schedule", "predict_grad"]
+
+# -- method="auto" -------------------------------------------------------------
+LOCAL_BACKENDS = ("vectorized", "serial", "threads")
+
+
+def auto_runs_backprop(sched: Schedule, backend) -> bool:
+    """For ``grad``: when ``auto``'s best scan is the sequential one on a local backend,
+    backprop does the same order without forming Jacobians, so ``auto`` runs backprop."""
+    return sched.name == "sequential" and isinstance(backend, str) and backend in LOCAL_BACKENDS
+
+
+def _candidates(L, workers, backend):
+    yield build("sequential", L)
+    if L < 4:
+        return
+    yield build("brent_kung", L)
+    yield build("sklansky", L)
+    if backend in ("vectorized", "serial"):
+        root = math.sqrt(L)
+        for f in (0.25, 0.5, 1, 2, 4):
+            c = max(2, int(round(root * f)))
+            if c < L:
+                yield build("chunked", L, chunks=c)
+    else:
+        P = workers or os.cpu_count() or 1
+        if 1 < P < L:
+            yield build("chunked", L, chunks=P + 1)  # P + 1 chunks keep P workers busy
+
+
+def _choose(L, blocks, workers, backend, batch, model):
+    return min(_candidates(L, workers, backend),
+               key=lambda s: predict(s, blocks, backend=backend, workers=workers, batch=batch, model=model))
+
+
+def choose_schedule(L: int, *, blocks=None, workers=None, backend="vectorized") -> Schedule:
+    """``method="auto"``: the candidate schedule with the least predicted scan time.
+
+    Candidates: ``sequential``, ``brent_kung``, ``sklansky`` and ``chunked``
+    (chunk counts around ``sqrt(L)`` for the vectorized executor, ``P``
+    chunks for parallel backends). ``hillis_steele`` and ``independent`` do
+    strictly more work than ``sklansky`` for the same depth, so they never
+    win. Choices are cached per (L, block shapes, workers, backend).
+    """
+    L = int(L)
+    batch = blocks.batch if isinstance(blocks, BlockSeq) else 1
+    sig = signature(blocks if blocks is not None else 64, L)
+    model = load_model()
+    key = (L, sig, workers, str(backend), batch, model.key)
+    return _CHOICES.get(key, lambda: _choose(L, _shapes_of(sig), workers, backend, batch, model))
+
+
+def _shapes_of(sig) -> BlockSeq:
+    """A shape-only BlockSeq (batch 0: not one byte of data) from a run-length signature."""
+    return BlockSeq([Segment(kind, np.empty((count, 0, *KINDS[kind].shape(rows, cols))))
+                     for kind, count, rows, cols in sig])
+
+
+def _auto(L: int, *, workers=None, blocks=None, backend="vectorized") -> Schedule:
+    return choose_schedule(L, blocks=blocks, workers=workers, backend=backend)
+
+
+_auto.__doc__ = choose_schedule.__doc__
+_CHOICES = PlanCache(maxsize=256)
+register_schedule("auto", _auto, context=True, builtin=True)
+
+
+def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="vectorized",
+                 workers=None, batch=1, model: CostModel | None = None) -> dict:
+    """Predicted seconds of ``grad`` on a depth-``L`` chain: forward, backward and end-to-end.
+
+    ``method`` is ``"backprop"``, a schedule name, ``"auto"`` or a Schedule
+    for ``L - 1`` factors. Returns ``{"forward", "backward", "total", "schedule"}``.
+    """
+    model = model or load_model()
+    fwd = L * model.layer_time(structure, "forward", width, batch)
+    if method == "backprop" or L < 2:
+        bwd, name = predict_backprop(L, width, batch, model, structure), "backprop"
+    else:
+        blocks = chain_blocks(structure, L, width)
+        if isinstance(method, Schedule):
+            sched = method
+        elif method == "auto":
+            sched = _choose(L - 1, blocks, workers, backend, batch, model)
+            if auto_runs_backprop(sched, backend):
+                # grad's auto then runs backprop itself (see chainprod.grad._auto_prefers_backprop)
+                bwd = predict_backprop(L, width, batch, model, structure)
+                return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": "backprop"}
+        else:
+            sched = schedule(method, L - 1, workers=workers, backend=backend)
+        prep = L * model.layer_time(structure, "prep", width, batch)
+        bwd = prep + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model)
+        name = sched.name
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": name}
