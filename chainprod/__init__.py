@@ -15,6 +15,7 @@ measures where that beats backprop.
 
 from . import cost, errors
 from ._caches import clear_caches
+from ._version import __version__
 from .blocks import BlockSeq, Diag, Segment
 from .check import check_grad, numerical_grad
 from .errors import NonFiniteError
@@ -25,7 +26,15 @@ from .products import product, suffix_products
 from .schedules import SCHEDULES, Schedule, ScheduleError, register_schedule, schedule
 from .schedules import valid_methods as valid_schedules
 
-__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The torch adapter loads torch: only on first use, so ``import chainprod`` never does.
+    if name in ("from_torch", "torch_backward"):
+        from . import torch as _torch_adapter
+
+        return getattr(_torch_adapter, name)
+    raise AttributeError(f"module 'chainprod' has no attribute {name!r}")
 
 __all__ = [
     "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "clear_caches", "Dense", "Diag", "Diagonal", "NonFiniteError",

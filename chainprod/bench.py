@@ -1,36 +1,63 @@
 """The benchmark sweep: where does the parallel scan beat backprop, measured.
 
-:func:`run_sweep` measures, for every *problem* (structure, depth ``L``,
-width ``w``, batch, dtype), the backprop baseline and then every (backend,
-workers, method) configuration. Each repeat times the forward pass
-(:func:`chainprod.forward`) and the backward pass (:func:`chainprod.backward`)
-of the same iteration separately; end-to-end is their sum. Repeats are
-summarised as median, min, max and inter-quartile range. One untimed warm-up
-run per configuration (it binds the plan, starts engines) carries a
-:class:`~chainprod.Trace`, which gives the measured rounds and peak
-concurrency.
+:func:`run_sweep` takes a :class:`Sweep` through four steps:
 
-Results go to ``results.csv`` (one tidy row per measurement, written as each
-one finishes, so Ctrl-C keeps them) and ``results.json`` (machine, library
-versions, command line, sweep parameters, and the traces of parallel runs).
-No pickle anywhere.
+1. **plan** (:func:`plan_sweep`): every *problem* (structure, depth ``L``,
+   width ``w``, batch, dtype) gets its baselines, then every (backend,
+   workers, method) scan configuration, each with the cost model's
+   prediction; configurations predicted to run too long are skipped (and
+   listed), so the progress bar's ETA is the model's estimate;
+2. **measure** (:func:`measure_job`): one untimed warm-up run (it binds the
+   plan, lets ``auto`` choose, compiles, starts engines, and carries the
+   :class:`~chainprod.Trace`), then ``repeats`` timed repeats of the forward
+   and the backward pass (:mod:`chainprod._timing`);
+3. **compare** (:func:`compare_to_best_backprop`): every row's speedup is
+   against the *best backprop* of its problem, the fastest of the baselines
+   measured here, separately for the backward pass and end-to-end;
+4. **write** (:class:`ResultsWriter`): ``results.csv`` one tidy row per
+   measurement, written as each finishes so Ctrl-C keeps them;
+   ``results.json`` the machine, library versions, command, sweep and skips;
+   ``traces.json.gz`` the traces of parallel runs (for Gantt charts).
+
+The baselines (:data:`BASELINES`), where installed: ``backprop`` (the
+compiled loop, ``kernels="numba"``), ``backprop-numpy`` (the numpy loop),
+``jax`` (``jit(grad)`` of the chain as a ``lax.scan``) and ``torch``
+(autograd, eager). No pickle anywhere.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import json
-import os
-import platform
-import statistics
+import itertools
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-__all__ = ["Sweep", "PRESETS", "run_sweep", "problems", "FIELDS", "read_results", "library_versions"]
+from . import cost
+from ._timing import (
+    backprop_kernels,
+    library_versions,
+    machine_info,
+    machine_label,
+    measure_chainprod,
+    measure_jax,
+    measure_torch,
+    summarize,
+)
+from .executors import EXECUTORS, get_executor
+from .layers import diagonal_chain, mlp
+from .results import FIELDS, ResultsWriter, read_meta, read_results, read_traces
+from .schedules import build, schedule
+
+__all__ = ["Sweep", "PRESETS", "BASELINES", "FIELDS", "Job", "problems", "configurations", "plan_sweep",
+           "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain", "backend_available",
+           # the files of a sweep (chainprod.results), here for convenience
+           "ResultsWriter", "read_results", "read_meta", "read_traces"]
+
+#: the backprop implementations every problem is measured with, where installed
+BASELINES = ("backprop", "backprop-numpy", "jax", "torch")
 
 
 @dataclass
@@ -41,12 +68,14 @@ class Sweep:
     widths: list = field(default_factory=lambda: [8, 32, 128])
     workers: list = field(default_factory=lambda: [1, 2])
     backends: list = field(default_factory=lambda: ["vectorized", "threads", "ray"])
-    methods: list = field(default_factory=lambda: ["backprop", "auto"])
+    #: scan methods (``"backprop"`` here is moved to the baselines)
+    methods: list = field(default_factory=lambda: ["auto"])
+    baselines: list = field(default_factory=lambda: list(BASELINES))
     structures: list = field(default_factory=lambda: ["dense", "diagonal"])
     batches: list = field(default_factory=lambda: [1])
     dtypes: list = field(default_factory=lambda: ["float64"])
     repeats: int = 3
-    #: skip a configuration whose predicted time x (repeats + 1) exceeds this (seconds)
+    #: skip a scan configuration whose predicted time x (repeats + 1) exceeds this (seconds)
     max_config_seconds: float = 6.0
     #: skip problems whose Jacobians would exceed this many bytes
     max_jacobian_bytes: float = 1.5e9
@@ -54,101 +83,41 @@ class Sweep:
     max_distributed_depth: int = 2048
     seed: int = 0
 
+    def __post_init__(self):
+        if "backprop" in self.methods:
+            self.methods = [m for m in self.methods if m != "backprop"]
+            self.baselines = ["backprop", *[b for b in self.baselines if b != "backprop"]]
+
 
 PRESETS = {
-    # about 3 minutes on a 2-core machine: wins (long thin / diagonal chains), losses (wide dense, short)
+    # a few minutes on a 2-core machine: wins (long thin / diagonal chains), losses (wide dense, short)
     "default": Sweep(),
     # seconds: for smoke tests and CI
     "quick": Sweep(depths=[64, 1024], widths=[8, 32], workers=[1, 2], backends=["vectorized", "threads"],
-                   methods=["backprop", "auto"], structures=["dense", "diagonal"], repeats=2),
+                   structures=["dense", "diagonal"], repeats=2),
 }
 
-#: CSV columns, in order
-FIELDS = [
-    "structure", "depth", "width", "batch", "dtype", "backend", "workers", "method", "schedule",
-    "repeats", "status",
-    "forward_median", "forward_min", "forward_max", "forward_iqr",
-    "backward_median", "backward_min", "backward_max", "backward_iqr",
-    "total_median", "total_min", "total_max", "total_iqr",
-    "backprop_backward_median", "backprop_total_median", "speedup_backward", "speedup_total",
-    "rounds", "peak_width", "num_ops", "measured_rounds", "peak_concurrency", "tasks",
-    "flops", "sequential_flops", "brent_bound", "jacobian_bytes",
-    "predicted_forward", "predicted_backward", "predicted_total", "prediction_error_backward",
-    "prediction_error_total", "machine", "timestamp",
-]
-
-
-def library_versions() -> dict:
-    out = {"python": platform.python_version()}
-    for name in ("chainprod", "numpy", "ray", "dask", "distributed", "torch", "jax", "matplotlib", "tqdm"):
-        if importlib.util.find_spec(name) is None:
-            continue
-        try:
-            from importlib.metadata import version
-
-            out[name] = version(name)
-        except Exception:  # pragma: no cover
-            out[name] = "?"
-    return out
-
-
-def machine_label(info=None) -> str:
-    from .calibrate import machine_info
-
-    info = info or machine_info()
-    return f"{info.get('cpus')}-core {info.get('machine')} ({info.get('hostname', '')})".strip()
-
-
+# -- 1. plan -----------------------------------------------------------------------------------------
 def problems(sweep: Sweep):
     """The (structure, depth, width, batch, dtype) problems of a sweep, cheapest first."""
-    out = []
-    for s in sweep.structures:
-        for L in sweep.depths:
-            for w in sweep.widths:
-                for N in sweep.batches:
-                    for dt in sweep.dtypes:
-                        out.append((s, int(L), int(w), int(N), str(dt)))
+    out = [(s, int(L), int(w), int(N), str(dt)) for s in sweep.structures for L in sweep.depths
+           for w in sweep.widths for N in sweep.batches for dt in sweep.dtypes]
     return sorted(out, key=lambda p: (p[1] * p[2] ** (2 if p[0] == "dense" else 1) * p[3], p))
 
 
 def configurations(sweep: Sweep, depth: int):
-    """(backend, workers, method) for one problem; backprop first."""
-    out = [("vectorized", 1, "backprop")] if "backprop" in sweep.methods else []
+    """``(backend, workers, method)`` of the scans measured on a problem of this depth."""
+    out = []
     for backend in sweep.backends:
         for P in (sweep.workers if backend not in ("vectorized", "serial") else [1]):
             if backend in ("ray", "dask") and depth > sweep.max_distributed_depth:
                 continue
-            for m in sweep.methods:
-                if m != "backprop":
-                    out.append((backend, int(P), m))
+            out += [(backend, int(P), m) for m in sweep.methods]
     return out
-
-
-def _build_chain(structure, L, w, dtype, seed):
-    import chainprod as cp
-
-    if structure == "dense":
-        return cp.mlp([w] * L + [1], dtype=np.dtype(dtype), seed=seed)
-    if structure == "diagonal":
-        return cp.diagonal_chain(L - 1, w, dtype=np.dtype(dtype), seed=seed)
-    raise ValueError(f"unknown structure {structure!r}; valid: dense, diagonal")
-
-
-def _jacobian_bytes(structure, L, w, N, dtype):
-    per = w * w if structure == "dense" else w
-    return float(L * N * per * np.dtype(dtype).itemsize)
-
-
-def _summary(ts):
-    ts = sorted(ts)
-    q = np.percentile(ts, [25, 75]) if len(ts) > 1 else (ts[0], ts[0])
-    return {"median": statistics.median(ts), "min": ts[0], "max": ts[-1], "iqr": float(q[1] - q[0])}
 
 
 def backend_available(backend) -> str | None:
     """None if ``backend`` can run here, else the reason it cannot."""
-    from .executors import EXECUTORS, get_executor
-
     if backend not in EXECUTORS:
         return f"unknown backend {backend!r}"
     try:
@@ -158,257 +127,313 @@ def backend_available(backend) -> str | None:
     return None
 
 
-def _measure(chain, x, method, backend, workers, repeats, trace_it):
-    import chainprod as cp
-
-    from .grad import loss_seed
-
-    kw = {} if method == "backprop" else {"backend": backend, "workers": workers}
-    trace = cp.Trace(backend=backend, workers=workers) if (trace_it and method != "backprop") else None
-    # warm-up: binds the plan, chooses "auto", starts engines; carries the trace
-    t0 = time.perf_counter()
-    tape = cp.forward(chain, x)
-    _, seed = loss_seed(tape, None, None)
-    cp.backward(tape, seed, method=method, trace=trace, **kw)
-    warm = time.perf_counter() - t0
-    fw, bw, tot = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        tape = cp.forward(chain, x)
-        t1 = time.perf_counter()
-        _, seed = loss_seed(tape, None, None)
-        t2 = time.perf_counter()
-        cp.backward(tape, seed, method=method, **kw)
-        t3 = time.perf_counter()
-        fw.append(t1 - t0)
-        bw.append(t3 - t2)
-        tot.append((t1 - t0) + (t3 - t2))
-    return fw, bw, tot, trace, warm
+def _baseline_backends(names) -> tuple[dict, list]:
+    """``({baseline: backend label}, [skipped reasons])`` of the baselines that run here."""
+    kernels = backprop_kernels()
+    run, skipped = {}, []
+    for name in names:
+        if name == "backprop":
+            run[name] = kernels[0] if kernels else "numpy"
+        elif name == "backprop-numpy":
+            if len(kernels) > 1:
+                run[name] = "numpy"
+            else:
+                skipped.append({"baseline": name, "reason": "backprop already is the numpy loop here "
+                                                            "(no compiled kernels)"})
+        elif name in ("jax", "torch"):
+            if importlib.util.find_spec(name) is None:
+                skipped.append({"baseline": name, "reason": f"{name} is not installed"})
+            else:
+                run[name] = name
+        else:
+            raise ValueError(f"unknown baseline {name!r}; valid baselines: {', '.join(BASELINES)}")
+    return run, skipped
 
 
-def _plan(structure, L, w, N, method, backend, workers, blocks):
-    from .cost import choose_schedule
-    from .schedules import schedule
+@dataclass
+class Job:
+    """One measurement: a problem, how to run it, the model's prediction and an ETA estimate."""
 
-    if method == "backprop":
-        return None
-    if method == "auto":
-        return choose_schedule(L - 1, blocks=blocks, workers=workers, backend=backend)
-    return schedule(method, L - 1, workers=workers, backend=backend)
+    problem: tuple
+    method: str
+    backend: str
+    workers: int
+    prediction: dict
+    estimate: float
+
+    @property
+    def baseline(self) -> bool:
+        return self.method in BASELINES
 
 
-def run_sweep(sweep: Sweep, out_dir: str, *, progress=True, command=None, log=print) -> dict:
-    """Run ``sweep``, writing ``results.csv`` and ``results.json`` to ``out_dir``; return the JSON dict."""
-    from . import cost
-    from .calibrate import machine_info
-    from .schedules import _sequential_flops, _spec_arrays
+#: rough seconds per layer of the peers' gradient, used for the progress ETA only (never reported)
+_PEER_SECONDS_PER_LAYER = {"backprop-numpy": 6e-6, "jax": 2e-6, "torch": 6e-5}
 
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, "results.csv")
-    json_path = os.path.join(out_dir, "results.json")
-    info = machine_info()
-    label = machine_label(info)
-    model = cost.load_model()
-    meta = {
-        "command": command if command is not None else " ".join(sys.argv),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info, "machine_label": label,
-        "versions": library_versions(), "sweep": asdict(sweep), "cost_model": model.source,
-        "skipped": [], "traces": {}, "interrupted": False,
-    }
-    rng = np.random.default_rng(sweep.seed)
-    probs = problems(sweep)
-    unavailable = {}
-    for b in sweep.backends:
-        why = backend_available(b)
-        if why:
-            unavailable[b] = why
-            log(f"skipping {why}")
-            meta["skipped"].append({"backend": b, "reason": why})
-    # Plan the whole sweep first so the progress bar's ETA is the model's estimate.
-    work = []
-    for prob in probs:
+
+def _jacobian_bytes(structure, L, w, N, dtype):
+    return float(L * N * (w * w if structure == "dense" else w) * np.dtype(dtype).itemsize)
+
+
+def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
+    """The jobs of a sweep in order (per problem: baselines, then scans) and what was skipped, and why."""
+    model = model or cost.load_model()
+    baselines, skipped = _baseline_backends(sweep.baselines)
+    unavailable = {b: why for b in sweep.backends if (why := backend_available(b))}
+    skipped += [{"backend": b, "reason": why} for b, why in unavailable.items()]
+    jobs = []
+    for prob in problems(sweep):
         s, L, w, N, dt = prob
-        if _jacobian_bytes(s, L, w, N, dt) > sweep.max_jacobian_bytes:
-            why = f"Jacobians would take {_jacobian_bytes(s, L, w, N, dt) / 1e9:.1f} GB"
-            meta["skipped"].append({"problem": list(prob), "reason": why})
+        if _jacobian_bytes(*prob) > sweep.max_jacobian_bytes:
+            gb = _jacobian_bytes(*prob) / 1e9
+            skipped.append({"problem": list(prob), "reason": f"Jacobians would take {gb:.1f} GB"})
             continue
+        bp = cost.predict_grad(s, L, w, method="backprop", batch=N, model=model)
+        for name, backend in baselines.items():
+            pred = bp if name == "backprop" else {}
+            est = bp["total"] if name == "backprop" else L * N * _PEER_SECONDS_PER_LAYER[name]
+            jobs.append(Job(prob, name, backend, 1, pred, est * (sweep.repeats + 1) + (0.5 if name == "jax" else 0)))
         for backend, P, m in configurations(sweep, L):
             if backend in unavailable:
                 continue
             try:
                 pred = cost.predict_grad(s, L, w, method=m, backend=backend, workers=P, batch=N, model=model)
-            except Exception:
-                pred = {"total": float("nan"), "forward": float("nan"), "backward": float("nan"), "schedule": m}
-            est = pred["total"] * (sweep.repeats + 1)
-            if m != "backprop" and np.isfinite(est) and est > sweep.max_config_seconds:
-                meta["skipped"].append({"problem": list(prob), "backend": backend, "workers": P, "method": m,
-                                        "reason": f"predicted {est:.1f} s > max_config_seconds"})
+            except (ValueError, KeyError):  # a method the model cannot cost still runs, unpredicted
+                pred = {}
+            est = pred.get("total", bp["total"]) * (sweep.repeats + 1)
+            if est > sweep.max_config_seconds:
+                skipped.append({"problem": list(prob), "backend": backend, "workers": P, "method": m,
+                                "reason": f"predicted {est:.1f} s > max_config_seconds"})
                 continue
-            work.append((prob, backend, P, m, pred, est if np.isfinite(est) else 1.0))
-    total_est = sum(w_[-1] for w_ in work) + 0.5 * len(probs)
-    log(f"{len(work)} measurements over {len(probs)} problems; model estimate {total_est:.0f} s "
-        f"({len(meta['skipped'])} skipped: see results.json)")
-    bar = _progress(total_est, progress)
-    rows = []
-    fcsv = open(csv_path, "w", newline="")
-    writer = csv.DictWriter(fcsv, fieldnames=FIELDS)
-    writer.writeheader()
-    chains = {}
-    baseline = {}
+            jobs.append(Job(prob, m, backend, P, pred, est))
+    return jobs, skipped
+
+
+# -- 2. measure --------------------------------------------------------------------------------------
+def build_chain(structure, L, w, dtype, seed=0):
+    """The chain of a problem: ``mlp([w] * L + [1])`` or ``diagonal_chain(L - 1, w)`` (L layers each)."""
+    if structure == "dense":
+        return mlp([w] * L + [1], dtype=np.dtype(dtype), seed=seed)
+    if structure == "diagonal":
+        return diagonal_chain(L - 1, w, dtype=np.dtype(dtype), seed=seed)
+    raise ValueError(f"unknown structure {structure!r}; valid: dense, diagonal")
+
+
+def _timing_of(job: Job, chain, x, repeats):
+    if job.method == "jax":
+        return measure_jax(chain, x, repeats)
+    if job.method == "torch":
+        return measure_torch(chain, x, repeats)
+    if job.baseline:  # backprop, backprop-numpy: the backend label is the kernel set
+        return measure_chainprod(chain, x, method="backprop", kernels=job.backend if backprop_kernels() else None,
+                                 repeats=repeats)
+    return measure_chainprod(chain, x, method=job.method, backend=job.backend, workers=job.workers,
+                             repeats=repeats, trace=True)
+
+
+_PEER_SCHEDULES = {"jax": "jit(grad) of lax.scan", "torch": "autograd, eager"}
+
+
+def measure_job(job: Job, chain, x, repeats) -> tuple[dict, dict | None]:
+    """Measure one job: its CSV row (without the comparison) and its trace records (or None)."""
+    s, L, w, N, dt = job.problem
+    row = dict.fromkeys(FIELDS, "")
+    row.update(structure=s, depth=L, width=w, batch=N, dtype=dt, backend=job.backend, workers=job.workers,
+               method=job.method, repeats=repeats, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               jacobian_bytes=_jacobian_bytes(*job.problem))
     try:
-        for prob, backend, P, m, pred, est in work:
-            s, L, w, N, dt = prob
-            bar.set_postfix_str(f"{s} L={L} w={w} N={N} {backend} P={P} {m}")
-            if prob not in chains:
-                chains.clear()
-                chains[prob] = (_build_chain(s, L, w, dt, sweep.seed),
-                                rng.standard_normal((N, w)).astype(dt))
-            chain, x = chains[prob]
-            row = {k: "" for k in FIELDS}
-            row.update(structure=s, depth=L, width=w, batch=N, dtype=dt, backend=backend, workers=P,
-                       method=m, repeats=sweep.repeats, machine=label,
-                       timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                       jacobian_bytes=_jacobian_bytes(s, L, w, N, dt))
-            t_start = time.perf_counter()
-            try:
-                blocks = cost.chain_blocks(s, L, w) if L > 1 else None
-                sched = _plan(s, L, w, N, m, backend, P, blocks) if L > 1 else None
-                fw, bw, tot, trace, _ = _measure(chain, x, m, backend, P, sweep.repeats,
-                                                 trace_it=True)
-                row["status"] = "ok"
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # one bad configuration must not lose the sweep
-                row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
-                writer.writerow(row)
-                fcsv.flush()
-                rows.append(row)
-                bar.update(est)
-                continue
-            for name, ts in (("forward", fw), ("backward", bw), ("total", tot)):
-                for k, v in _summary(ts).items():
-                    row[f"{name}_{k}"] = v
-            ran_backprop = trace is not None and trace.schedule == "backprop"  # auto chose backprop
-            if m == "backprop" or ran_backprop:
-                if m == "backprop":
-                    baseline[prob] = (row["backward_median"], row["total_median"])
-                row["schedule"] = "backprop" if m == "backprop" else "backprop (auto)"
-                row.update(rounds=max(L - 1, 0), peak_width=1, num_ops=max(L - 1, 0))
-            else:
-                if trace is not None and trace.schedule is not None:
-                    sched = trace.schedule  # what really ran (auto decides on the real blocks)
-                row["schedule"] = sched.name + (f"(chunks={sched.options['chunks']})"
-                                                if "chunks" in sched.options else "")
-                spec_flops = sched.flops(blocks)
-                row.update(rounds=sched.rounds, peak_width=sched.peak_width, num_ops=sched.num_ops,
-                           flops=spec_flops * N, brent_bound=sched.brent_bound(P, blocks) * N,
-                           sequential_flops=_sequential_flops(_spec_arrays(blocks, L - 1)) * N)
-                if trace is not None:
-                    row.update(measured_rounds=trace.rounds, peak_concurrency=trace.peak_concurrency(),
-                               tasks=trace.num_tasks)
-                    if P > 1 or backend in ("ray", "dask"):
-                        key = f"{s}/L={L}/w={w}/N={N}/{dt}/{backend}/P={P}/{m}"
-                        meta["traces"][key] = {"schedule": row["schedule"], "events": trace.to_records()}
-            bp = baseline.get(prob)
-            if bp:
-                row["backprop_backward_median"], row["backprop_total_median"] = bp
-                row["speedup_backward"] = bp[0] / row["backward_median"]
-                row["speedup_total"] = bp[1] / row["total_median"]
-            row["predicted_forward"] = pred["forward"]
-            row["predicted_backward"] = pred["backward"]
-            row["predicted_total"] = pred["total"]
-            row["prediction_error_backward"] = pred["backward"] / row["backward_median"] - 1
-            row["prediction_error_total"] = pred["total"] / row["total_median"] - 1
-            writer.writerow(row)
-            fcsv.flush()
-            rows.append(row)
-            # advance by the estimate, but show real elapsed time in the ETA
-            bar.update(est)
-            _ = time.perf_counter() - t_start
-    except KeyboardInterrupt:
-        meta["interrupted"] = True
-        log(f"\ninterrupted: keeping the {len(rows)} measurements made so far")
-    finally:
-        bar.close()
-        fcsv.close()
-        meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        meta["rows"] = len(rows)
-        meta["prediction"] = prediction_summary(rows)
-        with open(json_path, "w") as f:
-            json.dump(meta, f, indent=2, default=_json_default)
-    meta["csv"], meta["json"] = csv_path, json_path
-    return meta
+        t = _timing_of(job, chain, x, repeats)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # one bad configuration must not lose the sweep
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+        return row, None
+    row["status"] = "ok"
+    for name, ts in (("forward", t.forward), ("backward", t.backward), ("total", t.total)):
+        row.update({f"{name}_{k}": v for k, v in summarize(ts).items()})
+    for k in ("forward", "backward", "total"):
+        if k in job.prediction:
+            row[f"predicted_{k}"] = job.prediction[k]
+            if k != "forward":
+                row[f"prediction_error_{k}"] = job.prediction[k] / row[f"{k}_median"] - 1
+    trace = t.trace
+    if job.baseline or L < 2 or trace.schedule == "backprop":  # "backprop": auto chose it
+        row["schedule"] = _PEER_SCHEDULES.get(job.method, "backprop" if job.baseline else "backprop (auto)")
+        row.update(rounds=max(L - 1, 0), peak_width=1, num_ops=max(L - 1, 0))
+        return row, None
+    sched = trace.schedule if trace.schedule is not None else schedule(job.method, L - 1, workers=job.workers)
+    blocks = cost.chain_blocks(s, L, w)
+    row["schedule"] = sched.name + (f"(chunks={sched.options['chunks']})" if "chunks" in sched.options else "")
+    row.update(rounds=sched.rounds, peak_width=sched.peak_width, num_ops=sched.num_ops,
+               flops=sched.flops(blocks) * N, brent_bound=sched.brent_bound(job.workers, blocks) * N,
+               sequential_flops=build("sequential", L - 1).flops(blocks) * N,
+               measured_rounds=trace.rounds, peak_concurrency=trace.peak_concurrency(), tasks=trace.num_tasks)
+    parallel = job.workers > 1 or job.backend in ("ray", "dask")
+    return row, ({"schedule": row["schedule"], "events": trace.to_records()} if parallel else None)
 
 
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    return str(o)
+# -- 3. compare --------------------------------------------------------------------------------------
+def compare_to_best_backprop(rows, best=None) -> dict:
+    """Fill each row's speedup over the best backprop of its problem; return that best.
 
+    ``best`` maps ``"backward"``/``"total"`` to ``(baseline name, median seconds)``;
+    computed from the ok baseline rows in ``rows`` when not given.
+    """
+    def measured(r, metric):  # a time of 0 is below resolution (JAX's backward estimate can be): no ratio
+        return r["status"] == "ok" and r[f"{metric}_median"] > 0
 
-def prediction_summary(rows) -> dict:
-    """How well the model predicted the measured times, per backend and worker count."""
-    out = {}
+    if best is None:
+        best = {}
+        for metric in ("backward", "total"):
+            ok = [r for r in rows if r["method"] in BASELINES and measured(r, metric)]
+            if ok:
+                r = min(ok, key=lambda r: r[f"{metric}_median"])
+                best[metric] = (r["method"], r[f"{metric}_median"])
     for r in rows:
-        if r.get("status") != "ok" or r.get("prediction_error_total") in ("", None):
-            continue
-        key = f"{r['backend']}/P={r['workers']}" if r["method"] != "backprop" else "backprop"
-        out.setdefault(key, {"total": [], "backward": []})
-        out[key]["total"].append(abs(float(r["prediction_error_total"])))
-        out[key]["backward"].append(abs(float(r["prediction_error_backward"])))
-    summary = {}
-    for k, v in out.items():
-        t, b = np.array(v["total"]), np.array(v["backward"])
-        summary[k] = {"n": int(t.size), "median_abs_error_total": float(np.median(t)),
-                      "within_25pct_total": float(np.mean(t <= 0.25)),
-                      "median_abs_error_backward": float(np.median(b)),
-                      "within_25pct_backward": float(np.mean(b <= 0.25))}
-    return summary
+        for metric, (name, t) in best.items():
+            r[f"best_backprop_{metric}"], r[f"best_backprop_{metric}_median"] = name, t
+            if measured(r, metric):
+                r[f"speedup_{metric}"] = t / r[f"{metric}_median"]
+    return best
 
 
-class _NoBar:
-    def __init__(self, total):
-        self.total = total
+# -- progress ----------------------------------------------------------------------------------------
+class _Progress:
+    """A tqdm bar on a terminal, one line per finished problem elsewhere, or nothing."""
 
-    def set_postfix_str(self, s):
-        pass
+    def __init__(self, mode, total, n_problems, log):
+        self.mode, self.log, self.n, self.done = mode, log, n_problems, 0
+        self.bar = None
+        if mode == "bar":
+            try:
+                from tqdm.auto import tqdm
 
-    def update(self, n):
-        pass
+                self.bar = tqdm(total=round(total, 1), unit="s(est)", dynamic_ncols=True,
+                                bar_format="{l_bar}{bar}| [{elapsed}<{remaining}] {postfix}")
+            except ImportError:
+                self.mode = "lines"
+
+    def job(self, job: Job):
+        if self.bar is not None:
+            s, L, w, N, _ = job.problem
+            self.bar.set_postfix_str(f"{s} L={L} w={w} N={N} {job.backend} P={job.workers} {job.method}")
+
+    def job_done(self, job: Job):
+        if self.bar is not None:
+            self.bar.update(job.estimate)
+
+    def problem_done(self, problem, rows, seconds):
+        self.done += 1
+        if self.mode != "lines":
+            return
+        s, L, w, N, dt = problem
+        parts = []
+        for r in rows:
+            if r["status"] != "ok":
+                parts.append(f"{r['method']} failed")
+            elif r["method"] not in BASELINES:
+                where = r["backend"] + (f" P={r['workers']}" if r["backend"] not in ("vectorized", "serial") else "")
+                parts.append(f"{r['method']} {where} {r['speedup_backward']:.2f}x")
+        best = (rows[0].get("best_backprop_backward") or "?") if rows else "?"
+        self.log(f"[{self.done}/{self.n}] {s} L={L} w={w} N={N} {dt} ({seconds:.1f} s): backward vs best "
+                 f"backprop ({best}): {', '.join(parts) or 'no scans'}")
 
     def close(self):
-        pass
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _progress(total, enabled):
-    if not enabled:
-        return _NoBar(total)
+def _progress_mode(progress) -> str:
+    if progress in (False, None, "none"):
+        return "none"
+    if progress in (True, "auto"):
+        return "bar" if sys.stderr.isatty() else "lines"
+    if progress not in ("bar", "lines"):
+        raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'none', got {progress!r}")
+    return progress
+
+
+# -- the sweep ---------------------------------------------------------------------------------------
+def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=print, model=None) -> dict:
+    """Run ``sweep``; write ``results.csv``, ``results.json`` and ``traces.json.gz`` to ``out_dir``.
+
+    Parameters
+    ----------
+    progress : {"auto", "bar", "lines", "none"} or bool
+        ``"auto"`` (or True): a progress bar on a terminal, else one line per
+        finished problem; ``"none"`` (or False): silent.
+    command : str, optional
+        Recorded in ``results.json`` (default: this process's command line).
+    log : callable
+        Receives the sweep's messages (skips, the plan, per-problem lines).
+    model : CostModel, optional
+        For predictions and estimates (default: the saved calibration).
+
+    Returns
+    -------
+    dict
+        The contents of ``results.json`` plus ``csv``, ``json``, ``traces``
+        (paths). ``meta["interrupted"]`` is True after Ctrl-C: the rows
+        measured so far are kept and the files are valid.
+    """
+    model = model or cost.load_model()
+    info = machine_info()
+    label = machine_label(info)
+    jobs, skipped = plan_sweep(sweep, model)
+    for s in skipped:
+        if "problem" not in s:
+            log(f"skipping {s.get('backend') or s.get('baseline')}: {s['reason']}")
+    meta = {"command": command if command is not None else " ".join(sys.argv),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": info, "machine_label": label,
+            "versions": library_versions(), "sweep": asdict(sweep), "cost_model": model.source,
+            "skipped": skipped, "interrupted": False}
+    n_problems = len({j.problem for j in jobs})
+    total_est = sum(j.estimate for j in jobs)
+    log(f"{len(jobs)} measurements over {n_problems} problems; model estimate {total_est:.0f} s "
+        f"({len(skipped)} skipped: see results.json)")
+    writer = ResultsWriter(out_dir)
+    bar = _Progress(_progress_mode(progress), total_est, n_problems, log)
+    rng = np.random.default_rng(sweep.seed)
     try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar(total)
-    return tqdm(total=round(total, 1), unit="s(est)", dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| [{elapsed}<{remaining}] {postfix}")
+        for prob, prob_jobs in itertools.groupby(jobs, key=lambda j: j.problem):
+            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label)
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+    finally:
+        bar.close()
+        meta.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), rows=len(writer.rows))
+        writer.close(meta)
+    if meta["interrupted"]:
+        log(f"interrupted: kept the {len(writer.rows)} measurements made so far")
+    return {**meta, "csv": writer.csv, "json": writer.json, "traces": writer.traces_path}
 
 
-def read_results(path) -> list[dict]:
-    """Rows of a ``results.csv`` (or a directory holding one), numbers converted."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "results.csv")
-    out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            for k, v in r.items():
-                if v in ("", None):
-                    r[k] = None
-                    continue
-                try:
-                    r[k] = int(v) if k in ("depth", "width", "batch", "workers", "repeats") else float(v) \
-                        if k not in ("structure", "dtype", "backend", "method", "schedule", "status", "machine",
-                                     "timestamp") else v
-                except ValueError:
-                    pass
-            out.append(r)
-    return out
+def _run_problem(problem, jobs, sweep, rng, writer, bar, label):
+    """Measure one problem: its baselines (written together, compared among themselves), then its scans."""
+    t0 = time.perf_counter()
+    s, L, w, N, dt = problem
+    chain = build_chain(s, L, w, dt, sweep.seed)
+    x = rng.standard_normal((N, w)).astype(dt)
+    rows = []
+
+    def run(job):
+        bar.job(job)
+        row, trace = measure_job(job, chain, x, sweep.repeats)
+        row["machine"] = label
+        bar.job_done(job)
+        return row, trace
+
+    try:
+        for job in (j for j in jobs if j.baseline):
+            rows.append(run(job)[0])
+    finally:  # after Ctrl-C too: the baselines measured so far are kept
+        best = compare_to_best_backprop(rows)
+        for r in rows:
+            writer.write(r)
+    for job in (j for j in jobs if not j.baseline):
+        row, trace = run(job)
+        compare_to_best_backprop([row], best)
+        writer.write(row, trace)
+        rows.append(row)
+    bar.problem_done(problem, rows, time.perf_counter() - t0)
+
+

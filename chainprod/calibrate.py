@@ -20,30 +20,51 @@ where :func:`chainprod.cost.load_model` finds it.
 from __future__ import annotations
 
 import importlib.util
-import platform
 import statistics
 import time
 
 import numpy as np
 
-from .cost import _W, CostModel, save_model
+from ._timing import library_versions, machine_info, measure_chainprod, median_time
+from .cost import CostModel, load_model, save_model
+from .executors import Trace
+from .grad import backward, forward, loss_seed
+from .layers import diagonal_chain, mlp
+from .products import suffix_products
+from .schedules import build
 
-__all__ = ["calibrate", "machine_info", "median_time"]
+__all__ = ["calibrate", "calibration_status", "engine_latency"]
+
+#: block widths of the calibration grid (the model interpolates log-log between them)
+WIDTHS = (2, 4, 8, 16, 32, 64, 128, 256)
+
+#: what a calibration must share with this process to be trusted here
+_FINGERPRINT_KEYS = ("hostname", "machine", "cpus")
+_FINGERPRINT_PACKAGES = ("chainprod", "numpy", "numba")
 
 
-def median_time(fn, repeats=5, min_time=0.0, stat=statistics.median):
-    """Median (or ``stat``) seconds of ``fn()`` over ``repeats`` runs (each loops until ``min_time``)."""
-    out = []
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            dt = time.perf_counter() - t0
-            if dt >= min_time:
-                break
-        out.append(dt / n)
-    return stat(out)
+def _fingerprint(info=None, versions=None) -> dict:
+    info = machine_info() if info is None else info
+    versions = library_versions() if versions is None else versions
+    return {**{k: info.get(k) for k in _FINGERPRINT_KEYS},
+            **{f"version:{p}": versions.get(p) for p in _FINGERPRINT_PACKAGES}}
+
+
+def calibration_status(model: CostModel | None = None) -> str | None:
+    """``None`` when ``model`` (default: the saved one) was calibrated here, else why it does not fit.
+
+    "Here" means the same host name, architecture and core count, and the same
+    versions of chainprod, numpy and numba (whose kernels set the costs).
+    """
+    model = load_model() if model is None else model
+    if model.source == "defaults" or not model.machine:
+        return "no saved calibration"
+    saved = model.machine.get("fingerprint")
+    if saved is None:
+        return "the saved calibration does not record its machine and library versions"
+    now = _fingerprint()
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    return f"the saved calibration is for another setup ({'; '.join(diff)})" if diff else None
 
 
 def _monotone(ts):
@@ -51,25 +72,7 @@ def _monotone(ts):
     return np.minimum.accumulate(np.asarray(ts, float)[::-1])[::-1].tolist()
 
 
-def machine_info() -> dict:
-    import os
-
-    info = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "system": platform.system(), "release": platform.release(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "numpy": np.__version__, "hostname": platform.node()}
-    try:
-        cfg = np.show_config(mode="dicts")
-        blas = cfg.get("Build Dependencies", {}).get("blas", {})
-        info["blas"] = f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:  # pragma: no cover - older numpy
-        info["blas"] = "?"
-    try:
-        import psutil
-
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:  # pragma: no cover
-        pass
-    return info
+_a1 = np.ones(4)
 
 
 def _op_rates(repeats):
@@ -77,7 +80,7 @@ def _op_rates(repeats):
     ops = {}
     for cls in ("mm", "mv", "ew"):
         ts = []
-        for w in _W:
+        for w in WIDTHS:
             if cls == "mm":
                 n = int(np.clip(2**21 // w**3, 8, 4096))
                 x = np.random.default_rng(0).standard_normal((2 * n, 1, w, w)) / np.sqrt(w)
@@ -96,18 +99,31 @@ def _op_rates(repeats):
                 fn = lambda a=a, b=b: np.multiply(a, b, out=b)  # noqa: E731
             t = median_time(fn, repeats, 2e-3)
             ts.append(max((t - call) / n, 1e-11))
-        ops[cls] = {"w": list(_W), "t": _monotone(ts)}
+        ops[cls] = {"w": list(WIDTHS), "t": _monotone(ts)}
     return call, ops
 
 
-_a1 = np.ones(4)
+def _scan_preparation(chain, x, repeats):
+    """Median seconds of a scan's backward pass outside its combine ops (Jacobians, VJPs)."""
+    preps = []
+    for _ in range(repeats):
+        tape = forward(chain, x)
+        seed = loss_seed(tape)[1]
+        tr = Trace()
+        t0 = time.perf_counter()
+        backward(tape, seed, method="brent_kung", trace=tr)
+        total = time.perf_counter() - t0
+        preps.append(total - sum(e.end - e.start for e in tr.events))
+    return max(statistics.median(preps), 1e-9)
 
 
-def _layer_costs(repeats, widths=_W, batches=(1, 16)):
-    """Per-layer forward, backprop and scan-preparation seconds (median), per structure."""
-    import chainprod as cp
-    from chainprod.grad import loss_seed
+def _layer_costs(repeats, widths=WIDTHS, batches=(1, 16)):
+    """Per-layer forward, backprop and scan-preparation seconds (median), per structure.
 
+    Forward and backprop are timed by the sweep's own protocol (a fresh
+    forward pass, then the backward pass, each repeat) with the default
+    backprop kernels, so the model predicts what ``method="backprop"`` runs.
+    """
     out = {}
     for structure in ("dense", "diagonal"):
         rows = {"forward": [], "backprop": [], "prep": []}
@@ -115,27 +131,12 @@ def _layer_costs(repeats, widths=_W, batches=(1, 16)):
             f_row, b_row, p_row = [], [], []
             for w in widths:
                 L = int(np.clip(2**19 // (N * w * w), 32, 512)) if structure == "dense" else 512
-                chain = cp.mlp([w] * L + [1]) if structure == "dense" else cp.diagonal_chain(L - 1, w)
+                chain = mlp([w] * L + [1]) if structure == "dense" else diagonal_chain(L - 1, w)
                 x = np.random.default_rng(0).standard_normal((N, w))
-                tape = cp.forward(chain, x)
-                _, seed = loss_seed(tape, None, None)
-                # the bench's own protocol: fresh forward then backward each repeat, medians
-                from .bench import _measure
-
-                fw, bw, _, _, _ = _measure(chain, x, "backprop", "vectorized", 1, repeats, False)
-                f, b = statistics.median(fw), statistics.median(bw)
-                preps = []
-                for _ in range(repeats):
-                    tape = cp.forward(chain, x)
-                    _, seed = loss_seed(tape, None, None)
-                    tr = cp.Trace()
-                    t0 = time.perf_counter()
-                    cp.backward(tape, seed, method="brent_kung", trace=tr)
-                    total = time.perf_counter() - t0
-                    preps.append(total - sum(e.end - e.start for e in tr.events))
-                f_row.append(f / L)
-                b_row.append(b / L)
-                p_row.append(max(statistics.median(preps), 1e-9) / L)
+                t = measure_chainprod(chain, x, method="backprop", repeats=repeats)
+                f_row.append(statistics.median(t.forward) / L)
+                b_row.append(statistics.median(t.backward) / L)
+                p_row.append(_scan_preparation(chain, x, repeats) / L)
             rows["forward"].append(_monotone(f_row))
             rows["backprop"].append(_monotone(b_row))
             rows["prep"].append(_monotone(p_row))
@@ -144,19 +145,21 @@ def _layer_costs(repeats, widths=_W, batches=(1, 16)):
 
 
 def engine_latency(backend, workers=2, repeats=3):
-    """(round latency, task latency, run latency) of ``backend`` from tiny schedules, or None."""
-    import chainprod as cp
-    from chainprod.schedules import build
+    """``(round latency, task latency, run latency)`` of ``backend`` from tiny schedules, or None.
 
+    Blocks are 2 x 2, so compute is negligible: a one-op run gives the run
+    latency, 16 dependent one-op rounds give the round (hop) latency, and the
+    wide rounds of ``hillis_steele`` give the latency of a task.
+    """
     mats = [np.eye(2) * 1.0 for _ in range(65)]
     try:
-        cp.suffix_products(mats[:4], method="sequential", backend=backend, workers=workers)  # warm up
+        suffix_products(mats[:4], method="sequential", backend=backend, workers=workers)  # warm up
     except ImportError:
         return None
 
     def run(method, L):
         s = build(method, L)
-        return median_time(lambda: cp.suffix_products(mats[:L], method=s, backend=backend, workers=workers),
+        return median_time(lambda: suffix_products(mats[:L], method=s, backend=backend, workers=workers),
                            repeats), s
 
     t2, _ = run("sequential", 2)  # one round, one task
@@ -169,25 +172,41 @@ def engine_latency(backend, workers=2, repeats=3):
 
 
 def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, path=None, progress=print) -> CostModel:
-    """Measure this machine and return (and by default save) a :class:`CostModel`."""
+    """Measure this machine and return (and by default save) a :class:`~chainprod.cost.CostModel`.
+
+    Parameters
+    ----------
+    quick : bool
+        Fewer repeats (3 instead of 5): a few seconds less, noisier figures.
+    engines : tuple of str
+        Parallel backends whose latencies to time; those not installed, or
+        failing to start, keep the default latencies (and say so).
+    save : bool
+        Write the model where :func:`chainprod.cost.load_model` finds it
+        (``path``, default :func:`chainprod.cost.model_path`).
+    progress : callable
+        Receives one line per step.
+    """
     repeats = 3 if quick else 5
     t0 = time.perf_counter()
     progress("calibrate: numpy kernels (call latency, mm / mv / ew per-op times) ...")
     call, ops = _op_rates(repeats)
-    progress(f"  call latency {call * 1e6:.2f} us; mm at w=64: {ops['mm']['t'][5] * 1e6:.2f} us/op")
+    progress(f"  call latency {call * 1e6:.2f} us; mm at w=64: {ops['mm']['t'][WIDTHS.index(64)] * 1e6:.2f} us/op")
     progress("calibrate: per-layer forward / backprop / scan preparation ...")
-    layers = _layer_costs(3 if quick else 5, widths=_W)
-    model = CostModel(call_latency=call, ops=ops, layers=layers, machine=machine_info(),
+    layers = _layer_costs(repeats)
+    info = machine_info()
+    info["fingerprint"] = _fingerprint(info)
+    model = CostModel(call_latency=call, ops=ops, layers=layers, machine=info,
                       source=f"chainprod calibrate ({time.strftime('%Y-%m-%d %H:%M:%S')})")
-    ser = median_time(lambda: [np.multiply(_a1, _a1) for _ in range(100)], repeats) / 100
-    model.serial_op_latency = ser * 3
+    # Python overhead per op of the serial executor: about three small numpy calls
+    model.serial_op_latency = 3 * median_time(lambda: [np.multiply(_a1, _a1) for _ in range(100)], repeats) / 100
     for backend in engines:
         if backend in ("ray", "dask") and importlib.util.find_spec(backend) is None:
             progress(f"calibrate: {backend} not installed; keeping default latencies")
             continue
         progress(f"calibrate: {backend} latencies (task, dependent hop, run) ...")
         try:
-            lat = engine_latency(backend, repeats=3 if quick else 5)
+            lat = engine_latency(backend, repeats=repeats)
         except Exception as e:  # an engine that cannot start must not lose the rest
             progress(f"  {backend} failed ({type(e).__name__}: {e}); keeping default latencies")
             continue
@@ -198,6 +217,5 @@ def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, pat
         progress(f"  {backend}: hop {lat[0] * 1e3:.3f} ms, task {lat[1] * 1e3:.3f} ms, run {lat[2] * 1e3:.3f} ms")
     progress(f"calibrate: done in {time.perf_counter() - t0:.1f} s")
     if save:
-        where = save_model(model, path)
-        progress(f"calibrate: saved {where}")
+        progress(f"calibrate: saved {save_model(model, path)}")
     return model

@@ -8,9 +8,24 @@ and figures written to ``--out``. Run ``chainprod <command> --help`` for each.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
 import shlex
 import sys
+import time
+from importlib.metadata import version
+
+import numpy as np
+
+from . import cost
+from .bench import PRESETS, Sweep, read_results, run_sweep
+from .calibrate import calibrate, calibration_status
+from .grad import grad
+from .layers import diagonal_chain, mlp
+from .plots import plot_results, schedule_diagram, simulation
+from .report import summary_lines, write_report
+from .schedules import schedule
 
 __all__ = ["main", "build_parser"]
 
@@ -36,16 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-layer gradients by parallel prefix scans of Jacobians: benchmarks, plans, model.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    b = sub.add_parser("bench", help="sweep depth x workers x width x backend x method against backprop",
-                       description="Measure forward, backward and end-to-end times of every configuration "
-                                   "and of backprop (the baseline, measured for every problem); write "
-                                   "results.csv, results.json and figures to --out. Ctrl-C keeps what "
-                                   "was measured. Defaults: about 3 minutes on a 2-core machine.")
+    b = sub.add_parser("bench", help="sweep depth x workers x width x backend x method against the best backprop",
+                       description="Measure forward, backward and end-to-end times of every scan configuration "
+                                   "and of every backprop baseline (compiled and numpy backprop, JAX jit(grad), "
+                                   "torch autograd, where installed); speedups are against the fastest of them. "
+                                   "Calibrates the cost model first if this machine has none. Writes results.csv, "
+                                   "results.json, traces.json.gz, figures and report.md to --out. Ctrl-C keeps "
+                                   "what was measured (exit status 130). Defaults: a few minutes on 2 cores.")
     b.add_argument("--depths", type=_ints, help="comma list of depths L, e.g. 256,2048,2^14")
     b.add_argument("--workers", type=_ints, help="comma list of worker counts P")
     b.add_argument("--widths", type=_ints, help="comma list of widths w")
     b.add_argument("--backends", type=_strs, help="comma list: vectorized,threads,serial,ray,dask")
-    b.add_argument("--methods", type=_strs, help="comma list: backprop,auto,sklansky,brent_kung,chunked,...")
+    b.add_argument("--methods", type=_strs, help="comma list of scans: auto,sklansky,brent_kung,chunked,...")
+    b.add_argument("--baselines", type=_strs, help="comma list: backprop,backprop-numpy,jax,torch (default: all "
+                                                   "installed; backprop is always measured)")
     b.add_argument("--structure", type=_strs, help="comma list: dense,diagonal")
     b.add_argument("--batch", type=_ints, help="comma list of batch sizes N")
     b.add_argument("--dtype", type=_strs, help="comma list: float64,float32")
@@ -53,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-config-seconds", type=float, help="skip configurations predicted to take longer")
     b.add_argument("--out", default="chainprod-results", help="output directory (default: %(default)s)")
     b.add_argument("--quick", action="store_true", help="a seconds-long sweep (smoke test)")
-    b.add_argument("--no-plots", action="store_true", help="write results only")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--no-plots", action="store_true", help="write results and report only")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar or per-problem lines")
+    b.add_argument("--no-calibrate", action="store_true", help="do not calibrate first, even without a calibration")
+    b.add_argument("--quiet", action="store_true", help="print only the final summary")
+    b.add_argument("--open", action="store_true", help="open report.html in a browser when done (or print its path)")
 
     pl = sub.add_parser("plot", help="redraw the figures of a saved sweep",
                         description="Read RESULTS (a directory with results.csv/results.json, or the CSV) "
@@ -103,57 +125,80 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_SWEEP_ARGS = (("depths", "depths"), ("workers", "workers"), ("widths", "widths"), ("backends", "backends"),
+               ("methods", "methods"), ("baselines", "baselines"), ("structure", "structures"),
+               ("batch", "batches"), ("dtype", "dtypes"), ("repeats", "repeats"),
+               ("max_config_seconds", "max_config_seconds"))
+
+
+def _sweep_from_args(a):
+    fields = dict(PRESETS["quick" if a.quick else "default"].__dict__)
+    fields.update({fld: getattr(a, arg) for arg, fld in _SWEEP_ARGS if getattr(a, arg) is not None})
+    if "backprop" not in fields["baselines"] and "backprop" not in fields["methods"]:
+        fields["baselines"] = ["backprop", *fields["baselines"]]  # the baseline is always measured
+    return Sweep(**fields)
+
+
+def _calibrate_if_needed(sweep, quick, say) -> str:
+    """Calibrate when this machine and these library versions have no saved model; say how long it took."""
+    why = calibration_status()
+    if why is None:
+        return "cost model: the saved calibration of this machine"
+    say(f"calibrating the cost model first ({why}), so that auto is judged with this machine's costs")
+    t0 = time.perf_counter()
+    calibrate(quick=quick, engines=tuple(b for b in sweep.backends if b in ("threads", "ray", "dask")),
+              progress=lambda line: say("  " + line))
+    took = time.perf_counter() - t0
+    say(f"calibration took {took:.1f} s")
+    return f"calibrated before the sweep ({why}): {took:.1f} s"
+
+
 def _cmd_bench(a):
-    from .bench import PRESETS, Sweep, run_sweep
-
-    base = PRESETS["quick" if a.quick else "default"]
-    sweep = Sweep(**{**base.__dict__})
-    for arg, fld in (("depths", "depths"), ("workers", "workers"), ("widths", "widths"),
-                     ("backends", "backends"), ("methods", "methods"), ("structure", "structures"),
-                     ("batch", "batches"), ("dtype", "dtypes"), ("repeats", "repeats"),
-                     ("max_config_seconds", "max_config_seconds")):
-        v = getattr(a, arg)
-        if v is not None:
-            setattr(sweep, fld, v)
-    if "backprop" not in sweep.methods:
-        sweep.methods = ["backprop", *sweep.methods]  # the baseline is always measured
+    say = (lambda *args, **kw: None) if a.quiet else print
+    sweep = _sweep_from_args(a)
     cmd = "chainprod " + " ".join(shlex.quote(x) for x in a._argv)
-    meta = run_sweep(sweep, a.out, progress=not a.no_progress, command=cmd)
-    print(f"results: {meta['csv']}\n         {meta['json']}")
-    _print_table(meta["csv"])
-    for k, v in meta.get("prediction", {}).items():
-        print(f"model vs measured [{k}]: median |error| {v['median_abs_error_total']:.0%} end-to-end, "
-              f"{v['within_25pct_total']:.0%} within 25% (n={v['n']})")
-    if not a.no_plots:
+    notes = [] if a.no_calibrate else [_calibrate_if_needed(sweep, a.quick, say)]
+    meta = run_sweep(sweep, a.out, progress="none" if (a.quiet or a.no_progress) else "auto", command=cmd, log=say)
+    rows = read_results(meta["csv"])
+    figures, status = [], 0
+    if meta["interrupted"]:
+        status = 130
+        notes.append("interrupted during the sweep: no figures drawn")
+    elif not a.no_plots:
         try:
-            from .plots import plot_results
-
-            plot_results(a.out, log=lambda p: None)
-            print(f"figures: {os.path.join(a.out, 'plots')}/")
+                    figures = plot_results(a.out, log=lambda p: None)
         except ImportError as e:
-            print(f"no figures: {e} (pip install 'chainprod[plot]')")
+            notes.append(f"no figures: {e} (pip install 'chainprod[plot]')")
+        except KeyboardInterrupt:
+            status = 130
+            notes.append("interrupted while drawing the figures: some are missing")
+    report = write_report(a.out, rows, meta, [p for p in figures if p.endswith(".png")], notes=notes)
+    print("\n".join(summary_lines(rows, meta)))
+    if status:
+        print(f"interrupted: partial results kept in {meta['csv']} and {meta['json']}; report {report}")
+        return status
+    print(f"results: {meta['csv']}, {meta['json']}, {meta['traces']}")
+    if figures:
+        print(f"figures: {os.path.join(a.out, 'plots')}/ (headline: speedup_vs_depth.png)")
+    print(f"report:  {report}")
+    if a.open:
+        _open_in_browser(os.path.splitext(report)[0] + ".html")
     return 0
 
 
-def _print_table(csv_path):
-    from .bench import read_results
+def _open_in_browser(path):
+    """Open ``path`` in a graphical browser, or print it (a console browser would take over the terminal)."""
+    import webbrowser
 
-    rows = [r for r in read_results(csv_path) if r["status"] == "ok" and r["method"] != "backprop"]
-    if not rows:
-        return
-    print(f"\n{'structure':9} {'L':>6} {'w':>4} {'N':>3} {'backend':10} {'P':>2} {'schedule':22} "
-          f"{'bwd ms':>9} {'bp ms':>9} {'speedup':>8} {'e2e x':>6} {'pred err':>8}")
-    for r in rows:
-        print(f"{r['structure']:9} {r['depth']:>6} {r['width']:>4} {r['batch']:>3} {r['backend']:10} "
-              f"{r['workers']:>2} {str(r['schedule'])[:22]:22} {r['backward_median'] * 1e3:>9.2f} "
-              f"{(r['backprop_backward_median'] or float('nan')) * 1e3:>9.2f} "
-              f"{(r['speedup_backward'] or float('nan')):>7.2f}x {(r['speedup_total'] or float('nan')):>5.2f}x "
-              f"{r['prediction_error_total']:>+8.0%}")
+    gui = sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    try:
+        opened = bool(gui) and webbrowser.open(pathlib.Path(path).resolve().as_uri())
+    except webbrowser.Error:
+        opened = False
+    print(f"opened {path}" if opened else f"no browser here; open {path}")
 
 
 def _cmd_plot(a):
-    from .plots import plot_results
-
     path = a.results
     if path.endswith(".csv"):
         path = os.path.dirname(path) or "."
@@ -165,26 +210,19 @@ def _cmd_plot(a):
 
 
 def _cmd_schedule(a):
-    from .schedules import schedule
-
-    opts = {}
     s = schedule(a.name, a.L, workers=a.workers, blocks=a.width)
     if a.validate:
         s.validate()
         print("validated: every output holds exactly its prefix")
     print(s.describe(a.width, a.workers))
     if a.draw:
-        from .plots import schedule_diagram
-
         stem = os.path.splitext(a.draw)[0]
-        for p in schedule_diagram(s, stem, **opts):
+        for p in schedule_diagram(s, stem):
             print(f"drew {p}")
     return 0
 
 
 def _cmd_simulate(a):
-    from . import cost
-
     model = cost.load_model()
     print(f"cost model: {model.source}; backend latencies: {a.backend}; "
           f"{a.structure} w={a.width} N={a.batch}; backward pass only (forward is sequential for both)")
@@ -201,15 +239,11 @@ def _cmd_simulate(a):
     print("(speedup = predicted backprop time / predicted best-scan time; crossover = smallest L = 2^k "
           "where the scan wins)")
     try:
-        from .plots import simulation
-
         for p in simulation(results, os.path.join(a.out, f"simulate_{a.structure}_w{a.width}"),
                             machine=(model.machine or {}).get("hostname")):
             print(f"drew {p}")
     except ImportError as e:
         print(f"no figure: {e}")
-    import json
-
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"simulate_{a.structure}_w{a.width}.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -217,30 +251,24 @@ def _cmd_simulate(a):
 
 
 def _cmd_calibrate(a):
-    from .calibrate import calibrate
-
     calibrate(quick=a.quick, engines=tuple(a.engines), path=a.output)
     return 0
 
 
 def _cmd_demo(a):
-    import numpy as np
-
-    import chainprod as cp
-
-    print(f"chainprod {cp.__version__}: per-layer gradients by parallel prefix scans\n")
-    for name, chain in (("tanh MLP", cp.mlp([a.width] * a.depth + [1])),
-                        ("diagonal chain", cp.diagonal_chain(a.depth - 1, a.width))):
+    print(f"chainprod {version('chainprod')}: per-layer gradients by parallel prefix scans\n")
+    for name, chain in (("tanh MLP", mlp([a.width] * a.depth + [1])),
+                        ("diagonal chain", diagonal_chain(a.depth - 1, a.width))):
         x = np.random.default_rng(0).standard_normal((4, a.width))
-        ref = cp.grad(chain, x, method="backprop")
+        ref = grad(chain, x, method="backprop")
         print(f"{name}: L={len(chain)} layers, width {a.width}, batch 4, backend {a.backend}")
         for method in ("sklansky", "brent_kung", "hillis_steele", "chunked", "auto"):
-            g = cp.grad(chain, x, method=method, backend=a.backend)
+            g = grad(chain, x, method=method, backend=a.backend)
             worst = max(float(np.max(np.abs(gp - rp)) / (np.max(np.abs(rp)) + 1e-300))
                         for gl, rl in zip(g, ref) for gp, rp in zip(gl, rl))
             print(f"  {method:14} worst per-layer relative difference vs backprop: {worst:.1e}")
     print()
-    print(cp.schedule("sklansky", 16).describe(a.width))
+    print(schedule("sklansky", 16).describe(a.width))
     return 0
 
 
@@ -261,6 +289,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, ImportError) as e:
         print(f"chainprod {a.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # anywhere else (e.g. calibrating): a message, not a traceback
+        print(f"\nchainprod {a.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ True
 from __future__ import annotations
 
 __all__ = ["NonFiniteError", "ScheduleError", "DistributedError", "DistributedTimeoutError",
-           "ClusterConnectionError", "GradientCheckError"]
+           "ClusterConnectionError", "GradientCheckError", "UnsupportedModuleError"]
 
 
 class NonFiniteError(FloatingPointError, ValueError):
@@ -49,3 +49,16 @@ class ClusterConnectionError(DistributedError, ConnectionError):
 
 class GradientCheckError(AssertionError):
     """Analytic and numerical gradients disagree (raised by ``testing.assert_grads_close``)."""
+
+
+class UnsupportedModuleError(ValueError):
+    """A torch model, or one of its modules, that chainprod cannot represent exactly.
+
+    ``where`` is the module's position as a string (``"1.2"`` = ``model[1][2]``,
+    ``""`` = the model itself) and ``module`` the offending module.
+    """
+
+    def __init__(self, message, where=None, module=None):
+        super().__init__(message)
+        self.where = where
+        self.module = module

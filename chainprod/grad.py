@@ -1,30 +1,27 @@
-"""Public entry points: per-layer gradients and suffix products.
+"""Public entry points: per-layer gradients of a sequential model.
 
-``grad`` = forward pass (sequential, stores layer outputs) + backward pass.
-The backward pass needs, for every layer ``l``, the row vector
+``grad`` = forward pass (sequential, stores layer outputs, :mod:`chainprod.tape`)
++ backward pass. The backward pass needs, for every layer ``l``, the row
 ``v_l = seed . A_L ... A_{l+1}`` (``seed = dloss/dx_L``), then a parameter
-VJP. Backprop forms the ``v_l`` one after another; every other method hands
-the Jacobians to a schedule and an executor, which form all of them as the
-prefixes of one scan::
-
-    scan order:  [seed . A_L,  A_{L-1},  A_{L-2},  ...,  A_2]
-    prefix [0,k] = seed . A_L ... A_{L-k} = v_{L-k-1}
-
-Position 0 is a thin ``1 x w`` block, so every prefix is thin too: the
-schedule's down-sweep ops are vector-matrix products.
+VJP. Backprop forms the ``v_l`` one after another; a scan forms all of them
+as the prefixes of one scan (``docs/theory.md``). This module resolves what
+runs (the method, ``auto``'s choice, the kernels, the backend) and hands the
+work to the compiled kernels (:mod:`chainprod.backward_compiled`), the numpy
+reference (:mod:`chainprod.backward_numpy`) or a cluster.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import backward_compiled, backward_numpy
 from ._validate import as_float_array, check_workers
-from .blocks import COMBINE, KINDS, BlockSeq, Segment
-from .cost import LOCAL_BACKENDS, auto_runs_backprop
-from .errors import NonFiniteError
+from .autotune import COMPILED_BACKENDS, choose_method
+from .errors import NonFiniteError  # noqa: F401  (re-exported for users of chainprod.grad)
 from .executors import Executor, Trace, get_executor, valid_backends
-from .layers import Chain, _run_forward
+from .layers import Chain
 from .schedules import Schedule, schedule, valid_methods
+from .tape import Tape, forward, resolve_kernels
 
 __all__ = ["Tape", "forward", "backward", "loss_seed", "grad", "value_and_grad", "LOSSES", "make_trace"]
 
@@ -47,59 +44,11 @@ def _mse_seed(out, y):
 
 
 LOSSES = {
-    # sum over the batch of the (scalar) output: the gradient the issue defines
+    # sum over the batch of the (scalar) output: the gradient of the model itself
     "sum": (_sum_value, _sum_seed),
     # mean squared error over all elements, as torch.nn.functional.mse_loss
     "mse": (_mse_value, _mse_seed),
 }
-
-
-class Tape:
-    """What a forward pass keeps for the backward pass: every layer's output.
-
-    ``outputs[r]`` is the ``(count, N, d_out)`` stack of run ``r``'s outputs;
-    ``inputs[r]`` is that run's input ``(N, d_in)``.
-    """
-
-    def __init__(self, chain: Chain, x2, one: bool):
-        self.chain = chain
-        self.x = x2
-        self.one = one
-        self.inputs, self.outputs = [], []
-        h = x2
-        for run in chain.runs:
-            Y = np.empty((run.count, x2.shape[0], run.d_out), dtype=chain.dtype)
-            _run_forward(run, h, Y)
-            self.inputs.append(h)
-            self.outputs.append(Y)
-            h = Y[-1]
-        self.out = h
-
-    @property
-    def batch(self):
-        return self.x.shape[0]
-
-    def run_inputs(self, r):
-        """``(count, N, d_in)``: each layer's input in run ``r``."""
-        Y = self.outputs[r]
-        return np.concatenate([self.inputs[r][None], Y[:-1]]) if Y.shape[0] > 1 else self.inputs[r][None]
-
-
-def forward(chain: Chain, x) -> Tape:
-    """Run the chain forward on ``x`` and keep what the backward pass needs."""
-    if not isinstance(chain, Chain):
-        raise TypeError(f"expected a chainprod Chain, got {type(chain).__name__}")
-    x2, one = chain.check_input(x)
-    with np.errstate(over="ignore", invalid="ignore"):  # reported below with the layer
-        tape = Tape(chain, x2, one)
-    if not np.all(np.isfinite(tape.out)):
-        for run, Y in zip(chain.runs, tape.outputs):
-            ok = np.isfinite(Y.reshape(Y.shape[0], -1)).all(axis=1)
-            if not ok.all():
-                l = run.start + int(np.flatnonzero(~ok)[0])
-                raise NonFiniteError(f"the forward pass overflowed: the output of layer {l} is NaN or "
-                                     "infinite (inputs and parameters are finite)", (l, l))
-    return tape
 
 
 def loss_seed(tape: Tape, y=None, loss=None):
@@ -155,48 +104,45 @@ def loss_seed(tape: Tape, y=None, loss=None):
 
 
 def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=None, trace=None,
-             engine_options=None):
+             engine_options=None, kernels=None):
     """Per-layer parameter gradients from a tape and ``seed = dloss/dx_L`` ``(N, d_L)``.
 
-    ``engine_options`` (``timeout=``, ``retries=`` for Ray/Dask) go to the executor.
+    ``kernels`` (default: the kernels the tape was made with) picks the
+    compiled kernels or the numpy reference; ``engine_options``
+    (``timeout=``, ``retries=`` for Ray/Dask) go to the executor. The other
+    parameters are as in :func:`grad`.
     """
     engine_options = dict(engine_options or {})
-    chain = tape.chain
-    L = len(chain)
+    L = len(tape.chain)
     workers = check_workers(workers)
+    kernels = resolve_kernels(kernels if kernels is not None else tape.kernels)
     _check_method_backend(method, backend)
-    if engine_options and not hasattr(get_executor(backend), "backward_remote"):
-        get_executor(backend).check_options(engine_options)  # local: say they do nothing, whatever the method
+    executor = get_executor(backend)
+    remote = hasattr(executor, "backward_remote")
+    if engine_options and not remote:
+        executor.check_options(engine_options)  # local: say they do nothing, whatever the method
+    compiled = kernels != "numpy"
     # Overflow is detected and reported with the layer range after the fact;
     # numpy's own warnings would only repeat it without the range.
     with np.errstate(over="ignore", invalid="ignore"):
-        if isinstance(method, str) and method == "backprop":
-            deltas = _backprop_deltas(tape, seed)
-        elif _auto_prefers_backprop(tape, method, backend, workers, trace):
-            deltas = _backprop_deltas(tape, seed)
-        # -- distributed dispatch (ray/dask): Jacobians, scan and VJPs run on the workers;
-        # only per-layer gradients come back (chainprod/executors/distributed.py) --
-        elif L > 1 and hasattr(get_executor(backend), "backward_remote"):
-            return get_executor(backend).backward_remote(tape, seed, method=method, workers=workers,
-                                                         trace=trace, **engine_options)
-        # -- end distributed dispatch --
-        else:
-            deltas = _scan_deltas(tape, seed, method, backend, workers, trace, engine_options)
-    grads = []
-    for r, run in enumerate(chain.runs):
-        with np.errstate(over="ignore", invalid="ignore"):
-            gs = run.cls.param_grads(run.params, deltas[r], tape.run_inputs(r))
-        for g in gs:
-            if np.isfinite(g).all():  # the common case: one pass, no per-layer reduction
-                continue
-            ok = np.isfinite(g.reshape(g.shape[0], -1)).all(axis=1)
-            if not ok.all():
-                l = run.start + int(np.flatnonzero(~ok)[0])
-                raise NonFiniteError(f"the parameter gradient of layer {l} overflowed (delta^T x is not "
-                                     "finite although both factors are)", (l, l))
-        # list(array) makes the per-layer views in C; zip pairs them per layer
-        grads += zip(*(list(g) for g in gs))
-    return grads
+        if remote and L > 1 and not (isinstance(method, str) and method == "backprop"):
+            # Ray/Dask: Jacobians, scan and VJPs run on the workers; only
+            # per-layer gradients come back (chainprod/executors/distributed.py).
+            return executor.backward_remote(tape, seed, method=method, workers=workers, trace=trace,
+                                            **engine_options)
+        plan = choose_method(tape, seed, method, backend, workers, kernels)
+        if trace is not None and L > 1:
+            trace.schedule = plan
+        if isinstance(plan, str):  # "backprop"
+            if compiled:
+                return backward_compiled.backprop_grads(tape, seed, kernels)
+            return backward_numpy.backprop_grads(tape, seed)
+        if not plan.is_scan:
+            raise ValueError(f"schedule {plan.name!r} does not produce every prefix; grad needs a scan")
+        if compiled and backend in COMPILED_BACKENDS:
+            threads = workers or COMPILED_BACKENDS[backend]()
+            return backward_compiled.scan_grads(tape, seed, plan, threads, trace, kernels)
+        return backward_numpy.scan_grads(tape, seed, plan, backend, workers, trace, engine_options)
 
 
 def _check_method_backend(method, backend):
@@ -210,129 +156,6 @@ def _check_method_backend(method, backend):
         raise TypeError(f"method must be a name, a Schedule or a callable, got {method!r}")
 
 
-def _auto_prefers_backprop(tape, method, backend, workers, trace) -> bool:
-    """``method="auto"`` on a local backend: is backprop itself the fastest way?
-
-    The cost model picks the best scan for the real block shapes (planned on a
-    shape-only sequence: no Jacobian is formed to decide). When that is the
-    ``sequential`` scan, no parallel schedule pays for its extra matrix-matrix
-    work here, and backprop does the same sequential order without forming
-    Jacobians at all, so it wins outright (seed Q4: wide blocks, short chains,
-    few workers). The trace then records ``schedule = "backprop"``.
-    """
-    if not (isinstance(method, str) and method == "auto") or len(tape.chain) < 2 or backend not in LOCAL_BACKENDS:
-        return False
-    plan = schedule("auto", len(tape.chain) - 1, workers=workers, blocks=_jacobian_shapes(tape), backend=backend)
-    if not auto_runs_backprop(plan, backend):
-        return False
-    if trace is not None:
-        trace.schedule = "backprop"
-    return True
-
-
-def _jacobian_shapes(tape) -> BlockSeq:
-    """The scan sequence of :func:`_jacobian_blocks` as shapes only (zero-stride views, no memory)."""
-    chain, N, dt = tape.chain, tape.batch, tape.chain.dtype
-    L = len(chain)
-    last = chain.layers[-1]
-    segments = [Segment("dense", np.broadcast_to(np.zeros((), dt), (1, N, 1, last.d_in)))]
-    for run in reversed(chain.runs):
-        a, b = max(run.start, 1), min(run.start + run.count, L - 1)
-        if a < b:
-            shape = KINDS[run.cls.kind].shape(run.d_out, run.d_in)
-            segments.append(Segment(run.cls.kind, np.broadcast_to(np.zeros((), dt), (b - a, N, *shape))))
-    return BlockSeq(segments)
-
-
-def _derivs(tape, r):
-    run = tape.chain.runs[r]
-    return run.cls.derivs(tape.outputs[r], run.activation)
-
-
-def _backprop_deltas(tape, seed):
-    """The sequential baseline: one vector-Jacobian product per layer, last to first."""
-    deltas = []
-    g = seed
-    for r in reversed(range(len(tape.chain.runs))):
-        run = tape.chain.runs[r]
-        S = _derivs(tape, r)
-        D = np.empty_like(S)
-        g = run.cls.backprop(run.params, S, g, D)
-        ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1) if not np.isfinite(D).all() else None
-        if ok is not None:
-            # delta_l = v_l * act' and v_l = seed . A_L ... A_{l+1}
-            first, last = run.start + int(np.flatnonzero(~ok)[-1]) + 1, len(tape.chain) - 1
-            raise NonFiniteError(
-                f"backprop produced a non-finite gradient: the product of the input Jacobians of "
-                f"layers {first}..{last} (0-based) overflowed", (first, last))
-        deltas.append(D)
-    return deltas[::-1]
-
-
-def _scan_deltas(tape, seed, method, backend, workers, trace, engine_options):
-    chain = tape.chain
-    L = len(chain)
-    runs = chain.runs
-    S = [_derivs(tape, r) for r in range(len(runs))]
-    # v[l] per layer, as per-run stacks G[r] of shape (count, N, d_out).
-    G = [np.empty_like(s) for s in S]
-    G[-1][-1] = seed
-    if L > 1:
-        seq = _jacobian_blocks(chain, S, seed)
-        sched = schedule(method, L - 1, workers=workers, blocks=seq, backend=backend)
-        if not sched.is_scan:
-            raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
-        if trace is not None:
-            trace.schedule = sched
-        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **engine_options)
-        bad = result.first_nonfinite()
-        if bad is not None:
-            lo = L - 1 - bad - 1
-            raise NonFiniteError(
-                f"non-finite value in the product of the input Jacobians of layers {lo + 1}..{L - 1} "
-                f"(0-based): the chain product overflowed; scale the weights down or shorten the chain",
-                (lo + 1, L - 1))
-        stacked = result.stack()
-        for r, run in enumerate(runs):
-            a, b = run.start, min(run.start + run.count, L - 1)  # layers whose v comes from the scan
-            if a >= b:
-                continue
-            # layer l <- prefix k = L-2-l; layers a..b-1 are prefixes L-2-a down to L-1-b
-            ks = np.arange(L - 2 - a, L - 2 - b, -1)
-            if stacked is not None:
-                G[r][: b - a] = stacked[1][L - 1 - b: L - 1 - a][::-1].reshape(b - a, *G[r].shape[1:])
-            else:
-                for i, k in enumerate(ks):
-                    G[r][i] = result.block(int(k))[1].reshape(G[r].shape[1:])
-    return [g * s for g, s in zip(G, S)]
-
-
-def _jacobian_blocks(chain, S, seed) -> BlockSeq:
-    """The scan sequence ``[seed . A_L, A_{L-1}, ..., A_2]`` as stacked segments (owned)."""
-    L = len(chain)
-    runs = chain.runs
-    last = runs[-1]
-    # Head: seed (N, 1, d_L) times the last layer's Jacobian.
-    J_last = last.cls.jacobians(tuple(p[-1:] for p in last.params), S[-1][-1:])[0]
-    rule = COMBINE[("dense", last.cls.kind)]
-    head = rule.kernel(seed[:, None, :], J_last)
-    segments = [Segment("dense", head[None])]
-    for r in reversed(range(len(runs))):
-        run = runs[r]
-        a = max(run.start, 1)  # layer 0's Jacobian is never needed
-        b = min(run.start + run.count, L - 1)  # layer L-1 is inside the head
-        if a >= b:
-            continue
-        ia, ib = a - run.start, b - run.start
-        # Scan order is last layer first. Run parameters are stored that way,
-        # so the Jacobians come out contiguous in scan order (reading or
-        # writing a reversed view of a big stack is several times slower).
-        n = run.count
-        P = tuple(p[n - ib: n - ia] for p in run.reversed)
-        segments.append(Segment(run.cls.kind, run.cls.jacobians(P, S[r][ia:ib][::-1])))
-    return BlockSeq(segments, owned=True)
-
-
 def make_trace(return_trace, backend, workers):
     if return_trace is True:
         return Trace(backend=str(backend), workers=workers)
@@ -342,18 +165,18 @@ def make_trace(return_trace, backend, workers):
 
 
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",
-                   workers=None, return_trace=False, engine_options=None):
+                   workers=None, return_trace=False, engine_options=None, kernels=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
-    tape = forward(chain, x)
+    tape = forward(chain, x, kernels=kernels)
     value, seed = loss_seed(tape, y, loss)
     trace = make_trace(return_trace, backend, workers)
     g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
-                 engine_options=engine_options)
+                 engine_options=engine_options, kernels=kernels)
     return (value, g, trace) if return_trace else (value, g)
 
 
 def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized", workers=None,
-         return_trace=False, engine_options=None):
+         return_trace=False, engine_options=None, kernels=None):
     """Per-layer parameter gradients of a sequential model.
 
     Parameters
@@ -370,7 +193,11 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         ``"backprop"`` (the sequential baseline: vector-Jacobian products,
         no Jacobian matrices), a schedule name (see
         :func:`chainprod.schedule`), ``"auto"``, or a ready ``Schedule``
-        of length ``len(chain) - 1``.
+        of length ``len(chain) - 1``. ``"auto"`` on the compiled kernels
+        measures backprop against the scans that could win, once per chain
+        shape, batch, dtype and worker count on this machine, and keeps the
+        fastest (:mod:`chainprod.autotune`); on the numpy reference it asks the
+        cost model.
     backend : str
         Executor: ``"vectorized"``, ``"serial"``, ``"threads"``, ``"ray"``, ``"dask"``.
     workers : int, optional
@@ -381,15 +208,20 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         Per-call options of a distributed executor: ``timeout`` (seconds,
         bounds every wait) and ``retries`` (re-runs of tasks whose worker
         died). Local executors take none.
+    kernels : {"numba", "numpy"}, optional
+        ``"numba"`` (the default when numba is installed): compiled kernels,
+        one call for the forward pass, one for backprop, two for a scan
+        (threads = ``workers``; ``vectorized`` alone uses one). ``"numpy"``:
+        the reference implementation through the executors.
 
     Returns
     -------
     list of tuples
         ``grads[l]`` has one array per parameter of layer ``l``, shaped like it.
     """
-    tape = forward(chain, x)
+    tape = forward(chain, x, kernels=kernels)
     _, seed = loss_seed(tape, y, loss)
     trace = make_trace(return_trace, backend, workers)
     g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
-                 engine_options=engine_options)
+                 engine_options=engine_options, kernels=kernels)
     return (g, trace) if return_trace else g

@@ -1,19 +1,34 @@
 """Figures of a sweep, a schedule, a trace and the simulator (matplotlib, Agg).
 
-Every function writes ``<stem>.png`` and ``<stem>.svg`` and returns the
-paths. Titles name the machine and the sizes; a speedup of 1 (backprop) is
-always drawn. matplotlib is imported here only, so ``import chainprod``
-stays light.
+Every function writes ``<stem>.png`` and ``<stem>.svg`` (each well under
+200 KB: 100 dpi, and dense artists rasterised inside the SVG) and returns the
+paths. Speedups are against the *best backprop* of each problem (the fastest
+baseline measured there, named in the panel), on a log-2 axis labelled
+``0.5x, 1x, 2x``. Titles name the machine and the sizes. matplotlib is
+imported here only, so ``import chainprod`` stays light.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
+from .bench import BASELINES, read_meta, read_results, read_traces
+from .report import baseline_name
+from .schedules import build
+
 __all__ = ["speedup_vs_depth", "speedup_vs_workers", "speedup_heatmap", "gantt", "schedule_diagram",
            "predicted_vs_measured", "simulation", "plot_results"]
+
+DPI = 100
+#: above this many tasks a Gantt chart's bars are rasterised in the SVG (one path per bar is too heavy)
+_RASTERIZE_ABOVE = 300
+#: reference-line styles of the baselines (the best of them is the 1x line)
+_BASELINE_STYLE = {"backprop": ("0.15", "--", "s"), "backprop-numpy": ("0.45", ":", "v"),
+                   "jax": ("#8c564b", "-.", "D"), "torch": ("#e377c2", (0, (5, 1, 1, 1)), "^")}
+_METRICS = {"backward": "backward pass", "total": "end-to-end"}
 
 
 def _plt():
@@ -30,15 +45,43 @@ def _save(fig, stem):
     paths = []
     for ext in ("png", "svg"):
         p = f"{stem}.{ext}"
-        fig.savefig(p, dpi=110, bbox_inches="tight")
+        fig.savefig(p, dpi=DPI, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
         paths.append(p)
     _plt().close(fig)
     return paths
 
 
-def _ok(rows):
-    return [r for r in rows if r.get("status") == "ok" and r.get("speedup_backward") is not None
-            and r.get("method") != "backprop"]
+def _fmt_x(v, _pos=None) -> str:
+    """A speedup tick: ``1/8x``, ``0.25x``, ``0.5x``, ``1x``, ``16x`` (never ``2^-3`` or ``9x10^-1``)."""
+    if v >= 0.25:
+        return f"{v:g}x"
+    return f"1/{1 / v:.0f}x"
+
+
+def _speedup_axis(ax, values, axis="y"):
+    """Log-2 speedup axis with plain ticks at powers of two covering ``values`` (at most ~8)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    v = [x for x in values if x and np.isfinite(x) and x > 0] + [1.0]
+    lo, hi = math.floor(math.log2(min(v))), math.ceil(math.log2(max(v)))
+    step = max(1, math.ceil((hi - lo + 1) / 8))
+    ticks = [2.0 ** k for k in range(lo, hi + 1) if (k % step == 0)]
+    set_scale, a = (ax.set_yscale, ax.yaxis) if axis == "y" else (ax.set_xscale, ax.xaxis)
+    set_scale("log", base=2)
+    a.set_major_locator(FixedLocator(ticks))
+    a.set_major_formatter(FuncFormatter(_fmt_x))
+    a.set_minor_locator(NullLocator())
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(2.0 ** lo / 1.15, 2.0 ** hi * 1.15)
+
+
+def _depth_axis(ax, depths):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(depths)), [str(d) for d in sorted(set(depths))])
+    ax.minorticks_off()
+
+
+def _ok(rows, metric="backward"):
+    return [r for r in rows if r.get("status") == "ok" and r.get(f"speedup_{metric}") is not None]
 
 
 def _groups(rows, keys):
@@ -52,107 +95,167 @@ def _machine(rows, machine):
     return machine or next((r.get("machine") for r in rows if r.get("machine")), "this machine")
 
 
-def _best(rows):
-    """Per (structure, width, batch, dtype, backend, workers, depth): the fastest method."""
-    best = {}
+def _config_label(backend, workers, method):
+    """``"auto: threads P=2"``."""
+    return f"{method}: {backend}" + (f" P={workers}" if backend not in ("vectorized", "serial") else "")
+
+
+def _best_backprop_note(rows, metric):
+    """``"numba backprop at every L"`` or ``"jax at L=64; backprop at L=1024, 16384"``."""
+    by = {}
     for r in rows:
-        k = (r["structure"], r["width"], r["batch"], r["dtype"], r["backend"], r["workers"], r["depth"])
-        if k not in best or r["speedup_backward"] > best[k]["speedup_backward"]:
-            best[k] = r
-    return list(best.values())
+        by.setdefault(r[f"best_backprop_{metric}"], set()).add(r["depth"])
+    if len(by) == 1:
+        return f"{baseline_name(next(iter(by)), rows)} at every L"
+    return "; ".join(f"{baseline_name(b, rows)} at L={', '.join(map(str, sorted(Ls)))}"
+                     for b, Ls in sorted(by.items(), key=lambda kv: min(kv[1])))
 
 
-def _panel_grid(plt, panels, cols_max=3):
-    """A grid of at most ``cols_max`` columns for ``panels`` panels: ``(n, fig, axes)``."""
-    n = max(panels, 1)
-    cols = min(n, cols_max)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    return n, fig, axes
+def speedup_vs_depth(rows, stem, *, machine=None, metric="backward"):
+    """The headline: speedup over the best backprop vs depth, one panel per (structure, width).
 
-
-def speedup_vs_depth(rows, stem, *, machine=None, metric="speedup_backward"):
-    """One panel per (structure, width, backend): speedup over backprop vs depth, a line per worker count."""
+    Every scan configuration (backend, workers, method) is a coloured line;
+    the other baselines are grey/brown/pink reference lines, relative to the
+    best backprop (the 1x line; the panel says which baseline that is).
+    Panels of one structure share their y axis.
+    """
     plt = _plt()
-    rows = _best(_ok(rows))
-    panels = _groups(rows, ("structure", "width", "batch", "dtype", "backend"))
-    n, fig, axes = _panel_grid(plt, len(panels))
-    for ax, (key, rs) in zip(axes.flat, sorted(panels.items(), key=lambda kv: str(kv[0]))):
-        for P, line in sorted(_groups(rs, ("workers",)).items()):
-            line = sorted(line, key=lambda r: r["depth"])
-            ax.plot([r["depth"] for r in line], [r[metric] for r in line], "o-", label=f"P={P[0]}")
-        ax.axhline(1.0, color="k", lw=1, ls="--", label="backprop")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        s, w, N, dt, b = key
-        ax.set_title(f"{s} w={w} N={N} {dt}, {b}", fontsize=9)
-        ax.set_xlabel("depth L (layers)")
-        ax.set_ylabel("speedup over backprop" + (" (backward)" if "backward" in metric else " (end-to-end)"))
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(f"Scan vs backprop by depth - {_machine(rows, machine)} (best method per point)", fontsize=10)
-    fig.tight_layout()
+    rows = _ok(rows, metric)
+    scans = [r for r in rows if r["method"] not in BASELINES]
+    configs = sorted({(r["backend"], r["workers"], r["method"]) for r in scans})
+    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(configs)}
+    grid = sorted({(r["structure"], r["batch"], r["dtype"]) for r in rows}) or [("(no rows)", 1, "")]
+    widths = {g: sorted({r["width"] for r in rows if (r["structure"], r["batch"], r["dtype"]) == g}) for g in grid}
+    ncols = max((len(w) for w in widths.values()), default=1) or 1
+    fig, axes = plt.subplots(len(grid), ncols, figsize=(3.9 * ncols, 3.0 * len(grid) + 0.9), squeeze=False,
+                             sharey="row")
+    handles = {}
+    for i, g in enumerate(grid):
+        row_values = [r[f"speedup_{metric}"] for r in rows if (r["structure"], r["batch"], r["dtype"]) == g]
+        for j in range(ncols):
+            ax = axes[i, j]
+            if j >= len(widths[g]):
+                ax.axis("off")
+                continue
+            w = widths[g][j]
+            rs = [r for r in rows if (r["structure"], r["batch"], r["dtype"], r["width"]) == (*g, w)]
+            h = ax.axhline(1.0, color="k", lw=1.2, zorder=1)
+            handles.setdefault("best backprop (= 1x; named in each panel)", h)
+            for b in BASELINES:
+                line = sorted((r for r in rs if r["method"] == b), key=lambda r: r["depth"])
+                if line:
+                    color, ls, marker = _BASELINE_STYLE[b]
+                    (h,) = ax.plot([r["depth"] for r in line], [r[f"speedup_{metric}"] for r in line], color=color,
+                                   ls=ls, marker=marker, ms=3.5, lw=1.1, zorder=2)
+                    handles.setdefault(baseline_name(b, line), h)
+            for c in configs:
+                line = sorted((r for r in rs if (r["backend"], r["workers"], r["method"]) == c),
+                              key=lambda r: r["depth"])
+                if not line:
+                    continue
+                (h,) = ax.plot([r["depth"] for r in line], [r[f"speedup_{metric}"] for r in line], "o-",
+                               color=colors[c], ms=4.5, lw=1.8, zorder=3)
+                handles.setdefault(_config_label(*c), h)
+                ran_bp = [r for r in line if str(r["schedule"]).startswith("backprop")]
+                if ran_bp:  # hollow: no scan ran, auto chose backprop itself
+                    h = ax.scatter([r["depth"] for r in ran_bp], [r[f"speedup_{metric}"] for r in ran_bp], s=22,
+                                   facecolors="white", edgecolors=[colors[c]], linewidths=1.3, zorder=4)
+                    handles.setdefault("hollow marker: auto ran backprop itself", ax.scatter(
+                        [], [], s=22, facecolors="white", edgecolors="0.3", linewidths=1.3))
+            _depth_axis(ax, [r["depth"] for r in rs])
+            _speedup_axis(ax, row_values)
+            ax.grid(True, which="major", color="0.9", lw=0.6)
+            extra = (f", N={g[1]}" if g[1] != 1 else "") + (f", {g[2]}" if g[2] != "float64" else "")
+            ax.set_title(f"{g[0]} w={w}{extra}\nbest backprop: {_best_backprop_note(rs, metric)}", fontsize=8.5)
+            ax.set_xlabel("depth L (layers)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"speedup, {_METRICS[metric]}", fontsize=8)
+            ax.tick_params(labelsize=7.5)
+    names = ", ".join(baseline_name(b, rows) for b in BASELINES if any(r["method"] == b for r in rows))
+    fig.suptitle(f"{_METRICS[metric].capitalize()}: speedup of the scan over the best backprop of each problem "
+                 f"(the fastest of {names}) - {_machine(rows, machine)}", fontsize=10)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(handles) / 4), 1, 1))
     return _save(fig, stem)
 
 
-def speedup_vs_workers(rows, stem, *, machine=None, metric="speedup_backward"):
-    """One panel per (structure, width, backend): speedup vs workers, a line per depth."""
+def speedup_vs_workers(rows, stem, *, machine=None, metric="backward"):
+    """One panel per (structure, width, parallel backend): speedup vs workers, a line per (depth, method)."""
     plt = _plt()
-    rows = [r for r in _best(_ok(rows)) if r["backend"] not in ("vectorized", "serial")]
+    rows = [r for r in _ok(rows, metric) if r["method"] not in BASELINES and r["backend"] not in ("vectorized",
+                                                                                                   "serial")]
     panels = _groups(rows, ("structure", "width", "batch", "dtype", "backend"))
-    n, fig, axes = _panel_grid(plt, len(panels))
-    for ax, (key, rs) in zip(axes.flat, sorted(panels.items(), key=lambda kv: str(kv[0]))):
-        for L, line in sorted(_groups(rs, ("depth",)).items()):
+    n = max(len(panels), 1)
+    cols = min(n, 3)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.9 * cols, 3.0 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    several = len({r["method"] for r in rows}) > 1
+    for ax, (key, rs) in zip(axes.flat, sorted(panels.items())):
+        for (L, m), line in sorted(_groups(rs, ("depth", "method")).items()):
             line = sorted(line, key=lambda r: r["workers"])
-            ax.plot([r["workers"] for r in line], [r[metric] for r in line], "o-", label=f"L={L[0]}")
-        ax.axhline(1.0, color="k", lw=1, ls="--", label="backprop")
-        ax.set_yscale("log")
+            ax.plot([r["workers"] for r in line], [r[f"speedup_{metric}"] for r in line], "o-", ms=4,
+                    label=f"L={L}" + (f" {m}" if several else ""))
+        ax.axhline(1.0, color="k", lw=1.2, label="best backprop")
+        _speedup_axis(ax, [r[f"speedup_{metric}"] for r in rs])
+        ax.set_xticks(sorted({r["workers"] for r in rs}))
         s, w, N, dt, b = key
-        ax.set_title(f"{s} w={w} N={N} {dt}, {b}", fontsize=9)
-        ax.set_xlabel("workers P")
-        ax.set_ylabel("speedup over backprop")
+        ax.set_title(f"{s} w={w} N={N} {dt}, {b}", fontsize=8.5)
+        ax.set_xlabel("workers P", fontsize=8)
+        ax.set_ylabel(f"speedup, {_METRICS[metric]}", fontsize=8)
         ax.legend(fontsize=7)
     if not panels:
         axes.flat[0].text(0.5, 0.5, "no parallel-backend rows", ha="center", va="center")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.suptitle(f"Scan vs backprop by worker count - {_machine(rows, machine)}", fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        if panels:
+            ax.axis("off")
+    fig.suptitle(f"Scan vs the best backprop by worker count - {_machine(rows, machine)}", fontsize=10)
     fig.tight_layout()
     return _save(fig, stem)
 
 
-def speedup_heatmap(rows, stem, *, machine=None, backend="vectorized", metric="speedup_backward"):
-    """Heatmap of the best speedup over (depth, width), one panel per structure."""
-    plt = _plt()
-    from matplotlib.colors import LogNorm, TwoSlopeNorm
+def speedup_heatmap(rows, stem, *, machine=None, metric="backward"):
+    """The fastest scan configuration per (depth, width) against the best backprop, one panel per structure.
 
-    rows = [r for r in _best(_ok(rows)) if r["backend"] == backend]
+    Each cell is annotated with the speedup and the configuration that
+    achieved it; red: the scan loses, blue: it wins; blank: not measured.
+    """
+    plt = _plt()
+    from matplotlib.colors import Normalize
+
+    rows = [r for r in _ok(rows, metric) if r["method"] not in BASELINES]
     structs = sorted({r["structure"] for r in rows}) or ["(none)"]
-    fig, axes = plt.subplots(1, len(structs), figsize=(4.8 * len(structs), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(structs), figsize=(4.6 * len(structs), 3.8), squeeze=False)
     for ax, s in zip(axes.flat, structs):
         rs = [r for r in rows if r["structure"] == s]
-        Ls = sorted({r["depth"] for r in rs})
-        ws = sorted({r["width"] for r in rs})
-        M = np.full((len(ws), len(Ls)), np.nan)
+        Ls, ws = sorted({r["depth"] for r in rs}), sorted({r["width"] for r in rs})
+        best = {}
         for r in rs:
-            i, j = ws.index(r["width"]), Ls.index(r["depth"])
-            M[i, j] = np.nanmax([M[i, j], r[metric]])
+            k = (r["width"], r["depth"])
+            if k not in best or r[f"speedup_{metric}"] > best[k][f"speedup_{metric}"]:
+                best[k] = r
+        M = np.full((len(ws), len(Ls)), np.nan)
+        for (w, L), r in best.items():
+            M[ws.index(w), Ls.index(L)] = math.log2(r[f"speedup_{metric}"])
         if rs:
-            lo, hi = np.nanmin(M), np.nanmax(M)
-            norm = TwoSlopeNorm(1.0, min(lo, 0.99), max(hi, 1.01)) if lo < 1 < hi else LogNorm(lo, hi)
-            im = ax.imshow(M, cmap="RdBu", norm=norm, origin="lower", aspect="auto")
-            for i in range(len(ws)):
-                for j in range(len(Ls)):
-                    if np.isfinite(M[i, j]):
-                        ax.text(j, i, f"{M[i, j]:.2g}x", ha="center", va="center", fontsize=8)
-            fig.colorbar(im, ax=ax, label="speedup over backprop (>1 = scan wins)")
+            m = max(1.0, float(np.nanmax(np.abs(M))))
+            im = ax.imshow(M, cmap="RdBu", norm=Normalize(-m, m), origin="lower", aspect="auto")
+            for (w, L), r in best.items():
+                i, j = ws.index(w), Ls.index(L)
+                label = _config_label(r["backend"], r["workers"], r["method"]).replace("auto: ", "")
+                ax.text(j, i, f"{r[f'speedup_{metric}']:.2f}x\n{label}", ha="center", va="center", fontsize=7,
+                        color="white" if abs(M[i, j]) > 0.6 * m else "black")
+            cb = fig.colorbar(im, ax=ax)
+            cb.set_label("speedup over the best backprop", fontsize=8)
+            step = max(1, math.ceil((2 * math.floor(m) + 1) / 9))
+            ticks = [k for k in range(-math.floor(m), math.floor(m) + 1) if k % step == 0]
+            cb.set_ticks(ticks, labels=[_fmt_x(2.0 ** k) for k in ticks])
         ax.set_xticks(range(len(Ls)), [str(L) for L in Ls])
         ax.set_yticks(range(len(ws)), [str(w) for w in ws])
         ax.set_xlabel("depth L")
         ax.set_ylabel("width w")
-        ax.set_title(f"{s}, {backend} (blank = skipped)", fontsize=9)
-    fig.suptitle(f"Best scan vs backprop, backward pass - {_machine(rows, machine)}", fontsize=10)
+        ax.set_title(f"{s}: fastest scan per cell, {_METRICS[metric]}", fontsize=9)
+    fig.suptitle(f"Where the scan beats the best backprop - {_machine(rows, machine)}", fontsize=10)
     fig.tight_layout()
     return _save(fig, stem)
 
@@ -163,20 +266,26 @@ def gantt(events, stem, *, title="", machine=None):
     if hasattr(events, "to_records"):
         events = events.to_records()
     events = list(events)
-    workers = sorted({str(e["worker"]) for e in events})
+    workers = sorted({str(e["worker"]) for e in events}, key=lambda s: (len(s), s))
     rounds = sorted({int(e["round"]) for e in events}) or [0]
-    cmap = plt.get_cmap("viridis", max(len(rounds), 2))
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(min(rounds), max(max(rounds), min(rounds) + 1))
     t0 = min((e["start"] for e in events), default=0.0)
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(workers) + 1.8))
+    fig, ax = plt.subplots(figsize=(9, 1.7 + 0.3 * len(workers)))
+    lanes = {}  # one collection per worker (one artist per bar would take seconds to draw)
     for e in events:
-        y = workers.index(str(e["worker"]))
-        ax.barh(y, (e["end"] - e["start"]) * 1e3, left=(e["start"] - t0) * 1e3, height=0.7,
-                color=cmap(rounds.index(int(e["round"]))), edgecolor="k", lw=0.3)
-    ax.set_yticks(range(len(workers)), [w[-28:] for w in workers], fontsize=7)
-    ax.set_xlabel("time since first task (ms)")
-    ax.set_ylabel("worker")
-    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(min(rounds), max(rounds)))
-    fig.colorbar(sm, ax=ax, label="round")
+        spans, colors = lanes.setdefault(workers.index(str(e["worker"])), ([], []))
+        spans.append(((e["start"] - t0) * 1e3, max((e["end"] - e["start"]) * 1e3, 1e-6)))
+        colors.append(cmap(norm(int(e["round"]))))
+    heavy = len(events) > _RASTERIZE_ABOVE
+    for y, (spans, colors) in lanes.items():
+        ax.broken_barh(spans, (y - 0.38, 0.76), facecolors=colors, edgecolor="none" if heavy else "k", lw=0.3,
+                       rasterized=heavy)
+    ax.set_yticks(range(len(workers)), [w[-24:] for w in workers], fontsize=7 if len(workers) > 8 else 8)
+    ax.set_ylim(len(workers) - 0.5, -0.5)
+    ax.set_xlabel("time since the first task started (ms)")
+    ax.set_ylabel(f"worker ({len(workers)})")
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=norm), ax=ax, label="round", pad=0.01)
     ax.set_title(f"{title} - {machine or 'this machine'}: {len(events)} tasks, {len(rounds)} rounds", fontsize=9)
     fig.tight_layout()
     return _save(fig, stem)
@@ -189,11 +298,10 @@ def schedule_diagram(sched, stem, *, max_positions=64):
     if L > max_positions:
         raise ValueError(f"schedule over L={L} positions is too wide to draw (max {max_positions}); "
                          "draw a smaller L")
-    ivals = sched.intervals()
     fig, ax = plt.subplots(figsize=(max(4, 0.28 * L + 1.5), 0.55 * max(sched.rounds, 1) + 1.8))
     for p in range(L):
         ax.plot([p, p], [0, sched.rounds + 0.5], color="0.8", lw=0.8, zorder=0)
-    for r, (i, k, j) in enumerate(ivals):
+    for r, (i, k, j) in enumerate(sched.intervals()):
         y = r + 1
         for a, b, c in zip(i.tolist(), k.tolist(), j.tolist()):
             # the op writes position c's slot from the left operand ending at b
@@ -213,24 +321,25 @@ def schedule_diagram(sched, stem, *, max_positions=64):
 
 
 def predicted_vs_measured(rows, stem, *, machine=None, column="total"):
-    """Model prediction vs measured median time, log-log, with the +-25% band."""
+    """Model prediction vs measured median time, log-log, with the exact line and the +-25% band."""
     plt = _plt()
-    rows = [r for r in rows if r.get("status") == "ok" and r.get(f"predicted_{column}") is not None]
+    rows = [r for r in rows if r.get("status") == "ok" and r.get(f"predicted_{column}")]
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for b, rs in sorted(_groups(rows, ("backend",)).items()):
-        meas = np.array([r[f"{column}_median"] for r in rs])
-        pred = np.array([r[f"predicted_{column}"] for r in rs])
-        ax.loglog(meas, pred, "o", ms=4, alpha=0.8, label=b[0])
+    markers = "osD^v<>p"
+    for n, ((b,), rs) in enumerate(sorted(_groups(rows, ("backend",)).items())):
+        ax.loglog([r[f"{column}_median"] for r in rs], [r[f"predicted_{column}"] for r in rs], markers[n % 8],
+                  ms=4, alpha=0.8, label=b, zorder=3)
+    title = f"Model vs measurement ({column}) - {_machine(rows, machine)}"
     if rows:
         allv = [r[f"{column}_median"] for r in rows] + [r[f"predicted_{column}"] for r in rows]
-        lo, hi = min(allv) / 1.5, max(allv) * 1.5
-        xs = np.array([lo, hi])
-        ax.plot(xs, xs, "k-", lw=1, label="exact")
-        ax.fill_between(xs, xs * 0.75, xs * 1.25, color="0.85", label="+-25%")
+        xs = np.geomspace(min(allv) / 1.5, max(allv) * 1.5, 50)
+        ax.fill_between(xs, xs * 0.75, xs * 1.25, color="0.82", label="within 25%", zorder=1)
+        ax.plot(xs, xs, "k-", lw=1, label="exact", zorder=2)
+        ax.set_xlim(xs[0], xs[-1])
+        ax.set_ylim(xs[0], xs[-1])
         err = np.abs(np.array([r[f"predicted_{column}"] / r[f"{column}_median"] - 1 for r in rows]))
-        ax.set_title(f"Model vs measurement ({column}) - {_machine(rows, machine)}\n"
-                     f"{np.mean(err <= 0.25):.0%} within 25%, median |error| {np.median(err):.0%}, n={len(rows)}",
-                     fontsize=9)
+        title += f"\n{np.mean(err <= 0.25):.0%} within 25%, median |error| {np.median(err):.0%}, n={len(rows)}"
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel(f"measured {column} time (s, median)")
     ax.set_ylabel(f"predicted {column} time (s)")
     ax.legend(fontsize=7)
@@ -242,12 +351,12 @@ def simulation(results, stem, *, machine=None):
     """Simulated speedup over backprop vs depth, a line per worker count (from :func:`cost.simulate`)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for P, rs in sorted(_groups(results, ("workers",)).items()):
+    for (P,), rs in sorted(_groups(results, ("workers",)).items()):
         rs = sorted(rs, key=lambda r: r["L"])
-        ax.plot([r["L"] for r in rs], [r["speedup"] for r in rs], "o-", ms=3, label=f"P={P[0]}")
-    ax.axhline(1.0, color="k", ls="--", lw=1, label="backprop")
+        ax.plot([r["L"] for r in rs], [r["speedup"] for r in rs], "o-", ms=3, label=f"P={P}")
+    ax.axhline(1.0, color="k", lw=1.2, label="backprop")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    _speedup_axis(ax, [r["speedup"] for r in results])
     ax.set_xlabel("depth L")
     ax.set_ylabel("predicted speedup of the backward pass")
     r0 = results[0] if results else {}
@@ -258,33 +367,33 @@ def simulation(results, stem, *, machine=None):
     return _save(fig, stem)
 
 
+def _telling_trace(traces):
+    """The key of the trace that makes the most telling Gantt chart: distributed first, then most workers, tasks."""
+    def score(k):
+        backend, P = k.split("/")[5], int(k.split("/P=")[1].split("/")[0])
+        return backend in ("ray", "dask"), P, len(traces[k]["events"])
+
+    return max(traces, key=score) if traces else None
+
+
 def plot_results(results_dir, out_dir=None, *, log=print):
-    """Redraw every figure of a saved sweep (``results.csv`` + ``results.json``)."""
-    import json
-
-    from .bench import read_results
-
+    """Redraw every figure of a saved sweep (``results.csv``, ``results.json``, ``traces.json.gz``)."""
     rows = read_results(results_dir)
     out_dir = out_dir or os.path.join(results_dir, "plots")
-    meta = {}
-    jp = os.path.join(results_dir, "results.json")
-    if os.path.exists(jp):
-        with open(jp) as f:
-            meta = json.load(f)
-    machine = meta.get("machine_label")
+    machine = read_meta(results_dir).get("machine_label")
     paths = []
     paths += speedup_vs_depth(rows, os.path.join(out_dir, "speedup_vs_depth"), machine=machine)
+    paths += speedup_vs_depth(rows, os.path.join(out_dir, "speedup_vs_depth_end_to_end"), machine=machine,
+                              metric="total")
     paths += speedup_vs_workers(rows, os.path.join(out_dir, "speedup_vs_workers"), machine=machine)
     paths += speedup_heatmap(rows, os.path.join(out_dir, "speedup_heatmap"), machine=machine)
     paths += predicted_vs_measured(rows, os.path.join(out_dir, "predicted_vs_measured"), machine=machine)
-    traces = meta.get("traces") or {}
-    if traces:
-        # the distributed run with the most tasks makes the most telling chart
-        key = max(traces, key=lambda k: (("/ray/" in k) or ("/dask/" in k), len(traces[k]["events"])))
-        paths += gantt(traces[key]["events"], os.path.join(out_dir, "gantt"),
-                       title=f"{key} [{traces[key]['schedule']}]", machine=machine)
-    from .schedules import build
-
+    traces = read_traces(results_dir)
+    key = _telling_trace(traces)
+    if key is not None:
+        s, L, w, N, dt, backend, P, method = key.split("/")
+        title = f"{backend} {P}, {method} ran {traces[key]['schedule']}: {s} {L} {w} {N} {dt}"
+        paths += gantt(traces[key]["events"], os.path.join(out_dir, "gantt"), title=title, machine=machine)
     paths += schedule_diagram(build("sklansky", 16), os.path.join(out_dir, "schedule_sklansky_16"))
     paths += schedule_diagram(build("brent_kung", 16), os.path.join(out_dir, "schedule_brent_kung_16"))
     for p in paths:

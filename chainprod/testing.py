@@ -9,9 +9,12 @@ from __future__ import annotations
 import numpy as np
 
 from .blocks import Diag
+from .check import directional_derivatives
+from .errors import GradientCheckError
+from .grad import grad
 from .layers import Chain, Dense, Diagonal, mlp
 
-__all__ = ["random_chain", "random_mats", "left_fold_suffix", "reference_grads", "dense"]
+__all__ = ["random_chain", "random_mats", "left_fold_suffix", "reference_grads", "dense", "assert_grads_close"]
 
 
 def dense(m) -> np.ndarray:
@@ -104,4 +107,53 @@ def reference_grads(chain: Chain, x, seed=None) -> list[tuple]:
             a, _ = ly.params
             grads[l] = ((delta * xin).sum(0), delta.sum(0))
             g = delta * a
+    return grads
+
+
+def assert_grads_close(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized", workers=None,
+                       rtol=None, directions=3, eps=None, seed=0, **grad_options) -> list[tuple]:
+    """Assert that chainprod's gradients agree with central finite differences.
+
+    The gradients of ``chain`` at ``x`` are computed with ``method`` /
+    ``backend`` / ``workers``; for each layer, ``directions`` random
+    directions ``dw`` of length ``eps`` compare the directional derivative
+    ``<g, dw>`` with ``(loss(w + dw) - loss(w - dw)) / 2`` (error ``O(eps^3)``).
+
+    Parameters
+    ----------
+    rtol : float, optional
+        Largest relative error tolerated; default ``1e-6`` (float64) or
+        ``5e-2`` (float32, where differences lose about half the digits).
+    **grad_options
+        Passed on to :func:`chainprod.grad` (e.g. ``kernels=``).
+
+    Returns
+    -------
+    list of tuples
+        The gradients that passed, so a test can go on using them.
+
+    Raises
+    ------
+    chainprod.errors.GradientCheckError
+        Naming every failing layer with the analytic and the numerical
+        directional derivative side by side.
+
+    Examples
+    --------
+    >>> import numpy as np, chainprod as cp
+    >>> from chainprod.testing import assert_grads_close
+    >>> g = assert_grads_close(cp.mlp([3, 5, 1]), np.ones((2, 3)), method="sklansky")
+    """
+    grads = grad(chain, x, y, loss=loss, method=method, backend=backend, workers=workers, **grad_options)
+    if rtol is None:
+        rtol = 1e-6 if chain.dtype == np.float64 else 5e-2
+    rows = directional_derivatives(chain, x, y, grads, loss=loss, directions=directions, eps=eps, seed=seed)
+    bad = [r for r in rows if r[4] > rtol]
+    if bad:
+        lines = [f"  layer {l:>4} ({chain.layers[l]!r}), direction {d}: analytic {an:+.12e}  numerical {fd:+.12e}  "
+                 f"rel. error {err:.2e}" for l, d, an, fd, err in bad[:20]]
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise GradientCheckError(
+            f"gradients of {len(bad)} layer direction(s) disagree with central differences beyond rtol={rtol:g} "
+            f"(method={method!r}, backend={backend!r}):\n" + "\n".join(lines) + more)
     return grads

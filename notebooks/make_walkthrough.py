@@ -1,15 +1,17 @@
-"""Build and execute ``notebooks/walkthrough.ipynb``: Exercise 1 (Q1-Q6) with chainprod.
+"""Build and execute ``notebooks/walkthrough.ipynb``: questions Q1-Q6 of ``docs/theory.md`` with chainprod.
 
     python notebooks/make_walkthrough.py              # build, execute, save (about a minute)
     python notebooks/make_walkthrough.py --quick      # small sizes, no Ray (what the test runs)
     python notebooks/make_walkthrough.py --no-execute # write the cells only
 
 Every number in the notebook is computed when it runs: nothing below is a
-result, only code and explanations. Figures go to ``notebooks/figures/``
-(PNG; the SVGs that ``chainprod.plots`` also writes are removed).
+result, only code and explanations. Figures are stored once, inline in the
+notebook, as small PNGs (about 80 dpi); nothing is written next to it (each
+``chainprod.plots`` figure is drawn into a temporary directory, read back and
+shrunk).
 
 Needs ``nbformat``, ``nbclient`` and ``ipykernel`` (plus ``matplotlib``;
-``ray`` is optional: the Ray cell is skipped without it).
+``ray`` and ``torch`` are optional: their cells are skipped without them).
 """
 
 # The notebook's markdown (LaTeX, tables) is kept one line per paragraph row:
@@ -26,17 +28,16 @@ REPO = os.path.dirname(HERE)
 NOTEBOOK = os.path.join(HERE, "walkthrough.ipynb")
 
 
-def _params(quick: bool, fig_dir: str, ray: bool) -> str:
+def _params(quick: bool, ray: bool) -> str:
     return (
         "# Parameters (make_walkthrough.py writes this cell; --quick shrinks every size)\n"
         f"QUICK = {quick!r}\n"
-        f"FIG_DIR = {fig_dir!r}\n"
         f"RUN_RAY = {ray!r}  # the Ray cell also needs `import ray` to work\n"
     )
 
 
 SETUP = r'''
-import math, os, platform, statistics, sys, time
+import glob, io, math, os, platform, statistics, sys, tempfile, time
 from functools import reduce
 
 import numpy as np
@@ -46,7 +47,6 @@ import chainprod as cp
 from chainprod import cost, plots
 
 T_START = time.perf_counter()
-os.makedirs(FIG_DIR, exist_ok=True)
 rng = np.random.default_rng(0)
 
 
@@ -60,14 +60,26 @@ def best_of(fn, reps=5):
     return min(ts), statistics.median(ts)
 
 
-def show(paths):
-    """Display the PNG a chainprod.plots function wrote; keep the PNG only."""
-    for p in paths:
-        if p.endswith(".svg"):
-            os.remove(p)
-    png = next(p for p in paths if p.endswith(".png"))
-    print(os.path.relpath(png))
-    display(Image(filename=png))
+def show(draw, dpi=80):
+    """Display a chainprod.plots figure inline, stored once and small.
+
+    `draw(stem)` writes the figure (PNG, and SVG) under a temporary stem; the
+    PNG is read back, scaled to `dpi`, reduced to a 256-colour palette and
+    displayed; the files are deleted with the directory.
+    """
+    from PIL import Image as PILImage
+
+    with tempfile.TemporaryDirectory() as tmp:
+        draw(os.path.join(tmp, "figure"))
+        png = sorted(glob.glob(os.path.join(tmp, "*.png")))[0]
+        with PILImage.open(png) as im:
+            scale = dpi / float(im.info.get("dpi", (dpi, dpi))[0])
+            im = im.convert("RGB")
+            if scale < 1:
+                im = im.resize((round(im.width * scale), round(im.height * scale)), PILImage.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.quantize(256).save(buf, format="PNG", optimize=True)
+    display(Image(data=buf.getvalue(), format="png"))
 
 
 def table(rows, cols):
@@ -95,10 +107,11 @@ print("QUICK        :", QUICK)
 
 
 INTRO = r"""
-# chainprod walkthrough: parallel automatic differentiation (Exercise 1, Q1–Q6)
+# chainprod walkthrough: parallel automatic differentiation (Q1–Q6)
 
-This notebook answers the six questions of Exercise 1 with `chainprod` and **measures** each claim
-on the machine that executed it. Nothing here is typed in by hand: every table and figure is
+This notebook answers the six questions of `docs/theory.md` (the cost of backprop, the gradient as a
+chain product, a product tree, a tree per layer and its workers, the shared prefix scan) with
+`chainprod` and **measures** each claim on the machine that executed it. Nothing here is typed in by hand: every table and figure is
 computed by the cells below. Regenerate with
 
 ```
@@ -313,12 +326,12 @@ one $1 \times w$ vector–matrix product (averaged over a batched numpy call, as
 vectorized executor runs them) and the smallest depth $L = 2^k$ with
 $L/\lceil\log_2 L\rceil > T_{mm}/T_{mv}$: the crossover of Q4's rule *if* there were enough workers
 and no latency at all. The second uses chainprod's cost model (`cost.crossover`,
-`cost.simulate`), which also charges per-layer work around the scan, Python overhead per backprop
+`cost.simulate`), which also charges per-layer work around the scan, an overhead per backprop
 step and each backend's per-round/per-task latencies (defaults, or the file written by
 `chainprod calibrate`). The rule counts only the two product kernels; the model also charges
-backprop a per-layer overhead (one Python-level step, microseconds — far more than $T_{mv}$ at small
-$w$), which moves the latency-free crossover down, and charges every round and task of a real
-backend a latency, which moves the Ray and threads crossovers up.
+backprop a per-layer overhead (which can exceed $T_{mv}$ at small $w$), which moves the
+latency-free crossover down, and charges every round and task of a real backend a latency, which
+moves the Ray and threads crossovers up.
 """
 
 Q4_THEORY = r'''
@@ -346,13 +359,13 @@ The simulator answers Q4 for many more workers than this machine has: the predic
 best scan's backward pass over backprop, for a dense chain of width 8, by depth and worker count,
 with no communication latency (`backend="ideal"`) — an upper bound. Each curve flattens once $L/2$
 exceeds $P$: beyond that, rounds are cut into $P$ shares and the time grows like $L/P$ again. The
-$P=1$ curve is not parallelism: the model charges backprop one Python-level step per layer, which
+$P=1$ curve is not parallelism: the model charges backprop a fixed overhead per layer step, which
 the batched rounds of a scan avoid.
 """
 
 Q4_SIM = r'''
 sim = [cost.simulate(2 ** k, 8, P, backend="ideal") for P in (1, 2, 16, 256, 4096) for k in range(3, 21)]
-show(plots.simulation(sim, os.path.join(FIG_DIR, "simulated_speedup_w8"), machine=MACHINE))
+show(lambda stem: plots.simulation(sim, stem, machine=MACHINE))
 best = max(sim, key=lambda r: r["speedup"])
 print(f"largest predicted speedup: {best['speedup']:.0f}x at L={best['L']}, P={best['workers']} "
       f"({best['schedule']}, {best['rounds']} rounds)")
@@ -441,7 +454,7 @@ is a thin $1\times w$ block and the op is a cheap vector–matrix product):
 
 Q6_DIAGRAM = r'''
 for name in ("sklansky", "brent_kung"):
-    show(plots.schedule_diagram(cp.schedule(name, 16), os.path.join(FIG_DIR, f"schedule_{name}_16")))
+    show(lambda stem: plots.schedule_diagram(cp.schedule(name, 16), stem))
 '''
 
 Q6_MEASURED_MD = r"""
@@ -450,9 +463,10 @@ Q6_MEASURED_MD = r"""
 A moderately deep, narrow dense chain and a diagonal chain (elementwise layers: diagonal Jacobians, a
 linear recurrence / state-space model, where products stay $O(w)$ and a scan is work-efficient). The
 forward pass is sequential for every method, so it is timed apart (once); the backward pass is timed
-per method, and every method's gradients are checked against backprop. On one core the scan wins
-not by parallelism but by replacing $L$ Python-level steps with $O(\log L)$ batched numpy calls;
-when it loses, it is because its extra work (matrix–matrix products) outweighs that. The `model ms`
+per method, and every method's gradients are checked against backprop. On one core a scan cannot win
+by parallelism: where it wins, it is because its $O(\log L)$ batched calls cost less than backprop's
+$L$ per-layer steps (a numpy loop pays a Python-level overhead per layer, a compiled loop almost
+none); where it loses, its extra work (matrix–matrix products) outweighs that. The `model ms`
 column is the cost model's prediction (the one `method="auto"` chooses with); where it is far from the
 measurement, its calibration does not match the machine's current load.
 """
@@ -529,8 +543,7 @@ plan = cp.schedule("sklansky", L_d - 1)
 print(f"threads, P=2, sklansky, L={L_d}, w=8: plan {plan.rounds} rounds / peak width {plan.peak_width}; "
       f"measured {trace.rounds} rounds, {trace.num_tasks} tasks, peak concurrency {trace.peak_concurrency()}, "
       f"span {trace.span * 1e3:.2f} ms")
-show(plots.gantt(trace, os.path.join(FIG_DIR, "gantt_threads"), title=f"threads P=2 sklansky L={L_d} w=8",
-                 machine=MACHINE))
+show(lambda stem: plots.gantt(trace, stem, title=f"threads P=2 sklansky L={L_d} w=8", machine=MACHINE))
 '''
 
 DIST_RAY = r'''
@@ -562,12 +575,59 @@ if RUN_RAY and importlib.util.find_spec("ray") is not None:
     print(f"measured {trace.rounds} rounds, {trace.num_tasks} tasks on "
           f"{len({e.worker for e in trace.events})} worker process(es), peak concurrency "
           f"{trace.peak_concurrency()}, span {trace.span * 1e3:.1f} ms")
-    show(plots.gantt(trace, os.path.join(FIG_DIR, "gantt_ray"), title=f"ray P=2 sklansky L={L_r} w=8",
-                     machine=MACHINE))
+    show(lambda stem: plots.gantt(trace, stem, title=f"ray P=2 sklansky L={L_r} w=8", machine=MACHINE))
     ray_executor.shutdown()
 else:
     print("Ray cell skipped:", "RUN_RAY is False" if not RUN_RAY else "ray is not installed")
 '''
+
+TORCH_MD = r"""
+## A model you already have in torch
+
+A `torch.nn.Sequential` of `nn.Linear` layers with `Tanh`, `ReLU`, `Sigmoid`, `Softplus` or `Identity`
+between them is such a chain already. `chainprod.torch` (imported only when asked for, as `cpt` below)
+has two entry points: `cpt.from_torch(model)` reads the model into a chainprod `Chain` (`nn.Linear`'s
+weight is `(d_out, d_in)`, as `cp.Dense` expects), and
+`cpt.torch_backward(model, x, y, loss="mse", method=...)` runs the forward pass, forms the Jacobians'
+suffix products with the chosen plan, fills every parameter's `.grad` as `loss.backward()` would, and
+returns the loss. Below: the same model's gradients by torch autograd and by a Sklansky scan, and the
+largest difference between them.
+"""
+
+TORCH_CODE = r'''
+import importlib.util
+
+if importlib.util.find_spec("torch") is not None:
+    import torch
+
+    import chainprod.torch as cpt
+
+    torch.manual_seed(0)
+    w_t, L_t = 16, (16 if QUICK else 64)
+    layers = []
+    for _ in range(L_t - 1):
+        layers += [torch.nn.Linear(w_t, w_t), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(w_t, 1)).double()
+    xt = torch.randn(32, w_t, dtype=torch.float64)
+    yt = torch.randn(32, 1, dtype=torch.float64)
+
+    model.zero_grad()
+    loss_ref = torch.nn.functional.mse_loss(model(xt), yt)
+    loss_ref.backward()                                   # torch autograd: the reference
+    ref = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    loss = cpt.torch_backward(model, xt, yt, loss="mse", method="sklansky")   # the prefix scan
+    diff = max(float((p.grad - r).abs().max()) for p, r in zip(model.parameters(), ref))
+    chain = cpt.from_torch(model)
+    print(f"torch.nn.Sequential -> cpt.from_torch: {len(chain)} layers, width {w_t}, batch {len(xt)}, float64")
+    print(f"loss: torch {loss_ref.item():.12g}, chainprod {float(loss):.12g}")
+    print(f"max |p.grad (sklansky scan) - p.grad (loss.backward())| over all {len(ref)} parameters: {diff:.2e}")
+    assert diff < 1e-10
+else:
+    print("torch cell skipped: torch is not installed (pip install torch)")
+'''
+
 
 SUMMARY_MD = r"""
 ## Summary
@@ -580,6 +640,7 @@ SUMMARY_MD = r"""
 | Q4 | a tree per layer: $\lceil\log_2 L\rceil$ rounds, $O(L^2w^3)$ work; wins if $L/\lceil\log_2 L\rceil > T_{mm}/T_{mv}$ | `schedule("independent", L)`, `cost.crossover` |
 | Q5 | $\approx L^2/4$ workers | `Schedule.peak_width` |
 | Q6 | prefix scan: $O(\log L)$ rounds, $L/2$ (or $P$) workers, $O(L)$–$O(L\log L)$ work | `sklansky`, `brent_kung`, `chunked` |
+| torch | an `nn.Sequential` of `nn.Linear` + activations is such a chain: its `.grad` by a scan | `from_torch`, `torch_backward` |
 
 The measured figures of this run:
 """
@@ -595,12 +656,12 @@ print(f"notebook executed in {time.perf_counter() - T_START:.1f} s (after kernel
 '''
 
 
-def cells(quick: bool = False, fig_dir: str = "figures", ray: bool = True):
+def cells(quick: bool = False, ray: bool = True):
     """The notebook as a list of (kind, source, tags)."""
     return [
         ("markdown", INTRO, []),
         ("markdown", SETUP_MD, []),
-        ("code", _params(quick, fig_dir, ray), ["parameters"]),
+        ("code", _params(quick, ray), ["parameters"]),
         ("code", SETUP, []),
         ("markdown", Q1_MD, []),
         ("code", Q1_CODE, []),
@@ -626,19 +687,21 @@ def cells(quick: bool = False, fig_dir: str = "figures", ray: bool = True):
         ("markdown", DIST_MD, []),
         ("code", DIST_THREADS, []),
         ("code", DIST_RAY, []),
+        ("markdown", TORCH_MD, []),
+        ("code", TORCH_CODE, []),
         ("markdown", SUMMARY_MD, []),
         ("code", SUMMARY, []),
     ]
 
 
-def build(quick: bool = False, fig_dir: str = "figures", ray: bool = True):
+def build(quick: bool = False, ray: bool = True):
     """An unexecuted ``nbformat`` notebook."""
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    for kind, src, tags in cells(quick, fig_dir, ray):
+    for kind, src, tags in cells(quick, ray):
         src = src.strip("\n")
         cell = nbformat.v4.new_code_cell(src) if kind == "code" else nbformat.v4.new_markdown_cell(src)
         if tags:
@@ -682,12 +745,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes and no Ray (seconds, not a minute)")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray cell")
     ap.add_argument("--no-execute", action="store_true", help="write the cells without running them")
-    ap.add_argument("--fig-dir", default="figures", help="figure directory, relative to the notebook")
     ap.add_argument("--timeout", type=int, default=300, help="seconds per cell")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    nb = build(quick=args.quick, fig_dir=args.fig_dir, ray=not (args.quick or args.no_ray))
+    nb = build(quick=args.quick, ray=not (args.quick or args.no_ray))
     if not args.no_execute:
         secs = execute(nb, os.path.dirname(out), timeout=args.timeout)
         print(f"executed in {secs:.1f} s")

@@ -290,10 +290,11 @@ def test_backprop_does_not_fail_on_unneeded_input_jacobian():
 
 
 def test_trace_records_the_schedule_auto_chose():
+    # On the numpy reference, auto asks the cost model, which picks a scan here.
     chain = cp.mlp([4] * 40 + [1], seed=3)
-    g, trace = cp.grad(chain, np.ones((2, 4)), return_trace=True)
+    g, trace = cp.grad(chain, np.ones((2, 4)), return_trace=True, kernels="numpy")
     assert isinstance(trace.schedule, cp.Schedule) and trace.schedule.length == len(chain) - 1
-    g2 = cp.grad(chain, np.ones((2, 4)), method=trace.schedule)
+    g2 = cp.grad(chain, np.ones((2, 4)), method=trace.schedule, kernels="numpy")
     assert all(np.array_equal(a, b) for ga, gb in zip(g, g2) for a, b in zip(ga, gb))
     out, tr = cp.suffix_products([np.eye(3)] * 5, method="sklansky", return_trace=True)
     assert tr.schedule.name == "sklansky"
@@ -311,3 +312,29 @@ def test_auto_runs_backprop_when_no_scan_pays():
     planned = cp.schedule("auto", len(chain) - 1, blocks=64)
     assert (trace.schedule == "backprop") == (planned.name == "sequential")
     assert isinstance(CostModel(), CostModel)
+
+
+def test_compiled_auto_records_what_it_measured_fastest(tmp_path, monkeypatch):
+    """On the compiled kernels auto measures; the trace says what ran, and the choice is remembered."""
+    from chainprod import autotune
+
+    monkeypatch.setenv("CHAINPROD_AUTO_CACHE", str(tmp_path / "auto.json"))
+    cp.clear_caches()
+    chain = cp.diagonal_chain(300, 16, seed=2)
+    x = np.ones((1, 16))
+    g, trace = cp.grad(chain, x, backend="threads", workers=2, return_trace=True)
+    assert trace.schedule == "backprop" or (isinstance(trace.schedule, cp.Schedule) and trace.schedule.is_scan)
+    grads_close(g, reference_grads(chain, x), 1e-10)
+    assert (tmp_path / "auto.json").exists()
+    # a new process (here: emptied caches) reads the choice instead of measuring again
+    cp.clear_caches()
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured twice"))
+    g2, trace2 = cp.grad(chain, x, backend="threads", workers=2, return_trace=True)
+    assert repr(trace2.schedule) == repr(trace.schedule)
+
+
+def test_compiled_auto_keeps_backprop_for_dense_chains_on_one_thread():
+    # One thread: a scan does strictly more work than backprop in the same thread.
+    chain = cp.mlp([8] * 30 + [1], seed=1)
+    _, trace = cp.grad(chain, np.ones((1, 8)), return_trace=True)
+    assert trace.schedule == "backprop"

@@ -3,15 +3,16 @@
 The structural checks read the committed ``notebooks/walkthrough.ipynb``
 (plain JSON; nbformat's schema check runs when nbformat is installed). The
 execution test builds the ``--quick`` variant (small sizes, no Ray) with
-``notebooks/make_walkthrough.py`` and runs it in a fresh kernel in a temp
-directory; it needs nbformat, nbclient and ipykernel and skips without them.
+``notebooks/make_walkthrough.py`` and runs it in a fresh kernel in an empty
+temp directory (which must stay empty: figures are stored inline only); it
+needs nbformat, nbclient and ipykernel and skips without them.
 """
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -91,15 +92,31 @@ def test_committed_notebook_matches_its_builder(committed):
     assert got == want, "notebook cells differ from make_walkthrough.py: regenerate the notebook"
 
 
-def test_committed_figures_exist(committed):
-    shown = set()
-    for c in _code_cells(committed):
+def _images(nb):
+    """The PNG outputs of a notebook, decoded."""
+    out = []
+    for c in _code_cells(nb):
         for o in c.get("outputs", []):
-            shown |= set(re.findall(r"figures/[\w.-]+\.png", _text(o)))
-    assert shown, "the notebook shows no figures"
-    for rel in sorted(shown):
-        p = NB_DIR / rel
-        assert p.exists() and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{p} is missing or not a PNG"
+            data = o.get("data", {}).get("image/png")
+            if data:
+                out.append(base64.b64decode("".join(data) if isinstance(data, list) else data))
+    return out
+
+
+def _check_figures(nb, at_least):
+    images = _images(nb)
+    assert len(images) >= at_least, f"the notebook shows {len(images)} figures, expected at least {at_least}"
+    for i, png in enumerate(images):
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", f"figure {i} is not a PNG"
+        assert len(png) < 80_000, f"figure {i} is {len(png) / 1e3:.0f} kB: figures are kept small (about 80 dpi)"
+
+
+def test_committed_figures_are_inline_and_small(committed):
+    """Each figure is stored once: inline, small, with no copy in a figures folder."""
+    # simulation, two schedule diagrams, the threads Gantt chart, the Ray Gantt chart
+    _check_figures(committed, at_least=5)
+    assert not (NB_DIR / "figures").exists(), "figures live inline in the notebook, not in notebooks/figures/"
+    assert NOTEBOOK.stat().st_size < 300_000, f"{NOTEBOOK.name} is {NOTEBOOK.stat().st_size / 1e3:.0f} kB"
 
 
 def _skip_without_kernel():
@@ -115,15 +132,14 @@ def _skip_without_kernel():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(120)
 def test_quick_notebook_executes(tmp_path):
     """Build the --quick variant (small sizes, no Ray) and run it in a fresh kernel in tmp_path."""
     _skip_without_kernel()
     mw = _builder()
-    nb = mw.build(quick=True, fig_dir=str(tmp_path / "figures"), ray=False)
+    nb = mw.build(quick=True, ray=False)
     secs = mw.execute(nb, str(tmp_path), timeout=60)
     _check_executed(nb)
-    figs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
-    assert {"schedule_sklansky_16.png", "schedule_brent_kung_16.png", "gantt_threads.png"} <= set(figs), figs
-    assert not list((tmp_path / "figures").glob("*.svg")), "the notebook keeps PNGs only"
-    assert secs < 120, f"the quick notebook took {secs:.0f} s"
+    _check_figures(nb, at_least=4)  # no Ray cell in the quick variant
+    assert not list(tmp_path.rglob("*")), f"the notebook wrote files: {sorted(tmp_path.rglob('*'))}"
+    assert secs < 60, f"the quick notebook took {secs:.0f} s"

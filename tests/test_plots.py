@@ -1,5 +1,8 @@
-"""Figures are real files: PNG and SVG, non-empty."""
+"""Figures are real files: valid PNG and SVG, each under 200 KB, with plain speedup ticks."""
 
+import os
+
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib")
@@ -11,43 +14,80 @@ from chainprod.bench import Sweep, run_sweep  # noqa: E402
 from chainprod.schedules import build  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+MAX_BYTES = 200_000
 
 
 def _check(paths):
     assert {p.rsplit(".", 1)[1] for p in paths} == {"png", "svg"}
     for p in paths:
         data = open(p, "rb").read()
-        assert len(data) > 500
+        assert 500 < len(data) < MAX_BYTES, (p, len(data))
         if p.endswith(".png"):
             assert data[:8] == PNG
         else:
-            assert b"<svg" in data[:2000]
+            assert b"<svg" in data[:2000] and data.rstrip().endswith(b"</svg>")
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("res")
     run_sweep(Sweep(depths=[16, 128], widths=[4, 8], workers=[1, 2], backends=["vectorized", "threads"],
-                    methods=["backprop", "auto", "sklansky"], structures=["dense"], repeats=1),
-              str(out), progress=False, command="t", log=lambda *a: None)
+                    methods=["auto", "sklansky"], baselines=["backprop", "torch"], structures=["dense", "diagonal"],
+                    repeats=1), str(out), progress=False, command="t", log=lambda *a: None)
     return out
 
 
 def test_plot_results_writes_every_figure(results, tmp_path):
     paths = plots.plot_results(str(results), str(tmp_path), log=lambda p: None)
     _check(paths)
-    names = {p.rsplit("/", 1)[1].rsplit(".", 1)[0] for p in paths}
-    assert {"speedup_vs_depth", "speedup_vs_workers", "speedup_heatmap", "predicted_vs_measured",
-            "gantt", "schedule_sklansky_16"} <= names
+    names = {os.path.basename(p).rsplit(".", 1)[0] for p in paths}
+    assert {"speedup_vs_depth", "speedup_vs_depth_end_to_end", "speedup_vs_workers", "speedup_heatmap",
+            "predicted_vs_measured", "gantt", "schedule_sklansky_16"} <= names
 
 
-def test_schedule_diagram_and_gantt(tmp_path):
+@pytest.mark.parametrize("v,label", [(1.0, "1x"), (2.0, "2x"), (4.0, "4x"), (0.5, "0.5x"), (0.25, "0.25x"),
+                                     (0.125, "1/8x"), (1 / 64, "1/64x")])
+def test_speedup_ticks_are_plain(v, label):
+    assert plots._fmt_x(v) == label
+
+
+def test_speedup_axis_ticks_cover_the_data():
+    plt = plots._plt()
+    fig, ax = plt.subplots()
+    plots._speedup_axis(ax, [0.3, 5.0])
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    plt.close(fig)
+    assert labels == ["0.25x", "0.5x", "1x", "2x", "4x", "8x"]
+
+
+@pytest.mark.parametrize("workers", [2, 16])
+def test_gantt_of_real_traces(tmp_path, workers):
+    _, tr = cp.suffix_products(cp.testing.random_mats(256, 4), method="sklansky", backend="threads",
+                               workers=workers, return_trace=True)
+    assert len({e.worker for e in tr.events}) > 1
+    _check(plots.gantt(tr, str(tmp_path / f"g{workers}"), title=f"threads P={workers}"))
+
+
+def test_gantt_of_many_tasks_stays_small(tmp_path):
+    rng = np.random.default_rng(0)
+    events = [{"round": r, "worker": f"worker-{w}", "start": r * 1e-3 + w * 1e-5, "end": r * 1e-3 + w * 1e-5 + 5e-4,
+               "ops": 1} for r in range(200) for w in range(16)]
+    rng.shuffle(events)
+    _check(plots.gantt(events, str(tmp_path / "big"), title="3200 tasks on 16 workers"))
+
+
+def test_schedule_diagram(tmp_path):
     _check(plots.schedule_diagram(build("brent_kung", 13), str(tmp_path / "bk")))
     with pytest.raises(ValueError, match="too wide"):
         plots.schedule_diagram(build("sklansky", 200), str(tmp_path / "x"))
-    _, tr = cp.suffix_products(cp.testing.random_mats(32, 4), method="sklansky", backend="threads",
-                               workers=2, return_trace=True)
-    _check(plots.gantt(tr, str(tmp_path / "g"), title="threads"))
+
+
+def test_predicted_vs_measured_draws_the_band(results, tmp_path):
+    from chainprod.bench import read_results
+
+    rows = read_results(str(results))
+    assert any(r.get("predicted_total") for r in rows)
+    _check(plots.predicted_vs_measured(rows, str(tmp_path / "pvm")))
 
 
 def test_simulation_plot(tmp_path):

@@ -29,7 +29,7 @@ def sequential(L: int) -> Schedule:
     """Backprop order: ``[0, j-1] (x) [j, j]`` for j = 1..L-1, one op per round.
 
     L-1 rounds, width 1, L-1 ops, every op thin (vector-matrix). This is the
-    scan that backpropagation performs (seed question Q1).
+    scan that backpropagation performs (Q1 in docs/theory.md).
     """
     steps = [make_round([j - 1], [j], [j]) for j in range(1, L)]
     return Schedule("sequential", L, L, steps, np.arange(L))

@@ -1,0 +1,228 @@
+"""Whole-chain kernels (chainprod.kernels) against a plain hand-written ``@njit`` loop.
+
+The yardstick is the simplest compiled code for one uniform tanh MLP (stacked
+``(L, w, w)`` weights, fixed width, one activation): what a person would
+write for that one model. The packed kernels run any chain (mixed
+activations, widths, Dense/Diagonal) through tables, so the question is what
+that generality costs. Targets: forward and backprop within 1.5x of the
+yardstick (tanh MLP w=8, N=1, float64, L = 4096 and 65536); heterogeneous
+chains within 1.5x of the uniform chain per layer (and per parameter, since
+widths cycling 8/12/16 carry ~2.2x the multiply-adds of w=8 per layer).
+
+``python3 -m pytest benchmarks/bench_kernels.py --benchmark-only -c benchmarks/pytest.ini --rootdir benchmarks -s``
+prints the ratios at the end. The numpy paths (``cp.forward``, ``cp.backward(method="backprop")``
+and the numpy reference kernels) are timed at L=4096 for orientation.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import chainprod as cp
+from chainprod.kernels import default_kernels, get_kernels, pack
+
+numba = pytest.importorskip("numba")
+if default_kernels() != "numba":  # pragma: no cover
+    pytest.skip("numba not installed", allow_module_level=True)
+
+from numba import njit  # noqa: E402
+
+W = 8
+ACTS = ("tanh", "relu", "sigmoid", "softplus")
+RESULTS = {}  # (case, impl) -> best seconds
+
+
+# -- the yardstick: a plain loop for exactly one uniform tanh MLP --------------------------------
+@njit(cache=True)
+def plain_forward(Wt, b, x):
+    L, w = b.shape
+    Y = np.empty((L, w))
+    h = x
+    for l in range(L):
+        for i in range(w):
+            s = 0.0
+            for j in range(w):
+                s += Wt[l, i, j] * h[j]
+            Y[l, i] = math.tanh(s + b[l, i])
+        h = Y[l]
+    return Y
+
+
+@njit(cache=True)
+def plain_backward(Wt, x, Y, seed):
+    L, w = Y.shape
+    dW = np.empty_like(Wt)
+    db = np.empty_like(Y)
+    g = seed.copy()
+    gn = np.empty(w)
+    d = np.empty(w)
+    for l in range(L - 1, -1, -1):
+        xin = Y[l - 1] if l > 0 else x
+        for i in range(w):
+            d[i] = g[i] * (1.0 - Y[l, i] * Y[l, i])
+            db[l, i] = d[i]
+            for j in range(w):
+                dW[l, i, j] = d[i] * xin[j]
+        if l > 0:
+            gn[:] = 0.0
+            for i in range(w):
+                for j in range(w):
+                    gn[j] += d[i] * Wt[l, i, j]
+            g, gn = gn, g
+    return dW, db
+
+
+# -- chains ---------------------------------------------------------------------------------------
+def uniform_mlp(L, seed=0):
+    rng = np.random.default_rng(seed)
+    return cp.Chain([cp.Dense(rng.standard_normal((W, W)) / np.sqrt(W), 0.1 * rng.standard_normal(W), "tanh")
+                     for _ in range(L)])
+
+
+def mixed_acts(L, seed=0):
+    rng = np.random.default_rng(seed)
+    return cp.Chain([cp.Dense(rng.standard_normal((W, W)) / np.sqrt(W), 0.1 * rng.standard_normal(W), ACTS[l % 4])
+                     for l in range(L)])
+
+
+def mixed_widths(L, seed=0):
+    rng = np.random.default_rng(seed)
+    ws = (8, 12, 16)
+    return cp.Chain([cp.Dense(rng.standard_normal((ws[(l + 1) % 3], ws[l % 3])) / np.sqrt(ws[l % 3]),
+                              0.1 * rng.standard_normal(ws[(l + 1) % 3]), ACTS[l % 4]) for l in range(L)])
+
+
+def mixed_dense_diag(L, seed=0):
+    rng = np.random.default_rng(seed)
+    return cp.Chain([cp.Dense(rng.standard_normal((W, W)) / np.sqrt(W), 0.1 * rng.standard_normal(W), ACTS[l % 4])
+                     if l % 2 == 0 else cp.Diagonal(rng.uniform(0.6, 1.2, W), 0.1 * rng.standard_normal(W),
+                                                    ACTS[l % 4]) for l in range(L)])
+
+
+CHAINS = {"uniform": uniform_mlp, "acts": mixed_acts, "widths": mixed_widths, "dense_diag": mixed_dense_diag}
+
+
+def _problem(name, L):
+    chain = CHAINS[name](L)
+    pc = pack(chain)
+    x = np.full((1, chain.d_in), 0.5)
+    seed = np.ones((1, chain.d_out))
+    Y, bad = get_kernels("numba").forward(pc, x)
+    assert bad == -1
+    return chain, pc, x, seed, Y
+
+
+def _record(benchmark, case, impl, L, n_params):
+    RESULTS[(case, impl)] = (benchmark.stats.stats.min, L, n_params)
+
+
+# -- yardstick -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("L", [4096, 65536])
+def test_plain_njit_forward(benchmark, L):
+    chain, pc, x, seed, Y = _problem("uniform", L)
+    Wt = np.stack([ly.params[0] for ly in chain.layers])
+    b = np.stack([ly.params[1] for ly in chain.layers])
+    Yp = plain_forward(Wt, b, x[0])
+    np.testing.assert_allclose(Yp.reshape(-1), Y, rtol=1e-12, atol=1e-14)  # same math as the kernels
+    benchmark.group = f"forward tanh MLP w=8 L={L} N=1"
+    benchmark(plain_forward, Wt, b, x[0])
+    _record(benchmark, f"forward L={L}", "plain", L, pc.n_params)
+
+
+@pytest.mark.parametrize("L", [4096, 65536])
+def test_plain_njit_backward(benchmark, L):
+    chain, pc, x, seed, Y = _problem("uniform", L)
+    Wt = np.stack([ly.params[0] for ly in chain.layers])
+    Y2 = Y.reshape(L, W)
+    dW, db = plain_backward(Wt, x[0], Y2, seed[0].repeat(W))
+    assert np.isfinite(dW).all()
+    benchmark.group = f"backprop tanh MLP w=8 L={L} N=1"
+    benchmark(plain_backward, Wt, x[0], Y2, seed[0].repeat(W))
+    _record(benchmark, f"backprop L={L}", "plain", L, pc.n_params)
+
+
+# -- the packed kernels --------------------------------------------------------------------------
+CASES = [("uniform", 4096), ("uniform", 65536), ("acts", 4096), ("widths", 4096), ("dense_diag", 4096)]
+
+
+@pytest.mark.parametrize("name,L", CASES, ids=[f"{n}-L{L}" for n, L in CASES])
+def test_kernel_forward(benchmark, name, L):
+    chain, pc, x, seed, Y = _problem(name, L)
+    k = get_kernels("numba")
+    benchmark.group = f"forward tanh MLP w=8 L={L} N=1" if name == "uniform" else f"forward {name} L={L} N=1"
+    benchmark(k.forward, pc, x)
+    _record(benchmark, f"forward L={L}" if name == "uniform" else f"forward {name} L={L}", "numba", L, pc.n_params)
+
+
+@pytest.mark.parametrize("name,L", CASES, ids=[f"{n}-L{L}" for n, L in CASES])
+def test_kernel_backprop(benchmark, name, L):
+    chain, pc, x, seed, Y = _problem(name, L)
+    k = get_kernels("numba")
+    seed = np.ones((1, chain.d_out))
+    benchmark.group = f"backprop tanh MLP w=8 L={L} N=1" if name == "uniform" else f"backprop {name} L={L} N=1"
+    benchmark(k.backprop, pc, x, Y, seed)
+    _record(benchmark, f"backprop L={L}" if name == "uniform" else f"backprop {name} L={L}", "numba", L,
+            pc.n_params)
+
+
+@pytest.mark.parametrize("L", [4096, 65536])
+def test_kernel_param_grads(benchmark, L):
+    """The VJP step of a scan path: every layer independent, ``prange`` over layers (2 threads here)."""
+    chain, pc, x, seed, Y = _problem("uniform", L)
+    V = np.ones_like(Y)
+    k = get_kernels("numba")
+    benchmark.group = f"param_grads tanh MLP w=8 L={L} N=1"
+    benchmark(k.param_grads, pc, x, Y, V)
+    _record(benchmark, f"param_grads L={L}", "numba", L, pc.n_params)
+
+
+# -- numpy paths, for orientation ----------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["cp.forward", "numpy kernels"])
+def test_numpy_forward(benchmark, impl):
+    chain, pc, x, seed, Y = _problem("uniform", 4096)
+    benchmark.group = "forward tanh MLP w=8 L=4096 N=1"
+    if impl == "cp.forward":
+        benchmark(cp.forward, chain, x)
+    else:
+        benchmark(get_kernels("numpy").forward, pc, x)
+    _record(benchmark, "forward L=4096", impl, 4096, pc.n_params)
+
+
+@pytest.mark.parametrize("impl", ["cp.backward", "numpy kernels"])
+def test_numpy_backprop(benchmark, impl):
+    chain, pc, x, seed, Y = _problem("uniform", 4096)
+    benchmark.group = "backprop tanh MLP w=8 L=4096 N=1"
+    if impl == "cp.backward":
+        tape = cp.forward(chain, x)
+        benchmark(cp.backward, tape, seed, method="backprop")
+    else:
+        benchmark(get_kernels("numpy").backprop, pc, x, Y, seed)
+    _record(benchmark, "backprop L=4096", impl, 4096, pc.n_params)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    if not RESULTS:
+        return
+    print("\n\nchainprod.kernels (numba) vs a plain @njit tanh-MLP loop; float64, N=1, best of rounds")
+    for case in sorted({c for c, _ in RESULTS}):
+        row = {impl: v for (c, impl), v in RESULTS.items() if c == case}
+        line = "  ".join(f"{impl} {t * 1e3:8.3f} ms" for impl, (t, _, _) in sorted(row.items()))
+        extra = ""
+        if "plain" in row and "numba" in row:
+            extra = f"   numba/plain = {row['numba'][0] / row['plain'][0]:.2f}x (target <= 1.5x)"
+        print(f"  {case:28s} {line}{extra}")
+    for what in ("forward", "backprop"):
+        base = RESULTS.get((f"{what} L=4096", "numba"))
+        if base is None:
+            continue
+        t0, L0, p0 = base
+        for name in ("acts", "widths", "dense_diag"):
+            r = RESULTS.get((f"{what} {name} L=4096", "numba"))
+            if r is None:
+                continue
+            t, L, p = r
+            print(f"  {what} {name:10s} per layer {t / L * 1e6:6.3f} us vs uniform {t0 / L0 * 1e6:6.3f} us: "
+                  f"{(t / L) / (t0 / L0):.2f}x; per parameter {(t / p) / (t0 / p0):.2f}x (target <= 1.5x)")

@@ -1,0 +1,164 @@
+"""What ``method="auto"`` runs on the compiled kernels: measured once, then remembered.
+
+On the compiled kernels a backward pass costs tens of nanoseconds per
+layer, so the choice between backprop and a scan is decided by effects a
+flop count does not see (memory bandwidth, thread wake-ups, the thin head).
+The cost model gives the candidates; measuring decides, the way FFTW's
+planner and cuDNN's benchmark mode do:
+
+1. candidates: the scans ``sklansky``, ``brent_kung``, ``chunked`` (``P + 1``
+   chunks) and the cost model's own pick, each for ``P`` threads;
+2. a candidate is measured only if it could win: its flops divided by ``P``
+   are at most :data:`FLOP_MARGIN` times backprop's (a dense ``w x w`` scan
+   does about ``w`` times the flops of backprop, so on a few cores dense
+   chains keep backprop without measuring anything);
+3. each measured candidate and backprop run once to warm up (compiling on a
+   machine's first use) and then :data:`REPEATS` times on the real tape; the
+   fastest minimum wins.
+
+The choice is kept per chain shape (runs of kind, activation, widths),
+batch size, dtype, worker count, kernels and library version: in memory,
+and on disk beside the cost model (``$CHAINPROD_AUTO_CACHE`` overrides), so
+a machine measures each problem once. On the numpy reference and on Ray or
+Dask, ``auto`` asks the cost model instead (:func:`chainprod.cost.choose_schedule`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+
+from . import backward_compiled
+from ._caches import PlanCache
+from ._version import __version__
+from .backward_numpy import jacobian_shapes
+from .cost import auto_runs_backprop, model_path
+from .schedules import block_spec, schedule, sequential_flops
+
+__all__ = ["COMPILED_BACKENDS", "choose_method", "auto_cache_path", "FLOP_MARGIN", "REPEATS"]
+
+#: local backends the compiled kernels serve, and their thread count when ``workers`` is None
+COMPILED_BACKENDS = {"vectorized": lambda: 1, "threads": lambda: os.cpu_count() or 1}
+#: measure a scan only if (its flops / P) <= FLOP_MARGIN x backprop's flops
+FLOP_MARGIN = 4.0
+#: timed runs per candidate (after one warm-up)
+REPEATS = 3
+
+_CHOICES = PlanCache(maxsize=256)
+
+
+def choose_method(tape, seed, method, backend, workers, kernels):
+    """``"backprop"`` or the :class:`~chainprod.schedules.Schedule` that ``method`` means here."""
+    L = len(tape.chain)
+    if (isinstance(method, str) and method == "backprop") or L < 2:
+        return "backprop"
+    shapes = jacobian_shapes(tape)
+    if not (isinstance(method, str) and method == "auto"):
+        return schedule(method, L - 1, workers=workers, blocks=shapes, backend=backend)
+    if kernels == "numpy" or not (isinstance(backend, str) and backend in COMPILED_BACKENDS):
+        # The model's best scan; when that is the sequential one no parallel
+        # schedule pays for its extra work and backprop does the same order
+        # without forming Jacobians.
+        sched = schedule("auto", L - 1, workers=workers, blocks=shapes, backend=backend)
+        return "backprop" if auto_runs_backprop(sched, backend) else sched
+    P = workers or COMPILED_BACKENDS[backend]()
+    key = _key(tape, P, kernels)
+    return _CHOICES.get(key, lambda: _from_disk(key, L) or _measure(tape, seed, shapes, P, kernels, key))
+
+
+def _key(tape, P, kernels) -> tuple:
+    runs = tuple((r.cls.kind, r.activation, r.count, r.d_in, r.d_out) for r in tape.chain.runs)
+    return (runs, tape.batch, str(tape.chain.dtype), int(P), kernels, __version__, _numba_version())
+
+
+def _numba_version():
+    try:
+        from importlib.metadata import version
+
+        return version("numba")
+    except Exception:  # pragma: no cover - numba missing: the numpy path never gets here
+        return "?"
+
+
+def _candidates(L, shapes, P, backend):
+    seen = set()
+    for name in ("sklansky", "brent_kung", "chunked"):
+        s = schedule(name, L - 1, workers=P)
+        seen.add(s.key)
+        yield s
+    modelled = schedule("auto", L - 1, workers=P, blocks=shapes, backend="threads" if P > 1 else "vectorized")
+    if modelled.key not in seen and modelled.name != "sequential":
+        yield modelled
+
+
+def _measure(tape, seed, shapes, P, kernels, key):
+    L = len(tape.chain)
+    seq = sequential_flops(block_spec(shapes, L - 1))
+    runs = {"backprop": lambda: backward_compiled.backprop_grads(tape, seed, kernels)}
+    plans = {"backprop": "backprop"}
+    for s in _candidates(L, shapes, P, "threads"):
+        if s.flops(shapes) / P <= FLOP_MARGIN * max(seq, 1.0):
+            name = f"{s.name}{dict(s.options) or ''}"
+            runs[name] = lambda s=s: backward_compiled.scan_grads(tape, seed, s, P, None, kernels)
+            plans[name] = s
+    best = min(runs, key=lambda name: _best_time(runs[name]))
+    _to_disk(key, plans[best])
+    return plans[best]
+
+
+def _best_time(fn) -> float:
+    fn()  # warm-up: loads (or, on a machine's first use, compiles) the kernels
+    best = float("inf")
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# -- on disk: one JSON object, key digest -> {"method", "options"} ----------------
+def auto_cache_path() -> str:
+    """Where measured ``auto`` choices are kept (beside the cost model; ``$CHAINPROD_AUTO_CACHE`` overrides)."""
+    return os.environ.get("CHAINPROD_AUTO_CACHE") or os.path.join(os.path.dirname(model_path()), "auto_choices.json")
+
+
+def _digest(key) -> str:
+    return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
+
+
+def _read_disk() -> dict:
+    try:
+        with open(auto_cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _from_disk(key, L):
+    hit = _read_disk().get(_digest(key))
+    if not isinstance(hit, dict) or "method" not in hit:
+        return None
+    if hit["method"] == "backprop":
+        return "backprop"
+    try:
+        return schedule(hit["method"], L - 1, **hit.get("options", {}))
+    except (TypeError, ValueError):  # a stale entry (a schedule that changed its options): measure again
+        return None
+
+
+def _to_disk(key, plan):
+    entry = {"method": "backprop"} if plan == "backprop" else {"method": plan.name, "options": dict(plan.options)}
+    data = _read_disk()
+    data[_digest(key)] = entry
+    path = auto_cache_path()
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:  # a read-only home: the choice still lives in memory for this process
+        pass

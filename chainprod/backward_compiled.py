@@ -1,0 +1,63 @@
+"""The compiled backward pass: one kernel call for backprop, two for a scan.
+
+Backprop is the fused sequential loop of :mod:`chainprod.kernels` (delta,
+parameter VJPs and the next row, layer after layer, no Jacobian formed): the
+baseline of every speed claim. A scan forms every Jacobian and runs every
+round of its schedule inside one kernel call
+(:func:`chainprod.kernels.scan.scan_rows`, threads = ``workers``), then the
+parameter VJPs of all layers run in parallel. Any chain: mixed activations,
+widths, dense and diagonal layers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import NonFiniteError
+from .executors import TraceEvent
+from .kernels import first_nonfinite_layer, get_kernels, unpack_grads
+from .kernels.scan import scan_rows
+from .tape import Tape, flat_tape
+
+__all__ = ["backprop_grads", "scan_grads"]
+
+
+def backprop_grads(tape: Tape, seed, kernels="numba") -> list[tuple]:
+    """Per-layer gradients by the compiled sequential backprop loop."""
+    pc, x, Y = flat_tape(tape)
+    grads, bad = get_kernels(kernels).backprop(pc, x, Y, np.ascontiguousarray(seed))
+    L = pc.L
+    if bad >= 0:
+        # delta_bad = v_bad * act' and v_bad = seed . A_{L-1} ... A_{bad+1}
+        first = bad + 1
+        raise NonFiniteError(
+            f"backprop produced a non-finite gradient: the product of the input Jacobians of "
+            f"layers {min(first, L - 1)}..{L - 1} (0-based) overflowed", (min(first, L - 1), L - 1))
+    return _checked(pc, grads)
+
+
+def scan_grads(tape: Tape, seed, sched, workers, trace, kernels="numba") -> list[tuple]:
+    """Per-layer gradients with every ``v_l`` from one compiled scan of ``sched`` on ``workers`` threads."""
+    pc, x, Y = flat_tape(tape)
+    L = pc.L
+    t0 = trace.clock() if trace is not None else 0.0
+    V, bad = scan_rows(pc, Y, np.ascontiguousarray(seed), sched, workers=workers, kernels=kernels)
+    if trace is not None:
+        # one kernel call runs every round: the trace records it as one task
+        trace.add(TraceEvent(0, f"{kernels}-threads", t0, trace.clock(), sched.num_ops, "compiled scan"))
+    if bad >= 0:
+        lo = L - 1 - bad - 1
+        raise NonFiniteError(
+            f"non-finite value in the product of the input Jacobians of layers {lo + 1}..{L - 1} "
+            f"(0-based): the chain product overflowed; scale the weights down or shorten the chain",
+            (lo + 1, L - 1))
+    grads, bad = get_kernels(kernels).param_grads(pc, x, Y, V)
+    return _checked(pc, grads)
+
+
+def _checked(pc, grads):
+    l = first_nonfinite_layer(pc, grads)
+    if l >= 0:
+        raise NonFiniteError(f"the parameter gradient of layer {l} overflowed (delta^T x is not "
+                             "finite although both factors are)", (l, l))
+    return unpack_grads(pc, grads)

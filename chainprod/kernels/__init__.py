@@ -1,0 +1,78 @@
+"""Whole-chain kernels: forward, backprop and parameter VJPs in one call per chain.
+
+A chain is first packed into flat arrays (:func:`pack`, layout in
+:mod:`chainprod.kernels.pack`); a *kernel set* then runs the whole chain in
+one call, whatever its mix of activations, widths and layer kinds. Two
+implementations of exactly the same functions are registered by name:
+
+``"numba"``
+    Compiled (``numba.njit``, cached on disk): a fraction of a microsecond
+    per layer. Needs ``pip install numba``.
+``"numpy"``
+    The plain reference: numpy calls, one layer at a time. The compiled set
+    is tested against it, and it is the fallback without numba.
+
+Every kernel set provides (see :mod:`chainprod.kernels.numpy_kernels` for
+the full contracts):
+
+- ``forward(pc, x) -> (Y, bad)``
+- ``backprop(pc, x, Y, seed) -> (grads, bad)``
+- ``param_grads(pc, x, Y, V) -> (grads, bad)``
+- ``derivatives(pc, Y) -> S``
+
+>>> import numpy as np, chainprod as cp
+>>> from chainprod.kernels import get_kernels, pack, unpack_grads
+>>> chain = cp.mlp([3, 4, 1])
+>>> pc, x = pack(chain), np.ones((2, 3))
+>>> k = get_kernels("numpy")
+>>> Y, bad = k.forward(pc, x)
+>>> grads, bad = k.backprop(pc, x, Y, np.ones((2, 1)))
+>>> [g.shape for g in unpack_grads(pc, grads)[0]]
+[(4, 3), (4,)]
+
+``import chainprod.kernels`` never imports numba; only ``get_kernels("numba")``
+does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from .pack import (ACT_CODES, ACT_NAMES, KIND_CODES, KIND_NAMES, PackedChain, first_nonfinite_layer, layer_rows,
+                   pack, unpack_grads, unpack_rows)
+
+__all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KIND_CODES", "KIND_NAMES", "PackedChain", "default_kernels",
+           "first_nonfinite_layer", "get_kernels", "layer_rows", "pack", "unpack_grads", "unpack_rows"]
+
+#: Registered kernel sets, in order of preference.
+KERNELS = ("numba", "numpy")
+
+# name -> (module, the package it needs or None)
+_MODULES = {"numba": ("chainprod.kernels.numba_kernels", "numba"),
+            "numpy": ("chainprod.kernels.numpy_kernels", None)}
+
+
+def get_kernels(name: str = "numba"):
+    """The kernel set registered as ``name`` (a module with the kernel functions).
+
+    Raises
+    ------
+    ValueError
+        ``name`` is not registered (the message lists :data:`KERNELS`).
+    ImportError
+        The set needs a package that is not installed (the message says what
+        to ``pip install``).
+    """
+    if not isinstance(name, str) or name not in _MODULES:
+        raise ValueError(f"unknown kernels {name!r}; valid kernels: {', '.join(KERNELS)}")
+    module, needs = _MODULES[name]
+    if needs is not None and importlib.util.find_spec(needs) is None:
+        raise ImportError(f"kernels={name!r} needs {needs}, which is not installed: pip install {needs} "
+                          f"(or use kernels='numpy')")
+    return importlib.import_module(module)
+
+
+def default_kernels() -> str:
+    """``"numba"`` when numba is importable, else ``"numpy"`` (does not import numba)."""
+    return "numba" if importlib.util.find_spec("numba") is not None else "numpy"
