@@ -1,7 +1,8 @@
-"""Backward pass: backprop (numpy loop) vs every scan on every local executor, torch autograd.
+"""Backward pass: backprop (compiled and numpy loops) vs every scan on every local executor, torch autograd.
 
 Presets match ``chainprod bench --quick``. The forward pass is done once
-outside the timer: this file times the backward pass alone.
+outside the timer: this file times the backward pass alone. The torch model
+is the sweep's own (:func:`chainprod._timing.torch_model`).
 """
 
 import numpy as np
@@ -10,7 +11,8 @@ from conftest import tape_and_seed
 from presets import preset_problems
 
 import chainprod as cp
-from chainprod.bench import _build_chain
+from chainprod._timing import backprop_kernels, torch_model
+from chainprod.bench import build_chain
 
 PROBLEMS = preset_problems("quick")
 METHODS = ["backprop", "auto", "sklansky", "brent_kung", "chunked"]
@@ -26,7 +28,7 @@ def test_backward(benchmark, problem, backend, method):
         pytest.skip("backprop has no backend")
     if backend == "serial" and L > 1024:
         pytest.skip("serial is the yardstick, not a contender, at this size")
-    chain = _build_chain(s, L, w, dt, 0)
+    chain = build_chain(s, L, w, dt, 0)
     tape, seed = tape_and_seed(chain, np.ones((N, w), dtype=dt))
     kw = {} if method == "backprop" else {"backend": backend, "workers": 2}
     benchmark.group = f"backward {s} L={L} w={w} N={N}"
@@ -34,32 +36,29 @@ def test_backward(benchmark, problem, backend, method):
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: f"{p[0]}-L{p[1]}-w{p[2]}-N{p[3]}")
+def test_numpy_backprop_backward(benchmark, problem):
+    if len(backprop_kernels()) < 2:
+        pytest.skip("no compiled kernels: backprop already is the numpy loop")
+    s, L, w, N, dt = problem
+    chain = build_chain(s, L, w, dt, 0)
+    tape = cp.forward(chain, np.ones((N, w), dtype=dt), kernels="numpy")
+    seed = cp.loss_seed(tape)[1]
+    benchmark.group = f"backward {s} L={L} w={w} N={N}"
+    benchmark(cp.backward, tape, seed, method="backprop", kernels="numpy")
+
+
+@pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: f"{p[0]}-L{p[1]}-w{p[2]}-N{p[3]}")
 def test_torch_autograd_backward(benchmark, problem):
     torch = pytest.importorskip("torch")
     s, L, w, N, dt = problem
-    chain = _build_chain(s, L, w, dt, 0)
-    torch.set_num_threads(1)
-    params = []
-    for layer in chain.layers:
-        params.append([torch.tensor(np.asarray(p), requires_grad=True) for p in layer.params])
+    loss_fn, tensors = torch_model(build_chain(s, L, w, dt, 0))
     x = torch.ones((N, w), dtype=torch.float64)
 
-    def fwd():
-        h = x
-        for layer, (a, b) in zip(chain.layers, params):
-            if layer.kind == "dense":
-                h = h @ a.T + b
-            else:
-                h = h * a + b
-            if layer.activation == "tanh":
-                h = torch.tanh(h)
-        return h.sum()
-
     def setup():
-        for p in params:
-            for t in p:
+        for ts in tensors:
+            for t in ts:
                 t.grad = None
-        return (fwd(),), {}
+        return (loss_fn(x),), {}
 
     benchmark.group = f"backward {s} L={L} w={w} N={N}"
     benchmark.pedantic(lambda loss: loss.backward(), setup=setup, rounds=5)

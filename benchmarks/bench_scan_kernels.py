@@ -34,7 +34,7 @@ import pytest
 
 import chainprod as cp
 from chainprod.kernels import pack
-from chainprod.kernels.scan import _compiled, plan_for, position_specs, run_scan_compiled, scan_rows
+from chainprod.kernels.scan import _compiled, plan_for, position_specs, scan_rows
 from chainprod.planning.flat import bind_flat
 from chainprod.schedules import Round, Schedule
 

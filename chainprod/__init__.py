@@ -22,6 +22,7 @@ from .errors import NonFiniteError
 from .executors import Trace, cluster, get_executor, valid_backends
 from .grad import backward, forward, grad, loss_seed, value_and_grad
 from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
+from .plan import Plan, plan
 from .products import product, suffix_products
 from .schedules import SCHEDULES, Schedule, ScheduleError, register_schedule, schedule
 from .schedules import valid_methods as valid_schedules

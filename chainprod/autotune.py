@@ -54,7 +54,7 @@ def choose_method(tape, seed, method, backend, workers, kernels):
     L = len(tape.chain)
     if (isinstance(method, str) and method == "backprop") or L < 2:
         return "backprop"
-    shapes = jacobian_shapes(tape)
+    shapes = jacobian_shapes(tape.chain, tape.batch)
     if not (isinstance(method, str) and method == "auto"):
         return schedule(method, L - 1, workers=workers, blocks=shapes, backend=backend)
     if kernels == "numpy" or not (isinstance(backend, str) and backend in COMPILED_BACKENDS):

@@ -53,9 +53,9 @@ def _param_grads(tape, deltas):
     return grads
 
 
-def jacobian_shapes(tape) -> BlockSeq:
-    """The scan sequence of the Jacobian blocks as shapes only (zero-stride views, no memory)."""
-    chain, N, dt = tape.chain, tape.batch, tape.chain.dtype
+def jacobian_shapes(chain, batch: int = 1) -> BlockSeq:
+    """The scan sequence of the Jacobian blocks of ``chain`` as shapes only (zero-stride views, no memory)."""
+    N, dt = batch, chain.dtype
     L = len(chain)
     last = chain.layers[-1]
     segments = [Segment("dense", np.broadcast_to(np.zeros((), dt), (1, N, 1, last.d_in)))]

@@ -50,11 +50,12 @@ def _fingerprint(info=None, versions=None) -> dict:
             **{f"version:{p}": versions.get(p) for p in _FINGERPRINT_PACKAGES}}
 
 
-def calibration_status(model: CostModel | None = None) -> str | None:
+def calibration_status(model: CostModel | None = None, engines=()) -> str | None:
     """``None`` when ``model`` (default: the saved one) was calibrated here, else why it does not fit.
 
-    "Here" means the same host name, architecture and core count, and the same
-    versions of chainprod, numpy and numba (whose kernels set the costs).
+    "Here" means the same host name, architecture and core count, the same
+    versions of chainprod, numpy and numba (whose kernels set the costs), and
+    measured latencies for every engine in ``engines`` (e.g. ``("threads", "ray")``).
     """
     model = load_model() if model is None else model
     if model.source == "defaults" or not model.machine:
@@ -64,7 +65,10 @@ def calibration_status(model: CostModel | None = None) -> str | None:
         return "the saved calibration does not record its machine and library versions"
     now = _fingerprint()
     diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
-    return f"the saved calibration is for another setup ({'; '.join(diff)})" if diff else None
+    if diff:
+        return f"the saved calibration is for another setup ({'; '.join(diff)})"
+    missing = [e for e in engines if e not in model.machine.get("engines", ())]
+    return f"the saved calibration did not time {', '.join(missing)}" if missing else None
 
 
 def _monotone(ts):
@@ -214,6 +218,7 @@ def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, pat
             progress(f"  {backend} is not available; keeping default latencies")
             continue
         model.round_latency[backend], model.task_latency[backend], model.run_latency[backend] = lat
+        info.setdefault("engines", []).append(backend)
         progress(f"  {backend}: hop {lat[0] * 1e3:.3f} ms, task {lat[1] * 1e3:.3f} ms, run {lat[2] * 1e3:.3f} ms")
     progress(f"calibrate: done in {time.perf_counter() - t0:.1f} s")
     if save:

@@ -141,13 +141,13 @@ def _sweep_from_args(a):
 
 def _calibrate_if_needed(sweep, quick, say) -> str:
     """Calibrate when this machine and these library versions have no saved model; say how long it took."""
-    why = calibration_status()
+    engines = tuple(b for b in sweep.backends if b in ("threads", "ray", "dask"))
+    why = calibration_status(engines=engines)
     if why is None:
         return "cost model: the saved calibration of this machine"
     say(f"calibrating the cost model first ({why}), so that auto is judged with this machine's costs")
     t0 = time.perf_counter()
-    calibrate(quick=quick, engines=tuple(b for b in sweep.backends if b in ("threads", "ray", "dask")),
-              progress=lambda line: say("  " + line))
+    calibrate(quick=quick, engines=engines, progress=lambda line: say("  " + line))
     took = time.perf_counter() - t0
     say(f"calibration took {took:.1f} s")
     return f"calibrated before the sweep ({why}): {took:.1f} s"

@@ -20,7 +20,7 @@ from .autotune import COMPILED_BACKENDS, choose_method
 from .errors import NonFiniteError  # noqa: F401  (re-exported for users of chainprod.grad)
 from .executors import Executor, Trace, get_executor, valid_backends
 from .layers import Chain
-from .schedules import Schedule, schedule, valid_methods
+from .schedules import Schedule, valid_methods
 from .tape import Tape, forward, resolve_kernels
 
 __all__ = ["Tape", "forward", "backward", "loss_seed", "grad", "value_and_grad", "LOSSES", "make_trace"]

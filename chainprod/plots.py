@@ -172,8 +172,8 @@ def speedup_vs_depth(rows, stem, *, machine=None, metric="backward"):
                 ax.set_ylabel(f"speedup, {_METRICS[metric]}", fontsize=8)
             ax.tick_params(labelsize=7.5)
     names = ", ".join(baseline_name(b, rows) for b in BASELINES if any(r["method"] == b for r in rows))
-    fig.suptitle(f"{_METRICS[metric].capitalize()}: speedup of the scan over the best backprop of each problem "
-                 f"(the fastest of {names}) - {_machine(rows, machine)}", fontsize=10)
+    fig.suptitle(f"{_METRICS[metric].capitalize()}: speedup of the scan over the best backprop - "
+                 f"{_machine(rows, machine)}\nbest backprop = the fastest of {names}, per problem", fontsize=10)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(handles) / 4), 1, 1))

@@ -7,14 +7,12 @@ products, random blocks, a tolerance table. Tests import the helpers with
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import numpy as np
 import pytest
 
 import chainprod as cp
-from chainprod.executors import EXECUTORS
 
 #: local executors and the worker counts every local test crosses
 LOCAL_BACKENDS = [("serial", None), ("vectorized", None), ("threads", 1), ("threads", 2), ("threads", 3)]
@@ -155,23 +153,6 @@ def grads_close(g, ref, rtol, atol=0.0):
             assert err <= rtol * scale + atol, f"layer {l} param {i}: max abs error {err:.3g} (scale {scale:.3g})"
 
 
-def executor_module_missing(name) -> bool:
-    """True when the module a registered executor lives in does not exist (yet)."""
-    target = EXECUTORS[name][0]
-    if not isinstance(target, str):
-        return False
-    mod = target.split(":")[0]
-    try:
-        return importlib.util.find_spec(mod) is None
-    except ModuleNotFoundError:
-        return True
-
-
-def skip_if_executor_unwritten(name):
-    if executor_module_missing(name):
-        pytest.skip("executor module not written yet")
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
@@ -188,6 +169,5 @@ def _quiet_overflow():
 __all__ = [
     "LOCAL_BACKENDS", "LOCAL_BACKEND_IDS", "SCAN_METHODS", "SCAN_METHOD_IDS", "RTOL", "rtol_for",
     "as_dense", "my_fold", "rel_err", "assert_suffix_close", "snapshot", "assert_unchanged",
-    "make_readonly", "orthogonal_mats", "random_widths", "grads_close", "executor_module_missing",
-    "skip_if_executor_unwritten",
+    "make_readonly", "orthogonal_mats", "random_widths", "grads_close",
 ]

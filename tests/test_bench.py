@@ -10,8 +10,17 @@ import pytest
 
 import chainprod as cp
 from chainprod import _timing
-from chainprod.bench import (BASELINES, FIELDS, Sweep, compare_to_best_backprop, plan_sweep, problems, read_results,
-                             read_traces, run_sweep)
+from chainprod.bench import (
+    BASELINES,
+    FIELDS,
+    Sweep,
+    compare_to_best_backprop,
+    plan_sweep,
+    problems,
+    read_results,
+    read_traces,
+    run_sweep,
+)
 from chainprod.calibrate import _fingerprint, calibration_status
 from chainprod.cost import CostModel
 
@@ -176,7 +185,8 @@ def test_timing_helpers():
 
 def test_calibration_status():
     assert calibration_status(CostModel()) == "no saved calibration"
-    here = CostModel(machine={"fingerprint": _fingerprint()}, source="test")
-    assert calibration_status(here) is None
+    here = CostModel(machine={"fingerprint": _fingerprint(), "engines": ["threads"]}, source="test")
+    assert calibration_status(here) is None and calibration_status(here, engines=("threads",)) is None
+    assert calibration_status(here, engines=("threads", "ray")) == "the saved calibration did not time ray"
     elsewhere = CostModel(machine={"fingerprint": {**_fingerprint(), "hostname": "other-host"}}, source="test")
     assert "hostname 'other-host'" in calibration_status(elsewhere)

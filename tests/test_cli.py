@@ -27,7 +27,8 @@ TINY_ROWS = 10
 def calibrated_here(tmp_path, monkeypatch):
     """A saved cost model that counts as this machine's calibration (default costs), so bench does not calibrate."""
     path = tmp_path / "cost_model.json"
-    cost.save_model(cost.CostModel(machine={"fingerprint": _fingerprint()}, source="test: default costs"), str(path))
+    here = {"fingerprint": _fingerprint(), "engines": ["threads"]}
+    cost.save_model(cost.CostModel(machine=here, source="test: default costs"), str(path))
     monkeypatch.setenv("CHAINPROD_COST_MODEL", str(path))
     cost.load_model.cache_clear()
     yield str(path)

@@ -15,7 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import assert_suffix_close, my_fold, rel_err, skip_if_executor_unwritten
+from conftest import assert_suffix_close, my_fold, rel_err
 
 import chainprod as cp
 from chainprod.blocks import BlockSeq, Segment
@@ -33,7 +33,6 @@ WORKERS = 2
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    skip_if_executor_unwritten(request.param)
     return request.param
 
 

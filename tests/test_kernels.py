@@ -14,8 +14,18 @@ import numpy as np
 import pytest
 
 import chainprod as cp
-from chainprod.kernels import (ACT_CODES, KERNELS, PackedChain, default_kernels, first_nonfinite_layer, get_kernels,
-                               layer_rows, pack, unpack_grads, unpack_rows)
+from chainprod.kernels import (
+    ACT_CODES,
+    KERNELS,
+    PackedChain,
+    default_kernels,
+    first_nonfinite_layer,
+    get_kernels,
+    layer_rows,
+    pack,
+    unpack_grads,
+    unpack_rows,
+)
 
 ACTS = ("tanh", "relu", "sigmoid", "softplus", "identity")
 STRUCTURES = ("mlp", "mixed_acts", "widths", "dense_diag")
@@ -63,10 +73,7 @@ def make_chain(structure, L, dtype, seed=0):
 
 def reference_rows(chain, tape):
     """Every layer's output ``(N, d_out)`` from the engine's tape (per-run stacks)."""
-    rows = []
-    for run, Y in zip(chain.runs, tape.outputs):
-        rows += list(Y)
-    return rows
+    return [y for Y in tape.outputs for y in Y]
 
 
 def reference_V(chain, x, seed):

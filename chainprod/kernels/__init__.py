@@ -39,8 +39,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from .pack import (ACT_CODES, ACT_NAMES, KIND_CODES, KIND_NAMES, PackedChain, first_nonfinite_layer, layer_rows,
-                   pack, unpack_grads, unpack_rows)
+from .pack import (
+    ACT_CODES,
+    ACT_NAMES,
+    KIND_CODES,
+    KIND_NAMES,
+    PackedChain,
+    first_nonfinite_layer,
+    layer_rows,
+    pack,
+    unpack_grads,
+    unpack_rows,
+)
 
 __all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KIND_CODES", "KIND_NAMES", "PackedChain", "default_kernels",
            "first_nonfinite_layer", "get_kernels", "layer_rows", "pack", "unpack_grads", "unpack_rows"]

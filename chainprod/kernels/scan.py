@@ -43,7 +43,7 @@ import numpy as np
 from ..planning.flat import bind_flat
 from ..schedules import Schedule
 
-__all__ = ["scan_rows", "position_specs", "plan_for", "SCAN_KERNELS"]
+__all__ = ["scan_rows", "run_scan_compiled", "position_specs", "plan_for", "SCAN_KERNELS"]
 
 #: Registered implementations of :func:`scan_rows`; the first is the default.
 SCAN_KERNELS = ("numba", "numpy")

@@ -1,0 +1,176 @@
+"""Plans a user can hold: decide once what runs, reuse it on every call.
+
+``cp.plan(chain, method=..., backend=..., workers=...)`` resolves the method
+to a :class:`~chainprod.schedules.Schedule` (or to backprop) once, for the
+chain's shapes, and keeps it, with the kernels and the executor, for every
+later ``plan.grad(x)`` (opt_einsum's ``contract_expression`` habit). Bound
+plans underneath (slabs of the numpy executors, flat op tables of the
+compiled kernels) are cached by value, so a held plan also holds warm caches.
+
+``method="auto"`` on the compiled kernels is decided on the first call, from
+that call's real data (:mod:`chainprod.autotune`), and kept.
+
+>>> import numpy as np, chainprod as cp
+>>> p = cp.plan(cp.mlp([4, 8, 8, 1]), method="sklansky")
+>>> p.schedule.name, p.schedule.length
+('sklansky', 2)
+>>> g = p.grad(np.ones((3, 4)))
+>>> len(g)
+3
+>>> q = cp.plan(16, method="brent_kung")          # a plan for suffix products of 16 matrices
+>>> q.schedule.rounds
+7
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import check_workers
+from .backward_numpy import jacobian_shapes
+from .executors import Executor, get_executor
+from .grad import backward, loss_seed, make_trace
+from .layers import Chain
+from .products import product, read_blocks, suffix_products
+from .schedules import Schedule, schedule
+from .tape import forward, resolve_kernels
+
+__all__ = ["Plan", "plan"]
+
+
+class Plan:
+    """A held plan: the chain (or product length), the resolved method, the kernels and the backend.
+
+    Attributes
+    ----------
+    method : str or Schedule
+        What was asked for.
+    schedule : Schedule or str or None
+        What runs: a Schedule, ``"backprop"``, or ``None`` until an ``auto``
+        plan on the compiled kernels has seen its first batch.
+    backend, workers, kernels
+        As in :func:`chainprod.grad`.
+    """
+
+    def __init__(self, target, *, method="auto", backend="vectorized", workers=None, kernels=None, batch=1,
+                 engine_options=None):
+        self.workers = check_workers(workers)
+        if not isinstance(backend, Executor):
+            get_executor(backend)  # an unknown name fails here, not on the first call
+        self.backend = backend
+        self.kernels = resolve_kernels(kernels)
+        self.engine_options = dict(engine_options or {})
+        self.method = method
+        self.chain = target if isinstance(target, Chain) else None
+        if self.chain is not None:
+            self.length = len(self.chain) - 1
+            self.schedule = self._resolve_for_chain(method, batch)
+        else:
+            self.length, blocks = _product_shapes(target)
+            self.schedule = schedule(method, self.length, workers=self.workers, blocks=blocks, backend=backend)
+
+    def _resolve_for_chain(self, method, batch):
+        if isinstance(method, str) and method == "backprop" or self.length < 1:
+            return "backprop"
+        if isinstance(method, str) and method == "auto" and self.kernels != "numpy":
+            return None  # measured on the first call's real data, then kept
+        return schedule(method, self.length, workers=self.workers, blocks=jacobian_shapes(self.chain, batch),
+                        backend=self.backend)
+
+    # -- gradients ---------------------------------------------------------
+    def grad(self, x, y=None, *, loss=None, return_trace=False):
+        """Per-layer gradients of the held chain at ``x`` (see :func:`chainprod.grad`)."""
+        value, g, trace = self._value_and_grad(x, y, loss, return_trace)
+        return (g, trace) if return_trace else g
+
+    def value_and_grad(self, x, y=None, *, loss=None, return_trace=False):
+        """Loss value and per-layer gradients (see :func:`chainprod.value_and_grad`)."""
+        value, g, trace = self._value_and_grad(x, y, loss, return_trace)
+        return (value, g, trace) if return_trace else (value, g)
+
+    def _value_and_grad(self, x, y, loss, return_trace):
+        if self.chain is None:
+            raise TypeError("this plan is for products of matrices (made from a length or shapes); "
+                            "use plan.suffix_products(mats), or make a plan from a Chain for gradients")
+        tape = forward(self.chain, x, kernels=self.kernels)
+        value, seed = loss_seed(tape, y, loss)
+        trace = make_trace(return_trace, self.backend, self.workers)
+        if trace is None and self.schedule is None:
+            trace = make_trace(True, self.backend, self.workers)  # to learn what auto chose
+        method = self.method if self.schedule is None else self.schedule
+        g = backward(tape, seed, method=method, backend=self.backend, workers=self.workers, trace=trace,
+                     engine_options=self.engine_options, kernels=self.kernels)
+        if self.schedule is None and trace is not None and trace.schedule is not None:
+            self.schedule = trace.schedule
+        return value, g, trace
+
+    # -- products ----------------------------------------------------------
+    def suffix_products(self, mats, *, return_trace=False):
+        """All suffix products of ``mats`` with the held schedule (see :func:`chainprod.suffix_products`)."""
+        self._check_product_length(mats)
+        return suffix_products(mats, method=self.schedule, backend=self.backend, workers=self.workers,
+                               return_trace=return_trace, engine_options=self.engine_options or None)
+
+    def product(self, mats):
+        """The total product of ``mats`` with the held schedule (see :func:`chainprod.product`)."""
+        self._check_product_length(mats)
+        return product(mats, method=self.schedule, backend=self.backend, workers=self.workers,
+                       engine_options=self.engine_options or None)
+
+    def _check_product_length(self, mats):
+        if self.chain is not None:
+            raise TypeError("this plan is for the gradients of a Chain; make a plan from a length or shapes "
+                            "for products of matrices")
+        n = len(mats)
+        if n != self.length:
+            raise ValueError(f"this plan is for {self.length} matrices, got {n}")
+
+    def __repr__(self):
+        what = f"chain of {len(self.chain)} layers" if self.chain is not None else f"product of {self.length}"
+        runs = ("auto (decided on the first call)" if self.schedule is None else
+                self.schedule if isinstance(self.schedule, str) else repr(self.schedule))
+        return (f"<Plan for a {what}: runs {runs}; backend={self.backend!r}, workers={self.workers}, "
+                f"kernels={self.kernels!r}>")
+
+    def describe(self) -> str:
+        """The held schedule's printable summary (rounds, work, flops, Brent bound)."""
+        if isinstance(self.schedule, Schedule):
+            blocks = jacobian_shapes(self.chain) if self.chain is not None else None
+            return str(self.schedule.describe(blocks=blocks, workers=self.workers))
+        return repr(self)
+
+
+def _product_shapes(target):
+    """``(L, blocks)`` for a product plan: an int ``L``, a list of ``(kind, rows, cols)`` or of matrices."""
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        if target < 1:
+            raise ValueError(f"a product plan needs at least one factor, got L={target}")
+        return int(target), None
+    if isinstance(target, (list, tuple)) and target and all(
+            isinstance(t, tuple) and len(t) == 3 and isinstance(t[0], str) for t in target):
+        # (kind, rows, cols) in the user's order: the plan works in scan order (last factor first)
+        return len(target), list(reversed(target))
+    if isinstance(target, (list, tuple, np.ndarray)):
+        seq, _ = read_blocks(target, "mats")
+        return len(seq), seq
+    raise TypeError(f"plan() takes a Chain, a number of factors, a list of (kind, rows, cols) or a list of "
+                    f"matrices; got {type(target).__name__}")
+
+
+def plan(target, *, method="auto", backend="vectorized", workers=None, kernels=None, batch=1,
+         engine_options=None) -> Plan:
+    """Decide once what runs, and hold it: see :class:`Plan`.
+
+    Parameters
+    ----------
+    target : Chain, int, list of (kind, rows, cols), or list of matrices
+        A chain (for ``plan.grad``) or the factors of a product (for
+        ``plan.suffix_products`` / ``plan.product``).
+    method, backend, workers, kernels, engine_options
+        As in :func:`chainprod.grad`.
+    batch : int
+        The batch size the cost model plans for (a chain's ``auto`` on the
+        numpy reference).
+    """
+    return Plan(target, method=method, backend=backend, workers=workers, kernels=kernels, batch=batch,
+                engine_options=engine_options)
