@@ -9,7 +9,12 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def as_float_array(a, what: str, *, ndim=None, allow_nonfinite=False) -> np.ndarray:
     """``a`` as a float32/float64 array, checked; never copies or modifies a good array."""
-    if isinstance(a, np.ndarray):
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{what}: masked arrays are not supported (the mask would be ignored); pass "
+                        "a.filled(value) or a plain array")
+    if isinstance(a, np.matrix):
+        arr = np.asarray(a)  # a plain 2-D array: a matrix would turn row slices and products into 2-D
+    elif isinstance(a, np.ndarray):
         arr = a
     else:
         try:

@@ -89,6 +89,9 @@ def loss_seed(tape: Tape, y=None, loss=None):
                 f"{out.shape[1]}; pass targets y= with loss='mse' for a vector output"
             )
     else:
+        if y is None:
+            raise ValueError(f"loss={loss!r} needs targets: pass y= with the model output's shape "
+                             f"{out.shape[1:] if tape.one else out.shape}")
         y = as_float_array(y, "y", ndim=(1, 2))
         expect = out.shape[1:] if tape.one else out.shape
         # Accept exactly the output's shape, or (N,) for a width-1 output; never
@@ -157,11 +160,14 @@ def _check_method_backend(method, backend):
 
 
 def make_trace(return_trace, backend, workers):
+    """A new :class:`Trace` for ``return_trace=True``, the given Trace, or None for False."""
     if return_trace is True:
         return Trace(backend=str(backend), workers=workers)
     if isinstance(return_trace, Trace):
         return return_trace
-    return None
+    if return_trace is False or return_trace is None:
+        return None
+    raise TypeError(f"return_trace must be True, False or a chainprod.Trace, got {return_trace!r}")
 
 
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._validate import as_float_array
+from .errors import NonFiniteError
 
 __all__ = ["ACTIVATIONS", "Dense", "Diagonal", "Chain", "mlp", "diagonal_chain", "Layer"]
 
@@ -291,6 +292,8 @@ class Chain:
     """
 
     def __init__(self, layers):
+        if isinstance(layers, Layer) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"Chain needs a sequence of layers (Dense, Diagonal), got {type(layers).__name__}")
         layers = list(layers)
         if not layers:
             raise ValueError("Chain needs at least one layer, got an empty list")
@@ -399,9 +402,16 @@ class Chain:
             if shapes != tuple(p.shape for p in ps):
                 raise ValueError(f"gradient of layer {l} has shapes {shapes}, the parameters have "
                                  f"{tuple(p.shape for p in ps)}")
-        return self.with_params(
-            tuple(p - lr * g for p, g in zip(ps, gs)) for ps, gs in zip(self.params, grads)
-        )
+        new = []
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below with the layer
+            for l, (ps, gs) in enumerate(zip(self.params, grads)):
+                step = tuple(p - lr * np.asarray(g) for p, g in zip(ps, gs))
+                if not all(np.isfinite(q).all() for q in step):
+                    raise NonFiniteError(f"sgd_step: the new parameters of layer {l} are NaN or infinite "
+                                         f"(theta - lr * grad with lr={lr!r} overflowed, or the gradient is "
+                                         "not finite)", (l, l))
+                new.append(step)
+        return self.with_params(new)
 
 
 def _run_forward(run, x, Y):
@@ -413,6 +423,18 @@ def _run_forward(run, x, Y):
     return Y
 
 
+def _check_widths(widths) -> list[int]:
+    """``widths`` as a list of ints; a float, a bool or a non-sequence is refused, never truncated."""
+    if isinstance(widths, (str, bytes)) or not hasattr(widths, "__iter__"):
+        raise TypeError(f"mlp widths must be a sequence of ints [d_0, d_1, ..., d_L], got {widths!r}")
+    out = []
+    for i, w in enumerate(widths):
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)):
+            raise TypeError(f"mlp widths must be ints, got {w!r} ({type(w).__name__}) at position {i} of {list(widths)}")
+        out.append(int(w))
+    return out
+
+
 def mlp(widths, activation="tanh", seed=0, dtype=np.float64, bias_scale=0.1) -> Chain:
     """A random :class:`Chain` of :class:`Dense` layers; the last is ``"identity"``.
 
@@ -420,7 +442,7 @@ def mlp(widths, activation="tanh", seed=0, dtype=np.float64, bias_scale=0.1) -> 
     model. Weights are ``N(0, 1/d_in)`` (LeCun), biases ``N(0, bias_scale^2)``.
     """
     activation = _activation(activation)
-    widths = [int(w) for w in widths]
+    widths = _check_widths(widths)
     if len(widths) < 2:
         raise ValueError(f"mlp needs at least two widths (input and output), got {widths}")
     if min(widths) < 1:

@@ -94,7 +94,7 @@ def read_blocks(mats, what="mats"):
 
 
 def _cheap_array(m, what, ndim):
-    if not isinstance(m, np.ndarray):
+    if type(m) is not np.ndarray:  # lists, np.matrix, masked arrays: the checked path
         return as_float_array(m, what, ndim=ndim)
     a = m
     if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8) or not a.dtype.isnative or a.ndim not in ndim \

@@ -9,6 +9,8 @@ same math one run of stacked layers at a time.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .errors import NonFiniteError
@@ -19,11 +21,16 @@ __all__ = ["Tape", "forward", "resolve_kernels", "flat_tape"]
 
 
 def resolve_kernels(kernels) -> str:
-    """``None`` -> the default kernel set (``"numba"`` when installed); a name is checked."""
+    """``None`` -> the default kernel set; a name is checked.
+
+    The default is ``$CHAINPROD_KERNELS`` when set (e.g. ``numpy`` to run a
+    whole program on the reference), else ``"numba"`` when it is installed.
+    """
+    source = "kernels"
     if kernels is None:
-        return default_kernels()
+        kernels, source = os.environ.get("CHAINPROD_KERNELS") or default_kernels(), "$CHAINPROD_KERNELS"
     if not isinstance(kernels, str) or kernels not in KERNELS:
-        raise ValueError(f"unknown kernels {kernels!r}; valid kernels: {', '.join(KERNELS)} (or None for the "
+        raise ValueError(f"unknown {source} {kernels!r}; valid kernels: {', '.join(KERNELS)} (or None for the "
                          "default)")
     return kernels
 

@@ -15,6 +15,13 @@ from chainprod.testing import random_mats
 X2 = np.ones((2, 3))
 
 
+@pytest.fixture(autouse=True, params=["numba", "numpy"])
+def kernels(request, monkeypatch):
+    """Every error test runs on the compiled kernels and on the numpy reference."""
+    monkeypatch.setenv("CHAINPROD_KERNELS", request.param)
+    return request.param
+
+
 @pytest.fixture
 def chain():
     return cp.mlp([3, 4, 4, 1], seed=0)
@@ -371,3 +378,60 @@ def test_overflow_in_parameter_gradient_names_the_layer(method):
                       cp.Dense(np.array([[1e200]]), np.zeros(1), None)])
     with pytest.raises(cp.NonFiniteError, match=r"layer 0\b|layers 0\b"):
         cp.grad(chain, np.array([1e200]), method=method)
+
+
+# -- input types and options found by trying as a new user ----------------------------
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+def test_matrix_input_is_a_plain_array(chain):
+    x = np.ones((2, 3))
+    g = cp.grad(chain, np.matrix(x))
+    ref = cp.grad(chain, x)
+    assert all(type(a) is np.ndarray and a.shape == b.shape for ga, gb in zip(g, ref) for a, b in zip(ga, gb))
+    out = cp.suffix_products([np.matrix(np.eye(2) * 2.0)] * 3)
+    assert type(out[0]) is np.ndarray and out[0].shape == (2, 2)
+
+
+def test_masked_arrays_are_refused(chain):
+    with pytest.raises(TypeError, match="masked arrays are not supported"):
+        cp.grad(chain, np.ma.masked_array(np.ones((2, 3)), mask=np.zeros((2, 3))))
+
+
+def test_mse_without_targets_says_so():
+    with pytest.raises(ValueError, match="needs targets"):
+        cp.grad(cp.mlp([3, 2]), X2, loss="mse")
+
+
+@pytest.mark.parametrize("widths", [[5, 2.7, 1], [5, True, 1], 5, None, "5,1"])
+def test_mlp_widths_are_never_truncated(widths):
+    with pytest.raises(TypeError, match="mlp widths"):
+        cp.mlp(widths)
+
+
+def test_chain_of_none():
+    with pytest.raises(TypeError, match="sequence of layers"):
+        cp.Chain(None)
+
+
+def test_return_trace_must_be_a_bool(chain):
+    with pytest.raises(TypeError, match="return_trace"):
+        cp.grad(chain, X2, return_trace="yes")
+
+
+def test_chunked_chunks_zero_speaks_of_chunks():
+    with pytest.raises(ValueError, match="chunks must be an int >= 1"):
+        cp.schedule("chunked", 10, chunks=0)
+
+
+def test_sgd_step_names_the_layer_that_overflowed():
+    chain = cp.Chain([dense(2, 2), dense(1, 2)])
+    grads = [(np.full((2, 2), 1e300), np.zeros(2)), (np.zeros((1, 2)), np.zeros(1))]
+    with pytest.raises(cp.NonFiniteError, match="layer 0"):
+        chain.sgd_step(grads, lr=1e10)
+
+
+def test_unknown_kernels_list_the_valid_ones(chain, monkeypatch):
+    with pytest.raises(ValueError, match="valid kernels: numba, numpy"):
+        cp.grad(chain, X2, kernels="fortran")
+    monkeypatch.setenv("CHAINPROD_KERNELS", "fortran")
+    with pytest.raises(ValueError, match="CHAINPROD_KERNELS"):
+        cp.grad(chain, X2)

@@ -183,7 +183,9 @@ def chunked(L: int, chunks: int | None = None, outer: str = "sklansky") -> Sched
     """
     if chunks is None:
         chunks = max(1, round(math.sqrt(L)))
-    chunks = check_workers(chunks)
+    if isinstance(chunks, (bool, np.bool_)) or not isinstance(chunks, (int, np.integer)) or chunks < 1:
+        raise ValueError(f"chunked: chunks must be an int >= 1, got {chunks!r}")
+    chunks = int(chunks)
     outer_builder = _outer_scan(outer)
     c = max(1, -(-L // chunks))
     n = -(-L // c) if L else 0
