@@ -11,6 +11,8 @@ widths, dense and diagonal layers.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .errors import NonFiniteError
@@ -51,8 +53,25 @@ def scan_grads(tape: Tape, seed, sched, workers, trace, kernels="numba") -> list
             f"non-finite value in the product of the input Jacobians of layers {lo + 1}..{L - 1} "
             f"(0-based): the chain product overflowed; scale the weights down or shorten the chain",
             (lo + 1, L - 1))
-    grads, bad = get_kernels(kernels).param_grads(pc, x, Y, V)
+    with _threads(kernels, workers):
+        grads, bad = get_kernels(kernels).param_grads(pc, x, Y, V)
     return _checked(pc, grads)
+
+
+@contextlib.contextmanager
+def _threads(kernels, workers):
+    """The VJPs run on the same ``workers`` threads as the scan (numba's count is per process)."""
+    if kernels != "numba" or workers is None:
+        yield
+        return
+    import numba  # the compiled set is loaded already: this costs nothing
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(workers), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def _checked(pc, grads):

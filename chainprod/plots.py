@@ -101,13 +101,15 @@ def _config_label(backend, workers, method):
 
 
 def _best_backprop_note(rows, metric):
-    """``"numba backprop at every L"`` or ``"jax at L=64; backprop at L=1024, 16384"``."""
+    """``"numba at every L"`` or ``"JAX (L=64), numba (L=1024)"``: which baseline was the best, where."""
+    short = {"backprop": next((r["backend"] for r in rows if r["method"] == "backprop"), "backprop"),
+             "backprop-numpy": "numpy", "jax": "JAX", "torch": "torch"}
     by = {}
     for r in rows:
         by.setdefault(r[f"best_backprop_{metric}"], set()).add(r["depth"])
     if len(by) == 1:
-        return f"{baseline_name(next(iter(by)), rows)} at every L"
-    return "; ".join(f"{baseline_name(b, rows)} at L={', '.join(map(str, sorted(Ls)))}"
+        return f"{short.get(next(iter(by)), '?')} at every L"
+    return ", ".join(f"{short.get(b, b)} (L={', '.join(map(str, sorted(Ls)))})"
                      for b, Ls in sorted(by.items(), key=lambda kv: min(kv[1])))
 
 

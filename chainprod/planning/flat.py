@@ -28,9 +28,13 @@ every scan position into plain integer arrays (a :class:`FlatPlan`):
   carry scan, the per-chunk fix-up scans — no parallel region per round.
 
 Plans are cached by plain tuples (the schedule's value key, the
-run-length-encoded kind/shape signature, the batch and the threshold) with
-:func:`functools.lru_cache`; :func:`clear_cache` empties the cache. A
+run-length-encoded kind/shape signature, the batch and the threshold);
+:func:`clear_cache` (or :func:`chainprod.clear_caches`) empties the cache. A
 :class:`FlatPlan` holds only ints and numpy arrays, so it pickles.
+
+At about 500 lines this module is longer than most: it holds one job, the
+replay of a schedule into flat tables and the fusing of rounds into stages,
+whose parts (slot sizing, in-place detection, lanes) share one replay.
 
 This module plans; it never touches a value. The kernels that run a plan
 are in :mod:`chainprod.kernels.scan` (numba) and
@@ -39,12 +43,11 @@ are in :mod:`chainprod.kernels.scan` (numba) and
 
 from __future__ import annotations
 
-import functools
-import hashlib
 from typing import NamedTuple
 
 import numpy as np
 
+from .._caches import PlanCache
 from ..blocks import COMBINE
 from ..schedules import Schedule
 
@@ -187,37 +190,6 @@ def _kind_codes(kinds) -> np.ndarray:
     return out
 
 
-class _ByKey:
-    """Hashes and compares by a plain tuple only, so ``lru_cache`` keys on the
-    value of a plan, never on the identity of the Schedule object it carries."""
-
-    __slots__ = ("key", "schedule")
-
-    def __init__(self, key, schedule):
-        self.key = key
-        self.schedule = schedule
-
-    def __hash__(self):
-        return hash(self.key)
-
-    def __eq__(self, other):
-        return isinstance(other, _ByKey) and self.key == other.key
-
-
-def _schedule_key(s: Schedule) -> tuple:
-    key = getattr(s, "key", None)
-    if isinstance(key, tuple):
-        return key
-    # Older Schedule types without a value key: digest the rounds here.
-    h = hashlib.blake2b(digest_size=16)
-    for st in s.steps:
-        for a in st:
-            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-        h.update(b"|")
-    h.update(np.asarray(s.outputs, dtype=np.int64).tobytes())
-    return (s.name, s.length, s.n_slots, h.hexdigest())
-
-
 def bind_flat(schedule: Schedule, kinds, rows, cols, *, batch: int = 1,
               parallel_min_flops: float = PARALLEL_MIN_FLOPS) -> FlatPlan:
     """Bind ``schedule`` to per-position block kinds and shapes (cached).
@@ -252,22 +224,16 @@ def bind_flat(schedule: Schedule, kinds, rows, cols, *, batch: int = 1,
     if length != schedule.length:
         raise ValueError(f"schedule {schedule.name!r} is for {schedule.length} positions, the blocks describe "
                          f"{length}")
-    opts = tuple(sorted((str(k), repr(v)) for k, v in dict(schedule.options).items()))
-    key = (_schedule_key(schedule), opts, sig, int(batch), float(parallel_min_flops))
-    return _bind_cached(_ByKey(key, schedule))
+    key = (schedule.key, sig, int(batch), float(parallel_min_flops))
+    return _FLAT.get(key, lambda: _bind(schedule, sig, int(batch), float(parallel_min_flops)))
 
 
-@functools.lru_cache(maxsize=64)
-def _bind_cached(keyed: _ByKey) -> FlatPlan:
-    s = keyed.schedule
-    keyed.schedule = None  # the cache keeps the key, not the (possibly large) schedule
-    _, _, sig, batch, thr = keyed.key
-    return _bind(s, sig, batch, thr)
+_FLAT = PlanCache(maxsize=64)
 
 
 def clear_cache() -> None:
-    """Forget every bound flat plan."""
-    _bind_cached.cache_clear()
+    """Forget every bound flat plan (:func:`chainprod.clear_caches` empties this cache too)."""
+    _FLAT.clear()
 
 
 # -- the planner --------------------------------------------------------------
