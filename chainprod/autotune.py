@@ -25,6 +25,7 @@ Dask, ``auto`` asks the cost model instead (:func:`chainprod.cost.choose_schedul
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,25 +55,31 @@ def choose_method(tape, seed, method, backend, workers, kernels):
     L = len(tape.chain)
     if (isinstance(method, str) and method == "backprop") or L < 2:
         return "backprop"
+    is_auto = isinstance(method, str) and method == "auto"
+    if is_auto and kernels != "numpy" and isinstance(backend, str) and backend in COMPILED_BACKENDS:
+        P = workers or COMPILED_BACKENDS[backend]()
+        key = _key(tape, P, kernels)  # a hit costs this key and one dict lookup: auto is free after the first call
+        return _CHOICES.get(key, lambda: _from_disk(key, L) or _measure(tape, seed, P, kernels, key))
     shapes = jacobian_shapes(tape.chain, tape.batch)
-    if not (isinstance(method, str) and method == "auto"):
+    if not is_auto:
         return schedule(method, L - 1, workers=workers, blocks=shapes, backend=backend)
-    if kernels == "numpy" or not (isinstance(backend, str) and backend in COMPILED_BACKENDS):
-        # The model's best scan; when that is the sequential one no parallel
-        # schedule pays for its extra work and backprop does the same order
-        # without forming Jacobians.
-        sched = schedule("auto", L - 1, workers=workers, blocks=shapes, backend=backend)
-        return "backprop" if auto_runs_backprop(sched, backend) else sched
-    P = workers or COMPILED_BACKENDS[backend]()
-    key = _key(tape, P, kernels)
-    return _CHOICES.get(key, lambda: _from_disk(key, L) or _measure(tape, seed, shapes, P, kernels, key))
+    # The model's best scan; when that is the sequential one no parallel
+    # schedule pays for its extra work and backprop does the same order
+    # without forming Jacobians.
+    sched = schedule("auto", L - 1, workers=workers, blocks=shapes, backend=backend)
+    return "backprop" if auto_runs_backprop(sched, backend) else sched
 
 
 def _key(tape, P, kernels) -> tuple:
-    runs = tuple((r.cls.kind, r.activation, r.count, r.d_in, r.d_out) for r in tape.chain.runs)
-    return (runs, tape.batch, str(tape.chain.dtype), int(P), kernels, __version__, _numba_version())
+    chain = tape.chain
+    runs = chain.__dict__.get("_run_signature")
+    if runs is None:  # a chain is immutable: its signature is computed once
+        runs = chain.__dict__["_run_signature"] = tuple(
+            (r.cls.kind, r.activation, r.count, r.d_in, r.d_out) for r in chain.runs)
+    return (runs, tape.batch, str(chain.dtype), int(P), kernels, __version__, _numba_version())
 
 
+@functools.lru_cache(maxsize=1)
 def _numba_version():
     try:
         from importlib.metadata import version
@@ -93,8 +100,9 @@ def _candidates(L, shapes, P, backend):
         yield modelled
 
 
-def _measure(tape, seed, shapes, P, kernels, key):
+def _measure(tape, seed, P, kernels, key):
     L = len(tape.chain)
+    shapes = jacobian_shapes(tape.chain, tape.batch)
     seq = sequential_flops(block_spec(shapes, L - 1))
     runs = {"backprop": lambda: backward_compiled.backprop_grads(tape, seed, kernels)}
     plans = {"backprop": "backprop"}

@@ -378,3 +378,25 @@ def test_import_does_not_import_numba():
             "assert 'numba' not in sys.modules, 'numba imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_unpack_grads_of_alternating_shapes_matches_the_flat_layout():
+    # More stretches than the per-stretch path takes: the per-shape gathers must give the same arrays.
+    from chainprod.kernels.pack import _MAX_STRETCHES
+
+    widths = [3] + [4, 6, 5] * (_MAX_STRETCHES + 2) + [1]
+    layers = [cp.Dense(np.ones((o, i)), np.zeros(o), "tanh") if k % 4 else cp.Diagonal(np.ones(i), np.zeros(i))
+              if i == o else cp.Dense(np.ones((o, i)), np.zeros(o), "relu")
+              for k, (i, o) in enumerate(zip(widths[:-1], widths[1:]))]
+    chain = cp.Chain(layers)
+    pc = pack(chain)
+    flat = np.arange(pc.n_params, dtype=np.float64)
+    got = unpack_grads(pc, flat)
+    for l, (g, p) in enumerate(zip(got, chain.params)):
+        assert tuple(a.shape for a in g) == tuple(q.shape for q in p)
+        np.testing.assert_array_equal(np.concatenate([a.ravel() for a in g]), flat[pc.p_off[l]:pc.p_off[l + 1]])
+
+
+def test_pack_is_kept_on_the_chain():
+    chain = cp.mlp([3, 4, 1])
+    assert pack(chain) is pack(chain)

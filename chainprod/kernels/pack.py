@@ -121,7 +121,19 @@ def pack(chain: Chain) -> PackedChain:
     Returns
     -------
     PackedChain
+        Kept on the chain after the first call: a chain's parameters are
+        frozen, so its packing never changes, and a training loop that
+        calls ``grad`` on the same chain packs it once.
     """
+    hit = getattr(chain, "__dict__", {}).get("_packed")
+    if hit is not None:
+        return hit
+    pc = _pack(chain)
+    chain.__dict__["_packed"] = pc
+    return pc
+
+
+def _pack(chain):
     if not isinstance(chain, Chain):
         raise TypeError(f"pack expects a chainprod Chain, got {type(chain).__name__}")
     L = len(chain)
@@ -173,14 +185,49 @@ def unpack_grads(pc: PackedChain, flat) -> list[tuple]:
     flat = np.asarray(flat)
     if flat.shape != (pc.n_params,):
         raise ValueError(f"a flat gradient of this chain has shape ({pc.n_params},), got {flat.shape}")
+    groups = _groups(pc)
+    if len(groups) > _MAX_STRETCHES:
+        return _unpack_by_shape(pc, flat)
     out = []
-    for a, b in _groups(pc):
+    for a, b in groups:
         n, din, dout = b - a, int(pc.d_in[a]), int(pc.d_out[a])
         rows = flat[pc.p_off[a]:pc.p_off[b]].reshape(n, -1)
-        first = dout * din if pc.kind[a] == KIND_CODES["dense"] else dout
-        p0 = rows[:, :first].reshape(n, dout, din) if pc.kind[a] == KIND_CODES["dense"] else rows[:, :first]
+        p0, p1 = _split(rows, pc.kind[a], din, dout)
         # list(array) makes the per-layer views in C; zip pairs them per layer
-        out += zip(list(p0), list(rows[:, first:]))
+        out += zip(list(p0), list(rows[:, p1:]))
+    return out
+
+
+#: more stretches of equal shape than this (a chain whose widths or kinds
+#: alternate) are unpacked per shape instead: a few gathers, not one numpy
+#: call per stretch
+_MAX_STRETCHES = 16
+
+
+def _split(rows, kind, din, dout):
+    """The first parameter's ``(n, ...)`` view of stacked rows, and where the second starts."""
+    if kind == KIND_CODES["dense"]:
+        return rows[:, :dout * din].reshape(rows.shape[0], dout, din), dout * din
+    return rows[:, :dout], dout
+
+
+def _unpack_by_shape(pc, flat):
+    """:func:`unpack_grads` for chains of many short stretches: one gather per distinct shape.
+
+    The per-layer arrays are then views of the gathered copies (not of
+    ``flat``); what a caller sees is the same.
+    """
+    out = [None] * pc.L
+    # one integer per distinct (kind, d_in, d_out): np.unique of a 1-D array is a plain sort
+    code = (pc.kind * (int(pc.d_in.max()) + 1) + pc.d_in) * (int(pc.d_out.max()) + 1) + pc.d_out
+    for c in np.unique(code).tolist():
+        ls = np.flatnonzero(code == c)
+        l0 = int(ls[0])
+        size = int(pc.p_off[l0 + 1] - pc.p_off[l0])
+        rows = flat[pc.p_off[ls][:, None] + np.arange(size)]
+        p0, p1 = _split(rows, pc.kind[l0], int(pc.d_in[l0]), int(pc.d_out[l0]))
+        for l, t in zip(ls.tolist(), zip(list(p0), list(rows[:, p1:]))):
+            out[l] = t
     return out
 
 

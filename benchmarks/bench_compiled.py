@@ -1,0 +1,189 @@
+"""The compiled kernels through the public API, against the strongest baselines, in one run.
+
+Run (prints one line per measurement, with its target)::
+
+    python3 -m pytest benchmarks/bench_compiled.py --benchmark-only -c benchmarks/pytest.ini \
+        --rootdir benchmarks -s
+
+float64, batch 1, one process; every time is the best of several runs
+(``best``), so background load inflates the slower side less. Yardsticks:
+
+* a plain hand-written ``@njit`` loop of the same uniform tanh MLP
+  (``bench_kernels.plain_forward`` / ``plain_backward``), the floor of what
+  a compiled sequential loop costs;
+* JAX ``jit(grad)`` of the same MLP written with ``lax.scan`` and torch
+  autograd (eager), end to end (forward + backward);
+* for chains that are not one uniform run, the uniform chain of the same
+  depth and width (per-layer time);
+* the Brent bound ``W/P + D`` of a scan from per-op costs measured with the
+  same kernels;
+* the bytes of the Jacobians a scan forms (peak memory of the backward
+  pass, measured in a fresh process).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from bench_kernels import mixed_acts, mixed_widths, plain_backward, plain_forward, uniform_mlp
+
+import chainprod as cp
+from chainprod._timing import measure_jax, measure_torch
+
+W = 8
+
+
+def best(fn, repeats=7):
+    fn()  # warm-up: compiles or loads kernels, binds plans, lets auto choose
+    out = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out = min(out, time.perf_counter() - t0)
+    return out
+
+
+def say(what, ratio, target, ok):
+    print(f"\n  {what}: {ratio:.2f}x  (target {target}) {'met' if ok else 'MISSED'}", flush=True)
+
+
+def chain_of(name, L):
+    return {"uniform": uniform_mlp, "acts": mixed_acts, "widths": mixed_widths}[name](L)
+
+
+# -- 1. forward and backprop against the plain loop ------------------------------------------
+@pytest.mark.parametrize("L", [4096, 65536])
+def test_forward_and_backprop_vs_plain_loop(benchmark, L):
+    chain = uniform_mlp(L)
+    x = np.ones((1, W))
+    Wt = np.ascontiguousarray(np.stack([ly.params[0] for ly in chain.layers[:-1]]))
+    b = np.ascontiguousarray(np.stack([ly.params[1] for ly in chain.layers[:-1]]))
+    Yp = plain_forward(Wt, b, x[0])
+    t_plain_f = best(lambda: plain_forward(Wt, b, x[0]))
+    t_plain_b = best(lambda: plain_backward(Wt, x[0], Yp, np.ones(W)))
+    tape = cp.forward(chain, x)
+    seed = np.ones((1, chain.d_out))  # the plain loop's seed: every output's gradient is 1
+    t_f = best(lambda: cp.forward(chain, x))
+    benchmark.pedantic(lambda: cp.backward(tape, seed, method="backprop"), rounds=7, warmup_rounds=1)
+    t_b = best(lambda: cp.backward(tape, seed, method="backprop"))
+    print(f"\n  L={L}: cp.forward {t_f * 1e3:.3f} ms vs plain {t_plain_f * 1e3:.3f} ms; "
+          f"cp.backward(backprop) {t_b * 1e3:.3f} ms vs plain {t_plain_b * 1e3:.3f} ms")
+    say(f"forward / plain @njit, L={L}", t_f / t_plain_f, "<= 1.5x", t_f / t_plain_f <= 1.5)
+    say(f"backprop backward / plain @njit, L={L}", t_b / t_plain_b, "<= 1.5x", t_b / t_plain_b <= 1.5)
+
+
+# -- 2. end to end against JAX and torch ------------------------------------------------------
+@pytest.mark.parametrize("L", [4096, 65536])
+def test_end_to_end_vs_jax_and_torch(benchmark, L):
+    chain = cp.mlp([W] * L + [1])
+    x = np.ones((1, W))
+    t_cp = best(lambda: cp.grad(chain, x))
+    benchmark.pedantic(lambda: cp.grad(chain, x), rounds=5, warmup_rounds=1)
+    line = f"\n  L={L}: cp.grad (auto) {t_cp * 1e3:.2f} ms"
+    try:
+        t_jax = min(measure_jax(chain, x, repeats=5).total)
+        line += f"; JAX jit(grad) {t_jax * 1e3:.2f} ms"
+    except ImportError:
+        t_jax = None
+    t_torch = min(measure_torch(chain, x, repeats=3 if L > 10000 else 5).total)
+    print(line + f"; torch eager {t_torch * 1e3:.1f} ms")
+    if t_jax is not None:
+        say(f"JAX / cp.grad, L={L}", t_jax / t_cp, ">= 4x", t_jax / t_cp >= 4)
+    say(f"torch / cp.grad, L={L}", t_torch / t_cp, ">= 50x", t_torch / t_cp >= 50)
+
+
+# -- 3. heterogeneous chains per method ----------------------------------------------------------
+METHODS = [("backprop", None), ("sklansky", 2), ("brent_kung", 2), ("chunked", 2), ("auto", 2)]
+
+
+@pytest.mark.parametrize("method,workers", METHODS, ids=[m for m, _ in METHODS])
+def test_heterogeneous_per_layer(benchmark, method, workers):
+    L = 4096
+    kw = {"method": method} if workers is None else {"method": method, "backend": "threads", "workers": workers}
+    times = {}
+    for name in ("uniform", "acts", "widths"):
+        chain = chain_of(name, L)
+        tape = cp.forward(chain, np.ones((1, chain.d_in)))
+        seed = np.ones((1, chain.d_out))
+        times[name] = best(lambda: cp.backward(tape, seed, **kw), repeats=5) / len(chain)
+    benchmark.pedantic(lambda: None, rounds=1)
+    print(f"\n  {method}: per layer uniform {times['uniform'] * 1e9:.0f} ns, "
+          f"activations {times['acts'] * 1e9:.0f} ns, widths 8/12/16 {times['widths'] * 1e9:.0f} ns")
+    for name in ("acts", "widths"):
+        r = times[name] / times["uniform"]
+        say(f"{method} {name} / uniform per layer", r, "<= 1.5x", r <= 1.5)
+
+
+# -- 4. scans against their Brent bound ------------------------------------------------------------
+@pytest.mark.parametrize("method", ["sklansky", "brent_kung", "chunked"])
+@pytest.mark.parametrize("P", [1, 2])
+def test_scan_vs_brent_bound(benchmark, method, P):
+    from chainprod.kernels import pack
+    from chainprod.kernels.scan import scan_rows
+
+    L = 4096
+    chain = uniform_mlp(L)
+    tape = cp.forward(chain, np.ones((1, W)))
+    seed = np.ones((1, W))
+    pc, Y = pack(chain), tape.flat
+    sched = cp.schedule(method, L - 1, workers=P)
+    t = best(lambda: scan_rows(pc, Y, seed, sched, workers=P))
+    benchmark.pedantic(lambda: None, rounds=1)
+    # per-op costs from the same kernel: a sequential scan is L-1 thin ops; a
+    # chain whose every op is square (no head) gives the square cost
+    seq = cp.schedule("sequential", L - 1)
+    t_thin = best(lambda: scan_rows(pc, Y, seed, seq, workers=1)) / (L - 2)
+    sq_chain = uniform_mlp(257)
+    tp = cp.forward(sq_chain, np.ones((1, W)))
+    sk = cp.schedule("sklansky", 256)
+    t_sk = best(lambda: scan_rows(pack(sq_chain), tp.flat, np.ones((1, W)), sk, workers=1))
+    thin_ops = 255  # every sklansky prefix op of [0, k] is thin; the others square
+    n_sq = max(sk.num_ops - thin_ops, 1)
+    t_sq = max((t_sk - thin_ops * t_thin) / n_sq, t_thin)
+    work = depth = 0.0
+    for i, _, _ in sched.intervals():  # an interval starting at 0 holds the thin head
+        cost = np.where(i == 0, t_thin, t_sq)
+        work += float(cost.sum())
+        depth += float(cost.max())
+    bound = work / P + depth
+    print(f"\n  {method} P={P}: {t * 1e3:.2f} ms, Brent bound {bound * 1e3:.2f} ms "
+          f"(thin op {t_thin * 1e9:.0f} ns, square op {t_sq * 1e9:.0f} ns)")
+    say(f"{method} P={P} / Brent bound", t / bound, "<= 1.5x", t / bound <= 1.5)
+
+
+# -- 5. peak memory of the backward pass -----------------------------------------------------------
+_PEAK = r"""
+import json, resource, sys
+import numpy as np, chainprod as cp
+structure, L, w, method = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+chain = cp.mlp([w] * L + [1]) if structure == "dense" else cp.diagonal_chain(L - 1, w)
+tape = cp.forward(chain, np.ones((1, w)))
+seed = cp.loss_seed(tape)[1]
+small = cp.mlp([w] * 8 + [1]) if structure == "dense" else cp.diagonal_chain(7, w)
+t2 = cp.forward(small, np.ones((1, w)))
+cp.backward(t2, cp.loss_seed(t2)[1], method=method, backend="threads", workers=2)  # kernels loaded
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cp.backward(tape, seed, method=method, backend="threads", workers=2)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+per = w * w if structure == "dense" else w
+print(json.dumps({"peak": (after - before) * 1024, "jacobians": (L - 2) * per * 8}))
+"""
+
+
+@pytest.mark.parametrize("structure,L,w", [("dense", 16384, 32), ("diagonal", 65536, 32)])
+@pytest.mark.parametrize("method", ["chunked", "brent_kung"])
+def test_backward_peak_memory(benchmark, structure, L, w, method):
+    out = subprocess.run([sys.executable, "-c", _PEAK, structure, str(L), str(w), method], capture_output=True,
+                         text=True, timeout=600, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    benchmark.pedantic(lambda: None, rounds=1)
+    ratio = r["peak"] / r["jacobians"]
+    limit = 2 if structure == "dense" else 3
+    print(f"\n  {structure} L={L} w={w} {method}: peak {r['peak'] / 1e6:.1f} MB, "
+          f"Jacobians {r['jacobians'] / 1e6:.1f} MB")
+    say(f"{structure} {method} peak / Jacobian bytes", ratio, f"<= {limit}x", ratio <= limit)

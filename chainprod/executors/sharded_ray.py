@@ -1,0 +1,127 @@
+"""Resident shards on Ray: one actor per shard.
+
+Each shard is a Ray actor of :class:`~chainprod.executors.sharded_worker.ShardState`
+(its own process, holding its layers between calls). A call returns two
+objects (``num_returns=2``): the value the next shard consumes, passed on as
+an ``ObjectRef`` argument (Ray moves it between the processes, never through
+a driver round-trip), and the report only the driver reads. An actor runs
+its calls in the order they were submitted, so a whole step is submitted at
+once and the driver waits only for the reports.
+
+Actors are created with Ray's default resources (one CPU to place, none held
+while alive), so ``P`` shards fit on a cluster with fewer CPUs and leave its
+CPUs to ordinary tasks; ``max_restarts=0``: a dead actor is replaced by the
+driver (:mod:`chainprod.shard`), which restores its parameters by replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import ray
+import ray.exceptions as rex
+
+from ..errors import DistributedError, DistributedTimeoutError
+from .sharded_worker import ShardLost, ShardState
+
+__all__ = ["RayShards", "ShardLost"]
+
+_ACTOR = None
+
+
+def _actor_class():
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(max_restarts=0, max_task_retries=0)(ShardState)
+    return _ACTOR
+
+
+#: Ray errors that mean a process or its data is gone (the shard is replaced)
+_LOST = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError, rex.OwnerDiedError)
+
+
+class RayShards:
+    """The engine side of a sharded model on Ray (see module docstring)."""
+
+    name = "ray"
+    #: on Ray a consumed value travels without the report next to it
+    reports_travel_with_values = False
+
+    def __init__(self, executor, P):
+        executor._connect(P)
+        self.P = P
+        self.actors = [None] * P
+
+    def start(self, b, spec, theta, applied, log, deadline):
+        """Create (or replace) shard ``b``'s actor; returns its process id."""
+        old = self.actors[b]
+        if old is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(old, no_restart=True)
+        actor = _actor_class().options(scheduling_strategy="SPREAD").remote(spec, theta, applied, log)
+        self.actors[b] = actor
+        return self.get({b: actor.pid.remote()}, deadline)[b]
+
+    def call(self, b, method, *args):
+        """Submit ``method`` on shard ``b``; returns ``(value handle, report handle)``."""
+        return getattr(self.actors[b], method).options(num_returns=2).remote(*args)
+
+    def fetch(self, b, method, *args, deadline):
+        """Run ``method`` on shard ``b`` and return its value (a one-return call)."""
+        ref = getattr(self.actors[b], method).options(num_returns=2).remote(*args)[0]
+        return self.get({b: ref}, deadline)[b]
+
+    def get(self, handles: dict, deadline):
+        """``{shard: value}`` of ``{shard: handle}``; raises :class:`ShardLost` or a chainprod error."""
+        out = {}
+        try:
+            for b, h in handles.items():
+                out[b] = ray.get(h, timeout=deadline.left())
+        except rex.GetTimeoutError:
+            raise DistributedTimeoutError(
+                f"ray: the sharded step did not finish within timeout={deadline.timeout}s (waiting for shard "
+                f"{b}); calls already queued on the shards still run. Raise timeout=.", "ray",
+                f"shard {b}") from None
+        except _LOST as e:
+            raise ShardLost(self._dead() or [b], f"{type(e).__name__}: {_first_line(e)}") from None
+        except rex.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, _LOST):
+                raise ShardLost(self._dead() or [b], f"{type(cause).__name__}: {_first_line(cause)}") from None
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise DistributedError(f"ray: shard {b} failed: {_first_line(e)}", "ray", f"shard {b}") from None
+        except rex.RayError as e:
+            raise DistributedError(f"ray: shard {b} failed: {type(e).__name__}: {_first_line(e)}", "ray",
+                                   f"shard {b}") from None
+        return out
+
+    def reports(self, handles: dict, deadline):
+        """``{shard: report}`` of the report handles of :meth:`call`."""
+        return self.get(handles, deadline)
+
+    def _dead(self, wait=2.0):
+        """Shards whose actor is dead, found by a ping (a busy actor answers late: it is alive)."""
+        pings = {b: a.pid.remote() for b, a in enumerate(self.actors) if a is not None}
+        ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=wait)
+        ready = set(ready)
+        dead = []
+        for b, ref in pings.items():
+            if ref in ready:
+                try:
+                    ray.get(ref, timeout=0)
+                except Exception:
+                    dead.append(b)
+        return dead
+
+    def close(self):
+        for a in self.actors:
+            if a is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(a, no_restart=True)
+        self.actors = [None] * self.P
+
+
+def _first_line(e):
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__

@@ -1,0 +1,284 @@
+"""What lives on a worker of a sharded model: one chunk of layers and its state.
+
+:class:`ShardState` is plain Python on top of the whole-chain kernels
+(:mod:`chainprod.kernels`); it imports no engine. A Ray actor is this class
+(:mod:`chainprod.executors.sharded_ray`); on Dask an instance lives in the
+worker process (:mod:`chainprod.executors.sharded_dask`). The driver side,
+which plans a step and sends these calls, is :mod:`chainprod.shard`.
+
+State kept between calls: the chunk's parameters (a flat ``theta``, updated
+in place by SGD), the last forward tape (input and outputs of every layer of
+the chunk), the last gradients and the sequence number of the last update
+applied. Every call returns ``(value, report)``: ``value`` is what the next
+shard or the driver consumes (a boundary activation, a row, a Jacobian
+product); ``report`` is ``None`` except on a shard's last call of a step,
+where it carries that step's trace events, the rows the shard consumed (the
+driver logs them so a lost shard can be rebuilt by replay) and the loss.
+
+Replay is exact: a step replayed on a fresh process runs the same kernels on
+the same inputs in the same order, so the rebuilt parameters equal the lost
+ones bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from ..kernels import get_kernels
+from ..kernels.pack import PackedChain
+
+__all__ = ["ShardState", "ShardLost", "Reply", "shard_tables", "backprop_with_row_numpy", "chunk_product_numpy"]
+
+
+class ShardLost(Exception):
+    """Shards whose process died; raised by an engine's wait, caught by the driver (which replaces them)."""
+
+    def __init__(self, shards, cause):
+        super().__init__(f"shards {sorted(shards)} lost: {cause}")
+        self.shards = sorted(shards)
+        self.cause = cause
+
+
+class Reply:
+    """A call's result as it travels on Dask: ``value`` for the consumer, ``report`` for the driver."""
+
+    __slots__ = ("value", "report")
+
+    def __init__(self, value, report=None):
+        self.value = value
+        self.report = report
+
+
+def shard_tables(pc: PackedChain, start: int, stop: int) -> PackedChain:
+    """Layers ``start .. stop-1`` of a packed chain as a packed chain of their own (offsets from 0)."""
+    p0, y0 = int(pc.p_off[start]), int(pc.y_off[start])
+    return PackedChain(L=stop - start, dtype=pc.dtype, kind=pc.kind[start:stop], act=pc.act[start:stop],
+                       d_in=pc.d_in[start:stop], d_out=pc.d_out[start:stop],
+                       p_off=pc.p_off[start:stop + 1] - p0, theta=pc.theta[p0:int(pc.p_off[stop])],
+                       y_off=pc.y_off[start:stop + 1] - y0)
+
+
+# -- numpy reference of the two shard-only steps ----------------------------------------
+def backprop_with_row_numpy(pc, x, Y, seed):
+    """Numpy backprop of a chunk from ``seed``: ``(flat grads, row_in, bad)`` (as the compiled one)."""
+    from ..kernels import numpy_kernels as nk
+
+    N = x.shape[0]
+    grads = np.empty(pc.n_params, pc.dtype)
+    bad = -1
+    v = seed
+    with np.errstate(over="ignore", invalid="ignore"):
+        for l in range(pc.L - 1, -1, -1):
+            y = nk._rows(pc, Y, N, l)
+            delta = v * nk._ACTIVATIONS[int(pc.act[l])][1](y)
+            if bad < 0 and not np.isfinite(delta).all():
+                bad = l
+            nk._vjp(pc, l, delta, nk._layer_input(pc, x, Y, N, l), grads[pc.p_off[l]:pc.p_off[l + 1]])
+            first, _ = nk._params(pc, l)
+            v = delta @ first if pc.kind[l] == 0 else delta * first
+    return grads, np.ascontiguousarray(v), bad
+
+
+def chunk_product_numpy(pc, Y, N):
+    """Numpy ``T = A_{L-1} ... A_0`` per sample, ``(N, d_out[L-1], d_in[0])``."""
+    from ..kernels import numpy_kernels as nk
+
+    T = np.broadcast_to(np.eye(pc.width_out, dtype=pc.dtype), (N, pc.width_out, pc.width_out))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for l in range(pc.L - 1, -1, -1):
+            s = nk._ACTIVATIONS[int(pc.act[l])][1](nk._rows(pc, Y, N, l))
+            first, _ = nk._params(pc, l)
+            T = (T * s[:, None, :]) @ first if pc.kind[l] == 0 else T * (s * first)[:, None, :]
+    return np.ascontiguousarray(T)
+
+
+def _where() -> str:
+    return f"{socket.gethostname()}/pid{os.getpid()}"
+
+
+def _nbytes(obj) -> int:
+    """numpy payload bytes in a value or report (what the trace counts as moved)."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return 0
+
+
+class ShardState:
+    """Layers ``first .. first+L-1`` of a model, resident in one process.
+
+    Parameters
+    ----------
+    spec : dict
+        ``index``, ``shards``, ``first`` (global index of the first layer),
+        ``tables`` (a :class:`~chainprod.kernels.PackedChain` of the chunk; its
+        ``theta`` is ignored), ``kernels`` (``"numba"`` or ``"numpy"``),
+        ``losses`` (name -> ``(value(out, y), seed(out, y))``, for the top shard).
+    theta : ndarray
+        The chunk's parameters at the checkpoint (copied: the shard owns its copy).
+    applied : int
+        Sequence number of the last SGD update ``theta`` includes.
+    log : list, optional
+        Steps to replay on top of ``theta``: ``(step, x_in, u_in, updates)``
+        each, ``u_in`` the row the chunk's backprop started from, ``updates`` a
+        list of ``(seq, lr)`` applied to that step's gradients.
+    """
+
+    def __init__(self, spec, theta, applied=0, log=()):
+        self.index = int(spec["index"])
+        self.shards = int(spec["shards"])
+        self.first = int(spec["first"])
+        self.top = self.index == self.shards - 1
+        self.losses = spec.get("losses") or {}
+        self._theta = np.array(theta, copy=True)
+        view = self._theta.view()
+        view.flags.writeable = False  # the kernels see what they always see: read-only parameters
+        self.pc = replace(spec["tables"], theta=view)
+        self.kernel_name = spec.get("kernels", "numba")
+        self.kernels = get_kernels(self.kernel_name)
+        if self.kernel_name == "numba":
+            from . import sharded_kernels
+
+            self._bp, self._prod = sharded_kernels.backprop_with_row, sharded_kernels.chunk_product
+        else:
+            self._bp, self._prod = backprop_with_row_numpy, chunk_product_numpy
+        self.applied = int(applied)
+        self.x_in = self.Y = self.grads = None
+        self.grad_step = -1
+        self._events: list = []
+        self._sent = 0
+        self._u_in = None
+        self._bad = [-1, -1]
+        self._loss = None
+        log = list(log)
+        for i, (step, x_in, u_in, updates) in enumerate(log):
+            # a step changes theta only through its updates; the last one also
+            # leaves the gradients a later sgd_step or gather() may ask for
+            if updates or i == len(log) - 1:
+                self._replay(step, x_in, u_in, updates)
+
+    # -- bookkeeping ----------------------------------------------------------
+    def pid(self):
+        return os.getpid()
+
+    def _event(self, name, t0, rnd=-1):
+        self._events.append((rnd, _where(), t0, time.time(), 0, f"s{self.index}.{name}"))
+
+    def _out(self, value, final=False):
+        self._sent += _nbytes(value)
+        if not final:
+            return value, None
+        report = {"shard": self.index, "events": self._events, "u_in": self._u_in,
+                  "x_in": self.x_in if self.index > 0 else None, "loss": self._loss,
+                  "bad_forward": self._bad[0], "bad_backward": self._bad[1], "step": self.grad_step}
+        report["sent"] = self._sent + _nbytes(report)
+        return value, report
+
+    def apply(self, updates):
+        """SGD updates ``(seq, step, lr)`` not yet in ``theta``, in order: ``theta -= lr * grads``."""
+        for seq, step, lr in updates:
+            if seq <= self.applied:
+                continue  # already applied (a step re-run after a lost shard sends them again)
+            if step != self.grad_step or self.grads is None:
+                raise RuntimeError(f"shard {self.index}: update {seq} is for the gradients of step {step}, "
+                                   f"but this shard holds those of step {self.grad_step}")
+            self._theta -= lr * self.grads
+            self.applied = seq
+
+    # -- a training step --------------------------------------------------------
+    def forward(self, step, x_in, updates):
+        """Apply pending updates, run the chunk forward; returns the boundary activation ``(N, w)``."""
+        self._events, self._sent, self._bad, self._loss, self._u_in = [], 0, [-1, -1], None, None
+        t0 = time.time()
+        self.apply(updates)
+        self._forward(x_in)
+        self._event("forward", t0)
+        return self._out(self._last_output().copy())
+
+    def forward_top(self, step, x_in, updates, y, loss):
+        """The top shard: forward, loss and its seed, backprop of the chunk; returns the row leaving it."""
+        self._events, self._sent, self._bad, self._loss, self._u_in = [], 0, [-1, -1], None, None
+        t0 = time.time()
+        self.apply(updates)
+        self._forward(x_in)
+        self._event("forward", t0)
+        t1 = time.time()
+        out = self._last_output()
+        value_fn, seed_fn = self.losses[loss]
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._loss = float(value_fn(out, y))
+            seed = np.ascontiguousarray(seed_fn(out, y))
+        row = self._backward(step, seed)
+        self._event("backprop", t1)
+        return self._out(row if self.index > 0 else None, final=True)
+
+    def product(self):
+        """The chunk's Jacobian product ``(N, d_out, d_in)`` from the current tape."""
+        t0 = time.time()
+        T = self._prod(self.pc, self.Y, self.x_in.shape[0])
+        self._event("product", t0)
+        return self._out(T)
+
+    def combine(self, left, right, rnd):
+        """One op of the scan across shards: ``left @ right`` per sample (a row or a matrix on the left)."""
+        t0 = time.time()
+        with np.errstate(over="ignore", invalid="ignore"):
+            if left.ndim == 2:
+                out = np.matmul(left[:, None, :], right)[:, 0, :]
+            else:
+                out = np.matmul(left, right)
+        self._event("combine", t0, rnd)
+        return self._out(out)
+
+    def backward(self, step, u, want_row):
+        """Backprop of the chunk from the row ``u`` entering it from above; returns the row leaving it."""
+        t0 = time.time()
+        row = self._backward(step, np.ascontiguousarray(u))
+        self._event("backprop", t0)
+        return self._out(row if want_row else None, final=True)
+
+    # -- explicit fetches ---------------------------------------------------------
+    def params(self, updates):
+        """Apply pending updates; returns a copy of ``theta``."""
+        self.apply(updates)
+        return self._theta.copy()
+
+    def gradients(self, step):
+        if self.grad_step != step or self.grads is None:
+            raise RuntimeError(f"shard {self.index} holds the gradients of step {self.grad_step}, not {step}")
+        return self.grads.copy()
+
+    # -- internals ----------------------------------------------------------------
+    def _forward(self, x_in):
+        self.x_in = np.ascontiguousarray(x_in)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.Y, bad = self.kernels.forward(self.pc, self.x_in)
+        self._bad[0] = -1 if bad < 0 else self.first + bad
+
+    def _last_output(self):
+        N = self.x_in.shape[0]
+        return self.Y[N * int(self.pc.y_off[-2]):].reshape(N, self.pc.width_out)
+
+    def _backward(self, step, u):
+        self._u_in = u
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.grads, row, bad = self._bp(self.pc, self.x_in, self.Y, u)
+        self.grad_step = step
+        self._bad[1] = -1 if bad < 0 else self.first + bad
+        return row
+
+    def _replay(self, step, x_in, u_in, updates):
+        self._forward(x_in)
+        self._backward(step, np.ascontiguousarray(u_in))
+        for seq, lr in updates:
+            if seq > self.applied:
+                self._theta -= lr * self.grads
+                self.applied = seq
