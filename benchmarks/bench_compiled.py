@@ -110,7 +110,7 @@ def test_heterogeneous_per_layer(benchmark, method, workers):
         chain = chain_of(name, L)
         tape = cp.forward(chain, np.ones((1, chain.d_in)))
         seed = np.ones((1, chain.d_out))
-        times[name] = best(lambda: cp.backward(tape, seed, **kw), repeats=5) / len(chain)
+        times[name] = best(lambda tape=tape, seed=seed: cp.backward(tape, seed, **kw), repeats=5) / len(chain)
     benchmark.pedantic(lambda: None, rounds=1)
     print(f"\n  {method}: per layer uniform {times['uniform'] * 1e9:.0f} ns, "
           f"activations {times['acts'] * 1e9:.0f} ns, widths 8/12/16 {times['widths'] * 1e9:.0f} ns")

@@ -26,7 +26,15 @@ from .plan import Plan, plan
 from .products import product, suffix_products
 from .schedules import SCHEDULES, Schedule, ScheduleError, register_schedule, schedule
 from .schedules import valid_methods as valid_schedules
+from .shard import shard
 
+__all__ = [
+    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "Dense", "Diag", "Diagonal", "NonFiniteError", "Plan",
+    "Schedule", "ScheduleError", "Segment", "Trace", "__version__", "backward", "check_grad", "clear_caches",
+    "cluster", "cost", "diagonal_chain", "errors", "forward", "from_torch", "get_executor", "grad", "loss_seed",
+    "mlp", "numerical_grad", "plan", "product", "register_schedule", "schedule", "shard", "suffix_products",
+    "torch_backward", "valid_backends", "valid_schedules", "value_and_grad",
+]
 
 
 def __getattr__(name):
@@ -36,10 +44,3 @@ def __getattr__(name):
 
         return getattr(_torch_adapter, name)
     raise AttributeError(f"module 'chainprod' has no attribute {name!r}")
-
-__all__ = [
-    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "clear_caches", "Dense", "Diag", "Diagonal", "NonFiniteError",
-    "Schedule", "ScheduleError", "Segment", "Trace", "backward", "check_grad", "cluster", "diagonal_chain",
-    "errors", "forward", "get_executor", "grad", "loss_seed", "mlp", "numerical_grad", "product", "register_schedule",
-    "schedule", "suffix_products", "valid_backends", "valid_schedules", "value_and_grad",
-]

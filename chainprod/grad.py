@@ -122,8 +122,8 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
     _check_method_backend(method, backend)
     executor = get_executor(backend)
     remote = hasattr(executor, "backward_remote")
-    if engine_options and not remote:
-        executor.check_options(engine_options)  # local: say they do nothing, whatever the method
+    if engine_options:
+        executor.check_options(engine_options)  # local: say they do nothing; remote: names and values
     compiled = kernels != "numpy"
     # Overflow is detected and reported with the layer range after the fact;
     # numpy's own warnings would only repeat it without the range.

@@ -162,7 +162,8 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
     if trace is not None:
         trace.schedule = sched
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, with the range
-        result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **(engine_options or {}))
+        result = _executor(backend, engine_options).run(sched, seq, workers=workers, trace=trace,
+                                                        **(engine_options or {}))
     _check_finite(result, L)
     stacked = result.stack()
     if stacked is not None:  # one shape: views of one array, made in C
@@ -185,11 +186,20 @@ def product(mats, *, method="tree", backend="vectorized", workers=None, engine_o
     if sched.outputs[-1] < 0:
         raise ValueError(f"schedule {sched.name!r} does not produce the total product")
     with np.errstate(over="ignore", invalid="ignore"):
-        result = get_executor(backend).run(sched, seq, workers=check_workers(workers), **(engine_options or {}))
+        result = _executor(backend, engine_options).run(sched, seq, workers=check_workers(workers),
+                                                        **(engine_options or {}))
     _check_finite(result, len(seq), only_last=True)
     kind, a = result.block(len(seq) - 1)
     a = a if batched else a[0]
     return Diag(a) if kind == "diag" else a
+
+
+def _executor(backend, engine_options):
+    """The executor, with ``engine_options`` checked first (a clear error, never a raw keyword clash)."""
+    executor = get_executor(backend)
+    if engine_options:
+        executor.check_options(engine_options)
+    return executor
 
 
 def _check_finite(result, L, only_last=False):

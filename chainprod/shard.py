@@ -328,7 +328,7 @@ class ShardedModel:
         checkpoint and log: the result is the last completed step either way.
         """
         self._check_open()
-        thetas = self._fetch_each("params", lambda b: (self._pending,), lambda st: st.params([]))
+        thetas = self._fetch_each("params", lambda b: (self._pending,), lambda st: st.params([])[0])
         self._pending = []
         flat = np.concatenate(thetas)
         params = unpack_grads(self._pc, flat)  # the layout of theta and of a flat gradient is one
@@ -465,7 +465,7 @@ class ShardedModel:
     def _record(self, step, x2, reports):
         rows = {}
         for b, rep in reports.items():
-            x_in = x2 if b == 0 else rep["x_in"]
+            x_in = np.array(x2) if b == 0 else rep["x_in"]  # a copy: the caller may reuse x
             rows[b] = (x_in, rep["u_in"])
         self._log.append({"step": step, "rows": rows, "updates": []})
 
@@ -501,7 +501,7 @@ class ShardedModel:
         if step != self.step:
             raise ValueError(f"these gradients are of step {step}; the shards now hold those of step {self.step} "
                              "(gather() a step's gradients before the next value_and_grad)")
-        flats = self._fetch_each("gradients", lambda b: (step,), lambda st: st.gradients(step))
+        flats = self._fetch_each("gradients", lambda b: (step,), lambda st: st.gradients(step)[0])
         return unpack_grads(self._pc, np.concatenate(flats))
 
     # -- checks -----------------------------------------------------------------------

@@ -9,6 +9,7 @@ growth or leftover processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -333,3 +334,66 @@ def test_embedded_cluster_sized_by_machine():
     assert embedded_size(1) >= 2 and embedded_size(None) >= 2
     assert embedded_size(1) == embedded_size(None) >= (os.cpu_count() or 1)
     assert embedded_size(64) >= 64
+
+
+# -- regressions: timeouts, connecting, options ------------------------------------------------------
+def test_dask_timeout_leaves_the_cluster_usable_at_once():
+    pytest.importorskip("distributed")
+    chain = cp.mlp([16] * 200 + [1], seed=1)
+    x = np.ones((4, 16))
+    ref = cp.grad(chain, x, method="backprop")
+    cp.grad(chain, x, backend="dask", method="sklansky", workers=P)
+    with pytest.raises(DistributedTimeoutError):
+        cp.grad(chain, x, backend="dask", method="sklansky", workers=P, engine_options={"timeout": 0.001})
+    # the same call (same deterministic keys) right after: no leftover cancellation
+    g = cp.grad(chain, x, backend="dask", method="sklansky", workers=P)
+    assert max_err(g, ref) < 1e-12
+
+
+def _silent_listener():
+    """A port that accepts TCP connections and never says a word."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                conns.append(srv.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv, conns
+
+
+def test_dask_connect_to_something_else_ends_within_the_timeout():
+    # (Ray: tests/test_ray.py, in a fresh process: one process talks to one Ray cluster)
+    from chainprod.executors.dask_executor import DaskExecutor
+
+    srv, conns = _silent_listener()
+    try:
+        for addr in (f"tcp://127.0.0.1:{srv.getsockname()[1]}",):
+            ex = DaskExecutor(address=addr, timeout=2)
+            t0 = time.perf_counter()
+            with pytest.raises(ClusterConnectionError, match=r"dask: .*does not answer as a Dask scheduler"):
+                ex._connect(P)
+            assert time.perf_counter() - t0 < 2 + 1.5, addr
+    finally:
+        srv.close()
+        for c in conns:
+            c.close()
+
+
+def test_infinite_timeout_means_none_and_workers_is_not_an_engine_option(engine):
+    ex = type(cp.get_executor(engine))(timeout=float("inf"))
+    assert ex.timeout is None
+    chain = cp.mlp([3, 5, 5, 1], seed=2)
+    x = np.ones((2, 3))
+    g = cp.grad(chain, x, method="chunked", backend=engine, workers=P, engine_options={"timeout": float("inf")})
+    assert max_err(g, cp.grad(chain, x, method="backprop")) < 1e-12
+    with pytest.raises(TypeError, match="'workers' is not an engine option"):
+        cp.get_executor(engine).check_options({"workers": 2})
+    with pytest.raises(ValueError, match="timeout must be"):
+        cp.get_executor(engine).check_options({"timeout": float("nan")})

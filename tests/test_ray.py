@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -125,3 +126,89 @@ def test_embedded_ray_writes_nothing_outside_its_temp_dir():
     assert os.path.isdir(owned["temp"])
     sessions = os.listdir(owned["temp"])
     assert any(s.startswith("session_") for s in sessions)
+
+
+CONNECT_SCRIPT = textwrap.dedent("""
+    import socket, sys, threading, time
+    import chainprod as cp, numpy as np
+    from chainprod.errors import ClusterConnectionError
+    from chainprod.executors.ray_executor import RayExecutor
+    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(16)
+    conns = []
+    threading.Thread(target=lambda: [conns.append(srv.accept()) for _ in range(50)], daemon=True).start()
+    port = srv.getsockname()[1]
+    addrs = [f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"] + sys.argv[1:]
+    for addr in addrs:
+        t0 = time.perf_counter()
+        try:
+            RayExecutor(address=addr, timeout=2)._connect(2)
+        except ClusterConnectionError as e:
+            assert "does not answer as a Ray cluster" in str(e), e
+        dt = time.perf_counter() - t0
+        assert dt < 3.5, (addr, dt)
+        print("FAILED-FAST", addr, round(dt, 2))
+""")
+
+
+def test_connect_to_something_else_ends_within_the_timeout():
+    args = []
+    with contextlib.suppress(Exception):  # also a Dask scheduler's address, when this session runs one
+        from chainprod.executors import dask_executor
+
+        cp.suffix_products([np.eye(2)] * 3, backend="dask", workers=2)
+        args.append(dask_executor._EMBEDDED["client"].scheduler.address.replace("tcp://", ""))
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", CONNECT_SCRIPT, *args], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("FAILED-FAST") == 2 + len(args), res.stdout
+
+
+DEAD_HEAD_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, chainprod as cp
+    from chainprod.errors import ClusterConnectionError
+    from chainprod.executors.ray_executor import RayExecutor
+    chain = cp.mlp([3, 4, 4, 1], seed=1)
+    x = np.ones((2, 3))
+    cp.grad(chain, x, method="sklansky", backend=RayExecutor(address=sys.argv[1], timeout=60), workers=2)
+    print("JOINED", flush=True)
+    sys.stdin.readline()  # the test kills the head now
+    try:
+        cp.grad(chain, x, method="sklansky", backend="ray", workers=2)
+    except ClusterConnectionError as e:
+        print("CLEAR-ERROR", e, flush=True)
+""")
+
+
+def test_dead_joined_head_raises_instead_of_exiting():
+    temp = tempfile.mkdtemp(prefix="cprt-")
+    port = _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120)
+    proc = None
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        proc = subprocess.Popen([sys.executable, "-c", DEAD_HEAD_SCRIPT, f"127.0.0.1:{port}"], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()
+        assert line.startswith("JOINED"), proc.stderr.read()[-3000:] if proc.poll() is not None else line
+        _stop_started(temp)  # the head (and its node) go away; the script keeps running
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=120)
+        assert "CLEAR-ERROR" in out and "head" in out, (proc.returncode, out, err[-3000:])
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+        _stop_started(temp)
+        time.sleep(0.5)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)

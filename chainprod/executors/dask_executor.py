@@ -33,6 +33,7 @@ import atexit
 import contextlib
 import logging
 import threading
+import time
 import warnings
 import weakref
 
@@ -67,6 +68,9 @@ def _value(x):
     """Driver data as a task: the scheduler keeps it, so it can be recomputed."""
     return x
 
+
+#: bumped whenever a run's futures are cancelled (see DaskExecutor._token)
+_EPOCH = [0]
 
 #: id(array) -> (weakref, token) for big read-only arrays (a chain's frozen parameters)
 _TOKENS: dict = {}
@@ -119,14 +123,66 @@ def start_local(workers=None, retries=3, **cluster_kwargs):
         return client, True
 
 
+#: seconds a join may take when no timeout= is given
+CONNECT_TIMEOUT = 10.0
+
+
+def _probe(address, timeout):
+    """Fail within ``timeout`` with a clear error unless a Dask scheduler answers at ``address``.
+
+    ``Client(address, timeout=...)`` can wait minutes on a port that accepts
+    TCP but never completes Dask's handshake (another service, a silent
+    socket). One ``identity`` request on a comm of our own, bounded by
+    ``timeout``, in a thread with its own event loop (the caller may already
+    run one), says quickly whether a scheduler is there.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    t_end = time.monotonic() + timeout
+
+    async def identity():
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    box = {}
+
+    def run():
+        try:
+            box["reply"] = asyncio.run(asyncio.wait_for(identity(), max(0.05, t_end - time.monotonic())))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            box["error"] = e
+
+    th = threading.Thread(target=run, daemon=True, name="chainprod-dask-probe")
+    th.start()
+    th.join(max(0.05, t_end - time.monotonic()) + 0.1)
+    reply = box.get("reply")
+    if th.is_alive() or not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        why = "no answer" if th.is_alive() or "error" in box and isinstance(
+            box["error"], (TimeoutError, asyncio.TimeoutError)) else (
+            f"{type(box['error']).__name__}: {box['error']}" if "error" in box else f"unexpected reply {reply!r:.80}")
+        raise ClusterConnectionError(
+            f"dask: {address!r} accepts connections but does not answer as a Dask scheduler within "
+            f"{timeout:g}s ({why}); is it another service (e.g. a Ray head)? `dask scheduler` prints "
+            "the address to use", "dask")
+
+
 def _join(address, timeout):
     with _LOCK:
         c = _JOINED.get(address)
         if c is not None and c.status == "running":
             return c
-        check_reachable(address, "dask")
+        t = CONNECT_TIMEOUT if timeout is None else min(float(timeout), 3600.0)
+        t0 = time.monotonic()
+        check_reachable(address, "dask", timeout=min(t, 3.0))
+        _probe(address if "://" in address else f"tcp://{address}", max(0.05, t - (time.monotonic() - t0)))
         try:
-            c = Client(address, timeout=timeout or 10, set_as_default=False)
+            c = Client(address, timeout=t, set_as_default=False)
         except Exception as e:
             raise ClusterConnectionError(f"dask: could not join the scheduler at {address!r}: {e}",
                                          "dask") from e
@@ -205,7 +261,10 @@ class DaskExecutor(DistributedExecutor):
         return 2
 
     def _token(self, *parts):
-        return tokenize(*_cached_tokens(parts))
+        # The epoch changes after every cancelled run: the scheduler may still be
+        # forgetting the cancelled keys, and a new run reusing them would get
+        # their cancellation instead of a result.
+        return tokenize(_EPOCH[0], *_cached_tokens(parts))
 
     def _put(self, obj, key):
         with warnings.catch_warnings():
@@ -242,9 +301,16 @@ class DaskExecutor(DistributedExecutor):
                         f"dask: task {name!r} (or a task it depends on) failed: the worker running it "
                         f"died (KilledWorker: {e}); allowed failures per task were exhausted "
                         f"(retries={self._last_retries}).", "dask", name) from None
-                except distributed.client.FutureCancelledError as e:
-                    raise DistributedError(f"dask: task {name!r} was cancelled ({e})", "dask", name) from None
+                except (distributed.client.FutureCancelledError, distributed.client.FuturesCancelledError) as e:
+                    raise DistributedError(f"dask: task {name!r} was cancelled ({_first_line(e)})", "dask",
+                                           name) from None
+                except Exception as e:
+                    if _is_engine_error(e):  # the engine's own failure: never let it escape raw
+                        raise DistributedError(f"dask: task {name!r} failed: {type(e).__name__}: "
+                                               f"{_first_line(e)}", "dask", name) from e
+                    raise  # an error of the numbers, raised by the task: surface it as it is
         except BaseException:
+            _EPOCH[0] += 1
             with contextlib.suppress(Exception):
                 self._client.cancel(handles, force=True)
             raise
@@ -266,6 +332,17 @@ class DaskExecutor(DistributedExecutor):
         self._connect(self._resolve_workers(workers))
         self._set_retries(self._last_retries)
         return super().backward_remote(tape, seed, method=method, workers=workers, trace=trace, **options)
+
+
+def _first_line(e):
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def _is_engine_error(e) -> bool:
+    """An exception of Dask's machinery (comms, scheduler, event loop), not of a task's code."""
+    mod = type(e).__module__.split(".")[0]
+    return mod in ("distributed", "tornado", "asyncio", "concurrent") or isinstance(e, (OSError, EOFError))
 
 
 @contextlib.contextmanager

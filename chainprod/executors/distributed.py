@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -151,6 +152,19 @@ class DistributedExecutor(Executor):
         return ""
 
     # -- options ------------------------------------------------------------
+    def check_options(self, options):
+        """Validate per-call ``engine_options`` before a run (names and values), with clear errors.
+
+        ``workers`` is an argument of the call (``grad(..., workers=P)``), not
+        an engine option: passed in both places it would reach the executor
+        twice.
+        """
+        if "workers" in options:
+            raise TypeError(f"{self.name}: 'workers' is not an engine option; pass workers={options['workers']!r} "
+                            "to grad() / suffix_products() / cluster() itself (engine_options take "
+                            "timeout and retries)")
+        self._opts(options)
+
     def _opts(self, options):
         unknown = set(options) - {"timeout", "retries", "address"}
         if unknown:
@@ -332,10 +346,15 @@ class GroupResult(ListResult):
 
 
 def _check_timeout(timeout):
+    """``None`` or ``inf``: no timeout; else a positive number of seconds."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)) \
+            or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds (or None / float('inf') for no "
+                         f"timeout), got {timeout!r}")
+    if math.isinf(timeout):
+        return None  # engines take a finite number of seconds; inf means what None means
     return float(timeout)
 
 

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
 import ray
 import ray.exceptions as rex
@@ -39,6 +40,7 @@ from ..errors import ClusterConnectionError, DistributedError, DistributedTimeou
 from ..planning.partition import TaskSpec
 from .distributed import (
     DistributedExecutor,
+    _check_timeout,
     check_reachable,
     embedded_size,
     make_temp_dir,
@@ -109,6 +111,42 @@ def _restore_env(saved):
             os.environ[k] = v
 
 
+#: seconds a join may take when no timeout= is given
+CONNECT_TIMEOUT = 10.0
+
+
+def _answers_grpc(address, timeout) -> bool:
+    """True when ``host:port`` completes a gRPC (HTTP/2) handshake within ``timeout`` seconds.
+
+    Ray's GCS and its client server speak gRPC; a port that accepts TCP but
+    is something else (a Dask scheduler, a socket that never replies) never
+    completes the handshake. ``ray.init`` itself would wait minutes there.
+    """
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
+def _probe(address, timeout):
+    """Fail within ``timeout`` with a clear error unless a Ray cluster answers at ``address``."""
+    hostport = address[len("ray://"):] if address.startswith("ray://") else address
+    t = CONNECT_TIMEOUT if timeout is None else min(float(timeout), 3600.0)
+    t0 = time.monotonic()
+    check_reachable(hostport, "ray", timeout=min(t, 3.0))  # nothing listens: fail at once
+    if not _answers_grpc(hostport, max(0.05, t - (time.monotonic() - t0))):
+        raise ClusterConnectionError(
+            f"ray: {address!r} accepts connections but does not answer as a Ray cluster within {t:g}s "
+            "(is it another service, e.g. a Dask scheduler? `ray start --head` prints the address to "
+            "use)", "ray")
+
+
 def _join(address, init_kwargs):
     kw = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=False)
     kw.update(init_kwargs)
@@ -119,13 +157,38 @@ def _join(address, init_kwargs):
     return False
 
 
-def ensure_ray(address=None, workers=None, **init_kwargs) -> bool:
-    """Connect this process to Ray (see module doc); True if this call started a cluster."""
+def _check_joined_alive():
+    """The process joined a cluster: fail with a clear error if its head is gone.
+
+    Without this, Ray's core worker ends the whole process (status 1, no
+    exception) once it gives up on the lost head.
+    """
+    cur = _current_address()
+    if not cur:
+        return
+    try:
+        check_reachable(cur, "ray", timeout=2.0)
+    except ClusterConnectionError:
+        raise ClusterConnectionError(
+            f"ray: the cluster this process joined (head at {cur!r}) no longer answers: its head is "
+            "down. Start it again and reconnect (ray.shutdown(), then join it), or use another "
+            "address.", "ray") from None
+
+
+def ensure_ray(address=None, workers=None, *, timeout=None, **init_kwargs) -> bool:
+    """Connect this process to Ray (see module doc); True if this call started a cluster.
+
+    ``timeout`` bounds a join (default :data:`CONNECT_TIMEOUT` seconds).
+    """
     with _LOCK:
         if address is None:
             address = os.environ.get("RAY_ADDRESS") or None
-        if address is not None and address != "auto" and not address.startswith("ray://"):
-            check_reachable(address, "ray")  # fail fast, before anything else
+        if address is not None and address != "auto" and not ray.is_initialized():
+            _probe(address, timeout)  # fail fast and within timeout, before ray.init
+        elif address is not None and address != "auto" and not address.startswith("ray://"):
+            check_reachable(address, "ray")
+        if ray.is_initialized() and _OWNED is None and not _is_client_mode():
+            _check_joined_alive()
         if ray.is_initialized():
             if address is not None and address != "auto" and _OWNED is not None:
                 raise ClusterConnectionError(
@@ -142,6 +205,13 @@ def ensure_ray(address=None, workers=None, **init_kwargs) -> bool:
         if address is None:
             return _start_embedded(workers, init_kwargs)
         return _join(address, init_kwargs)
+
+
+def _is_client_mode():
+    try:
+        return ray.util.client.ray.is_connected()
+    except Exception:  # pragma: no cover
+        return False
 
 
 def shutdown():
@@ -180,7 +250,7 @@ class RayExecutor(DistributedExecutor):
         addr = self.address
         if addr is not None and not isinstance(addr, str):
             raise TypeError(f"ray: address must be a 'host:port' string or None, got {type(addr).__name__}")
-        ensure_ray(addr, workers, **self.engine_options)
+        ensure_ray(addr, workers, timeout=self.timeout, **self.engine_options)
 
     def _default_workers(self):
         if ray.is_initialized():
@@ -251,7 +321,7 @@ def cluster(workers=None, address=None, *, timeout=None, retries=3, **ray_init_k
     passed to ``ray.init``) unless this process is already connected, or joins
     ``address``. Shuts down only a cluster this block started.
     """
-    started = ensure_ray(address, workers, **ray_init_kwargs)
+    started = ensure_ray(address, workers, timeout=_check_timeout(timeout), **ray_init_kwargs)
     try:
         yield RayExecutor(address=address, timeout=timeout, retries=retries, workers=workers)
     finally:

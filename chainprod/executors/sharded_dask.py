@@ -139,7 +139,8 @@ class DaskShards:
                         f"dask: the sharded step did not finish within timeout={deadline.timeout}s; its "
                         "calls were cancelled. Raise timeout=.", "dask", "sharded step")
                 try:
-                    distributed.wait(futs, timeout=0.5 if left is None else min(0.5, max(left, 0.01)))
+                    self.client.sync(distributed.client._wait, futs,
+                                     timeout=0.5 if left is None else min(0.5, max(left, 0.01)))
                 except (TimeoutError, distributed.TimeoutError):
                     pass
                 for b, f in handles.items():

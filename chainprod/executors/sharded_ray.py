@@ -73,15 +73,13 @@ class RayShards:
 
     def get(self, handles: dict, deadline):
         """``{shard: value}`` of ``{shard: handle}``; raises :class:`ShardLost` or a chainprod error."""
-        out = {}
+        b = next(iter(handles))  # named in errors; _dead() finds the shards really lost
         try:
-            for b, h in handles.items():
-                out[b] = ray.get(h, timeout=deadline.left())
+            out = dict(zip(handles, ray.get(list(handles.values()), timeout=deadline.left())))
         except rex.GetTimeoutError:
             raise DistributedTimeoutError(
-                f"ray: the sharded step did not finish within timeout={deadline.timeout}s (waiting for shard "
-                f"{b}); calls already queued on the shards still run. Raise timeout=.", "ray",
-                f"shard {b}") from None
+                f"ray: the sharded step did not finish within timeout={deadline.timeout}s; calls already "
+                "queued on the shards still run. Raise timeout=.", "ray", "sharded step") from None
         except _LOST as e:
             raise ShardLost(self._dead() or [b], f"{type(e).__name__}: {_first_line(e)}") from None
         except rex.RayTaskError as e:

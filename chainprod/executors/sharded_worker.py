@@ -247,14 +247,14 @@ class ShardState:
 
     # -- explicit fetches ---------------------------------------------------------
     def params(self, updates):
-        """Apply pending updates; returns a copy of ``theta``."""
+        """Apply pending updates; returns ``(copy of theta, None)``."""
         self.apply(updates)
-        return self._theta.copy()
+        return self._theta.copy(), None
 
     def gradients(self, step):
         if self.grad_step != step or self.grads is None:
             raise RuntimeError(f"shard {self.index} holds the gradients of step {self.grad_step}, not {step}")
-        return self.grads.copy()
+        return self.grads.copy(), None
 
     # -- internals ----------------------------------------------------------------
     def _forward(self, x_in):

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .plan import Schedule, check_workers, make_round
+from .plan import Schedule, make_round
 
 __all__ = ["sequential", "tree", "independent", "hillis_steele", "sklansky", "brent_kung", "chunked",
            "BUILTINS", "ALIASES"]
