@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import NonFiniteError
 from .executors import TraceEvent
-from .kernels import first_nonfinite_layer, get_kernels, unpack_grads
+from .kernels import LayerGrads, first_nonfinite_layer, get_kernels
 from .kernels.scan import scan_rows
 from .tape import Tape, flat_tape
 
@@ -79,4 +79,4 @@ def _checked(pc, grads):
     if l >= 0:
         raise NonFiniteError(f"the parameter gradient of layer {l} overflowed (delta^T x is not "
                              "finite although both factors are)", (l, l))
-    return unpack_grads(pc, grads)
+    return LayerGrads(pc, grads)

@@ -222,8 +222,12 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
 
     Returns
     -------
-    list of tuples
-        ``grads[l]`` has one array per parameter of layer ``l``, shaped like it.
+    sequence of tuples
+        ``grads[l]`` has one array per parameter of layer ``l``, shaped like
+        it. A list on the numpy reference; on the compiled kernels a
+        :class:`~chainprod.kernels.LayerGrads`, whose tuples are views of one
+        flat array (``grads.flat``) made when first read, so a backward pass
+        does not pay for ``2 L`` array objects nobody reads.
     """
     tape = forward(chain, x, kernels=kernels)
     _, seed = loss_seed(tape, y, loss)

@@ -400,3 +400,21 @@ def test_unpack_grads_of_alternating_shapes_matches_the_flat_layout():
 def test_pack_is_kept_on_the_chain():
     chain = cp.mlp([3, 4, 1])
     assert pack(chain) is pack(chain)
+
+
+def test_layer_grads_reads_like_the_list_of_tuples():
+    from chainprod.kernels import LayerGrads
+
+    chain = cp.Chain([cp.Dense(np.ones((4, 3)), np.zeros(4), "tanh"), cp.Diagonal(np.ones(4), np.zeros(4)),
+                      cp.Dense(np.ones((1, 4)), np.zeros(1), None)])
+    pc = pack(chain)
+    flat = np.arange(pc.n_params, dtype=np.float64)
+    lazy, eager = LayerGrads(pc, flat), unpack_grads(pc, flat)
+    assert len(lazy) == 3
+    for l in (0, 1, 2, -1, -3):  # one layer at a time, before the whole list exists
+        assert all(np.array_equal(a, b) for a, b in zip(lazy[l], eager[l]))
+    with pytest.raises(IndexError, match="layer 3"):
+        lazy[3]
+    assert all(np.array_equal(a, b) for ga, gb in zip(lazy, eager) for a, b in zip(ga, gb))
+    assert [tuple(a.shape for a in g) for g in lazy[1:]] == [((4,), (4,)), ((1, 4), (1,))]
+    assert lazy.flat is flat and np.shares_memory(lazy[0][0], flat)

@@ -44,6 +44,7 @@ from .pack import (
     ACT_NAMES,
     KIND_CODES,
     KIND_NAMES,
+    LayerGrads,
     PackedChain,
     first_nonfinite_layer,
     layer_rows,
@@ -52,8 +53,8 @@ from .pack import (
     unpack_rows,
 )
 
-__all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KIND_CODES", "KIND_NAMES", "PackedChain", "default_kernels",
-           "first_nonfinite_layer", "get_kernels", "layer_rows", "pack", "unpack_grads", "unpack_rows"]
+__all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KIND_CODES", "KIND_NAMES", "LayerGrads", "PackedChain",
+           "default_kernels", "first_nonfinite_layer", "get_kernels", "layer_rows", "pack", "unpack_grads", "unpack_rows"]
 
 #: Registered kernel sets, in order of preference.
 KERNELS = ("numba", "numpy")
