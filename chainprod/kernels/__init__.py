@@ -54,7 +54,8 @@ from .pack import (
 )
 
 __all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KIND_CODES", "KIND_NAMES", "LayerGrads", "PackedChain",
-           "default_kernels", "first_nonfinite_layer", "get_kernels", "layer_rows", "pack", "unpack_grads", "unpack_rows"]
+           "default_kernels", "first_nonfinite_layer", "get_kernels", "layer_rows", "pack", "unpack_grads",
+           "unpack_rows"]
 
 #: Registered kernel sets, in order of preference.
 KERNELS = ("numba", "numpy")
