@@ -63,6 +63,13 @@ def _chunked(L: int, chunks: int | None = None, outer: str = "sklansky", *, work
     # in each phase, and P = 2 would be backprop order with no parallelism.
     if chunks is None and workers is not None:
         chunks = workers + 1
+    return _chunked_plan(L, chunks, outer)
+
+
+@register_cache
+@functools.lru_cache(maxsize=64)
+def _chunked_plan(L, chunks, outer):
+    # the same plan for the same sizes: a grad call per training step must not rebuild it
     return builders.chunked(L, chunks=chunks, outer=outer)
 
 
