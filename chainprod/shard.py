@@ -62,6 +62,12 @@ again; updates carry sequence numbers, so a shard never applies one twice.
 With ``retries=0`` a lost shard raises :class:`~chainprod.errors.DistributedError`
 naming it; :meth:`ShardedModel.gather` still returns the last completed step
 (replayed in this process) and :meth:`ShardedModel.restore` replaces the shard.
+
+This module is longer than most (about 600 lines, a sixth of them this
+description): it holds one job, the driver's side of a sharded step, whose
+parts (placing shards, the step's call graph, its trace and byte count, the
+checkpoint and replay log) all read and write the same per-shard state.
+The worker's side is :mod:`chainprod.executors.sharded_worker`.
 """
 
 from __future__ import annotations
