@@ -19,6 +19,12 @@
    ``results.json`` the machine, library versions, command, sweep and skips;
    ``traces.json.gz`` the traces of parallel runs (for Gantt charts).
 
+Sharded rows (backends ``ray-sharded``, ``dask-sharded``;
+:mod:`chainprod.bench_rows`) time one *training step* of a model that lives
+on ``P`` workers instead of one gradient, at each worker count ``P >= 2``
+of the sweep, on one cluster per engine held for the whole sweep; one step
+of the last of them is traced for the sharded Gantt chart.
+
 The baselines (:data:`BASELINES`), where installed: ``backprop`` (the
 compiled loop, ``kernels="numba"``), ``backprop-numpy`` (the numpy loop),
 ``jax`` (``jit(grad)`` of the chain as a ``lax.scan``) and ``torch``
@@ -27,7 +33,6 @@ compiled loop, ``kernels="numba"``), ``backprop-numpy`` (the numpy loop),
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import sys
 import time
@@ -36,29 +41,27 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import cost
-from ._timing import (
-    backprop_kernels,
-    library_versions,
-    machine_info,
-    machine_label,
-    measure_chainprod,
-    measure_jax,
-    measure_torch,
-    summarize,
+from ._timing import library_versions, machine_info, machine_label, summarize
+from .bench_rows import (
+    BASELINES,
+    SHARDED,
+    Clusters,
+    baseline_backends,
+    build_chain,
+    sharded_available,
+    sharded_engine,
+    sharded_estimate,
+    sharded_row,
+    timing_of,
 )
 from .executors import EXECUTORS, get_executor
-from .layers import diagonal_chain, mlp
 from .results import FIELDS, ResultsWriter, read_meta, read_results, read_traces
 from .schedules import build, schedule
 
 __all__ = ["Sweep", "PRESETS", "BASELINES", "FIELDS", "Job", "problems", "configurations", "plan_sweep",
-           "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain", "backend_available",
+           "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain", "backend_available", "SHARDED",
            # the files of a sweep (chainprod.results), here for convenience
            "ResultsWriter", "read_results", "read_meta", "read_traces"]
-
-#: the backprop implementations every problem is measured with, where installed
-BASELINES = ("backprop", "backprop-numpy", "jax", "torch")
-
 
 @dataclass
 class Sweep:
@@ -67,7 +70,8 @@ class Sweep:
     depths: list = field(default_factory=lambda: [256, 2048, 16384])
     widths: list = field(default_factory=lambda: [8, 32, 128])
     workers: list = field(default_factory=lambda: [1, 2])
-    backends: list = field(default_factory=lambda: ["vectorized", "threads", "ray"])
+    #: ``ray-sharded`` / ``dask-sharded``: a training step of a model resident on P >= 2 workers
+    backends: list = field(default_factory=lambda: ["vectorized", "threads", "ray", "ray-sharded"])
     #: scan methods (``"backprop"`` here is moved to the baselines)
     methods: list = field(default_factory=lambda: ["auto"])
     baselines: list = field(default_factory=lambda: list(BASELINES))
@@ -91,6 +95,7 @@ class Sweep:
 
 PRESETS = {
     # a few minutes on a 2-core machine: wins (long thin / diagonal chains), losses (wide dense, short)
+    # (ray-sharded runs at P=2 only: a single shard is no scan over shards)
     "default": Sweep(),
     # seconds: for smoke tests and CI
     "quick": Sweep(depths=[64, 1024], widths=[8, 32], workers=[1, 2], backends=["vectorized", "threads"],
@@ -110,7 +115,8 @@ def configurations(sweep: Sweep, depth: int):
     out = []
     for backend in sweep.backends:
         for P in (sweep.workers if backend not in ("vectorized", "serial") else [1]):
-            if backend in ("ray", "dask") and depth > sweep.max_distributed_depth:
+            distributed = backend in ("ray", "dask") or sharded_engine(backend)
+            if (distributed and depth > sweep.max_distributed_depth) or (sharded_engine(backend) and P < 2):
                 continue
             out += [(backend, int(P), m) for m in sweep.methods]
     return out
@@ -118,6 +124,8 @@ def configurations(sweep: Sweep, depth: int):
 
 def backend_available(backend) -> str | None:
     """None if ``backend`` can run here, else the reason it cannot."""
+    if sharded_engine(backend):
+        return sharded_available(backend)
     if backend not in EXECUTORS:
         return f"unknown backend {backend!r}"
     try:
@@ -125,29 +133,6 @@ def backend_available(backend) -> str | None:
     except ImportError as e:
         return f"backend {backend!r} not available: {e}"
     return None
-
-
-def _baseline_backends(names) -> tuple[dict, list]:
-    """``({baseline: backend label}, [skipped reasons])`` of the baselines that run here."""
-    kernels = backprop_kernels()
-    run, skipped = {}, []
-    for name in names:
-        if name == "backprop":
-            run[name] = kernels[0] if kernels else "numpy"
-        elif name == "backprop-numpy":
-            if len(kernels) > 1:
-                run[name] = "numpy"
-            else:
-                skipped.append({"baseline": name, "reason": "backprop already is the numpy loop here "
-                                                            "(no compiled kernels)"})
-        elif name in ("jax", "torch"):
-            if importlib.util.find_spec(name) is None:
-                skipped.append({"baseline": name, "reason": f"{name} is not installed"})
-            else:
-                run[name] = name
-        else:
-            raise ValueError(f"unknown baseline {name!r}; valid baselines: {', '.join(BASELINES)}")
-    return run, skipped
 
 
 @dataclass
@@ -160,6 +145,8 @@ class Job:
     workers: int
     prediction: dict
     estimate: float
+    #: keep the trace of one step of this job (a sharded row: the sharded Gantt chart)
+    trace: bool = False
 
     @property
     def baseline(self) -> bool:
@@ -177,7 +164,7 @@ def _jacobian_bytes(structure, L, w, N, dtype):
 def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
     """The jobs of a sweep in order (per problem: baselines, then scans) and what was skipped, and why."""
     model = model or cost.load_model()
-    baselines, skipped = _baseline_backends(sweep.baselines)
+    baselines, skipped = baseline_backends(sweep.baselines)
     unavailable = {b: why for b in sweep.backends if (why := backend_available(b))}
     skipped += [{"backend": b, "reason": why} for b, why in unavailable.items()]
     jobs = []
@@ -195,53 +182,47 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
         for backend, P, m in configurations(sweep, L):
             if backend in unavailable:
                 continue
-            try:
-                pred = cost.predict_grad(s, L, w, method=m, backend=backend, workers=P, batch=N, model=model)
-            except (ValueError, KeyError):  # a method the model cannot cost still runs, unpredicted
-                pred = {}
-            est = pred.get("total", bp["total"]) * (sweep.repeats + 1)
+            if sharded_engine(backend):  # no cost model of a training step: a rough estimate, never reported
+                pred, est = {}, sharded_estimate(backend, P, bp["total"], sweep.repeats,
+                                                 model.latency("task", sharded_engine(backend)))
+            else:
+                try:
+                    pred = cost.predict_grad(s, L, w, method=m, backend=backend, workers=P, batch=N, model=model)
+                except (ValueError, KeyError):  # a method the model cannot cost still runs, unpredicted
+                    pred = {}
+                est = pred.get("total", bp["total"]) * (sweep.repeats + 1)
             if est > sweep.max_config_seconds:
                 skipped.append({"problem": list(prob), "backend": backend, "workers": P, "method": m,
                                 "reason": f"predicted {est:.1f} s > max_config_seconds"})
                 continue
             jobs.append(Job(prob, m, backend, P, pred, est))
+    sharded = [j for j in jobs if sharded_engine(j.backend)]
+    if sharded:  # trace the first sharded backend's most expensive problem at its largest P
+        first = [j for j in sharded if j.backend == sharded[0].backend]
+        max(reversed(first), key=lambda j: j.workers).trace = True
     return jobs, skipped
 
 
 # -- 2. measure --------------------------------------------------------------------------------------
-def build_chain(structure, L, w, dtype, seed=0):
-    """The chain of a problem: ``mlp([w] * L + [1])`` or ``diagonal_chain(L - 1, w)`` (L layers each)."""
-    if structure == "dense":
-        return mlp([w] * L + [1], dtype=np.dtype(dtype), seed=seed)
-    if structure == "diagonal":
-        return diagonal_chain(L - 1, w, dtype=np.dtype(dtype), seed=seed)
-    raise ValueError(f"unknown structure {structure!r}; valid: dense, diagonal")
-
-
-def _timing_of(job: Job, chain, x, repeats):
-    if job.method == "jax":
-        return measure_jax(chain, x, repeats)
-    if job.method == "torch":
-        return measure_torch(chain, x, repeats)
-    if job.baseline:  # backprop, backprop-numpy: the backend label is the kernel set
-        return measure_chainprod(chain, x, method="backprop", kernels=job.backend if backprop_kernels() else None,
-                                 repeats=repeats)
-    return measure_chainprod(chain, x, method=job.method, backend=job.backend, workers=job.workers,
-                             repeats=repeats, trace=True)
-
-
 _PEER_SCHEDULES = {"jax": "jit(grad) of lax.scan", "torch": "autograd, eager"}
 
 
-def measure_job(job: Job, chain, x, repeats) -> tuple[dict, dict | None]:
-    """Measure one job: its CSV row (without the comparison) and its trace records (or None)."""
+def measure_job(job: Job, chain, x, repeats, clusters=None) -> tuple[dict, dict | None]:
+    """Measure one job: its CSV row (without the comparison) and its trace records (or None).
+
+    ``clusters`` (a :class:`~chainprod.bench_rows.Clusters`) holds the
+    clusters of sharded rows; without it each sharded row opens its own.
+    """
     s, L, w, N, dt = job.problem
     row = dict.fromkeys(FIELDS, "")
     row.update(structure=s, depth=L, width=w, batch=N, dtype=dt, backend=job.backend, workers=job.workers,
                method=job.method, repeats=repeats, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
                jacobian_bytes=_jacobian_bytes(*job.problem))
     try:
-        t = _timing_of(job, chain, x, repeats)
+        if sharded_engine(job.backend):
+            fields, trace = sharded_row(job.backend, job.workers, job.method, chain, x, repeats, clusters, job.trace)
+            return {**row, **fields, "status": "ok"}, trace
+        t = timing_of(job.method, job.backend, job.workers, chain, x, repeats, baseline=job.baseline)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # one bad configuration must not lose the sweep
@@ -393,13 +374,15 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
     writer = ResultsWriter(out_dir)
     bar = _Progress(_progress_mode(progress), total_est, n_problems, log)
     rng = np.random.default_rng(sweep.seed)
+    clusters = Clusters(max((j.workers for j in jobs if sharded_engine(j.backend)), default=2))
     try:
         for prob, prob_jobs in itertools.groupby(jobs, key=lambda j: j.problem):
-            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label)
+            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label, clusters)
     except KeyboardInterrupt:
         meta["interrupted"] = True
     finally:
         bar.close()
+        clusters.close()
         meta.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), rows=len(writer.rows))
         writer.close(meta)
     if meta["interrupted"]:
@@ -407,7 +390,7 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
     return {**meta, "csv": writer.csv, "json": writer.json, "traces": writer.traces_path}
 
 
-def _run_problem(problem, jobs, sweep, rng, writer, bar, label):
+def _run_problem(problem, jobs, sweep, rng, writer, bar, label, clusters=None):
     """Measure one problem: its baselines (written together, compared among themselves), then its scans."""
     t0 = time.perf_counter()
     s, L, w, N, dt = problem
@@ -417,7 +400,7 @@ def _run_problem(problem, jobs, sweep, rng, writer, bar, label):
 
     def run(job):
         bar.job(job)
-        row, trace = measure_job(job, chain, x, sweep.repeats)
+        row, trace = measure_job(job, chain, x, sweep.repeats, clusters)
         row["machine"] = label
         bar.job_done(job)
         return row, trace

@@ -19,7 +19,7 @@ from importlib.metadata import version
 import numpy as np
 
 from . import cost
-from .bench import PRESETS, Sweep, read_results, run_sweep
+from .bench import PRESETS, SHARDED, Sweep, read_results, run_sweep
 from .calibrate import calibrate, calibration_status
 from .grad import grad
 from .layers import diagonal_chain, mlp
@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--depths", type=_ints, help="comma list of depths L, e.g. 256,2048,2^14")
     b.add_argument("--workers", type=_ints, help="comma list of worker counts P")
     b.add_argument("--widths", type=_ints, help="comma list of widths w")
-    b.add_argument("--backends", type=_strs, help="comma list: vectorized,threads,serial,ray,dask")
+    b.add_argument("--backends", type=_strs, help="comma list: vectorized,threads,serial,ray,dask, and "
+                                                  "ray-sharded,dask-sharded (a training step of a model resident "
+                                                  "on P >= 2 workers)")
+    b.add_argument("--sharded", action="store_true", help="add ray-sharded and dask-sharded to the backends")
     b.add_argument("--methods", type=_strs, help="comma list of scans: auto,sklansky,brent_kung,chunked,...")
     b.add_argument("--baselines", type=_strs, help="comma list: backprop,backprop-numpy,jax,torch (default: all "
                                                    "installed; backprop is always measured)")
@@ -134,6 +137,8 @@ _SWEEP_ARGS = (("depths", "depths"), ("workers", "workers"), ("widths", "widths"
 def _sweep_from_args(a):
     fields = dict(PRESETS["quick" if a.quick else "default"].__dict__)
     fields.update({fld: getattr(a, arg) for arg, fld in _SWEEP_ARGS if getattr(a, arg) is not None})
+    if a.sharded:
+        fields["backends"] = [*fields["backends"], *(b for b in SHARDED if b not in fields["backends"])]
     if "backprop" not in fields["baselines"] and "backprop" not in fields["methods"]:
         fields["baselines"] = ["backprop", *fields["baselines"]]  # the baseline is always measured
     return Sweep(**fields)
@@ -166,7 +171,7 @@ def _cmd_bench(a):
         notes.append("interrupted during the sweep: no figures drawn")
     elif not a.no_plots:
         try:
-                    figures = plot_results(a.out, log=lambda p: None)
+            figures = plot_results(a.out, log=lambda p: None)
         except ImportError as e:
             notes.append(f"no figures: {e} (pip install 'chainprod[plot]')")
         except KeyboardInterrupt:

@@ -4,8 +4,11 @@ Every function writes ``<stem>.png`` and ``<stem>.svg`` (each well under
 200 KB: 100 dpi, and dense artists rasterised inside the SVG) and returns the
 paths. Speedups are against the *best backprop* of each problem (the fastest
 baseline measured there, named in the panel), on a log-2 axis labelled
-``0.5x, 1x, 2x``. Titles name the machine and the sizes. matplotlib is
-imported here only, so ``import chainprod`` stays light.
+``0.5x, 1x, 2x``. Titles name the machine and the sizes. Sharded rows
+(``ray-sharded``, ``dask-sharded``: one training step of a model resident on
+P workers) are drawn like every backend, dashed with hexagon markers.
+matplotlib is imported only when a figure is drawn (:mod:`chainprod.gantt`
+holds the Gantt charts and the file helpers), so ``import chainprod`` stays light.
 """
 
 from __future__ import annotations
@@ -15,51 +18,20 @@ import os
 
 import numpy as np
 
-from .bench import BASELINES, read_meta, read_results, read_traces
+from .bench import BASELINES, SHARDED, read_meta, read_results, read_traces
+from .gantt import DPI, gantt, telling_trace
+from .gantt import pyplot as _plt
+from .gantt import save_figure as _save
 from .report import baseline_name
 from .schedules import build
 
-__all__ = ["speedup_vs_depth", "speedup_vs_workers", "speedup_heatmap", "gantt", "schedule_diagram",
-           "predicted_vs_measured", "simulation", "plot_results"]
+__all__ = ["speedup_vs_depth", "speedup_vs_workers", "speedup_heatmap", "gantt", "sharded_step_gantt",
+           "schedule_diagram", "predicted_vs_measured", "simulation", "plot_results", "DPI"]
 
-DPI = 100
-#: above this many tasks a Gantt chart's bars are rasterised in the SVG (one path per bar is too heavy)
-_RASTERIZE_ABOVE = 300
 #: reference-line styles of the baselines (the best of them is the 1x line)
 _BASELINE_STYLE = {"backprop": ("0.15", "--", "s"), "backprop-numpy": ("0.45", ":", "v"),
                    "jax": ("#8c564b", "-.", "D"), "torch": ("#e377c2", (0, (5, 1, 1, 1)), "^")}
 _METRICS = {"backward": "backward pass", "total": "end-to-end"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, stem):
-    os.makedirs(os.path.dirname(os.path.abspath(stem)) or ".", exist_ok=True)
-    plt = _plt()
-    paths = [f"{stem}.png", f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=DPI, bbox_inches="tight")
-    _palette_png(paths[0])
-    # SVG text as text (not one path per glyph): a third of the size, and searchable
-    with plt.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
-    return paths
-
-
-def _palette_png(path):
-    """Re-save a PNG with a 256-colour palette: plots have few colours, and it is a third of the size."""
-    from PIL import Image  # matplotlib's own dependency
-
-    with Image.open(path) as img:
-        small = img.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
-    small.save(path, optimize=True)
 
 
 def _fmt_x(v, _pos=None) -> str:
@@ -107,8 +79,9 @@ def _machine(rows, machine):
 
 
 def _config_label(backend, workers, method):
-    """``"auto: threads P=2"``."""
-    return f"{method}: {backend}" + (f" P={workers}" if backend not in ("vectorized", "serial") else "")
+    """``"auto: threads P=2"``; ``"auto: ray-sharded P=2 (train step)"``."""
+    return (f"{method}: {backend}" + (f" P={workers}" if backend not in ("vectorized", "serial") else "")
+            + (" (train step)" if backend in SHARDED else ""))
 
 
 def _best_backprop_note(rows, metric):
@@ -166,15 +139,17 @@ def speedup_vs_depth(rows, stem, *, machine=None, metric="backward"):
                               key=lambda r: r["depth"])
                 if not line:
                     continue
-                (h,) = ax.plot([r["depth"] for r in line], [r[f"speedup_{metric}"] for r in line], "o-",
-                               color=colors[c], ms=4.5, lw=1.8, zorder=3)
+                sharded = c[0] in SHARDED  # a training step on P shards: dashed, hexagons
+                (h,) = ax.plot([r["depth"] for r in line], [r[f"speedup_{metric}"] for r in line],
+                               "h--" if sharded else "o-", color=colors[c], ms=5, lw=1.8, zorder=3)
                 handles.setdefault(_config_label(*c), h)
                 ran_bp = [r for r in line if str(r["schedule"]).startswith("backprop")]
-                if ran_bp:  # hollow: no scan ran, auto chose backprop itself
+                if ran_bp:  # hollow: no scan ran, auto chose backprop itself (sharded: the pipeline)
                     h = ax.scatter([r["depth"] for r in ran_bp], [r[f"speedup_{metric}"] for r in ran_bp], s=22,
-                                   facecolors="white", edgecolors=[colors[c]], linewidths=1.3, zorder=4)
-                    handles.setdefault("hollow marker: auto ran backprop itself", ax.scatter(
-                        [], [], s=22, facecolors="white", edgecolors="0.3", linewidths=1.3))
+                                   marker="h" if sharded else "o", facecolors="white", edgecolors=[colors[c]],
+                                   linewidths=1.3, zorder=4)
+                    handles.setdefault("hollow marker: no scan ran (auto chose backprop; sharded: the pipeline)",
+                                       ax.scatter([], [], s=22, facecolors="white", edgecolors="0.3", linewidths=1.3))
             _depth_axis(ax, [r["depth"] for r in rs])
             _speedup_axis(ax, row_values)
             ax.grid(True, which="major", color="0.9", lw=0.6)
@@ -275,37 +250,6 @@ def speedup_heatmap(rows, stem, *, machine=None, metric="backward"):
     return _save(fig, stem)
 
 
-def gantt(events, stem, *, title="", machine=None):
-    """Tasks by worker over time, coloured by round, from a Trace's records (or a Trace)."""
-    plt = _plt()
-    if hasattr(events, "to_records"):
-        events = events.to_records()
-    events = list(events)
-    workers = sorted({str(e["worker"]) for e in events}, key=lambda s: (len(s), s))
-    rounds = sorted({int(e["round"]) for e in events}) or [0]
-    cmap = plt.get_cmap("viridis")
-    norm = plt.Normalize(min(rounds), max(max(rounds), min(rounds) + 1))
-    t0 = min((e["start"] for e in events), default=0.0)
-    fig, ax = plt.subplots(figsize=(9, 1.7 + 0.3 * len(workers)))
-    lanes = {}  # one collection per worker (one artist per bar would take seconds to draw)
-    for e in events:
-        spans, colors = lanes.setdefault(workers.index(str(e["worker"])), ([], []))
-        spans.append(((e["start"] - t0) * 1e3, max((e["end"] - e["start"]) * 1e3, 1e-6)))
-        colors.append(cmap(norm(int(e["round"]))))
-    heavy = len(events) > _RASTERIZE_ABOVE
-    for y, (spans, colors) in lanes.items():
-        ax.broken_barh(spans, (y - 0.38, 0.76), facecolors=colors, edgecolor="none" if heavy else "k", lw=0.3,
-                       rasterized=heavy)
-    ax.set_yticks(range(len(workers)), [w[-24:] for w in workers], fontsize=7 if len(workers) > 8 else 8)
-    ax.set_ylim(len(workers) - 0.5, -0.5)
-    ax.set_xlabel("time since the first task started (ms)")
-    ax.set_ylabel(f"worker ({len(workers)})")
-    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=norm), ax=ax, label="round", pad=0.01)
-    ax.set_title(f"{title} - {machine or 'this machine'}: {len(events)} tasks, {len(rounds)} rounds", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, stem)
-
-
 def schedule_diagram(sched, stem, *, max_positions=64):
     """Classic prefix-circuit drawing: positions across, rounds down, one dot-and-line per combine op."""
     plt = _plt()
@@ -382,13 +326,14 @@ def simulation(results, stem, *, machine=None):
     return _save(fig, stem)
 
 
-def _telling_trace(traces):
-    """The key of the trace that makes the most telling Gantt chart: most workers busy, then distributed, tasks."""
-    def score(k):
-        events = traces[k]["events"]
-        return len({e["worker"] for e in events}), k.split("/")[5] in ("ray", "dask"), len(events)
-
-    return max(traces, key=score) if traces else None
+def sharded_step_gantt(record, key, stem, *, machine=None):
+    """The Gantt chart of one traced sharded training step of a sweep (a ``traces.json.gz`` record)."""
+    s, L, w, N, dt, backend, P, method = key.split("/")
+    step = (f"forward {record['forward_seconds'] * 1e3:.3g} ms + backward and SGD "
+            f"{record['backward_seconds'] * 1e3:.3g} ms, {record['bytes_moved']:,} bytes moved")
+    title = (f"One training step, {backend} {P} shards, {method} ran {record['schedule']} across them: "
+             f"{s} {L} {w} {N} {dt}\n{step}")
+    return gantt(record["events"], stem, title=title, machine=machine, forward_seconds=record["forward_seconds"])
 
 
 def plot_results(results_dir, out_dir=None, *, log=print):
@@ -404,11 +349,14 @@ def plot_results(results_dir, out_dir=None, *, log=print):
     paths += speedup_heatmap(rows, os.path.join(out_dir, "speedup_heatmap"), machine=machine)
     paths += predicted_vs_measured(rows, os.path.join(out_dir, "predicted_vs_measured"), machine=machine)
     traces = read_traces(results_dir)
-    key = _telling_trace(traces)
+    key = telling_trace(traces)
     if key is not None:
         s, L, w, N, dt, backend, P, method = key.split("/")
         title = f"{backend} {P}, {method} ran {traces[key]['schedule']}: {s} {L} {w} {N} {dt}"
         paths += gantt(traces[key]["events"], os.path.join(out_dir, "gantt"), title=title, machine=machine)
+    key = telling_trace(traces, kind="sharded")
+    if key is not None:
+        paths += sharded_step_gantt(traces[key], key, os.path.join(out_dir, "gantt_sharded"), machine=machine)
     paths += schedule_diagram(build("sklansky", 16), os.path.join(out_dir, "schedule_sklansky_16"))
     paths += schedule_diagram(build("brent_kung", 16), os.path.join(out_dir, "schedule_brent_kung_16"))
     for p in paths:

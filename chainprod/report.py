@@ -4,6 +4,9 @@ Everything here reads the rows of ``results.csv`` (:func:`chainprod.bench.read_r
 and the ``results.json`` metadata; nothing is measured. The comparisons are
 the sweep's own: every speedup is against the *best backprop* of its problem
 (the fastest baseline measured there), for the backward pass and end to end.
+A sharded row (``ray-sharded``, ``dask-sharded``) times one training step of
+a model resident on P workers (its backward includes the SGD update), and is
+compared the same way.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import re
 
 import numpy as np
 
-from .bench import BASELINES
+from .bench import BASELINES, SHARDED
 
-__all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary", "wins_and_losses", "summary_lines",
-           "results_table", "write_report"]
+__all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary", "wins_and_losses", "sharded_lines",
+           "summary_lines", "results_table", "write_report", "SHARDED_NOTE"]
 
 #: ``auto`` may be this much slower than the best backprop (beyond its own noise) before it is flagged
 AUTO_TOLERANCE = 0.10
@@ -27,6 +30,16 @@ _BASELINE_NAMES = {"backprop-numpy": "backprop (numpy)", "jax": "JAX jit(grad)",
 
 _METRICS = {"backward": "backward", "total": "end-to-end"}
 
+#: what a sharded row measured, for the report's notes
+SHARDED_NOTE = ("sharded rows (`ray-sharded`, `dask-sharded`) time one *training step* of a model resident on P "
+                "workers (`chainprod.shard`): `value_and_grad` + `sgd_step`, the median of the timed steps after a "
+                "warm-up step (no min/max/IQR). Forward: until the top shard's forward pass ends; backward: the rest "
+                "of the step, which includes the SGD update (a few vector ops per shard), so their speedups over "
+                "the best backprop (a gradient, no update) are slightly understated. The plan column says what "
+                "ran across the shards: `backprop` is the pipeline (at P=2 every scan is that plan). The cost "
+                "model does not predict them, and the auto check leaves them out (their auto chooses between the "
+                "pipeline and a scan across shards, never a local backprop).")
+
 
 def _ok(rows):
     return [r for r in rows if r.get("status") == "ok"]
@@ -35,6 +48,8 @@ def _ok(rows):
 def _where(r) -> str:
     """``"auto on threads P=2 (sklansky)"``: a scan row in words."""
     p = f" P={r['workers']}" if r["backend"] not in ("vectorized", "serial") else ""
+    if r["backend"] in SHARDED:
+        return f"a training step by {r['method']} on {r['backend']}{p} (ran {r['schedule']} across the shards)"
     ran = "" if str(r["schedule"]).startswith("backprop") else f" ({r['schedule']})"  # said apart where it matters
     return f"{r['method']} on {r['backend']}{p}{ran}"
 
@@ -61,12 +76,14 @@ def auto_check(rows, tolerance=AUTO_TOLERANCE) -> dict:
 
     A row violates the property on a metric (backward, end-to-end) when
     ``median - IQR > (1 + tolerance) x best backprop median``: slower by more
-    than the tolerance even after granting it its measured spread.
+    than the tolerance even after granting it its measured spread. Sharded
+    rows are not checked: their ``auto`` chooses between the pipeline and a
+    scan across the shards, never a local backprop.
 
     Returns ``{"checked": n, "tolerance": t, "violations": [{"row": r, "ratios": {metric: ratio}}]}``
     with ``ratio`` = the row's median over the best backprop's median, for each violated metric.
     """
-    autos = [r for r in _ok(rows) if r["method"] == "auto"]
+    autos = [r for r in _ok(rows) if r["method"] == "auto" and r["backend"] not in SHARDED]
     out = {"checked": len(autos), "tolerance": tolerance, "violations": []}
     for r in autos:
         ratios = {}
@@ -107,7 +124,7 @@ def _problems(rows):
 
 
 def _ran_backprop(r) -> bool:
-    return str(r["schedule"]).startswith("backprop")
+    return str(r["schedule"]).startswith("backprop")  # sharded: the pipeline across the shards
 
 
 def wins_and_losses(rows) -> list[str]:
@@ -124,7 +141,7 @@ def wins_and_losses(rows) -> list[str]:
         s = max(tried, key=lambda r: r["speedup_backward"])
         bp, t_bp = baseline_name(s["best_backprop_backward"], rs), s["best_backprop_backward_median"]
         x, e2e = s["speedup_backward"], s.get("speedup_total")
-        what = _where(s) + (", which ran backprop itself" if _ran_backprop(s) else "")
+        what = _where(s) + (", which ran backprop itself" if _ran_backprop(s) and s["backend"] not in SHARDED else "")
         times = f"{s['backward_median'] * 1e3:.3g} ms vs {t_bp * 1e3:.3g} ms for {bp}"
         tail = f"; end to end {e2e:.2f}x" if e2e else ""
         if x >= 1 and not _ran_backprop(s):
@@ -136,6 +153,28 @@ def wins_and_losses(rows) -> list[str]:
         else:
             out.append(f"{_problem(s)}: backprop wins: {bp} ran the backward pass {1 / x:.2f}x faster than the "
                        f"fastest configuration, {what} ({times}){tail}.")
+    return out
+
+
+def sharded_lines(rows) -> list[str]:
+    """One sentence per structure, sharded backend, P and method: its step at the deepest, widest problem it ran."""
+    out = []
+    for (_, backend, P, method), rs in sorted(_groups_of(r for r in _ok(rows) if r["backend"] in SHARDED).items()):
+        r = max(rs, key=lambda r: (r["depth"], r["width"], r["batch"]))
+        bp = baseline_name(r.get("best_backprop_total") or "backprop", rows)
+        vs = f"{r['speedup_total']:.2f}x the best backprop's gradient ({bp})" if r.get("speedup_total") else ""
+        out.append(f"{_problem(r)}: one training step by {method} on {backend} P={P} (ran {r['schedule']}) took "
+                   f"{_ms(r['total_median'])} ms (forward {_ms(r['forward_median'])}, backward and SGD "
+                   f"{_ms(r['backward_median'])}), {r.get('bytes_moved') or 0:,.0f} bytes moved, "
+                   f"{_count(r.get('measured_rounds') or 0)} cross-shard round(s) in the backward pass; end to end "
+                   f"{vs}.")
+    return out
+
+
+def _groups_of(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["structure"], r["backend"], r["workers"], r["method"]), []).append(r)
     return out
 
 
@@ -162,6 +201,10 @@ def summary_lines(rows, meta=None) -> list[str]:
     lines.append(f"scan vs best backprop, backward pass: a scan beats the best backprop in {wins} of {len(wl)} "
                  "problems (per problem, chainprod's fastest configuration):")
     lines += [f"  {s}" for s in wl]
+    sharded = sharded_lines(rows)
+    if sharded:
+        lines.append("sharded training (one step on P shards, the model resident on the workers):")
+        lines += [f"  {s}" for s in sharded]
     for k, v in prediction_summary(rows).items():
         lines.append(f"model vs measured [{k}]: median |error| {v['median_abs_error_total']:.0%} end-to-end, "
                      f"{v['within_25pct_total']:.0%} within 25% (n={v['n']})")
@@ -172,6 +215,10 @@ def _ms(v):
     return "" if v is None else f"{v * 1e3:.3g}"
 
 
+def _count(v):
+    return "" if v is None else f"{v:.0f}"
+
+
 def _x(v):
     return "" if v is None else f"{v:.2f}x"
 
@@ -179,17 +226,19 @@ def _x(v):
 def results_table(rows) -> str:
     """The results as a markdown table, one line per measurement."""
     head = ("| structure | L | w | backend | P | method | plan run | forward ms | backward ms | end-to-end ms "
-            "| backward vs best backprop | end-to-end vs best backprop | model: backward ms | model: end-to-end ms |")
+            "| backward vs best backprop | end-to-end vs best backprop | model: backward ms | model: end-to-end ms "
+            "| bytes moved |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"| {r['structure']} | {r['depth']} | {r['width']} | {r['backend']} | {r['workers']} | "
-                         f"{r['method']} | {r['status'].replace('|', '/')} | | | | | | | |")
+                         f"{r['method']} | {r['status'].replace('|', '/')} | | | | | | | | |")
             continue
         lines.append(f"| {r['structure']} | {r['depth']} | {r['width']} | {r['backend']} | {r['workers']} | "
                      f"{r['method']} | {r['schedule']} | {_ms(r['forward_median'])} | {_ms(r['backward_median'])} | "
                      f"{_ms(r['total_median'])} | {_x(r.get('speedup_backward'))} | {_x(r.get('speedup_total'))} | "
-                     f"{_ms(r.get('predicted_backward'))} | {_ms(r.get('predicted_total'))} |")
+                     f"{_ms(r.get('predicted_backward'))} | {_ms(r.get('predicted_total'))} | "
+                     f"{_count(r.get('bytes_moved'))} |")
     return "\n".join(lines)
 
 
@@ -214,6 +263,8 @@ def write_report(out_dir, rows, meta, figures=(), *, notes=()) -> str:
     if "jax" in measured:
         parts.append("- JAX: `jit(grad)` fuses the two passes, so its backward time is its end-to-end time minus "
                      "its forward time (`jit` of the loss alone): an estimate.")
+    if any(r["backend"] in SHARDED for r in rows):
+        parts.append(f"- {SHARDED_NOTE}")
     parts += [f"- {n}" for n in notes]
     parts += ["", "## Findings", ""] + [f"- {line.strip()}" for line in summary_lines(rows, meta)]
     if figures:

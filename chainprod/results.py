@@ -7,7 +7,11 @@
   parameters and what was skipped, and why.
 * ``traces.json.gz``: the per-task traces of parallel runs, keyed
   ``structure/L=/w=/N=/dtype/backend/P=/method`` (kept apart: they are large
-  and only the Gantt chart reads them).
+  and only the Gantt charts read them). Each is ``{"schedule", "events"}``;
+  the one traced step of a sharded row (backend ``ray-sharded`` /
+  ``dask-sharded``) also has ``"kind": "sharded"``, the step's
+  ``forward_seconds``, ``backward_seconds``, ``total_seconds``,
+  ``bytes_moved`` and ``rounds``, and one event per call on a shard.
 
 No pickle anywhere.
 """
@@ -35,7 +39,7 @@ FIELDS = [
     "total_median", "total_min", "total_max", "total_iqr",
     "best_backprop_backward", "best_backprop_backward_median", "best_backprop_total", "best_backprop_total_median",
     "speedup_backward", "speedup_total",
-    "rounds", "peak_width", "num_ops", "measured_rounds", "peak_concurrency", "tasks",
+    "rounds", "peak_width", "num_ops", "measured_rounds", "peak_concurrency", "tasks", "bytes_moved",
     "flops", "sequential_flops", "brent_bound", "jacobian_bytes",
     "predicted_forward", "predicted_backward", "predicted_total", "prediction_error_backward",
     "prediction_error_total", "machine", "timestamp",
@@ -137,7 +141,7 @@ def read_meta(path) -> dict:
 
 
 def read_traces(path) -> dict:
-    """``{key: {"schedule", "events"}}`` from the ``traces.json.gz`` of a results directory (``{}`` if none)."""
+    """``{key: {"schedule", "events", ...}}`` from the ``traces.json.gz`` of a results directory (``{}`` if none)."""
     p = _results_file(path, "traces.json.gz")
     if not os.path.exists(p):
         return {}

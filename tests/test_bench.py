@@ -23,6 +23,7 @@ from chainprod.bench import (
 )
 from chainprod.calibrate import _fingerprint, calibration_status
 from chainprod.cost import CostModel
+from chainprod.testing import random_mats
 
 HAVE = {name: importlib.util.find_spec(name) is not None for name in ("jax", "torch", "pandas")}
 
@@ -190,3 +191,89 @@ def test_calibration_status():
     assert calibration_status(here, engines=("threads", "ray")) == "the saved calibration did not time ray"
     elsewhere = CostModel(machine={"fingerprint": {**_fingerprint(), "hostname": "other-host"}}, source="test")
     assert "hostname 'other-host'" in calibration_status(elsewhere)
+
+
+# -- sharded training rows ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharded_sweep(tmp_path_factory):
+    """A tiny real sweep with ray-sharded and dask-sharded rows, on the embedded clusters the suite shares."""
+    pytest.importorskip("ray")
+    pytest.importorskip("distributed")
+    for name in ("ray", "dask"):  # started as tests/test_sharded.py starts them: kept for the other test files
+        cp.suffix_products(random_mats(3, 2), method="sequential", backend=cp.get_executor(name),
+                           workers=2)
+    out = tmp_path_factory.mktemp("sharded")
+    sweep = Sweep(depths=[16, 64], widths=[4], workers=[1, 2], backends=["vectorized", "ray-sharded", "dask-sharded"],
+                  methods=["auto"], baselines=["backprop"], structures=["dense"], repeats=1)
+    jobs, _ = plan_sweep(sweep)
+    meta = run_sweep(sweep, str(out), progress=False, command="test", log=lambda *a: None)
+    return out, meta, jobs
+
+
+def test_sharded_rows_time_a_training_step(sharded_sweep):
+    out, _, jobs = sharded_sweep
+    assert [(j.backend, j.workers, j.problem[1]) for j in jobs if j.trace] == [("ray-sharded", 2, 64)]
+    assert list(_rows(out)[0]) == FIELDS and "bytes_moved" in FIELDS
+    rows = read_results(str(out))
+    sharded = [r for r in rows if r["backend"].endswith("-sharded")]
+    # one row per engine and depth, at P=2 only (a single shard is no scan over shards)
+    assert sorted((r["backend"], r["depth"], r["workers"]) for r in sharded) == [
+        ("dask-sharded", 16, 2), ("dask-sharded", 64, 2), ("ray-sharded", 16, 2), ("ray-sharded", 64, 2)]
+    for r in sharded:
+        assert r["status"] == "ok", r["status"]
+        assert r["schedule"] == "backprop"  # at P=2 the scan over P-1 = 1 element is the pipeline
+        assert r["bytes_moved"] > 0 and r["rounds"] == r["measured_rounds"] == 1
+        assert 0 < r["forward_median"] < r["total_median"] and r["backward_median"] > 0
+        assert r["speedup_backward"] == pytest.approx(r["best_backprop_backward_median"] / r["backward_median"])
+        assert r["speedup_total"] == pytest.approx(r["best_backprop_total_median"] / r["total_median"])
+        assert r["predicted_total"] is None  # the cost model does not time training steps
+
+
+def test_one_sharded_step_is_traced(sharded_sweep):
+    out, _, _ = sharded_sweep
+    traces = read_traces(str(out))
+    sharded = {k: v for k, v in traces.items() if v.get("kind") == "sharded"}
+    assert list(sharded) == ["dense/L=64/w=4/N=1/float64/ray-sharded/P=2/auto"]
+    tr = sharded[next(iter(sharded))]
+    tasks = sorted(e["task"] for e in tr["events"])
+    assert tasks == ["s0.backprop", "s0.forward", "s1.backprop", "s1.forward"]
+    assert tr["bytes_moved"] > 0 and tr["total_seconds"] >= tr["forward_seconds"] > 0
+
+
+def test_sharded_backends_are_planned_like_distributed_ones():
+    sweep = Sweep(depths=[16, 4096], widths=[4], workers=[1, 2, 4], backends=["ray-sharded"], methods=["auto"],
+                  baselines=["backprop"], structures=["dense"], max_distributed_depth=2048)
+    jobs, _ = plan_sweep(sweep)
+    assert sorted((j.problem[1], j.workers) for j in jobs if not j.baseline) == [(16, 2), (16, 4)]
+    assert [j.workers for j in jobs if j.trace] == [4]
+    assert "ray-sharded" in Sweep().backends and 2 in Sweep().workers
+
+
+def test_sharded_rows_in_the_figures_and_the_report(sharded_sweep, tmp_path):
+    pytest.importorskip("matplotlib")
+    from chainprod import plots
+    from chainprod.report import SHARDED_NOTE, summary_lines, write_report
+
+    out, meta, _ = sharded_sweep
+    paths = plots.plot_results(str(out), str(tmp_path), log=lambda p: None)
+    gantt = [p for p in paths if "gantt_sharded" in p]
+    assert sorted(p.rsplit(".", 1)[1] for p in gantt) == ["png", "svg"]
+    assert all(500 < (tmp_path / p).stat().st_size < 200_000 for p in gantt)
+    svg = open(next(p for p in gantt if p.endswith(".svg"))).read()
+    assert "shard 1" in svg and "forward pass ends" in svg and "ray-sharded" in svg
+    headline = open(tmp_path / "speedup_vs_depth.svg").read()
+    assert "auto: ray-sharded P=2 (train step)" in headline and "auto: dask-sharded P=2 (train step)" in headline
+    rows = read_results(str(out))
+    lines = summary_lines(rows, meta)
+    assert sum("one training step by auto on" in line for line in lines) == 2
+    report = open(write_report(str(out), rows, meta)).read()
+    assert SHARDED_NOTE in report and "| ray-sharded | 2 | auto | backprop |" in report
+
+
+def test_the_sharded_flag_adds_the_sharded_backends():
+    from chainprod.cli import _sweep_from_args, build_parser
+
+    a = build_parser().parse_args(["bench", "--backends", "vectorized,ray-sharded", "--sharded"])
+    assert _sweep_from_args(a).backends == ["vectorized", "ray-sharded", "dask-sharded"]
+    a = build_parser().parse_args(["bench", "--quick"])
+    assert not any(b.endswith("-sharded") for b in _sweep_from_args(a).backends)

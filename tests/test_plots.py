@@ -93,3 +93,34 @@ def test_predicted_vs_measured_draws_the_band(results, tmp_path):
 def test_simulation_plot(tmp_path):
     res = [cost.simulate(L, 16, P) for P in (1, 64) for L in (16, 1024)]
     _check(plots.simulation(res, str(tmp_path / "sim")))
+
+
+def _sharded_step(P, calls_per_shard=16):
+    """A synthetic trace of one sharded step: per shard a forward, a product, combines, a backprop (ms apart)."""
+    events, t = [], 0.0
+    for b in range(P):
+        events.append({"round": -1, "worker": f"host/pid{1000 + b}", "start": t, "end": t + 2e-3, "ops": 0,
+                       "task": f"s{b}.forward"})
+        t += 2.2e-3
+    fwd_end = t
+    for b in range(P):
+        start = fwd_end + 1e-4
+        kinds = ["product"] + ["combine"] * (calls_per_shard - 3) + ["backprop"]
+        for r, kind in enumerate(kinds):
+            d = 3e-3 if kind != "combine" else 4e-4
+            events.append({"round": r if kind == "combine" else -1, "worker": f"host/pid{1000 + b}", "start": start,
+                           "end": start + d, "ops": 0, "task": f"s{b}.{kind}"})
+            start += d + 1e-4
+    return events, fwd_end
+
+
+@pytest.mark.parametrize("P", [2, 16])
+def test_gantt_of_a_sharded_step(tmp_path, P):
+    events, fwd_end = _sharded_step(P)
+    assert len(events) == 16 * P
+    paths = plots.gantt(events, str(tmp_path / f"sharded{P}"), title=f"ray-sharded P={P}", forward_seconds=fwd_end)
+    _check(paths)
+    svg = open(paths[1]).read()
+    # drawn by shard and by kind of call, not by round and process
+    assert "shard 0" in svg and f"shard {P - 1}" in svg and "forward pass ends" in svg
+    assert "backprop of the chunk" in svg and "combine of the scan" in svg and "calls on" in svg
