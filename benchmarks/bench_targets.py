@@ -1,4 +1,4 @@
-"""The speed targets of issue 2, measured in one run (float64, backward timed apart from forward).
+"""The speed targets of the numpy-engine version, measured in one run (float64, backward timed apart from forward).
 
 * grad, best scan on ``vectorized`` vs ``method="backprop"``: tanh MLP L=65536 w=8 batch 1 (target >= 5x),
   diagonal chain L=65536 w=32 (target >= 10x);
@@ -55,7 +55,7 @@ def test_grad_target(benchmark, which, target, mlp_tape, diag_tape, request):
         t = _median(lambda m=m: cp.backward(tape, seed, method=m))
         if best is None or t < best[0]:
             best = (t, m)
-    benchmark.group = f"issue-2 target: {which}"
+    benchmark.group = f"target: {which}"
     benchmark.pedantic(cp.backward, args=(tape, seed), kwargs={"method": best[1]}, rounds=3)
     ratio = bp / best[0]
     RESULTS[which] = (ratio, target, best[1], bp, best[0])

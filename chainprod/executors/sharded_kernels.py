@@ -25,14 +25,12 @@ does that only when a shard runs with ``kernels="numba"``.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit
 
 # The per-layer helpers of the whole-chain kernels: reusing them keeps the
 # arithmetic (and so the rounding) of a shard identical to theirs.
-from ..kernels.numba_kernels import _delta_rows, _layer_vjp
+from ..kernels.numba_kernels import _delta_rows, _deriv, _layer_vjp, _next_row
 
 __all__ = ["backprop_with_row", "chunk_product"]
 
@@ -58,38 +56,10 @@ def _backprop_row(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N, gr
             _layer_vjp(kind[0], din, dout, delta, x, N, g)
         else:
             _layer_vjp(kind[l], din, dout, delta, Y[N * y_off[l - 1]:N * y_off[l]], N, g)
-        th = theta[p_off[l]:p_off[l + 1]]
         out = row_in if l == 0 else vn  # layer 0's next row is the row leaving the chunk
-        if kind[l] == 0:  # v_{l-1} = delta @ W
-            for r in range(N):
-                vr = out[r * din:(r + 1) * din]
-                vr[:] = 0.0
-                for i in range(dout):
-                    d = delta[r * dout + i]
-                    w = th[i * din:(i + 1) * din]
-                    for j in range(din):
-                        vr[j] += d * w[j]
-        else:  # v_{l-1} = delta * a
-            a = th[:dout]
-            for r in range(N):
-                for i in range(dout):
-                    out[r * dout + i] = delta[r * dout + i] * a[i]
+        _next_row(kind[l], din, dout, theta[p_off[l]:p_off[l + 1]], delta, out, N)
         v, vn = vn, v
     return bad
-
-
-@njit(cache=True)
-def _deriv(code, y):
-    # the same rules as chainprod.kernels.numba_kernels._deriv
-    if code == 1:
-        return 1.0 - y * y
-    if code == 2:
-        return 1.0 if y > 0.0 else 0.0
-    if code == 3:
-        return y * (1.0 - y)
-    if code == 4:
-        return -math.expm1(-y)
-    return 1.0
 
 
 @njit(cache=True)

@@ -214,23 +214,31 @@ def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N, n
             _layer_vjp(kind[0], din, dout, delta, x[n0 * din:n1 * din], nr, g)
             break
         _layer_vjp(kind[l], din, dout, delta, Y[N * y_off[l - 1] + n0 * din:N * y_off[l - 1] + n1 * din], nr, g)
-        th = theta[p_off[l]:p_off[l + 1]]
-        if kind[l] == 0:  # v_{l-1} = delta @ W
-            for r in range(nr):
-                vr = vn[r * din:(r + 1) * din]
-                vr[:] = 0.0
-                for i in range(dout):
-                    d = delta[r * dout + i]
-                    w = th[i * din:(i + 1) * din]
-                    for j in range(din):
-                        vr[j] += d * w[j]
-        else:  # v_{l-1} = delta * a
-            a = th[:dout]
-            for r in range(nr):
-                for i in range(dout):
-                    vn[r * dout + i] = delta[r * dout + i] * a[i]
+        _next_row(kind[l], din, dout, theta[p_off[l]:p_off[l + 1]], delta, vn, nr)
         v, vn = vn, v
     return bad
+
+
+@njit(cache=True)
+def _next_row(kind, din, dout, th, delta, out, nr):
+    """``out = v_{l-1}``, the row entering layer ``l`` from above, for ``nr`` samples.
+
+    Dense: ``delta @ W`` (``W`` row-major in ``th``); diagonal: ``delta * a``.
+    """
+    if kind == 0:
+        for r in range(nr):
+            vr = out[r * din:(r + 1) * din]
+            vr[:] = 0.0
+            for i in range(dout):
+                d = delta[r * dout + i]
+                w = th[i * din:(i + 1) * din]
+                for j in range(din):
+                    vr[j] += d * w[j]
+    else:
+        a = th[:dout]
+        for r in range(nr):
+            for i in range(dout):
+                out[r * dout + i] = delta[r * dout + i] * a[i]
 
 
 @njit(cache=True)
