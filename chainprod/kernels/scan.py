@@ -216,9 +216,12 @@ def _compiled():
         # The bodies below call each other by their global names; rebinding
         # those names to the compiled dispatchers before the first compile is
         # what lets numba resolve them (and prange) inside the kernels.
+        from .numba_kernels import _deriv  # the one compiled table of derivative rules
+
         prange = numba.prange
         g = globals()
-        for name in ("_deriv", "_form_position", "_combine", "_run_op", "_run_lanes"):
+        g["_deriv"] = _deriv
+        for name in ("_form_position", "_combine", "_run_op", "_run_lanes"):
             g[name] = numba.njit(cache=True)(g[name])
         g["_scan_kernel"] = numba.njit(cache=True, parallel=True)(g["_scan_kernel"])
         _KERNELS = {"scan": g["_scan_kernel"]}
@@ -227,19 +230,7 @@ def _compiled():
 
 # -- kernel bodies (compiled by numba in _compiled) ---------------------------------
 prange = range  # replaced by numba.prange before compiling
-
-
-def _deriv(act, y):
-    """``act'(z)`` from ``y = act(z)`` (codes of the packed layout)."""
-    if act == 1:
-        return 1.0 - y * y
-    if act == 2:
-        return 1.0 if y > 0 else 0.0
-    if act == 3:
-        return y * (1.0 - y)
-    if act == 4:
-        return -np.expm1(-y)
-    return 1.0
+_deriv = None  # bound to the compiled derivative rules of numba_kernels before compiling
 
 
 def _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, seed, off, buf):
