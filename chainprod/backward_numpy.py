@@ -54,8 +54,21 @@ def _param_grads(tape, deltas):
 
 
 def jacobian_shapes(chain, batch: int = 1) -> BlockSeq:
-    """The scan sequence of the Jacobian blocks of ``chain`` as shapes only (zero-stride views, no memory)."""
-    N, dt = batch, chain.dtype
+    """The scan sequence of the Jacobian blocks of ``chain`` as shapes only (zero-stride views, no memory).
+
+    Kept on the chain per batch size: a chain is immutable, and building the
+    sequence costs a few microseconds per run of equal layers (tens of
+    milliseconds for a chain whose layers alternate), which a training loop
+    must not pay per step.
+    """
+    kept = chain.__dict__.setdefault("_jacobian_shapes", {})
+    if batch not in kept:
+        kept[batch] = _jacobian_shapes(chain, batch)
+    return kept[batch]
+
+
+def _jacobian_shapes(chain, N) -> BlockSeq:
+    dt = chain.dtype
     L = len(chain)
     last = chain.layers[-1]
     segments = [Segment("dense", np.broadcast_to(np.zeros((), dt), (1, N, 1, last.d_in)))]

@@ -25,6 +25,21 @@ def _free_port():
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+def _start_ray_head():
+    """``ray start --head`` on loopback in a fresh temp dir: ``(temp, port, env, completed process)``."""
+    temp = tempfile.mkdtemp(prefix="cprt-")
+    port = _free_port()
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every process of this test cluster on loopback
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120)
+    return temp, port, env, start
+
+
 
 def _stop_started(temp):
     """Stop only the processes of the cluster we started (found by its temp dir), not `ray stop`."""
@@ -71,16 +86,7 @@ JOIN_SCRIPT = textwrap.dedent("""
 
 
 def test_join_ray_start_head_by_address():
-    temp = tempfile.mkdtemp(prefix="cprt-")
-    port = _free_port()
-    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every process of this test cluster on loopback
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120)
+    temp, port, env, start = _start_ray_head()
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         res = subprocess.run([sys.executable, "-c", JOIN_SCRIPT, f"127.0.0.1:{port}"], env=env,
@@ -182,15 +188,7 @@ DEAD_HEAD_SCRIPT = textwrap.dedent("""
 
 
 def test_dead_joined_head_raises_instead_of_exiting():
-    temp = tempfile.mkdtemp(prefix="cprt-")
-    port = _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        ["ray", "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120)
+    temp, port, env, start = _start_ray_head()
     proc = None
     try:
         assert start.returncode == 0, start.stderr[-2000:]

@@ -69,3 +69,17 @@ def batch_of_tape(pc, Y, what="Y"):
         raise ValueError(f"{what} must be a flat tape: 1-D with a length that is a positive multiple of "
                          f"y_off[L] = {size}, got shape {Y.shape}")
     return Y.shape[0] // size
+
+
+def backward_args(pc, x, Y, rows, rows_are="seed"):
+    """The checked ``(pc, x, N, Y, rows)`` of a backward kernel.
+
+    ``rows`` is the seed ``(N, d_L)`` (``rows_are="seed"``) or a flat tape of
+    rows in the layout of ``Y`` (``rows_are="V"``).
+    """
+    pc = packed(pc)
+    x = batch_input(pc, x)
+    N = x.shape[0]
+    Y = tape(pc, Y, N)
+    rows = seed_rows(pc, rows, N) if rows_are == "seed" else tape(pc, rows, N, what=rows_are)
+    return pc, x, N, Y, rows

@@ -334,11 +334,7 @@ def forward(pc, x):
 
 def backprop(pc, x, Y, seed):
     """Compiled :func:`chainprod.kernels.numpy_kernels.backprop`: ``(grads, bad)``."""
-    pc = _check.packed(pc)
-    x = _check.batch_input(pc, x)
-    N = x.shape[0]
-    Y = _check.tape(pc, Y, N)
-    seed = _check.seed_rows(pc, seed, N)
+    pc, x, N, Y, seed = _check.backward_args(pc, x, Y, seed)
     grads = np.empty(pc.n_params, pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y,
             seed.reshape(-1), N, grads, pc.max_width)
@@ -349,11 +345,7 @@ def backprop(pc, x, Y, seed):
 
 def param_grads(pc, x, Y, V):
     """Compiled :func:`chainprod.kernels.numpy_kernels.param_grads` (``prange`` over layers)."""
-    pc = _check.packed(pc)
-    x = _check.batch_input(pc, x)
-    N = x.shape[0]
-    Y = _check.tape(pc, Y, N)
-    V = _check.tape(pc, V, N, what="V")
+    pc, x, N, Y, V = _check.backward_args(pc, x, Y, V, rows_are="V")
     grads = np.empty(pc.n_params, pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, x.reshape(-1), Y, V, N, grads, pc.max_width)
     nchunks = min(numba.get_num_threads(), pc.L)

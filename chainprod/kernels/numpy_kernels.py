@@ -147,11 +147,7 @@ def backprop(pc, x, Y, seed):
         can still overflow with finite deltas (``delta^T x``); check ``grads``
         with :func:`~chainprod.kernels.first_nonfinite_layer` if that matters.
     """
-    pc = _check.packed(pc)
-    x = _check.batch_input(pc, x)
-    N = x.shape[0]
-    Y = _check.tape(pc, Y, N)
-    seed = _check.seed_rows(pc, seed, N)
+    pc, x, N, Y, seed = _check.backward_args(pc, x, Y, seed)
     grads = np.empty(pc.n_params, pc.dtype)
     bad = -1
     v = seed
@@ -193,11 +189,7 @@ def param_grads(pc, x, Y, V):
         -1 (a non-finite ``delta_l`` always makes ``db_l`` non-finite, so this
         covers non-finite rows ``V_l`` too).
     """
-    pc = _check.packed(pc)
-    x = _check.batch_input(pc, x)
-    N = x.shape[0]
-    Y = _check.tape(pc, Y, N)
-    V = _check.tape(pc, V, N, what="V")
+    pc, x, N, Y, V = _check.backward_args(pc, x, Y, V, rows_are="V")
     grads = np.empty(pc.n_params, pc.dtype)
     bad = -1
     with np.errstate(over="ignore", invalid="ignore"):
