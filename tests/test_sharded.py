@@ -237,3 +237,36 @@ def test_two_hundred_steps_no_memory_growth(engine):
         rss1 = [me.memory_info().rss] + [w.memory_info().rss for w in workers]
     grown = [(b - a) / a for a, b in zip(rss0, rss1)]
     assert max(grown) < 0.05, grown
+
+
+def test_dask_shards_leave_no_keys_when_calls_outlast_a_poll(monkeypatch):
+    """Calls longer than the driver's poll interval must not keep their keys alive (no gc needed)."""
+    import gc
+
+    from chainprod.executors import sharded_dask
+
+    monkeypatch.setattr(sharded_dask, "POLL_SECONDS", 1e-4)  # every call now outlasts many polls
+    ex = cp.get_executor("dask")
+    cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=2)  # start it
+    engine = type(ex)(workers=2, timeout=300)
+    chain = cp.mlp([4] * 12 + [1], seed=1)
+    gc.disable()
+    try:
+        with shard(chain, engine, shards=2) as model:
+            tag = model._engine.model
+            for _ in range(3):
+                _, g = model.value_and_grad(np.ones((2, 4)))
+                model.sgd_step(g, 1e-3)
+            g.gather()
+        del model, g
+        client = engine._connect(2)
+        t_end = time.monotonic() + 10
+        while True:
+            left = [k for k in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))
+                    if tag in str(k)]
+            if not left or time.monotonic() > t_end:
+                break
+            time.sleep(0.1)
+    finally:
+        gc.enable()
+    assert not left, left[:5]

@@ -19,6 +19,7 @@ missing one (:mod:`chainprod.shard`).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 import warnings
@@ -33,6 +34,9 @@ __all__ = ["DaskShards"]
 
 #: in a worker process: (model id, shard) -> ShardState
 _STATE: dict = {}
+
+#: seconds between the driver's checks that every shard's worker is still there
+POLL_SECONDS = 0.5
 
 
 class ShardMissing(RuntimeError):
@@ -62,6 +66,29 @@ def _drop(model, b):
 
 
 # -- on the driver --------------------------------------------------------------------
+def _done_event(futs):
+    """An Event set once every future is done (finished, erred or cancelled).
+
+    Waiting on it never raises. Waiting with a timeout that raises (the engine's
+    own wait) would leave the exception's traceback in a reference cycle that
+    holds the futures, so their keys would stay on the scheduler until Python's
+    cycle collector happened to run.
+    """
+    event, left, lock = threading.Event(), [len(futs)], threading.Lock()
+
+    def one_done(_):
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                event.set()
+
+    if not futs:
+        event.set()
+    for f in futs:
+        f.add_done_callback(one_done)
+    return event
+
+
 class DaskShards:
     """The engine side of a sharded model on Dask (see module docstring)."""
 
@@ -131,6 +158,7 @@ class DaskShards:
     def get(self, handles: dict, deadline):
         """``{shard: Reply}`` of ``{shard: future}``; raises :class:`ShardLost` or a chainprod error."""
         futs = list(handles.values())
+        done = _done_event(futs)
         try:
             while True:
                 left = deadline.left()
@@ -138,11 +166,7 @@ class DaskShards:
                     raise DistributedTimeoutError(
                         f"dask: the sharded step did not finish within timeout={deadline.timeout}s; its "
                         "calls were cancelled. Raise timeout=.", "dask", "sharded step")
-                try:
-                    self.client.sync(distributed.client._wait, futs,
-                                     timeout=0.5 if left is None else min(0.5, max(left, 0.01)))
-                except (TimeoutError, distributed.TimeoutError):
-                    pass
+                done.wait(POLL_SECONDS if left is None else min(POLL_SECONDS, max(left, 0.01)))
                 for b, f in handles.items():
                     if f.status == "error":
                         self._raise(b, f)
