@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import cost
-from ._timing import library_versions, machine_info, machine_label, summarize
+from ._timing import backprop_kernels, library_versions, machine_info, machine_label, summarize
 from .bench_rows import (
     BASELINES,
     SHARDED,
@@ -167,6 +167,7 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
     baselines, skipped = baseline_backends(sweep.baselines)
     unavailable = {b: why for b in sweep.backends if (why := backend_available(b))}
     skipped += [{"backend": b, "reason": why} for b, why in unavailable.items()]
+    kernels = (backprop_kernels() or ["numpy"])[0]  # what the scan rows run (grad's default)
     jobs = []
     for prob in problems(sweep):
         s, L, w, N, dt = prob
@@ -187,7 +188,8 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
                                                  model.latency("task", sharded_engine(backend)))
             else:
                 try:
-                    pred = cost.predict_grad(s, L, w, method=m, backend=backend, workers=P, batch=N, model=model)
+                    pred = cost.predict_grad(s, L, w, method=m, backend=backend, workers=P, batch=N,
+                                             kernels=kernels, model=model)
                 except (ValueError, KeyError):  # a method the model cannot cost still runs, unpredicted
                     pred = {}
                 est = pred.get("total", bp["total"]) * (sweep.repeats + 1)

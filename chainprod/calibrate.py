@@ -26,14 +26,14 @@ import time
 import numpy as np
 
 from ._timing import library_versions, machine_info, measure_chainprod, median_time
-from .cost import CostModel, load_model, save_model
+from .cost import CostModel, layer_bytes, load_model, predict_grad, save_model
 from .executors import Trace
 from .grad import backward, forward, loss_seed
 from .layers import diagonal_chain, mlp
 from .products import suffix_products
 from .schedules import build
 
-__all__ = ["calibrate", "calibration_status", "engine_latency"]
+__all__ = ["calibrate", "calibration_status", "engine_latency", "engine_layer_cost"]
 
 #: block widths of the calibration grid (the model interpolates log-log between them)
 WIDTHS = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -121,9 +121,41 @@ def _scan_preparation(chain, x, repeats):
     return max(statistics.median(preps), 1e-9)
 
 
-def _layer_costs(repeats, widths=WIDTHS, batches=(1, 16)):
-    """Per-layer forward, backprop and scan-preparation seconds (median), per structure.
+#: depth of the short chain of the two a per-layer cost is fitted from
+SHORT_DEPTH = 16
+#: bytes of parameters and rows the long chain holds: more than this machine's caches,
+#: so the per-layer cost is the one of deep chains
+LONG_BYTES = 64 * 2**20
 
+
+def _long_depth(structure, w, N):
+    """Depth of the long chain for the forward and backprop timings (bounded in flops too)."""
+    by_bytes = LONG_BYTES // layer_bytes(structure, w, N)
+    by_flops = 2**24 // (N * w * w) if structure == "dense" else 2**24
+    return int(np.clip(min(by_bytes, by_flops), 64, 16384))
+
+
+def _prep_depth(structure, w, N):
+    """Depth of the long chain for the scan preparation: the scan it runs does ~w x the flops."""
+    return int(np.clip(2**19 // (N * w * w), 32, 512)) if structure == "dense" else 512
+
+
+def _chain_of(structure, w, L):
+    return mlp([w] * L + [1]) if structure == "dense" else diagonal_chain(L - 1, w)
+
+
+def _line(t0, L0, t1, L1):
+    """``(fixed, per layer)`` of the line through two timings, both kept >= 0."""
+    slope = max((t1 - t0) / (L1 - L0), 0.1 * t1 / L1, 1e-12)
+    return max(t0 - slope * L0, 0.0), slope
+
+
+def _layer_costs(repeats, widths=WIDTHS, batches=(1, 16)):
+    """Per-layer and per-call forward, backprop and scan-preparation seconds, per structure.
+
+    Each is timed on a short chain and on a long one (for forward and
+    backprop: more bytes than the caches hold); the line through the two
+    gives the per-layer cost (its slope) and the fixed cost of a call.
     Forward and backprop are timed by the sweep's own protocol (a fresh
     forward pass, then the backward pass, each repeat) with the default
     backprop kernels, so the model predicts what ``method="backprop"`` runs.
@@ -131,21 +163,61 @@ def _layer_costs(repeats, widths=WIDTHS, batches=(1, 16)):
     out = {}
     for structure in ("dense", "diagonal"):
         rows = {"forward": [], "backprop": [], "prep": []}
+        fixed = {"forward": [], "backprop": [], "prep": []}
         for N in batches:
-            f_row, b_row, p_row = [], [], []
+            per = {k: [] for k in rows}
+            once = {k: [] for k in rows}
             for w in widths:
-                L = int(np.clip(2**19 // (N * w * w), 32, 512)) if structure == "dense" else 512
-                chain = mlp([w] * L + [1]) if structure == "dense" else diagonal_chain(L - 1, w)
                 x = np.random.default_rng(0).standard_normal((N, w))
-                t = measure_chainprod(chain, x, method="backprop", repeats=repeats)
-                f_row.append(statistics.median(t.forward) / L)
-                b_row.append(statistics.median(t.backward) / L)
-                p_row.append(_scan_preparation(chain, x, repeats) / L)
-            rows["forward"].append(_monotone(f_row))
-            rows["backprop"].append(_monotone(b_row))
-            rows["prep"].append(_monotone(p_row))
-        out[structure] = {"w": list(widths), "batch": list(batches), **rows}
+                t = {}
+                for L in (SHORT_DEPTH, _long_depth(structure, w, N)):
+                    m = measure_chainprod(_chain_of(structure, w, L), x, method="backprop", repeats=repeats)
+                    t[L] = (statistics.median(m.forward), statistics.median(m.backward))
+                (L0, t0), (L1, t1) = sorted(t.items())
+                for k, i in (("forward", 0), ("backprop", 1)):
+                    f, slope = _line(t0[i], L0, t1[i], L1)
+                    once[k].append(f)
+                    per[k].append(slope)
+                L1 = _prep_depth(structure, w, N)
+                p0, p1 = (_scan_preparation(_chain_of(structure, w, L), x, repeats) for L in (SHORT_DEPTH, L1))
+                f, slope = _line(p0, SHORT_DEPTH, p1, L1)
+                once["prep"].append(f)
+                per["prep"].append(slope)
+            for k in rows:
+                rows[k].append(_monotone(per[k]))
+                fixed[k].append(once[k])
+        out[structure] = {"w": list(widths), "batch": list(batches), **rows, "fixed": fixed}
     return out
+
+
+def engine_layer_cost(backend, model, workers=2, repeats=3):
+    """``{"layer", "byte"}``: seconds per layer a run on ``backend`` adds to the local model, or None.
+
+    The backward pass of dense chains (sequential schedule) is timed at two
+    depths and two widths; what the local model predicts is taken off, and
+    the per-layer rest is fitted as ``layer + byte x bytes of the layer``
+    (shipping the layers, forming their Jacobians in the workers' Python).
+    """
+    rest = {}
+    for w in (8, 64):
+        t = {}
+        for L in (64, 512):
+            chain = mlp([w] * L + [1])
+            tape = forward(chain, np.ones((1, w)))
+            seed = loss_seed(tape)[1]
+            try:
+                backward(tape, seed, method="sequential", backend=backend, workers=workers)  # warm up
+            except ImportError:
+                return None
+            t[L] = median_time(lambda: backward(tape, seed, method="sequential", backend=backend,
+                                                workers=workers), repeats)
+            local = (predict_grad("dense", L, w, method="sequential", backend=backend, workers=workers,
+                                  model=model)["backward"] - model.remote_time(backend, "dense", w, L))
+            t[L] -= local
+        rest[w] = max((t[512] - t[64]) / (512 - 64), 0.0)
+    b8, b64 = layer_bytes("dense", 8), layer_bytes("dense", 64)
+    byte = max((rest[64] - rest[8]) / (b64 - b8), 0.0)
+    return {"layer": max(rest[8] - byte * b8, 0.0), "byte": byte}
 
 
 def engine_latency(backend, workers=2, repeats=3):
@@ -220,6 +292,12 @@ def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, pat
         model.round_latency[backend], model.task_latency[backend], model.run_latency[backend] = lat
         info.setdefault("engines", []).append(backend)
         progress(f"  {backend}: hop {lat[0] * 1e3:.3f} ms, task {lat[1] * 1e3:.3f} ms, run {lat[2] * 1e3:.3f} ms")
+        if backend in model.remote_layer:
+            rem = engine_layer_cost(backend, model, repeats=repeats)
+            if rem is not None:
+                model.remote_layer[backend] = rem
+                progress(f"  {backend}: {rem['layer'] * 1e6:.1f} us per layer + {rem['byte'] * 1e9:.2f} ns per byte "
+                         "beyond the local model")
     progress(f"calibrate: done in {time.perf_counter() - t0:.1f} s")
     if save:
         progress(f"calibrate: saved {save_model(model, path)}")

@@ -112,3 +112,76 @@ def test_distributed_prediction_follows_the_task_graph():
         # longest path, which is far fewer than the schedule's rounds
         assert 1.0 <= t < part.cross_edges + 1.0
         assert t < s.rounds
+
+
+# -- fixed costs per call, remote costs per layer, compiled auto --------------------------------------
+def _with_fixed(fixed_dense_backprop):
+    m = cost.CostModel()
+    layers = json.loads(json.dumps(m.layers))
+    tab = layers["dense"]
+    tab["fixed"] = {k: [[0.0] * len(tab["w"]) for _ in tab["batch"]] for k in ("forward", "backprop", "prep")}
+    tab["fixed"]["backprop"] = [[fixed_dense_backprop] * len(tab["w"]) for _ in tab["batch"]]
+    return cost.CostModel(layers=layers)
+
+
+def test_run_time_is_a_fixed_cost_plus_a_cost_per_layer():
+    m = _with_fixed(1e-4)
+    per = m.layer_time("dense", "backprop", 8)
+    for L in (1, 100, 10000):
+        assert m.run_time("dense", "backprop", 8, L) == pytest.approx(1e-4 + L * per)
+    # a model saved without fixed costs (the defaults, an older calibration): L per-layer costs
+    d = cost.CostModel()
+    assert d.run_time("dense", "backprop", 8, 300) == pytest.approx(300 * d.layer_time("dense", "backprop", 8))
+    assert cost.CostModel.from_dict(json.loads(m.to_json())).run_time("dense", "backprop", 8, 7) == \
+        pytest.approx(m.run_time("dense", "backprop", 8, 7))
+    assert cost.predict_backprop(500, 8, model=m) == pytest.approx(1e-4 + 500 * per)
+
+
+def test_remote_time_only_on_engines_and_grows_with_layer_bytes():
+    m = cost.CostModel(remote_layer={"ray": {"layer": 2e-5, "byte": 1e-9}})
+    assert m.remote_time("vectorized", "dense", 8, 1000) == 0.0 and m.remote_time("dask", "dense", 8, 1000) == 0.0
+    assert m.remote_time("ray", "dense", 8, 1000) == pytest.approx(1000 * (2e-5 + 1e-9 * cost.layer_bytes("dense", 8)))
+    assert cost.layer_bytes("dense", 8) == 8 * (64 + 8 + 8) and cost.layer_bytes("diagonal", 8, 2) == 8 * (16 + 16)
+    assert m.remote_time("ray", "dense", 64, 10) > m.remote_time("ray", "diagonal", 64, 10)
+    near = cost.predict_grad("dense", 512, 8, method="sequential", backend="ray", workers=2,
+                             model=cost.CostModel(remote_layer={}))
+    far = cost.predict_grad("dense", 512, 8, method="sequential", backend="ray", workers=2, model=m)
+    assert far["backward"] - near["backward"] == pytest.approx(m.remote_time("ray", "dense", 8, 512))
+    assert far["forward"] == near["forward"]  # the forward pass runs locally
+
+
+@pytest.mark.parametrize("backend,P", [("vectorized", 1), ("threads", 1), ("threads", 2)])
+def test_compiled_auto_predicts_the_faster_of_backprop_and_the_scan(backend, P):
+    for structure, L, w in (("dense", 2048, 32), ("diagonal", 16384, 8), ("dense", 64, 4)):
+        kw = dict(backend=backend, workers=P)
+        bp = cost.predict_grad(structure, L, w, method="backprop")
+        ref = cost.predict_grad(structure, L, w, method="auto", kernels="numpy", **kw)  # the model's pick
+        got = cost.predict_grad(structure, L, w, method="auto", kernels="numba", **kw)
+        assert got["backward"] == pytest.approx(min(bp["backward"], ref["backward"]))
+        assert got["schedule"] == ("backprop" if bp["backward"] < ref["backward"] else ref["schedule"])
+    # on an engine the model's pick runs, whatever the kernels
+    r = cost.predict_grad("dense", 2048, 8, method="auto", backend="ray", workers=2, kernels="numba")
+    assert r == cost.predict_grad("dense", 2048, 8, method="auto", backend="ray", workers=2, kernels="numpy")
+
+
+def test_line_through_two_timings():
+    from chainprod.calibrate import _line
+
+    assert _line(2.0, 10, 3.0, 20) == pytest.approx((1.0, 0.1))
+    f, s = _line(5.0, 10, 3.0, 20)  # noise made the long chain faster: a small positive slope, no negative cost
+    assert f >= 0 and s == pytest.approx(0.1 * 3.0 / 20)
+
+
+def test_calibrated_layer_tables_have_the_models_layout():
+    from chainprod.calibrate import _layer_costs
+
+    tabs = _layer_costs(1, widths=(2, 8), batches=(1,))
+    m = cost.CostModel(layers=tabs)
+    for structure in ("dense", "diagonal"):
+        tab = tabs[structure]
+        assert tab["w"] == [2, 8] and tab["batch"] == [1]
+        for what in ("forward", "backprop", "prep"):
+            assert np.shape(tab[what]) == (1, 2) and np.shape(tab["fixed"][what]) == (1, 2)
+            assert min(tab[what][0]) > 0 and min(tab["fixed"][what][0]) >= 0
+            assert tab[what][0][0] <= tab[what][0][1]  # per-layer costs do not fall as blocks grow
+            assert m.run_time(structure, what, 4, 1000) > m.run_time(structure, what, 4, 10) > 0

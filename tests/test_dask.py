@@ -122,3 +122,12 @@ def test_no_keys_left_on_the_cluster_after_runs():
             break
         time.sleep(0.1)
     assert not left, left[:5]
+
+
+def test_calibrated_remote_cost_per_layer():
+    from chainprod import cost
+    from chainprod.calibrate import engine_layer_cost
+
+    rem = engine_layer_cost("dask", cost.CostModel(), repeats=1)
+    assert set(rem) == {"layer", "byte"} and rem["layer"] >= 0 and rem["byte"] >= 0
+    assert np.isfinite(rem["layer"]) and np.isfinite(rem["byte"])

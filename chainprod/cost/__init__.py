@@ -39,12 +39,12 @@ and saves a JSON file where :func:`load_model` finds it.
 from __future__ import annotations
 
 from .auto import LOCAL_BACKENDS, auto_runs_backprop, choose_schedule, predict_grad
-from .model import DEFAULT_MODEL, OP_CLASSES, STRUCTURES, CostModel, load_model, model_path, save_model
+from .model import DEFAULT_MODEL, OP_CLASSES, STRUCTURES, CostModel, layer_bytes, load_model, model_path, save_model
 from .scan import chain_blocks, predict, predict_backprop
 from .simulate import crossover, round_stats, simulate
 
 __all__ = [
     "CostModel", "DEFAULT_MODEL", "load_model", "save_model", "model_path", "predict",
     "predict_backprop", "predict_grad", "choose_schedule", "round_stats", "simulate", "crossover",
-    "OP_CLASSES", "STRUCTURES", "LOCAL_BACKENDS", "auto_runs_backprop", "chain_blocks",
+    "OP_CLASSES", "STRUCTURES", "LOCAL_BACKENDS", "auto_runs_backprop", "chain_blocks", "layer_bytes",
 ]

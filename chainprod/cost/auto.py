@@ -85,29 +85,34 @@ register_schedule("auto", _auto, context=True, builtin=True)
 
 
 def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="vectorized",
-                 workers=None, batch=1, model: CostModel | None = None) -> dict:
+                 workers=None, batch=1, kernels="numba", model: CostModel | None = None) -> dict:
     """Predicted seconds of ``grad`` on a depth-``L`` chain: forward, backward and end-to-end.
 
     ``method`` is ``"backprop"``, a schedule name, ``"auto"`` or a Schedule
-    for ``L - 1`` factors. Returns ``{"forward", "backward", "total", "schedule"}``.
+    for ``L - 1`` factors. ``kernels`` matters for ``"auto"`` on a local
+    backend: the compiled kernels measure backprop beside the scans and run
+    the faster (:mod:`chainprod.autotune`), so the prediction is the lesser
+    of the two; the numpy reference runs the model's pick. On Ray and Dask
+    the backward pass also pays :meth:`CostModel.remote_time` per layer.
+    Returns ``{"forward", "backward", "total", "schedule"}``.
     """
     model = model or load_model()
-    fwd = L * model.layer_time(structure, "forward", width, batch)
+    fwd = model.run_time(structure, "forward", width, L, batch)
+    bp = predict_backprop(L, width, batch, model, structure)
     if method == "backprop" or L < 2:
-        bwd, name = predict_backprop(L, width, batch, model, structure), "backprop"
+        return {"forward": fwd, "backward": bp, "total": fwd + bp, "schedule": "backprop"}
+    blocks = chain_blocks(structure, L, width)
+    if isinstance(method, Schedule):
+        sched = method
+    elif method == "auto":
+        sched = _choose(L - 1, blocks, workers, backend, batch, model)
+        if auto_runs_backprop(sched, backend):
+            # grad's auto then runs backprop itself: the same order without forming Jacobians
+            return {"forward": fwd, "backward": bp, "total": fwd + bp, "schedule": "backprop"}
     else:
-        blocks = chain_blocks(structure, L, width)
-        if isinstance(method, Schedule):
-            sched = method
-        elif method == "auto":
-            sched = _choose(L - 1, blocks, workers, backend, batch, model)
-            if auto_runs_backprop(sched, backend):
-                # grad's auto then runs backprop itself (see chainprod.grad._auto_prefers_backprop)
-                bwd = predict_backprop(L, width, batch, model, structure)
-                return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": "backprop"}
-        else:
-            sched = schedule(method, L - 1, workers=workers, backend=backend)
-        prep = L * model.layer_time(structure, "prep", width, batch)
-        bwd = prep + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model)
-        name = sched.name
-    return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": name}
+        sched = schedule(method, L - 1, workers=workers, backend=backend)
+    bwd = (model.run_time(structure, "prep", width, L, batch) + model.remote_time(backend, structure, width, L, batch)
+           + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model))
+    if method == "auto" and kernels != "numpy" and backend in LOCAL_BACKENDS and bp < bwd:
+        return {"forward": fwd, "backward": bp, "total": fwd + bp, "schedule": "backprop"}
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": sched.name}

@@ -11,7 +11,8 @@ import numpy as np
 
 from .._caches import clear_caches, register_cache
 
-__all__ = ["CostModel", "DEFAULT_MODEL", "OP_CLASSES", "STRUCTURES", "load_model", "save_model", "model_path"]
+__all__ = ["CostModel", "DEFAULT_MODEL", "OP_CLASSES", "STRUCTURES", "layer_bytes", "load_model", "save_model",
+           "model_path"]
 
 #: op classes of the model (see the module docstring)
 OP_CLASSES = ("mm", "mv", "ew")
@@ -73,9 +74,20 @@ class CostModel:
         ``structure -> {"w", "batch", "forward", "backprop", "prep"}``:
         seconds per layer; ``prep`` is everything a scan's backward pass does
         besides the scan (derivatives, Jacobian blocks, parameter VJPs).
+        Optional ``"fixed"`` (same layout, seconds per call): the cost of a
+        call that does not grow with the depth (argument checks, packing,
+        the kernel call), so ``L`` layers take ``fixed + L x per layer``
+        (:meth:`run_time`). Calibration measures two depths per width: a
+        short chain, and a long one whose parameters outgrow the caches, so
+        the per-layer figure is the one of deep chains.
     round_latency, task_latency, run_latency : dict
         Per backend: fixed cost of a dependent round (barrier / hop), of a
         task, and of a whole run (submitting, gathering results).
+    remote_layer : dict
+        Per distributed backend: ``{"layer": s, "byte": s}``, seconds per
+        layer of a run on that engine beyond the local model (shipping the
+        layer, forming its Jacobian in a worker's Python), as
+        ``layer + byte x bytes of the layer``.
     """
 
     call_latency: float = 4e-6
@@ -89,6 +101,9 @@ class CostModel:
         "serial": 0.0, "vectorized": 0.0, "threads": 2e-5, "ray": 5e-4, "dask": 1.8e-3})
     run_latency: dict = field(default_factory=lambda: {
         "serial": 0.0, "vectorized": 0.0, "threads": 0.0, "ray": 5e-3, "dask": 2e-2})
+    # ray measured from the sweep's rows on the development machine; dask assumed alike until calibrated
+    remote_layer: dict = field(default_factory=lambda: {
+        "ray": {"layer": 4.3e-5, "byte": 1.2e-9}, "dask": {"layer": 4.3e-5, "byte": 1.2e-9}})
     machine: dict = field(default_factory=dict)
     source: str = "defaults"
 
@@ -110,6 +125,25 @@ class CostModel:
         # linear in the batch size between (and beyond) the two measured batch sizes
         slope = (t[1] - t[0]) / (b[1] - b[0])
         return max(t[0] + slope * (batch - b[0]), t[0] * 0.5)
+
+    def run_time(self, structure: str, what: str, w, L: int, batch: int = 1) -> float:
+        """Seconds of ``what`` over ``L`` layers: the fixed cost of a call plus ``L`` per-layer costs."""
+        per_layer = self.layer_time(structure, what, w, batch)
+        fixed = self.layers[structure].get("fixed", {}).get(what)
+        if fixed is None or L <= 0:
+            return L * per_layer
+        tab = self.layers[structure]
+        t = [float(_loglog(tab["w"], np.maximum(row, 1e-12), w)) for row in fixed]
+        b = list(tab["batch"])
+        f = t[0] if len(b) == 1 else t[0] + (t[1] - t[0]) * (batch - b[0]) / (b[1] - b[0])
+        return max(f, 0.0) + L * per_layer
+
+    def remote_time(self, backend: str, structure: str, w, L: int, batch: int = 1) -> float:
+        """Seconds a run of ``L`` layers on ``backend`` adds per layer to the local model (0 locally)."""
+        c = self.remote_layer.get(backend) if isinstance(backend, str) else None
+        if not c:
+            return 0.0
+        return L * (c["layer"] + c["byte"] * layer_bytes(structure, w, batch))
 
     def latency(self, kind: str, backend: str) -> float:
         table = {"round": self.round_latency, "task": self.task_latency, "run": self.run_latency}[kind]
@@ -134,6 +168,12 @@ class CostModel:
     def from_dict(cls, data: dict) -> CostModel:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def layer_bytes(structure: str, w, batch: int = 1) -> float:
+    """Bytes of one layer's parameters and its activation rows (float64)."""
+    params = w * w + w if structure == "dense" else 2 * w
+    return 8.0 * (params + batch * w)
 
 
 def _loglog(xs, ys, x):

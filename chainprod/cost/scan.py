@@ -165,7 +165,7 @@ def _partitioned_makespan(sched, blocks, P, backend, batch, model):
 def predict_backprop(L, width, batch=1, model: CostModel | None = None, structure="dense") -> float:
     """Predicted seconds of the sequential backprop backward pass over ``L`` layers."""
     model = model or load_model()
-    return L * model.layer_time(structure, "backprop", width, batch)
+    return model.run_time(structure, "backprop", width, L, batch)
 
 
 def chain_blocks(structure: str, L: int, width: int):

@@ -100,7 +100,7 @@ def simulate(L: int, width: int, workers: int, *, structure="dense", batch=1, ba
     rl = 0.0 if ideal else model.latency("round", backend)
     tl = 0.0 if ideal else model.latency("task", backend)
     run = 0.0 if ideal else model.latency("run", backend)
-    prep = L * model.layer_time(structure, "prep", width, batch) / min(workers, L)
+    prep = model.run_time(structure, "prep", width, L, batch) / min(workers, L)
     best = None
     for m in methods:
         if m == "chunked" and not (1 < workers < L - 1):
