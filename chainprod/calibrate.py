@@ -8,10 +8,14 @@
   the way the vectorized executor runs a round;
 * per layer, for ``mlp`` and ``diagonal_chain`` layers at batch 1 and 16:
   the forward step, the backprop step, and a scan's preparation (Jacobians
-  and parameter VJPs);
+  and parameter VJPs), each as a fixed cost per call plus a cost per layer
+  from a short and a long chain;
 * per installed engine (threads, ray, dask): the latency of a task, of a
   dependent round (hop) and of a whole run, from tiny schedules whose
-  compute is negligible.
+  compute is negligible; on Ray and Dask also the cost per layer (and per
+  byte of a layer) that a run adds to the local model.
+
+About a minute on a 2-core machine.
 
 Every figure is the median of a few repeats; the result is saved as JSON
 where :func:`chainprod.cost.load_model` finds it.
@@ -190,6 +194,10 @@ def _layer_costs(repeats, widths=WIDTHS, batches=(1, 16)):
     return out
 
 
+#: widths of the dense chains a remote per-layer cost is fitted from (the wide one ships ~67 MB)
+WIDE = (8, 128)
+
+
 def engine_layer_cost(backend, model, workers=2, repeats=3):
     """``{"layer", "byte"}``: seconds per layer a run on ``backend`` adds to the local model, or None.
 
@@ -199,7 +207,7 @@ def engine_layer_cost(backend, model, workers=2, repeats=3):
     (shipping the layers, forming their Jacobians in the workers' Python).
     """
     rest = {}
-    for w in (8, 64):
+    for w in WIDE:
         t = {}
         for L in (64, 512):
             chain = mlp([w] * L + [1])
@@ -215,9 +223,10 @@ def engine_layer_cost(backend, model, workers=2, repeats=3):
                                   model=model)["backward"] - model.remote_time(backend, "dense", w, L))
             t[L] -= local
         rest[w] = max((t[512] - t[64]) / (512 - 64), 0.0)
-    b8, b64 = layer_bytes("dense", 8), layer_bytes("dense", 64)
-    byte = max((rest[64] - rest[8]) / (b64 - b8), 0.0)
-    return {"layer": max(rest[8] - byte * b8, 0.0), "byte": byte}
+    (w0, r0), (w1, r1) = sorted(rest.items())
+    b0, b1 = layer_bytes("dense", w0), layer_bytes("dense", w1)
+    byte = max((r1 - r0) / (b1 - b0), 0.0)
+    return {"layer": max(r0 - byte * b0, 0.0), "byte": byte}
 
 
 def engine_latency(backend, workers=2, repeats=3):

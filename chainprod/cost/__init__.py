@@ -24,11 +24,18 @@ and rounds add up (every round is a barrier). That is Brent's schedule:
 ``T_P <= W/P + D`` with ``W`` the work and ``D`` the sum of the rounds'
 longest ops, plus the engine's latencies.
 
-``grad`` adds the per-layer work around the scan, also calibrated per
-layer type, width and batch: the forward pass (sequential for every
-method), building the Jacobians and the parameter VJPs (the scan's
-*preparation*), and the backprop loop itself. :func:`predict_grad` puts
-these together; :func:`simulate` answers Q4 for many more workers than this
+``grad`` adds the work around the scan, also calibrated per layer type,
+width and batch: the forward pass (sequential for every method), building
+the Jacobians and the parameter VJPs (the scan's *preparation*), and the
+backprop loop itself. Each is a fixed cost per call plus a cost per layer
+(fitted from a short chain and from a long one that outgrows the caches:
+on the compiled kernels a layer costs well under a microsecond, so a
+call's fixed cost decides short chains and memory traffic long ones). A
+run on Ray or Dask also pays a calibrated cost per layer and per byte of
+the layer (shipping it, forming its Jacobian in the worker's Python). On
+the compiled kernels ``auto`` measures backprop beside the scans
+(:mod:`chainprod.autotune`), so its prediction is the lesser of the two.
+:func:`predict_grad` puts these together; :func:`simulate` answers Q4 for many more workers than this
 machine has; :func:`crossover` gives the smallest depth where the scan wins.
 
 The defaults below were measured on the development machine (2-core
