@@ -8,8 +8,8 @@
   the way the vectorized executor runs a round;
 * per layer, for ``mlp`` and ``diagonal_chain`` layers at batch 1 and 16:
   the forward step, the backprop step, and a scan's preparation (Jacobians
-  and parameter VJPs), each as a fixed cost per call plus a cost per layer
-  from a short and a long chain;
+  and parameter VJPs), each as a fixed cost per call plus a cost per layer,
+  from chains that fit the caches and from chains far beyond them;
 * per installed engine (threads, ray, dask): the latency of a task, of a
   dependent round (hop) and of a whole run, from tiny schedules whose
   compute is negligible; on Ray and Dask also the cost per layer (and per
@@ -125,18 +125,21 @@ def _scan_preparation(chain, x, repeats):
     return max(statistics.median(preps), 1e-9)
 
 
-#: depth of the short chain of the two a per-layer cost is fitted from
+#: depth of the short chain of the three a per-layer cost is fitted from
 SHORT_DEPTH = 16
-#: bytes of parameters and rows the long chain holds: more than this machine's caches,
-#: so the per-layer cost is the one of deep chains
+#: bytes of parameters and rows of the middle chain: it fits this machine's caches
+CACHED_BYTES = 2**20
+#: from here on a chain's parameters are streamed from memory (the model's interpolation ends here)
+STREAMED_BYTES = 16 * 2**20
+#: bytes of the long chain: well beyond the caches, so its per-layer cost is the one of deep chains
 LONG_BYTES = 64 * 2**20
 
 
-def _long_depth(structure, w, N):
-    """Depth of the long chain for the forward and backprop timings (bounded in flops too)."""
-    by_bytes = LONG_BYTES // layer_bytes(structure, w, N)
+def _depth(structure, w, N, nbytes, lo):
+    """Depth of a chain of about ``nbytes`` (at least ``lo`` layers; bounded in flops too)."""
+    by_bytes = nbytes // layer_bytes(structure, w, N)
     by_flops = 2**24 // (N * w * w) if structure == "dense" else 2**24
-    return int(np.clip(min(by_bytes, by_flops), 64, 16384))
+    return int(np.clip(min(by_bytes, by_flops), lo, 16384))
 
 
 def _prep_depth(structure, w, N):
@@ -155,42 +158,50 @@ def _line(t0, L0, t1, L1):
 
 
 def _layer_costs(repeats, widths=WIDTHS, batches=(1, 16)):
-    """Per-layer and per-call forward, backprop and scan-preparation seconds, per structure.
+    """Per-call and per-layer forward, backprop and scan-preparation seconds, per structure.
 
-    Each is timed on a short chain and on a long one (for forward and
-    backprop: more bytes than the caches hold); the line through the two
-    gives the per-layer cost (its slope) and the fixed cost of a call.
-    Forward and backprop are timed by the sweep's own protocol (a fresh
-    forward pass, then the backward pass, each repeat) with the default
-    backprop kernels, so the model predicts what ``method="backprop"`` runs.
+    Forward and backprop are timed on three chains: a short one, one that
+    fits the caches and one far beyond them. The first two give the fixed
+    cost of a call and the per-layer cost in the caches (``cached``), the
+    last two the per-layer cost of deep chains. They are timed by the
+    sweep's own protocol (a fresh forward pass, then the backward pass, each
+    repeat) with the default backprop kernels, so the model predicts what
+    ``method="backprop"`` runs. The scan preparation is a line through a
+    short and a longer chain.
     """
     out = {}
     for structure in ("dense", "diagonal"):
-        rows = {"forward": [], "backprop": [], "prep": []}
-        fixed = {"forward": [], "backprop": [], "prep": []}
+        what = ("forward", "backprop", "prep")
+        rows, cached, fixed = ({k: [] for k in what} for _ in range(3))
         for N in batches:
-            per = {k: [] for k in rows}
-            once = {k: [] for k in rows}
+            per, near, once = ({k: [] for k in what} for _ in range(3))
             for w in widths:
                 x = np.random.default_rng(0).standard_normal((N, w))
-                t = {}
-                for L in (SHORT_DEPTH, _long_depth(structure, w, N)):
+                mid = _depth(structure, w, N, CACHED_BYTES, 2 * SHORT_DEPTH)
+                depths = (SHORT_DEPTH, mid, max(_depth(structure, w, N, LONG_BYTES, 64), 2 * mid))
+                t = []
+                for L in depths:
                     m = measure_chainprod(_chain_of(structure, w, L), x, method="backprop", repeats=repeats)
-                    t[L] = (statistics.median(m.forward), statistics.median(m.backward))
-                (L0, t0), (L1, t1) = sorted(t.items())
+                    t.append((statistics.median(m.forward), statistics.median(m.backward)))
                 for k, i in (("forward", 0), ("backprop", 1)):
-                    f, slope = _line(t0[i], L0, t1[i], L1)
+                    f, c = _line(t[0][i], depths[0], t[1][i], depths[1])
+                    _, deep = _line(t[1][i], depths[1], t[2][i], depths[2])
                     once[k].append(f)
-                    per[k].append(slope)
+                    near[k].append(c)
+                    per[k].append(deep)
                 L1 = _prep_depth(structure, w, N)
                 p0, p1 = (_scan_preparation(_chain_of(structure, w, L), x, repeats) for L in (SHORT_DEPTH, L1))
                 f, slope = _line(p0, SHORT_DEPTH, p1, L1)
                 once["prep"].append(f)
                 per["prep"].append(slope)
-            for k in rows:
+            for k in what:
                 rows[k].append(_monotone(per[k]))
                 fixed[k].append(once[k])
-        out[structure] = {"w": list(widths), "batch": list(batches), **rows, "fixed": fixed}
+                if near[k]:
+                    cached[k].append(_monotone(near[k]))
+        out[structure] = {"w": list(widths), "batch": list(batches), **rows, "fixed": fixed,
+                          "cached": {k: v for k, v in cached.items() if v},
+                          "bytes": [CACHED_BYTES, STREAMED_BYTES]}
     return out
 
 

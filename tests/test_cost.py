@@ -137,6 +137,23 @@ def test_run_time_is_a_fixed_cost_plus_a_cost_per_layer():
     assert cost.predict_backprop(500, 8, model=m) == pytest.approx(1e-4 + 500 * per)
 
 
+def test_run_time_uses_the_cached_cost_while_the_layers_fit_the_caches():
+    m = _with_fixed(0.0)
+    tab = m.layers["dense"]
+    tab["cached"] = {"backprop": [[t / 4 for t in row] for row in tab["backprop"]]}
+    tab["bytes"] = [2**20, 16 * 2**20]
+    deep = m.layer_time("dense", "backprop", 32)
+    per_layer_bytes = cost.layer_bytes("dense", 32)
+    small = int(2**20 // per_layer_bytes)  # 1 MB of layers: the cached cost
+    big = int(16 * 2**20 // per_layer_bytes) + 1  # beyond 16 MB: the deep-chain cost
+    assert m.run_time("dense", "backprop", 32, small) == pytest.approx(small * deep / 4)
+    assert m.run_time("dense", "backprop", 32, big) == pytest.approx(big * deep)
+    mid = int(4 * 2**20 // per_layer_bytes)  # 4 MB: halfway in log bytes, so sqrt(cached x deep)
+    assert m.run_time("dense", "backprop", 32, mid) == pytest.approx(mid * deep / 2, rel=1e-3)
+    # what has no cached table (here: forward) keeps the deep-chain cost at every depth
+    assert m.run_time("dense", "forward", 32, small) == pytest.approx(small * m.layer_time("dense", "forward", 32))
+
+
 def test_remote_time_only_on_engines_and_grows_with_layer_bytes():
     m = cost.CostModel(remote_layer={"ray": {"layer": 2e-5, "byte": 1e-9}})
     assert m.remote_time("vectorized", "dense", 8, 1000) == 0.0 and m.remote_time("dask", "dense", 8, 1000) == 0.0
@@ -185,3 +202,6 @@ def test_calibrated_layer_tables_have_the_models_layout():
             assert min(tab[what][0]) > 0 and min(tab["fixed"][what][0]) >= 0
             assert tab[what][0][0] <= tab[what][0][1]  # per-layer costs do not fall as blocks grow
             assert m.run_time(structure, what, 4, 1000) > m.run_time(structure, what, 4, 10) > 0
+        assert tab["bytes"][0] < tab["bytes"][1]
+        for what in ("forward", "backprop"):  # measured on a chain in the caches too
+            assert np.shape(tab["cached"][what]) == (1, 2) and min(tab["cached"][what][0]) > 0

@@ -77,9 +77,11 @@ class CostModel:
         Optional ``"fixed"`` (same layout, seconds per call): the cost of a
         call that does not grow with the depth (argument checks, packing,
         the kernel call), so ``L`` layers take ``fixed + L x per layer``
-        (:meth:`run_time`). Calibration measures two depths per width: a
-        short chain, and a long one whose parameters outgrow the caches, so
-        the per-layer figure is the one of deep chains.
+        (:meth:`run_time`). Calibration measures three depths per width: a
+        short chain, one of about ``bytes[0]`` (in the caches) and one well
+        beyond ``bytes[1]`` (parameters streamed from memory), so the
+        per-layer tables are those of deep chains and the optional
+        ``"cached"`` tables (same layout) those of chains that fit the caches.
     round_latency, task_latency, run_latency : dict
         Per backend: fixed cost of a dependent round (barrier / hop), of a
         task, and of a whole run (submitting, gathering results).
@@ -114,29 +116,54 @@ class CostModel:
         return _loglog(tab["w"], tab["t"], w)
 
     def layer_time(self, structure: str, what: str, w, batch: int = 1) -> float:
-        """Seconds per layer of ``what`` in {forward, backprop, prep} at width ``w`` and ``batch``."""
-        if structure not in self.layers:
-            raise ValueError(f"unknown structure {structure!r}; valid: {', '.join(sorted(self.layers))}")
-        tab = self.layers[structure]
-        b = list(tab["batch"])
-        t = [float(_loglog(tab["w"], row, w)) for row in tab[what]]
-        if len(b) == 1:
-            return t[0] * batch / b[0]
-        # linear in the batch size between (and beyond) the two measured batch sizes
-        slope = (t[1] - t[0]) / (b[1] - b[0])
-        return max(t[0] + slope * (batch - b[0]), t[0] * 0.5)
+        """Seconds per layer of ``what`` in {forward, backprop, prep} at width ``w`` and ``batch``.
+
+        For a calibrated model this is the per-layer cost of deep chains
+        (parameters beyond the caches); :meth:`run_time` also knows short ones.
+        """
+        return self._lookup(structure, self._table(structure)[what], w, batch)
 
     def run_time(self, structure: str, what: str, w, L: int, batch: int = 1) -> float:
-        """Seconds of ``what`` over ``L`` layers: the fixed cost of a call plus ``L`` per-layer costs."""
-        per_layer = self.layer_time(structure, what, w, batch)
-        fixed = self.layers[structure].get("fixed", {}).get(what)
+        """Seconds of ``what`` over ``L`` layers: a fixed cost per call plus ``L`` per-layer costs.
+
+        With a calibration's ``cached`` table the per-layer cost depends on
+        the bytes ``B`` of the ``L`` layers: the cached cost up to the first
+        of ``bytes``, the deep-chain cost from the second on, geometric
+        interpolation between.
+        """
+        tab = self._table(structure)
+        per = self.layer_time(structure, what, w, batch)
+        cached = tab.get("cached", {}).get(what)
+        if cached is not None and L > 0:
+            lo, hi = tab["bytes"]
+            B = L * layer_bytes(structure, w, batch)
+            if B < hi:
+                f = 0.0 if B <= lo else np.log(B / lo) / np.log(hi / lo)
+                per = self._lookup(structure, cached, w, batch) ** (1 - f) * per ** f
+        fixed = tab.get("fixed", {}).get(what)
         if fixed is None or L <= 0:
-            return L * per_layer
+            return L * per
+        return self._lookup(structure, fixed, w, batch, fixed=True) + L * per
+
+    def _table(self, structure):
+        if structure not in self.layers:
+            raise ValueError(f"unknown structure {structure!r}; valid: {', '.join(sorted(self.layers))}")
+        return self.layers[structure]
+
+    def _lookup(self, structure, rows, w, batch, fixed=False):
+        """A per-width, per-batch table at ``w`` (log-log) and ``batch``.
+
+        Linear in the batch size between (and beyond) the two measured batch
+        sizes; a table of one batch size scales per-layer costs with the
+        batch and leaves a ``fixed`` cost as it is.
+        """
         tab = self.layers[structure]
-        t = [float(_loglog(tab["w"], np.maximum(row, 1e-12), w)) for row in fixed]
         b = list(tab["batch"])
-        f = t[0] if len(b) == 1 else t[0] + (t[1] - t[0]) * (batch - b[0]) / (b[1] - b[0])
-        return max(f, 0.0) + L * per_layer
+        t = [float(_loglog(tab["w"], np.maximum(row, 1e-12), w)) for row in rows]
+        if len(b) == 1:
+            return t[0] if fixed else t[0] * batch / b[0]
+        slope = (t[1] - t[0]) / (b[1] - b[0])
+        return max(t[0] + slope * (batch - b[0]), 0.0 if fixed else t[0] * 0.5)
 
     def remote_time(self, backend: str, structure: str, w, L: int, batch: int = 1) -> float:
         """Seconds a run of ``L`` layers on ``backend`` adds per layer to the local model (0 locally)."""
