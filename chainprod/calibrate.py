@@ -3,6 +3,7 @@
 ``chainprod calibrate`` (or :func:`calibrate`) times, on this machine:
 
 * the fixed cost of one batched numpy call;
+* the compiled scan kernel's cost per position and per square op;
 * seconds per op of each op class (``mm`` matrix-matrix, ``mv``
   vector-matrix, ``ew`` elementwise) at widths 2..256, batched and in place
   the way the vectorized executor runs a round;
@@ -33,6 +34,8 @@ from ._timing import library_versions, machine_info, measure_chainprod, median_t
 from .cost import CostModel, layer_bytes, load_model, predict_grad, save_model
 from .executors import Trace
 from .grad import backward, forward, loss_seed
+from .kernels import pack
+from .kernels.scan import scan_rows
 from .layers import diagonal_chain, mlp
 from .products import suffix_products
 from .schedules import build
@@ -123,6 +126,33 @@ def _scan_preparation(chain, x, repeats):
         total = time.perf_counter() - t0
         preps.append(total - sum(e.end - e.start for e in tr.events))
     return max(statistics.median(preps), 1e-9)
+
+
+def _compiled_op_rates(repeats, widths=WIDTHS):
+    """Per-op seconds of the compiled scan kernel (``CostModel.compiled_ops``), or ``{}`` without numba.
+
+    Per width, on one thread: a ``sequential`` scan over ``n`` positions is
+    ``n - 1`` thin ops, each forming its position's block (``pos``,
+    ``pos_ew``); a ``sklansky`` scan adds square ops (``mm``, ``ew``), whose
+    cost is what it takes beyond its ``n - 1`` thin ops.
+    """
+    if importlib.util.find_spec("numba") is None:
+        return {}
+    out = {name: {"w": list(widths), "t": []} for name in ("pos", "mm", "pos_ew", "ew")}
+    for w in widths:
+        for structure, pos, sq in (("dense", "pos", "mm"), ("diagonal", "pos_ew", "ew")):
+            n = int(np.clip(2**24 // w**3, 16, 2048)) if structure == "dense" else 2048
+            chain = mlp([w] * (n + 2)) if structure == "dense" else diagonal_chain(n + 1, w)
+            tape = forward(chain, np.ones((1, w)))
+            pc, Y, seed = pack(chain), tape.flat, np.ones((1, chain.d_out))
+            seq, sk = build("sequential", len(chain) - 1), build("sklansky", len(chain) - 1)
+            t_seq = median_time(lambda: scan_rows(pc, Y, seed, seq, workers=1), repeats)
+            t_sk = median_time(lambda: scan_rows(pc, Y, seed, sk, workers=1), repeats)
+            thin = seq.num_ops
+            t_pos = t_seq / thin
+            out[pos]["t"].append(t_pos)
+            out[sq]["t"].append(max((t_sk - thin * t_pos) / max(sk.num_ops - thin, 1), 0.1 * t_pos))
+    return {name: {"w": tab["w"], "t": _monotone(tab["t"])} for name, tab in out.items()}
 
 
 #: depth of the short chain of the three a per-layer cost is fitted from
@@ -288,11 +318,17 @@ def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, pat
     progress("calibrate: numpy kernels (call latency, mm / mv / ew per-op times) ...")
     call, ops = _op_rates(repeats)
     progress(f"  call latency {call * 1e6:.2f} us; mm at w=64: {ops['mm']['t'][WIDTHS.index(64)] * 1e6:.2f} us/op")
+    progress("calibrate: compiled scan kernel (per-position and per-op times) ...")
+    compiled = _compiled_op_rates(repeats)
+    if compiled:
+        i = WIDTHS.index(64)
+        progress(f"  at w=64: position {compiled['pos']['t'][i] * 1e6:.2f} us, square op "
+                 f"{compiled['mm']['t'][i] * 1e6:.2f} us")
     progress("calibrate: per-layer forward / backprop / scan preparation ...")
     layers = _layer_costs(repeats)
     info = machine_info()
     info["fingerprint"] = _fingerprint(info)
-    model = CostModel(call_latency=call, ops=ops, layers=layers, machine=info,
+    model = CostModel(call_latency=call, ops=ops, layers=layers, compiled_ops=compiled, machine=info,
                       source=f"chainprod calibrate ({time.strftime('%Y-%m-%d %H:%M:%S')})")
     # Python overhead per op of the serial executor: about three small numpy calls
     model.serial_op_latency = 3 * median_time(lambda: [np.multiply(_a1, _a1) for _ in range(100)], repeats) / 100

@@ -205,3 +205,56 @@ def test_calibrated_layer_tables_have_the_models_layout():
         assert tab["bytes"][0] < tab["bytes"][1]
         for what in ("forward", "backprop"):  # measured on a chain in the caches too
             assert np.shape(tab["cached"][what]) == (1, 2) and min(tab["cached"][what][0]) > 0
+
+
+# -- the compiled scan kernel's costs ----------------------------------------------------------------
+def _flat(t):
+    return {"w": [2, 256], "t": [t, t]}
+
+
+COMPILED = {"pos": _flat(3e-7), "mm": _flat(5e-7), "pos_ew": _flat(1e-7), "ew": _flat(2e-8)}
+
+
+@pytest.mark.parametrize("name", ["sequential", "sklansky", "brent_kung", "hillis_steele"])
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_compiled_scan_time_is_brents_bound_of_the_ops(name, structure):
+    m = cost.CostModel(compiled_ops=COMPILED)
+    n = 37
+    sched = build(name, n)
+    blocks = cost.chain_blocks(structure, n + 1, 8)
+    thin_t, sq_t = (3e-7, 5e-7) if structure == "dense" else (1e-7, 2e-8)
+    work = depth = 0.0
+    for i, _, _ in sched.intervals():  # an independent count: a thin op makes a prefix [0, k]
+        t = np.where(i == 0, thin_t, sq_t)
+        work += float(t.sum())
+        depth += float(t.max()) if name != "sequential" else float(t.sum())
+    assert cost.compiled_scan_time(sched, blocks, workers=1, model=m) == pytest.approx(work)
+    assert cost.compiled_scan_time(sched, blocks, workers=2, batch=3, model=m) == pytest.approx(3 * (work / 2 + depth))
+    assert sum(int(np.sum(i == 0)) for i, _, _ in sched.intervals()) == n - 1  # one thin op per prefix
+
+
+def test_predict_uses_the_compiled_costs_only_where_the_kernel_runs():
+    s = build("sklansky", 200)
+    m = cost.CostModel(compiled_ops=COMPILED)
+    compiled = cost.compiled_scan_time(s, 8, workers=2, model=m)
+    assert cost.predict(s, 8, backend="threads", workers=2, model=m, kernels="numba") == pytest.approx(compiled)
+    numpy_way = cost.predict(s, 8, backend="threads", workers=2, model=m)
+    assert numpy_way != pytest.approx(compiled)
+    assert cost.predict(s, 8, backend="threads", workers=2, model=m, kernels="numpy") == numpy_way
+    assert cost.predict(s, 8, backend="ray", workers=2, model=m, kernels="numba") == \
+        cost.predict(s, 8, backend="ray", workers=2, model=m)  # Ray runs the numpy tasks
+    plain = cost.CostModel()  # not calibrated for the compiled kernel: the numpy costs stand in
+    assert cost.predict(s, 8, backend="threads", workers=2, model=plain, kernels="numba") == \
+        cost.predict(s, 8, backend="threads", workers=2, model=plain)
+
+
+def test_calibrated_compiled_op_table_layout():
+    pytest.importorskip("numba")
+    from chainprod.calibrate import _compiled_op_rates
+
+    tab = _compiled_op_rates(1, widths=(2, 8))
+    assert set(tab) == {"pos", "mm", "pos_ew", "ew"}
+    for name, t in tab.items():
+        assert t["w"] == [2, 8] and len(t["t"]) == 2 and 0 < t["t"][0] <= t["t"][1], name
+    m = cost.CostModel(compiled_ops=tab)
+    assert cost.compiled_scan_time(build("brent_kung", 50), 4, model=m) > 0

@@ -32,8 +32,11 @@ backprop loop itself. Each is a fixed cost per call plus a cost per layer
 on the compiled kernels a layer costs well under a microsecond, so a
 call's fixed cost decides short chains and memory traffic long ones). A
 run on Ray or Dask also pays a calibrated cost per layer and per byte of
-the layer (shipping it, forming its Jacobian in the worker's Python). On
-the compiled kernels ``auto`` measures backprop beside the scans
+the layer (shipping it, forming its Jacobian in the worker's Python). The
+compiled scan kernel (one call for every round, on ``P`` threads) is
+costed apart, from its own calibrated costs per position and per square op,
+as Brent's ``W/P + D`` (:func:`compiled_scan_time`). On the compiled
+kernels ``auto`` measures backprop beside the scans
 (:mod:`chainprod.autotune`), so its prediction is the lesser of the two.
 :func:`predict_grad` puts these together; :func:`simulate` answers Q4 for many more workers than this
 machine has; :func:`crossover` gives the smallest depth where the scan wins.
@@ -47,11 +50,12 @@ from __future__ import annotations
 
 from .auto import LOCAL_BACKENDS, auto_runs_backprop, choose_schedule, predict_grad
 from .model import DEFAULT_MODEL, OP_CLASSES, STRUCTURES, CostModel, layer_bytes, load_model, model_path, save_model
-from .scan import chain_blocks, predict, predict_backprop
+from .scan import chain_blocks, compiled_scan_time, predict, predict_backprop
 from .simulate import crossover, round_stats, simulate
 
 __all__ = [
     "CostModel", "DEFAULT_MODEL", "load_model", "save_model", "model_path", "predict",
     "predict_backprop", "predict_grad", "choose_schedule", "round_stats", "simulate", "crossover",
     "OP_CLASSES", "STRUCTURES", "LOCAL_BACKENDS", "auto_runs_backprop", "chain_blocks", "layer_bytes",
+    "compiled_scan_time",
 ]

@@ -112,7 +112,7 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
     else:
         sched = schedule(method, L - 1, workers=workers, backend=backend)
     bwd = (model.run_time(structure, "prep", width, L, batch) + model.remote_time(backend, structure, width, L, batch)
-           + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model))
+           + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model, kernels=kernels))
     if method == "auto" and kernels != "numpy" and backend in LOCAL_BACKENDS and bp < bwd:
         return {"forward": fwd, "backward": bp, "total": fwd + bp, "schedule": "backprop"}
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": sched.name}

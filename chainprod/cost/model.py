@@ -85,6 +85,12 @@ class CostModel:
     round_latency, task_latency, run_latency : dict
         Per backend: fixed cost of a dependent round (barrier / hop), of a
         task, and of a whole run (submitting, gathering results).
+    compiled_ops : dict
+        Seconds per op per batch element of the compiled scan kernel, as
+        ``ops`` (``{"w", "t"}`` per name): ``pos`` and ``pos_ew`` a position
+        of a dense or diagonal chain (forming its Jacobian block and the one
+        thin op that makes its prefix), ``mm`` and ``ew`` a square dense or
+        diagonal op. Empty until calibrated (the numpy op costs stand in).
     remote_layer : dict
         Per distributed backend: ``{"layer": s, "byte": s}``, seconds per
         layer of a run on that engine beyond the local model (shipping the
@@ -103,6 +109,7 @@ class CostModel:
         "serial": 0.0, "vectorized": 0.0, "threads": 2e-5, "ray": 5e-4, "dask": 1.8e-3})
     run_latency: dict = field(default_factory=lambda: {
         "serial": 0.0, "vectorized": 0.0, "threads": 0.0, "ray": 5e-3, "dask": 2e-2})
+    compiled_ops: dict = field(default_factory=dict)
     # ray measured from the sweep's rows on the development machine; dask assumed alike until calibrated
     remote_layer: dict = field(default_factory=lambda: {
         "ray": {"layer": 4.3e-5, "byte": 1.2e-9}, "dask": {"layer": 4.3e-5, "byte": 1.2e-9}})
@@ -122,6 +129,11 @@ class CostModel:
         (parameters beyond the caches); :meth:`run_time` also knows short ones.
         """
         return self._lookup(structure, self._table(structure)[what], w, batch)
+
+    def compiled_op_time(self, name: str, w) -> np.ndarray:
+        """Seconds per op per batch element of the compiled scan kernel (see ``compiled_ops``)."""
+        tab = self.compiled_ops[name]
+        return _loglog(tab["w"], tab["t"], w)
 
     def run_time(self, structure: str, what: str, w, L: int, batch: int = 1) -> float:
         """Seconds of ``what`` over ``L`` layers: a fixed cost per call plus ``L`` per-layer costs.

@@ -14,7 +14,7 @@ from ..planning.partition import partition
 from ..schedules import Schedule, block_spec, kinded_rounds, prefix_kind_ids
 from .model import OP_CLASSES, STRUCTURES, CostModel, load_model
 
-__all__ = ["predict", "predict_backprop", "chain_blocks", "signature"]
+__all__ = ["predict", "predict_backprop", "chain_blocks", "compiled_scan_time", "signature"]
 
 # -- per-op costs of a real schedule ------------------------------------------
 def _op_classes(spec, i, k, j, kl, kr):
@@ -121,20 +121,64 @@ def _round_time(t, n_groups, gathered, P, backend, batch, model):
 
 
 def predict(sched: Schedule, blocks=None, *, backend="vectorized", workers=None, batch=1,
-            model: CostModel | None = None) -> float:
+            model: CostModel | None = None, kernels=None) -> float:
     """Predicted seconds of the scan alone: ``sched`` on ``blocks`` with ``backend`` and ``workers``.
 
     ``blocks`` as in :meth:`Schedule.flops_per_round` (a BlockSeq, a list of
     ``(kind, rows, cols)``, or an int ``w`` for a dense gradient chain).
+    With ``kernels="numba"`` on a local backend and a model that has
+    calibrated ``compiled_ops``, the scan is costed as the compiled kernel
+    runs it (:func:`compiled_scan_time`); otherwise as the numpy executors
+    run it.
     """
     model = model or load_model()
     P = workers or (1 if backend in ("vectorized", "serial") else (os.cpu_count() or 1))
+    if kernels not in (None, "numpy") and model.compiled_ops and backend in ("vectorized", "threads"):
+        return compiled_scan_time(sched, blocks, workers=P, batch=batch, model=model)
     total = model.latency("run", backend) if sched.rounds else 0.0
     if backend in ("ray", "dask") and sched.rounds:
         return total + _partitioned_makespan(sched, blocks, P, backend, batch, model)
     for t, n_groups, gathered in _round_costs(sched, blocks, model):
         total += _round_time(t, n_groups, gathered, P, backend, batch, model)
     return total
+
+
+def compiled_scan_time(sched: Schedule, blocks=None, *, workers=1, batch=1, model: CostModel | None = None):
+    """Predicted seconds of one compiled scan kernel call: Brent's ``W / P + D`` from per-op costs.
+
+    Every prefix ``[0, k]`` is made by exactly one thin op, whatever the
+    schedule, so the thin ops carry the forming of the positions' blocks
+    (``pos``, ``pos_ew``); the other ops are square (``mm``, ``ew``). ``W``
+    sums every op, ``D`` the longest op of each round; with one worker the
+    kernel runs the ops one after another (``W``).
+    """
+    model = model or load_model()
+    sig = signature(blocks, sched.length)
+    work, depth = _COSTS.get((model.key, sched.key, sig, "compiled"),
+                             lambda: _compiled_work_depth(sched, blocks, model))
+    P = max(int(workers or 1), 1)
+    return batch * (work / P + (depth if P > 1 else 0.0))
+
+
+def _compiled_work_depth(sched, blocks, model):
+    spec = block_spec(blocks, sched.length)
+    if sched.name == "sequential":  # every op is thin: one per position after the first
+        j = np.arange(1, sched.length)
+        rounds = [(np.zeros_like(j), j - 1, j, prefix_kind_ids(spec)[:-1], spec.kind_ids[1:])]
+    else:
+        rounds = kinded_rounds(sched, spec)
+    work = depth = 0.0
+    for i, k, j, kl, kr in rounds:
+        if not len(i):
+            continue
+        cls, width = _op_classes(spec, i, k, j, kl, kr)
+        thin = i == 0
+        t = np.where(cls == 2, np.where(thin, model.compiled_op_time("pos_ew", width),
+                                        model.compiled_op_time("ew", width)),
+                     np.where(thin, model.compiled_op_time("pos", width), model.compiled_op_time("mm", width)))
+        work += float(t.sum())
+        depth += float(t.max()) if sched.name != "sequential" else float(t.sum())
+    return work, depth
 
 
 def _partitioned_makespan(sched, blocks, P, backend, batch, model):
