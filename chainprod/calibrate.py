@@ -48,21 +48,25 @@ WIDTHS = (2, 4, 8, 16, 32, 64, 128, 256)
 #: what a calibration must share with this process to be trusted here
 _FINGERPRINT_KEYS = ("hostname", "machine", "cpus")
 _FINGERPRINT_PACKAGES = ("chainprod", "numpy", "numba")
+#: what a calibration measures; raised when it measures more (2: fixed costs per call, costs in and
+#: beyond the caches, compiled scan ops, remote costs per layer), so older calibrations are redone
+MODEL_FORMAT = 2
 
 
 def _fingerprint(info=None, versions=None) -> dict:
     info = machine_info() if info is None else info
     versions = library_versions() if versions is None else versions
     return {**{k: info.get(k) for k in _FINGERPRINT_KEYS},
-            **{f"version:{p}": versions.get(p) for p in _FINGERPRINT_PACKAGES}}
+            **{f"version:{p}": versions.get(p) for p in _FINGERPRINT_PACKAGES},
+            "cost model format": MODEL_FORMAT}
 
 
 def calibration_status(model: CostModel | None = None, engines=()) -> str | None:
     """``None`` when ``model`` (default: the saved one) was calibrated here, else why it does not fit.
 
     "Here" means the same host name, architecture and core count, the same
-    versions of chainprod, numpy and numba (whose kernels set the costs), and
-    measured latencies for every engine in ``engines`` (e.g. ``("threads", "ray")``).
+    versions of chainprod, numpy and numba (whose kernels set the costs), the
+    same :data:`MODEL_FORMAT` (what a calibration measures), and measured latencies for every engine in ``engines`` (e.g. ``("threads", "ray")``).
     """
     model = load_model() if model is None else model
     if model.source == "defaults" or not model.machine:

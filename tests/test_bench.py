@@ -191,6 +191,9 @@ def test_calibration_status():
     assert calibration_status(here, engines=("threads", "ray")) == "the saved calibration did not time ray"
     elsewhere = CostModel(machine={"fingerprint": {**_fingerprint(), "hostname": "other-host"}}, source="test")
     assert "hostname 'other-host'" in calibration_status(elsewhere)
+    older = {k: v for k, v in _fingerprint().items() if k != "cost model format"}  # saved before format 2
+    status = calibration_status(CostModel(machine={"fingerprint": older}, source="test"))
+    assert "cost model format None -> 2" in status
 
 
 # -- sharded training rows ----------------------------------------------------------------------------
