@@ -94,14 +94,27 @@ def test_workers_use_one_blas_thread():
     assert emb["cluster"].workers and all(os.path.isdir(emb["temp"]) for _ in [0])
 
 
-def test_keys_are_deterministic_per_input():
+def test_keys_name_the_input_and_are_never_shared_between_runs():
     from chainprod.executors.dask_executor import DaskExecutor
 
     ex = DaskExecutor()
     s = cp.schedule("sklansky", 5)
     a = ex._token(("x", s.length), np.arange(6.0))
-    assert a == ex._token(("x", s.length), np.arange(6.0))
-    assert a != ex._token(("x", s.length), np.arange(6.0) + 1)
+    b = ex._token(("x", s.length), np.arange(6.0))
+    c = ex._token(("x", s.length), np.arange(6.0) + 1)
+    assert a.split("-")[0] == b.split("-")[0] != c.split("-")[0]  # the input's token
+    assert len({a, b, c}) == 3  # every run its own keys
+
+
+def test_a_run_repeated_at_once_has_its_own_trace():
+    # brent_kung and its alias blelloch are one plan: the same keys, were keys a function of the input
+    # alone, and the second run would get the first one's results and trace events from the scheduler
+    mats = random_mats(17, 3, kind="mixed", batch=2, seed=1)
+    for method in ("brent_kung", "blelloch", "brent_kung"):
+        t0 = time.perf_counter()
+        out, trace = cp.suffix_products(mats, method=method, backend="dask", workers=2, return_trace=True)
+        assert np.allclose(np.asarray(out[0]), np.asarray(left_fold_suffix(mats)[0]))
+        assert trace.events and all(0 <= e.start <= e.end <= time.perf_counter() - t0 + 1e-3 for e in trace.events)
 
 
 def test_no_keys_left_on_the_cluster_after_runs():

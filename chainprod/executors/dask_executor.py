@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -69,8 +70,8 @@ def _value(x):
     return x
 
 
-#: bumped whenever a run's futures are cancelled (see DaskExecutor._token)
-_EPOCH = [0]
+#: numbers the runs of this process (see DaskExecutor._token)
+_RUNS = itertools.count()
 
 #: id(array) -> (weakref, token) for big read-only arrays (a chain's frozen parameters)
 _TOKENS: dict = {}
@@ -261,10 +262,11 @@ class DaskExecutor(DistributedExecutor):
         return 2
 
     def _token(self, *parts):
-        # The epoch changes after every cancelled run: the scheduler may still be
-        # forgetting the cancelled keys, and a new run reusing them would get
-        # their cancellation instead of a result.
-        return tokenize(_EPOCH[0], *_cached_tokens(parts))
+        # The input's token, then the run's number: keys are never shared between
+        # runs. The scheduler may still hold an earlier run's keys (being
+        # forgotten, or cancelled): a run reusing them would get that run's
+        # results with its trace events, or its cancellation.
+        return f"{tokenize(*_cached_tokens(parts))}-{next(_RUNS)}"
 
     def _put(self, obj, key):
         with warnings.catch_warnings():
@@ -310,7 +312,6 @@ class DaskExecutor(DistributedExecutor):
                                                f"{_first_line(e)}", "dask", name) from e
                     raise  # an error of the numbers, raised by the task: surface it as it is
         except BaseException:
-            _EPOCH[0] += 1
             with contextlib.suppress(Exception):
                 self._client.cancel(handles, force=True)
             raise
