@@ -5,9 +5,10 @@ The schedule runs as the owner-computes task graph of
 at once with ``client.submit``, each task taking the futures of its inputs,
 so only chunk-boundary blocks move between workers.
 
-Keys are deterministic per input: ``dask.base.tokenize`` of the blocks (or
-of the chain's parameters and input) and of the schedule, so Dask's cache of
-live keys can only ever return the result of the same computation. Driver
+Keys name the input and the run: ``dask.base.tokenize`` of the blocks (or
+of the chain's parameters and input) and of the schedule, then the run's
+number in this process, so no run can get another run's results (or trace
+events, or cancellation) from the scheduler's live keys. Driver
 data enters the graph as tasks (not ``scatter``), so the scheduler can
 recompute anything a dead worker held.
 
