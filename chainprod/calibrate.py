@@ -66,7 +66,8 @@ def calibration_status(model: CostModel | None = None, engines=()) -> str | None
 
     "Here" means the same host name, architecture and core count, the same
     versions of chainprod, numpy and numba (whose kernels set the costs), the
-    same :data:`MODEL_FORMAT` (what a calibration measures), and measured latencies for every engine in ``engines`` (e.g. ``("threads", "ray")``).
+    same :data:`MODEL_FORMAT` (what a calibration measures), and measured
+    latencies for every engine in ``engines`` (e.g. ``("threads", "ray")``).
     """
     model = load_model() if model is None else model
     if model.source == "defaults" or not model.machine:
@@ -150,8 +151,8 @@ def _compiled_op_rates(repeats, widths=WIDTHS):
             tape = forward(chain, np.ones((1, w)))
             pc, Y, seed = pack(chain), tape.flat, np.ones((1, chain.d_out))
             seq, sk = build("sequential", len(chain) - 1), build("sklansky", len(chain) - 1)
-            t_seq = median_time(lambda: scan_rows(pc, Y, seed, seq, workers=1), repeats)
-            t_sk = median_time(lambda: scan_rows(pc, Y, seed, sk, workers=1), repeats)
+            t_seq, t_sk = (median_time(lambda s=s: scan_rows(pc, Y, seed, s, workers=1), repeats)  # noqa: B023
+                           for s in (seq, sk))
             thin = seq.num_ops
             t_pos = t_seq / thin
             out[pos]["t"].append(t_pos)
@@ -255,15 +256,14 @@ def engine_layer_cost(backend, model, workers=2, repeats=3):
     for w in WIDE:
         t = {}
         for L in (64, 512):
-            chain = mlp([w] * L + [1])
-            tape = forward(chain, np.ones((1, w)))
+            tape = forward(_chain_of("dense", w, L), np.ones((1, w)))
             seed = loss_seed(tape)[1]
             try:
                 backward(tape, seed, method="sequential", backend=backend, workers=workers)  # warm up
             except ImportError:
                 return None
-            t[L] = median_time(lambda: backward(tape, seed, method="sequential", backend=backend,
-                                                workers=workers), repeats)
+            t[L] = median_time(lambda tape=tape, seed=seed: backward(tape, seed, method="sequential",
+                                                                     backend=backend, workers=workers), repeats)
             local = (predict_grad("dense", L, w, method="sequential", backend=backend, workers=workers,
                                   model=model)["backward"] - model.remote_time(backend, "dense", w, L))
             t[L] -= local

@@ -73,13 +73,17 @@ def _round_costs(sched: Schedule, blocks, model: CostModel):
     return _COSTS.get((model.key, sched.key, sig), lambda: _make_round_costs(sched, blocks, sig, model))
 
 
+def _sequential_ops(spec, length):
+    """``(i, k, j, left kind, right kind)`` of the sequential scan's ops ``[0, j-1] (x) [j, j]``, in order."""
+    j = np.arange(1, length)
+    return np.zeros_like(j), j - 1, j, prefix_kind_ids(spec)[:-1], spec.kind_ids[1:]
+
+
 def _make_round_costs(sched, blocks, sig, model):
     spec = block_spec(blocks, sched.length)
-    if sched.name == "sequential":  # L-1 rounds of one op [0, j-1] (x) [j, j]: no replay needed
-        j = np.arange(1, sched.length)
-        pref = prefix_kind_ids(spec)
-        _, t = _op_times(spec, np.zeros_like(j), j - 1, j, pref[:-1], spec.kind_ids[1:], model)
-        return [(t[r: r + 1], 1, 0) for r in range(j.size)]
+    if sched.name == "sequential":  # L-1 rounds of one op each: no replay needed
+        _, t = _op_times(spec, *_sequential_ops(spec, sched.length), model)
+        return [(t[r: r + 1], 1, 0) for r in range(t.size)]
     # the executor's own grouping of each round into batched calls (small plans only: an estimate)
     groups = bind_signature(sched, sig).rounds if sched.length <= 1 << 16 and sched.rounds <= 4096 else None
     kinded = kinded_rounds(sched, spec)
@@ -162,22 +166,23 @@ def compiled_scan_time(sched: Schedule, blocks=None, *, workers=1, batch=1, mode
 
 def _compiled_work_depth(sched, blocks, model):
     spec = block_spec(blocks, sched.length)
-    if sched.name == "sequential":  # every op is thin: one per position after the first
-        j = np.arange(1, sched.length)
-        rounds = [(np.zeros_like(j), j - 1, j, prefix_kind_ids(spec)[:-1], spec.kind_ids[1:])]
-    else:
-        rounds = kinded_rounds(sched, spec)
-    work = depth = 0.0
-    for i, k, j, kl, kr in rounds:
-        if not len(i):
-            continue
+
+    def times(i, k, j, kl, kr):
         cls, width = _op_classes(spec, i, k, j, kl, kr)
         thin = i == 0
-        t = np.where(cls == 2, np.where(thin, model.compiled_op_time("pos_ew", width),
-                                        model.compiled_op_time("ew", width)),
-                     np.where(thin, model.compiled_op_time("pos", width), model.compiled_op_time("mm", width)))
-        work += float(t.sum())
-        depth += float(t.max()) if sched.name != "sequential" else float(t.sum())
+        return np.where(cls == 2, np.where(thin, model.compiled_op_time("pos_ew", width),
+                                           model.compiled_op_time("ew", width)),
+                        np.where(thin, model.compiled_op_time("pos", width), model.compiled_op_time("mm", width)))
+
+    if sched.name == "sequential":  # every op is thin and its own round: the depth is the work
+        work = float(times(*_sequential_ops(spec, sched.length)).sum())
+        return work, work
+    work = depth = 0.0
+    for ops in kinded_rounds(sched, spec):
+        if len(ops[0]):
+            t = times(*ops)
+            work += float(t.sum())
+            depth += float(t.max())
     return work, depth
 
 
