@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -42,11 +44,32 @@ def as_float_array(a, what: str, *, ndim=None, allow_nonfinite=False) -> np.ndar
     return arr
 
 
-def check_workers(workers):
-    if workers is None:
+def check_workers(workers, *, allow_none=True):
+    """``None`` (when allowed) or a positive int: the one check of every ``workers=`` argument."""
+    if workers is None and allow_none:
         return None
     if isinstance(workers, (bool, np.bool_)) or not isinstance(workers, (int, np.integer)):
-        raise TypeError(f"workers must be a positive int or None, got {workers!r}")
+        raise TypeError(f"workers must be a positive int{' or None' if allow_none else ''}, got {workers!r}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     return int(workers)
+
+
+def check_timeout(timeout):
+    """``None`` or ``inf``: no timeout; else a positive number of seconds."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)) \
+            or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds (or None / float('inf') for no "
+                         f"timeout), got {timeout!r}")
+    if math.isinf(timeout):
+        return None  # engines take a finite number of seconds; inf means what None means
+    return float(timeout)
+
+
+def check_retries(retries):
+    """An int ``>= 0``: how often a task whose worker died is re-run."""
+    if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    return int(retries)

@@ -10,7 +10,7 @@ True
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "ScheduleError", "DistributedError", "DistributedTimeoutError",
+__all__ = ["first_line", "NonFiniteError", "ScheduleError", "DistributedError", "DistributedTimeoutError",
            "ClusterConnectionError", "GradientCheckError", "UnsupportedModuleError"]
 
 
@@ -62,3 +62,13 @@ class UnsupportedModuleError(ValueError):
         super().__init__(message)
         self.where = where
         self.module = module
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when the message is empty).
+
+    Engine errors carry long remote tracebacks; chainprod's own messages quote
+    only this line and chain the full exception.
+    """
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -80,10 +80,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validate import as_float_array
+from ._validate import as_float_array, check_retries, check_timeout
 from .errors import DistributedError, NonFiniteError
 from .executors import Trace, TraceEvent
-from .executors.distributed import Deadline, DistributedExecutor, _check_retries, _check_timeout
+from .executors.distributed import Deadline, DistributedExecutor
 from .executors.sharded_worker import ShardLost, ShardState, shard_tables
 from .grad import LOSSES
 from .kernels import pack, unpack_grads
@@ -187,8 +187,8 @@ class ShardedModel:
                 or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
         self.kernels = resolve_kernels(kernels)
-        self.retries = executor.retries if retries is None else _check_retries(retries)
-        self.timeout = executor.timeout if timeout is None else _check_timeout(timeout)
+        self.retries = executor.retries if retries is None else check_retries(retries)
+        self.timeout = executor.timeout if timeout is None else check_timeout(timeout)
         self.checkpoint_every = int(checkpoint_every)
         self._template = chain
         self._executor = executor
@@ -266,7 +266,7 @@ class ShardedModel:
         self._check_open()
         x2, y2, loss = self._check_batch(x, y, loss)
         plan = self._resolve(method, x2.shape[0])
-        deadline = Deadline(self.timeout if timeout is None else _check_timeout(timeout))
+        deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
         trace = ShardTrace(backend=f"{self._executor.name}-sharded", workers=self.shards,
                            method=plan if isinstance(plan, str) else plan.name)
         if self.shards > 1 and not isinstance(plan, str):
@@ -343,7 +343,7 @@ class ShardedModel:
     def restore(self, timeout=None):
         """Replace lost shards (after a :class:`DistributedError` with retries off) on live workers."""
         self._check_open()
-        deadline = Deadline(self.timeout if timeout is None else _check_timeout(timeout))
+        deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
         for b in sorted(self._lost):
             self._replace(b, deadline)
         self._lost.clear()
@@ -541,9 +541,9 @@ class ShardedModel:
 
 
 def _report_bytes(rep):
-    from .executors.sharded_worker import _nbytes
+    from .executors.sharded_worker import payload_bytes
 
-    return _nbytes(rep)
+    return payload_bytes(rep)
 
 
 def _union(intervals) -> float:

@@ -378,7 +378,7 @@ def test_dask_connect_to_something_else_ends_within_the_timeout():
             ex = DaskExecutor(address=addr, timeout=2)
             t0 = time.perf_counter()
             with pytest.raises(ClusterConnectionError, match=r"dask: .*does not answer as a Dask scheduler"):
-                ex._connect(P)
+                ex.connect(P)
             assert time.perf_counter() - t0 < 2 + 1.5, addr
     finally:
         srv.close()

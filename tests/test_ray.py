@@ -147,7 +147,7 @@ CONNECT_SCRIPT = textwrap.dedent("""
     for addr in addrs:
         t0 = time.perf_counter()
         try:
-            RayExecutor(address=addr, timeout=2)._connect(2)
+            RayExecutor(address=addr, timeout=2).connect(2)
         except ClusterConnectionError as e:
             assert "does not answer as a Ray cluster" in str(e), e
         dt = time.perf_counter() - t0

@@ -259,7 +259,7 @@ def test_dask_shards_leave_no_keys_when_calls_outlast_a_poll(monkeypatch):
                 model.sgd_step(g, 1e-3)
             g.gather()
         del model, g
-        client = engine._connect(2)
+        client = engine.connect(2)
         t_end = time.monotonic() + 10
         while True:
             left = [k for k in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))

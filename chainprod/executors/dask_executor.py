@@ -45,7 +45,7 @@ import numpy as np
 from dask.base import tokenize
 from distributed import Client, LocalCluster
 
-from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError
+from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError, first_line
 from .distributed import (
     DistributedExecutor,
     check_reachable,
@@ -231,7 +231,7 @@ class DaskExecutor(DistributedExecutor):
         self._client = None
         self._owned = False
 
-    def _connect(self, workers):
+    def connect(self, workers):
         a = self.address
         if isinstance(a, Client):
             self._client, self._owned = a, False
@@ -305,12 +305,12 @@ class DaskExecutor(DistributedExecutor):
                         f"died (KilledWorker: {e}); allowed failures per task were exhausted "
                         f"(retries={self._last_retries}).", "dask", name) from None
                 except (distributed.client.FutureCancelledError, distributed.client.FuturesCancelledError) as e:
-                    raise DistributedError(f"dask: task {name!r} was cancelled ({_first_line(e)})", "dask",
+                    raise DistributedError(f"dask: task {name!r} was cancelled ({first_line(e)})", "dask",
                                            name) from None
                 except Exception as e:
                     if _is_engine_error(e):  # the engine's own failure: never let it escape raw
                         raise DistributedError(f"dask: task {name!r} failed: {type(e).__name__}: "
-                                               f"{_first_line(e)}", "dask", name) from e
+                                               f"{first_line(e)}", "dask", name) from e
                     raise  # an error of the numbers, raised by the task: surface it as it is
         except BaseException:
             with contextlib.suppress(Exception):
@@ -325,20 +325,17 @@ class DaskExecutor(DistributedExecutor):
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):
         self._last_retries = self._opts(options)[1]
-        self._connect(self._resolve_workers(workers))
+        self.connect(self._resolve_workers(workers))
         self._set_retries(self._last_retries)
         return super().run(schedule, blocks, workers=workers, trace=trace, **options)
 
     def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
         self._last_retries = self._opts(options)[1]
-        self._connect(self._resolve_workers(workers))
+        self.connect(self._resolve_workers(workers))
         self._set_retries(self._last_retries)
         return super().backward_remote(tape, seed, method=method, workers=workers, trace=trace, **options)
 
 
-def _first_line(e):
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__
 
 
 def _is_engine_error(e) -> bool:

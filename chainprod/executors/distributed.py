@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import math
 import os
 import shutil
 import socket
@@ -24,7 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from .._validate import check_workers
+from .._validate import check_retries, check_timeout, check_workers
 from ..errors import ClusterConnectionError, NonFiniteError
 from ..planning.bind import as_index
 from ..planning.partition import partition
@@ -120,8 +119,8 @@ class DistributedExecutor(Executor):
 
     def __init__(self, address=None, *, timeout=None, retries=3, workers=None, **engine_options):
         self.address = address
-        self.timeout = _check_timeout(timeout)
-        self.retries = _check_retries(retries)
+        self.timeout = check_timeout(timeout)
+        self.retries = check_retries(retries)
         self.workers = check_workers(workers)
         self.engine_options = engine_options
 
@@ -130,7 +129,7 @@ class DistributedExecutor(Executor):
         return f"<{type(self).__name__} {self.name!r} {where}, timeout={self.timeout}, retries={self.retries}>"
 
     # -- engine verbs (subclasses) ------------------------------------------
-    def _connect(self, workers):  # -> int: cluster CPU count
+    def connect(self, workers):  # -> int: cluster CPU count
         raise NotImplementedError
 
     def _default_workers(self) -> int:
@@ -173,8 +172,8 @@ class DistributedExecutor(Executor):
         if "address" in options and options["address"] != self.address:
             raise ValueError(f"{self.name}: pass address= when creating the executor "
                              f"(e.g. {type(self).__name__}(address=...)) or use chainprod.cluster()")
-        timeout = _check_timeout(options.get("timeout", self.timeout))
-        retries = _check_retries(options.get("retries", self.retries))
+        timeout = check_timeout(options.get("timeout", self.timeout))
+        retries = check_retries(options.get("retries", self.retries))
         return timeout, retries
 
     def _resolve_workers(self, workers):
@@ -216,7 +215,7 @@ class DistributedExecutor(Executor):
         if schedule.length != len(blocks):
             raise ValueError(f"schedule is for L={schedule.length} factors, got {len(blocks)} blocks")
         P = self._resolve_workers(workers)
-        self._connect(P)
+        self.connect(P)
         wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
         part = partition(schedule, P)
         token = self._token(schedule.key, P, [s.array for s in blocks.segments])
@@ -268,7 +267,7 @@ class DistributedExecutor(Executor):
             raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
         if trace is not None:
             trace.schedule = sched
-        self._connect(P)
+        self.connect(P)
         wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
         part = partition(sched, P)
         payloads = remote_tasks.grad_payloads(tape, seed, part)
@@ -343,25 +342,6 @@ class GroupResult(ListResult):
                 if not ok.all():
                     bad.append(int(ks[~ok].min()))
         return min(bad) if bad else None
-
-
-def _check_timeout(timeout):
-    """``None`` or ``inf``: no timeout; else a positive number of seconds."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.integer, np.floating)) \
-            or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds (or None / float('inf') for no "
-                         f"timeout), got {timeout!r}")
-    if math.isinf(timeout):
-        return None  # engines take a finite number of seconds; inf means what None means
-    return float(timeout)
-
-
-def _check_retries(retries):
-    if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    return int(retries)
 
 
 def embedded_size(workers) -> int:

@@ -36,11 +36,11 @@ import time
 import ray
 import ray.exceptions as rex
 
-from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError
+from .._validate import check_timeout
+from ..errors import ClusterConnectionError, DistributedError, DistributedTimeoutError, first_line
 from ..planning.partition import TaskSpec
 from .distributed import (
     DistributedExecutor,
-    _check_timeout,
     check_reachable,
     embedded_size,
     make_temp_dir,
@@ -246,7 +246,7 @@ class RayExecutor(DistributedExecutor):
 
     name = "ray"
 
-    def _connect(self, workers):
+    def connect(self, workers):
         addr = self.address
         if addr is not None and not isinstance(addr, str):
             raise TypeError(f"ray: address must be a 'host:port' string or None, got {type(addr).__name__}")
@@ -281,7 +281,7 @@ class RayExecutor(DistributedExecutor):
                         rex.OwnerDiedError, rex.TaskUnschedulableError, rex.OutOfMemoryError) as e:
                     raise DistributedError(
                         f"ray: task {name!r} (or a task it depends on) failed: {type(e).__name__}: "
-                        f"{_first_line(e)}. A worker process died or its data was lost and Ray could not "
+                        f"{first_line(e)}. A worker process died or its data was lost and Ray could not "
                         f"recover it with retries={self._last_retries} (max_retries per task).",
                         "ray", name) from e
                 except rex.TaskCancelledError as e:
@@ -308,9 +308,6 @@ class RayExecutor(DistributedExecutor):
         return super().backward_remote(tape, seed, method=method, workers=workers, trace=trace, **options)
 
 
-def _first_line(e):
-    s = str(e).strip().splitlines()
-    return s[0] if s else ""
 
 
 @contextlib.contextmanager
@@ -321,7 +318,7 @@ def cluster(workers=None, address=None, *, timeout=None, retries=3, **ray_init_k
     passed to ``ray.init``) unless this process is already connected, or joins
     ``address``. Shuts down only a cluster this block started.
     """
-    started = ensure_ray(address, workers, timeout=_check_timeout(timeout), **ray_init_kwargs)
+    started = ensure_ray(address, workers, timeout=check_timeout(timeout), **ray_init_kwargs)
     try:
         yield RayExecutor(address=address, timeout=timeout, retries=retries, workers=workers)
     finally:

@@ -97,7 +97,7 @@ class DaskShards:
     reports_travel_with_values = True
 
     def __init__(self, executor, P):
-        self.client = executor._connect(P)
+        self.client = executor.connect(P)
         self.P = P
         self.model = uuid.uuid4().hex[:12]
         self.addr = [None] * P

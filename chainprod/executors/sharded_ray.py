@@ -21,7 +21,7 @@ import contextlib
 import ray
 import ray.exceptions as rex
 
-from ..errors import DistributedError, DistributedTimeoutError
+from ..errors import DistributedError, DistributedTimeoutError, first_line
 from .sharded_worker import ShardLost, ShardState
 
 __all__ = ["RayShards", "ShardLost"]
@@ -48,7 +48,7 @@ class RayShards:
     reports_travel_with_values = False
 
     def __init__(self, executor, P):
-        executor._connect(P)
+        executor.connect(P)
         self.P = P
         self.actors = [None] * P
 
@@ -81,16 +81,16 @@ class RayShards:
                 f"ray: the sharded step did not finish within timeout={deadline.timeout}s; calls already "
                 "queued on the shards still run. Raise timeout=.", "ray", "sharded step") from None
         except _LOST as e:
-            raise ShardLost(self._dead() or [b], f"{type(e).__name__}: {_first_line(e)}") from None
+            raise ShardLost(self._dead() or [b], f"{type(e).__name__}: {first_line(e)}") from None
         except rex.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, _LOST):
-                raise ShardLost(self._dead() or [b], f"{type(cause).__name__}: {_first_line(cause)}") from None
+                raise ShardLost(self._dead() or [b], f"{type(cause).__name__}: {first_line(cause)}") from None
             if isinstance(cause, Exception):
                 raise cause from None
-            raise DistributedError(f"ray: shard {b} failed: {_first_line(e)}", "ray", f"shard {b}") from None
+            raise DistributedError(f"ray: shard {b} failed: {first_line(e)}", "ray", f"shard {b}") from None
         except rex.RayError as e:
-            raise DistributedError(f"ray: shard {b} failed: {type(e).__name__}: {_first_line(e)}", "ray",
+            raise DistributedError(f"ray: shard {b} failed: {type(e).__name__}: {first_line(e)}", "ray",
                                    f"shard {b}") from None
         return out
 
@@ -120,6 +120,3 @@ class RayShards:
         self.actors = [None] * self.P
 
 
-def _first_line(e):
-    s = str(e).strip().splitlines()
-    return s[0] if s else type(e).__name__

@@ -32,7 +32,7 @@ import numpy as np
 from ..kernels import get_kernels
 from ..kernels.pack import PackedChain
 
-__all__ = ["ShardState", "ShardLost", "Reply", "shard_tables", "backprop_with_row_numpy", "chunk_product_numpy"]
+__all__ = ["ShardState", "ShardLost", "Reply", "payload_bytes", "shard_tables", "backprop_with_row_numpy", "chunk_product_numpy"]
 
 
 class ShardLost(Exception):
@@ -101,14 +101,14 @@ def _where() -> str:
     return f"{socket.gethostname()}/pid{os.getpid()}"
 
 
-def _nbytes(obj) -> int:
+def payload_bytes(obj) -> int:
     """numpy payload bytes in a value or report (what the trace counts as moved)."""
     if isinstance(obj, np.ndarray):
         return obj.nbytes
     if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(o) for o in obj)
+        return sum(payload_bytes(o) for o in obj)
     if isinstance(obj, dict):
-        return sum(_nbytes(o) for o in obj.values())
+        return sum(payload_bytes(o) for o in obj.values())
     return 0
 
 
@@ -173,13 +173,13 @@ class ShardState:
         self._events.append((rnd, _where(), t0, time.time(), 0, f"s{self.index}.{name}"))
 
     def _out(self, value, final=False):
-        self._sent += _nbytes(value)
+        self._sent += payload_bytes(value)
         if not final:
             return value, None
         report = {"shard": self.index, "events": self._events, "u_in": self._u_in,
                   "x_in": self.x_in if self.index > 0 else None, "loss": self._loss,
                   "bad_forward": self._bad[0], "bad_backward": self._bad[1], "step": self.grad_step}
-        report["sent"] = self._sent + _nbytes(report)
+        report["sent"] = self._sent + payload_bytes(report)
         return value, report
 
     def apply(self, updates):
