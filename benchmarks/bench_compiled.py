@@ -67,10 +67,10 @@ def test_forward_and_backprop_vs_plain_loop(benchmark, L):
     t_plain_f = best(lambda: plain_forward(Wt, b, x[0]))
     t_plain_b = best(lambda: plain_backward(Wt, x[0], Yp, np.ones(W)))
     tape = cp.forward(chain, x)
-    seed = np.ones((1, chain.d_out))  # the plain loop's seed: every output's gradient is 1
+    cotangent = np.ones((1, chain.d_out))  # the plain loop's cotangent: every output's gradient is 1
     t_f = best(lambda: cp.forward(chain, x))
-    benchmark.pedantic(lambda: cp.backward(tape, seed, method="backprop"), rounds=7, warmup_rounds=1)
-    t_b = best(lambda: cp.backward(tape, seed, method="backprop"))
+    benchmark.pedantic(lambda: cp.backward(tape, cotangent, method="backprop"), rounds=7, warmup_rounds=1)
+    t_b = best(lambda: cp.backward(tape, cotangent, method="backprop"))
     print(f"\n  L={L}: cp.forward {t_f * 1e3:.3f} ms vs plain {t_plain_f * 1e3:.3f} ms; "
           f"cp.backward(backprop) {t_b * 1e3:.3f} ms vs plain {t_plain_b * 1e3:.3f} ms")
     say(f"forward / plain @njit, L={L}", t_f / t_plain_f, "<= 1.5x", t_f / t_plain_f <= 1.5)
@@ -109,8 +109,9 @@ def test_heterogeneous_per_layer(benchmark, method, workers):
     for name in ("uniform", "acts", "widths"):
         chain = chain_of(name, L)
         tape = cp.forward(chain, np.ones((1, chain.d_in)))
-        seed = np.ones((1, chain.d_out))
-        times[name] = best(lambda tape=tape, seed=seed: cp.backward(tape, seed, **kw), repeats=5) / len(chain)
+        cotangent = np.ones((1, chain.d_out))
+        run = lambda tape=tape, ct=cotangent: cp.backward(tape, ct, **kw)  # noqa: E731
+        times[name] = best(run, repeats=5) / len(chain)
     benchmark.pedantic(lambda: None, rounds=1)
     print(f"\n  {method}: per layer uniform {times['uniform'] * 1e9:.0f} ns, "
           f"activations {times['acts'] * 1e9:.0f} ns, widths 8/12/16 {times['widths'] * 1e9:.0f} ns")
@@ -129,15 +130,15 @@ def test_scan_vs_brent_bound(benchmark, method, P):
     L = 4096
     chain = uniform_mlp(L)
     tape = cp.forward(chain, np.ones((1, W)))
-    seed = np.ones((1, W))
+    cotangent = np.ones((1, W))
     pc, Y = pack(chain), tape.flat
     sched = cp.schedule(method, L - 1, workers=P)
-    t = best(lambda: scan_rows(pc, Y, seed, sched, workers=P))
+    t = best(lambda: scan_rows(pc, Y, cotangent, sched, workers=P))
     benchmark.pedantic(lambda: None, rounds=1)
     # per-op costs from the same kernel: a sequential scan is L-1 thin ops; a
     # chain whose every op is square (no head) gives the square cost
     seq = cp.schedule("sequential", L - 1)
-    t_thin = best(lambda: scan_rows(pc, Y, seed, seq, workers=1)) / (L - 2)
+    t_thin = best(lambda: scan_rows(pc, Y, cotangent, seq, workers=1)) / (L - 2)
     sq_chain = uniform_mlp(257)
     tp = cp.forward(sq_chain, np.ones((1, W)))
     sk = cp.schedule("sklansky", 256)
@@ -169,13 +170,13 @@ def status(field):  # kB, from the kernel's own accounting of this process
 structure, L, w, method = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 chain = cp.mlp([w] * L + [1]) if structure == "dense" else cp.diagonal_chain(L - 1, w)
 tape = cp.forward(chain, np.ones((1, w)))
-seed = cp.loss_seed(tape)[1]
+cotangent = cp.loss_cotangent(tape)[1]
 small = cp.mlp([w] * 8 + [1]) if structure == "dense" else cp.diagonal_chain(7, w)
 t2 = cp.forward(small, np.ones((1, w)))
-cp.backward(t2, cp.loss_seed(t2)[1], method=method, backend="threads", workers=2)  # kernels loaded
+cp.backward(t2, cp.loss_cotangent(t2)[1], method=method, backend="threads", workers=2)  # kernels loaded
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current resident size
 before = status("VmRSS")
-cp.backward(tape, seed, method=method, backend="threads", workers=2)
+cp.backward(tape, cotangent, method=method, backend="threads", workers=2)
 per = w * w if structure == "dense" else w
 print(json.dumps({"peak": status("VmHWM") - before, "jacobians": (L - 2) * per * 8}))
 """

@@ -7,7 +7,7 @@ is the sweep's own (:func:`chainprod._timing.torch_model`).
 
 import numpy as np
 import pytest
-from conftest import tape_and_seed
+from conftest import tape_and_cotangent
 from presets import preset_problems
 
 import chainprod as cp
@@ -29,10 +29,10 @@ def test_backward(benchmark, problem, backend, method):
     if backend == "serial" and L > 1024:
         pytest.skip("serial is the yardstick, not a contender, at this size")
     chain = build_chain(s, L, w, dt, 0)
-    tape, seed = tape_and_seed(chain, np.ones((N, w), dtype=dt))
+    tape, cotangent = tape_and_cotangent(chain, np.ones((N, w), dtype=dt))
     kw = {} if method == "backprop" else {"backend": backend, "workers": 2}
     benchmark.group = f"backward {s} L={L} w={w} N={N}"
-    benchmark(cp.backward, tape, seed, method=method, **kw)
+    benchmark(cp.backward, tape, cotangent, method=method, **kw)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: f"{p[0]}-L{p[1]}-w{p[2]}-N{p[3]}")
@@ -42,9 +42,9 @@ def test_numpy_backprop_backward(benchmark, problem):
     s, L, w, N, dt = problem
     chain = build_chain(s, L, w, dt, 0)
     tape = cp.forward(chain, np.ones((N, w), dtype=dt), kernels="numpy")
-    seed = cp.loss_seed(tape)[1]
+    cotangent = cp.loss_cotangent(tape)[1]
     benchmark.group = f"backward {s} L={L} w={w} N={N}"
-    benchmark(cp.backward, tape, seed, method="backprop", kernels="numpy")
+    benchmark(cp.backward, tape, cotangent, method="backprop", kernels="numpy")
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=lambda p: f"{p[0]}-L{p[1]}-w{p[2]}-N{p[3]}")

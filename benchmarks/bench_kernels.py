@@ -50,11 +50,11 @@ def plain_forward(Wt, b, x):
 
 
 @njit(cache=True)
-def plain_backward(Wt, x, Y, seed):
+def plain_backward(Wt, x, Y, cotangent):
     L, w = Y.shape
     dW = np.empty_like(Wt)
     db = np.empty_like(Y)
-    g = seed.copy()
+    g = cotangent.copy()
     gn = np.empty(w)
     d = np.empty(w)
     for l in range(L - 1, -1, -1):
@@ -107,10 +107,10 @@ def _problem(name, L):
     chain = CHAINS[name](L)
     pc = pack(chain)
     x = np.full((1, chain.d_in), 0.5)
-    seed = np.ones((1, chain.d_out))
+    cotangent = np.ones((1, chain.d_out))
     Y, bad = get_kernels("numba").forward(pc, x)
     assert bad == -1
-    return chain, pc, x, seed, Y
+    return chain, pc, x, cotangent, Y
 
 
 def _record(benchmark, case, impl, L, n_params):
@@ -120,7 +120,7 @@ def _record(benchmark, case, impl, L, n_params):
 # -- yardstick -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("L", [4096, 65536])
 def test_plain_njit_forward(benchmark, L):
-    chain, pc, x, seed, Y = _problem("uniform", L)
+    chain, pc, x, cotangent, Y = _problem("uniform", L)
     Wt = np.stack([ly.params[0] for ly in chain.layers])
     b = np.stack([ly.params[1] for ly in chain.layers])
     Yp = plain_forward(Wt, b, x[0])
@@ -132,13 +132,13 @@ def test_plain_njit_forward(benchmark, L):
 
 @pytest.mark.parametrize("L", [4096, 65536])
 def test_plain_njit_backward(benchmark, L):
-    chain, pc, x, seed, Y = _problem("uniform", L)
+    chain, pc, x, cotangent, Y = _problem("uniform", L)
     Wt = np.stack([ly.params[0] for ly in chain.layers])
     Y2 = Y.reshape(L, W)
-    dW, db = plain_backward(Wt, x[0], Y2, seed[0].repeat(W))
+    dW, db = plain_backward(Wt, x[0], Y2, cotangent[0].repeat(W))
     assert np.isfinite(dW).all()
     benchmark.group = f"backprop tanh MLP w=8 L={L} N=1"
-    benchmark(plain_backward, Wt, x[0], Y2, seed[0].repeat(W))
+    benchmark(plain_backward, Wt, x[0], Y2, cotangent[0].repeat(W))
     _record(benchmark, f"backprop L={L}", "plain", L, pc.n_params)
 
 
@@ -148,7 +148,7 @@ CASES = [("uniform", 4096), ("uniform", 65536), ("acts", 4096), ("widths", 4096)
 
 @pytest.mark.parametrize("name,L", CASES, ids=[f"{n}-L{L}" for n, L in CASES])
 def test_kernel_forward(benchmark, name, L):
-    chain, pc, x, seed, Y = _problem(name, L)
+    chain, pc, x, cotangent, Y = _problem(name, L)
     k = get_kernels("numba")
     benchmark.group = f"forward tanh MLP w=8 L={L} N=1" if name == "uniform" else f"forward {name} L={L} N=1"
     benchmark(k.forward, pc, x)
@@ -157,11 +157,11 @@ def test_kernel_forward(benchmark, name, L):
 
 @pytest.mark.parametrize("name,L", CASES, ids=[f"{n}-L{L}" for n, L in CASES])
 def test_kernel_backprop(benchmark, name, L):
-    chain, pc, x, seed, Y = _problem(name, L)
+    chain, pc, x, cotangent, Y = _problem(name, L)
     k = get_kernels("numba")
-    seed = np.ones((1, chain.d_out))
+    cotangent = np.ones((1, chain.d_out))
     benchmark.group = f"backprop tanh MLP w=8 L={L} N=1" if name == "uniform" else f"backprop {name} L={L} N=1"
-    benchmark(k.backprop, pc, x, Y, seed)
+    benchmark(k.backprop, pc, x, Y, cotangent)
     _record(benchmark, f"backprop L={L}" if name == "uniform" else f"backprop {name} L={L}", "numba", L,
             pc.n_params)
 
@@ -169,7 +169,7 @@ def test_kernel_backprop(benchmark, name, L):
 @pytest.mark.parametrize("L", [4096, 65536])
 def test_kernel_param_grads(benchmark, L):
     """The VJP step of a scan path: every layer independent, ``prange`` over layers (2 threads here)."""
-    chain, pc, x, seed, Y = _problem("uniform", L)
+    chain, pc, x, cotangent, Y = _problem("uniform", L)
     V = np.ones_like(Y)
     k = get_kernels("numba")
     benchmark.group = f"param_grads tanh MLP w=8 L={L} N=1"
@@ -180,7 +180,7 @@ def test_kernel_param_grads(benchmark, L):
 # -- numpy paths, for orientation ----------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["cp.forward", "numpy kernels"])
 def test_numpy_forward(benchmark, impl):
-    chain, pc, x, seed, Y = _problem("uniform", 4096)
+    chain, pc, x, cotangent, Y = _problem("uniform", 4096)
     benchmark.group = "forward tanh MLP w=8 L=4096 N=1"
     if impl == "cp.forward":
         benchmark(cp.forward, chain, x)
@@ -191,13 +191,13 @@ def test_numpy_forward(benchmark, impl):
 
 @pytest.mark.parametrize("impl", ["cp.backward", "numpy kernels"])
 def test_numpy_backprop(benchmark, impl):
-    chain, pc, x, seed, Y = _problem("uniform", 4096)
+    chain, pc, x, cotangent, Y = _problem("uniform", 4096)
     benchmark.group = "backprop tanh MLP w=8 L=4096 N=1"
     if impl == "cp.backward":
         tape = cp.forward(chain, x)
-        benchmark(cp.backward, tape, seed, method="backprop")
+        benchmark(cp.backward, tape, cotangent, method="backprop")
     else:
-        benchmark(get_kernels("numpy").backprop, pc, x, Y, seed)
+        benchmark(get_kernels("numpy").backprop, pc, x, Y, cotangent)
     _record(benchmark, "backprop L=4096", impl, 4096, pc.n_params)
 
 
@@ -210,13 +210,13 @@ def test_interleaved_ratios(benchmark, L):
     """
     import time
 
-    chain, pc, x, seed, Y = _problem("uniform", L)
+    chain, pc, x, cotangent, Y = _problem("uniform", L)
     k = get_kernels("numba")
     Wt = np.stack([ly.params[0] for ly in chain.layers])
     b = np.stack([ly.params[1] for ly in chain.layers])
-    Y2, s8 = Y.reshape(L, W), seed[0].repeat(W)
+    Y2, s8 = Y.reshape(L, W), cotangent[0].repeat(W)
     pairs = {"forward": (lambda: k.forward(pc, x), lambda: plain_forward(Wt, b, x[0])),
-             "backprop": (lambda: k.backprop(pc, x, Y, seed), lambda: plain_backward(Wt, x[0], Y2, s8))}
+             "backprop": (lambda: k.backprop(pc, x, Y, cotangent), lambda: plain_backward(Wt, x[0], Y2, s8))}
     reps = 30 if L <= 4096 else 8
     for what, (ours, plain) in pairs.items():
         best = [np.inf, np.inf]

@@ -34,7 +34,7 @@ import pytest
 
 import chainprod as cp
 from chainprod.kernels import pack
-from chainprod.kernels.scan import _compiled, plan_for, position_specs, scan_rows
+from chainprod.kernels.scan import compiled_scan_kernel, plan_for, position_specs, scan_rows
 from chainprod.planning.flat import bind_flat
 from chainprod.schedules import Round, Schedule
 
@@ -73,29 +73,29 @@ def _best(f, repeats=5):
 
 
 def _case(name):
-    """Chain, packed chain, flat tape, seed and the measured per-op costs (built once per case)."""
+    """Chain, packed chain, flat tape, cotangent and the measured per-op costs (built once per case)."""
     if name in _STATE:
         return _STATE[name]
     chain = CASES[name]()
     x = np.random.default_rng(1).standard_normal((1, chain.d_in))
     tape = cp.forward(chain, x)
     Y = np.concatenate([o.reshape(-1) for o in tape.outputs])
-    seed = np.ones((1, chain.d_out))
+    cotangent = np.ones((1, chain.d_out))
     pc = pack(chain)
-    st = dict(chain=chain, tape=tape, pc=pc, Y=Y, seed=seed)
-    st["costs"] = _measure_costs(pc, Y, seed)
-    st["backprop"] = _best(lambda: cp.backward(tape, seed, method="backprop"), 3)
+    st = dict(chain=chain, tape=tape, pc=pc, Y=Y, cotangent=cotangent)
+    st["costs"] = _measure_costs(pc, Y, cotangent)
+    st["backprop"] = _best(lambda: cp.backward(tape, cotangent, method="backprop"), 3)
     _STATE[name] = st
     return st
 
 
-def _kernel_time(pc, Y, seed, plan, workers=1, stage_ptr=None, repeats=5):
-    k = _compiled()["scan"]
+def _kernel_time(pc, Y, cotangent, plan, workers=1, stage_ptr=None, repeats=5):
+    k = compiled_scan_kernel()
     V = np.empty_like(Y)
     sp = plan.stage_ptr if stage_ptr is None else stage_ptr
 
     def call():
-        return k(pc.theta, pc.p_off, pc.kind, pc.act, pc.d_in, pc.d_out, pc.y_off, Y, seed,
+        return k(pc.theta, pc.p_off, pc.kind, pc.act, pc.d_in, pc.d_out, pc.y_off, Y, cotangent,
                  plan.slot_off, plan.op_left, plan.op_right, plan.op_out, plan.op_code, plan.op_m,
                  plan.op_k, plan.op_n, plan.op_tmp, plan.lane_ptr, plan.lane_cum, plan.lane_mid,
                  sp, plan.stage_parallel, plan.out_off, plan.buf_size, plan.max_tmp, workers, False, V)
@@ -109,14 +109,14 @@ def _op_class(plan):
     return np.where(plan.op_code == 0, np.where(plan.op_m == 1, 0, 1), 2)
 
 
-def _measure_costs(pc, Y, seed):
+def _measure_costs(pc, Y, cotangent):
     """Seconds per flop of each op class, and the time to form blocks + copy rows, on one thread."""
     L = pc.L
     seq = cp.schedule("sequential", L - 1)
     plan = plan_for(pc, seq, 1)
     empty = np.zeros(1, dtype=np.int64)
-    t_form = _kernel_time(pc, Y, seed, plan, stage_ptr=empty)
-    t_seq = _kernel_time(pc, Y, seed, plan)
+    t_form = _kernel_time(pc, Y, cotangent, plan, stage_ptr=empty)
+    t_seq = _kernel_time(pc, Y, cotangent, plan)
     cls = _op_class(plan)
     rate = {}
     # the thin ops of a sequential scan: vector-matrix (dense) or vector * diagonal
@@ -128,7 +128,7 @@ def _measure_costs(pc, Y, seed):
     sq = Schedule("sequential+interior", L - 1, L - 1 + p.size, (extra, *seq.steps), seq.outputs)
     kinds, rows, cols = position_specs(pc)
     plan_sq = bind_flat(sq, kinds, rows, cols, batch=1, parallel_min_flops=np.inf)
-    t_sq = _kernel_time(pc, Y, seed, plan_sq)
+    t_sq = _kernel_time(pc, Y, cotangent, plan_sq)
     first = plan_sq.op_round == 0
     sq_cls = int(np.bincount(_op_class(plan_sq)[first], minlength=3).argmax())
     rate[sq_cls] = (t_sq - t_seq) / plan_sq.op_flops[first].sum()
@@ -153,12 +153,12 @@ def brent_bound(plan, costs, P):
 @pytest.mark.parametrize("case", list(CASES))
 def test_scan_kernel(benchmark, case, method, workers):
     st = _case(case)
-    pc, Y, seed = st["pc"], st["Y"], st["seed"]
+    pc, Y, cotangent = st["pc"], st["Y"], st["cotangent"]
     sched = cp.schedule(method, pc.L - 1, workers=workers)
     plan = plan_for(pc, sched, 1)
-    scan_rows(pc, Y, seed, sched, workers=workers)  # plan cached, kernel loaded
+    scan_rows(pc, Y, cotangent, sched, workers=workers)  # plan cached, kernel loaded
     benchmark.group = f"scan kernels: {case}"
-    benchmark.pedantic(scan_rows, args=(pc, Y, seed, sched), kwargs={"workers": workers}, rounds=5,
+    benchmark.pedantic(scan_rows, args=(pc, Y, cotangent, sched), kwargs={"workers": workers}, rounds=5,
                        iterations=1, warmup_rounds=1)
     t = benchmark.stats.stats.min
     bound = brent_bound(plan, st["costs"], workers)

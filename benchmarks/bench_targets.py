@@ -14,7 +14,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import tape_and_seed
+from conftest import tape_and_cotangent
 
 import chainprod as cp
 
@@ -35,28 +35,28 @@ def _median(fn, repeats=5):
 @pytest.fixture(scope="module")
 def mlp_tape():
     chain = cp.mlp([8] * L_BIG + [1])
-    return tape_and_seed(chain, np.ones((1, 8)))
+    return tape_and_cotangent(chain, np.ones((1, 8)))
 
 
 @pytest.fixture(scope="module")
 def diag_tape():
     chain = cp.diagonal_chain(L_BIG - 1, 32)
-    return tape_and_seed(chain, np.ones((1, 32)))
+    return tape_and_cotangent(chain, np.ones((1, 32)))
 
 
 @pytest.mark.parametrize("which,target", [("mlp", 5.0), ("diag", 10.0)])
 def test_grad_target(benchmark, which, target, mlp_tape, diag_tape, request):
-    tape, seed = mlp_tape if which == "mlp" else diag_tape
-    cp.backward(tape, seed, method="backprop")
-    bp = _median(lambda: cp.backward(tape, seed, method="backprop"))
+    tape, cotangent = mlp_tape if which == "mlp" else diag_tape
+    cp.backward(tape, cotangent, method="backprop")
+    bp = _median(lambda: cp.backward(tape, cotangent, method="backprop"))
     best = None
     for m in SCANS:
-        cp.backward(tape, seed, method=m)  # bind the plan
-        t = _median(lambda m=m: cp.backward(tape, seed, method=m))
+        cp.backward(tape, cotangent, method=m)  # bind the plan
+        t = _median(lambda m=m: cp.backward(tape, cotangent, method=m))
         if best is None or t < best[0]:
             best = (t, m)
     benchmark.group = f"target: {which}"
-    benchmark.pedantic(cp.backward, args=(tape, seed), kwargs={"method": best[1]}, rounds=3)
+    benchmark.pedantic(cp.backward, args=(tape, cotangent), kwargs={"method": best[1]}, rounds=3)
     ratio = bp / best[0]
     RESULTS[which] = (ratio, target, best[1], bp, best[0])
     print(f"\n[{which} L={L_BIG}] backprop {bp * 1e3:.1f} ms, best scan {best[1]} {best[0] * 1e3:.1f} ms: "
@@ -102,11 +102,11 @@ def test_suffix_products_vs_jax(benchmark, w, target):
 
 @pytest.mark.parametrize("which", ["mlp", "diag"])
 def test_peak_memory(benchmark, which, mlp_tape, diag_tape):
-    tape, seed = mlp_tape if which == "mlp" else diag_tape
+    tape, cotangent = mlp_tape if which == "mlp" else diag_tape
     w = 8 if which == "mlp" else 32
     jac_bytes = (L_BIG * w * w if which == "mlp" else L_BIG * w) * 8
     tracemalloc.start()
-    cp.backward(tape, seed, method="brent_kung")
+    cp.backward(tape, cotangent, method="brent_kung")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     print(f"\n[{which}] peak {peak / 1e6:.1f} MB vs Jacobians {jac_bytes / 1e6:.1f} MB: "

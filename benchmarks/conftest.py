@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 import chainprod as cp
-from chainprod.grad import loss_seed
+from chainprod.grad import loss_cotangent
 
 
-def tape_and_seed(chain, x):
+def tape_and_cotangent(chain, x):
     tape = cp.forward(chain, x)
-    _, seed = loss_seed(tape, None, None)
-    return tape, seed
+    _, cotangent = loss_cotangent(tape, None, None)
+    return tape, cotangent
 
 
 @pytest.fixture(scope="session")

@@ -18,22 +18,40 @@ from ._caches import clear_caches
 from ._version import __version__
 from .blocks import BlockSeq, Diag, Segment
 from .check import check_grad, numerical_grad
-from .errors import NonFiniteError
-from .executors import Trace, cluster, get_executor, valid_backends
-from .grad import backward, forward, grad, loss_seed, value_and_grad
+
+# ``schedule`` and ``valid_schedules`` are the cost level's: they know ``"auto"``, which the
+# plain registry (``SCHEDULES``, ``chainprod.schedules.schedule``) does not.
+from .cost import resolve_schedule as schedule
+from .cost import valid_schedules
+from .errors import (
+    ClusterConnectionError,
+    DistributedError,
+    DistributedTimeoutError,
+    GradientCheckError,
+    NonFiniteError,
+    UnsupportedModuleError,
+)
+from .executors import Executor, Trace, cluster, get_executor, register_executor, valid_backends
+from .grad import backward, forward, grad, loss_cotangent, loss_seed, value_and_grad
+from .kernels import LayerGrads
 from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
 from .plan import Plan, plan
 from .products import product, suffix_products
-from .schedules import SCHEDULES, Schedule, ScheduleError, register_schedule, schedule
-from .schedules import valid_methods as valid_schedules
-from .shard import shard
+from .schedules import SCHEDULES, Schedule, ScheduleError, ScheduleInfo, register_schedule
+from .shard import ShardedGrads, ShardedModel, ShardTrace, shard
+from .tape import Tape
 
+#: Every public function's return and error types are here too, so users can
+#: name them in annotations and ``except`` clauses without knowing the module.
 __all__ = [
-    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "Dense", "Diag", "Diagonal", "NonFiniteError", "Plan",
-    "Schedule", "ScheduleError", "Segment", "Trace", "__version__", "backward", "check_grad", "clear_caches",
-    "cluster", "cost", "diagonal_chain", "errors", "forward", "from_torch", "get_executor", "grad", "loss_seed",
-    "mlp", "numerical_grad", "plan", "product", "register_schedule", "schedule", "shard", "suffix_products",
-    "torch_backward", "valid_backends", "valid_schedules", "value_and_grad",
+    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "ClusterConnectionError", "Dense", "Diag", "Diagonal",
+    "DistributedError", "DistributedTimeoutError", "Executor", "GradientCheckError", "LayerGrads",
+    "NonFiniteError", "Plan", "Schedule", "ScheduleError", "ScheduleInfo", "Segment", "ShardTrace",
+    "ShardedGrads", "ShardedModel", "Tape", "Trace", "UnsupportedModuleError", "__version__", "backward",
+    "check_grad", "clear_caches", "cluster", "cost", "diagonal_chain", "errors", "forward", "from_torch",
+    "get_executor", "grad", "loss_cotangent", "loss_seed", "mlp", "numerical_grad", "plan", "product",
+    "register_executor", "register_schedule", "schedule", "shard", "suffix_products", "torch_backward",
+    "valid_backends", "valid_schedules", "value_and_grad",
 ]
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .executors import Trace
-from .grad import backward, forward, loss_seed
+from .grad import backward, forward, loss_cotangent
 from .layers import Dense, Diagonal
 
 __all__ = ["Timing", "machine_info", "library_versions", "machine_label", "median_time", "summarize",
@@ -173,16 +173,16 @@ def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", work
     fkw = _kernels_kw(forward, kernels)
     tr = Trace(backend=backend, workers=workers) if trace else None
     tape = forward(chain, x, **fkw)
-    backward(tape, loss_seed(tape)[1], method=method, trace=tr, **kw)
+    backward(tape, loss_cotangent(tape)[1], method=method, trace=tr, **kw)
     # A second untimed run: the first one on a new chain also pays first-touch page faults of
     # its output arrays, which would otherwise land in the first timed repeat of whichever
     # configuration happens to be measured first.
     tape = forward(chain, x, **fkw)
-    backward(tape, loss_seed(tape)[1], method=method, **kw)
+    backward(tape, loss_cotangent(tape)[1], method=method, **kw)
 
     def run_forward():
         tape = forward(chain, x, **fkw)
-        return tape, loss_seed(tape)[1]
+        return tape, loss_cotangent(tape)[1]
 
     timing = time_passes(run_forward, lambda state: backward(*state, method=method, **kw), repeats)
     timing.trace = tr
@@ -235,7 +235,7 @@ def jax_model(chain):
 
     The body runs as one ``lax.scan`` step per layer (dense: ``act(h @ W.T + b)``;
     diagonal: ``act(a * h + b)``), then the readout; ``loss(params, x)`` is
-    the sum over the batch of the scalar output, as ``loss_seed`` takes it.
+    the sum over the batch of the scalar output, as ``loss_cotangent`` takes it.
     Turns on ``jax_enable_x64`` for a float64 chain.
     """
     import jax

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -73,3 +74,19 @@ def check_retries(retries):
     if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     return int(retries)
+
+
+def renamed_argument(where: str, new_name: str, new, old_name: str, old):
+    """The value of an argument passed under its new name, or under its deprecated old one (warns).
+
+    Passing both is a ``TypeError``; the old name keeps working for one
+    release, with a ``DeprecationWarning`` that says what replaces it.
+    """
+    if old is None:
+        return new
+    if new is not None:
+        raise TypeError(f"{where}() got both {new_name} and its deprecated old name {old_name}; "
+                        f"pass {new_name} only")
+    warnings.warn(f"{where}({old_name}=...) is deprecated; the argument is now called {new_name}=",
+                  DeprecationWarning, stacklevel=3)
+    return old

@@ -20,7 +20,7 @@ The choice is kept per chain shape (runs of kind, activation, widths),
 batch size, dtype, worker count, kernels and library version: in memory,
 and on disk beside the cost model (``$CHAINPROD_AUTO_CACHE`` overrides), so
 a machine measures each problem once. On the numpy reference and on Ray or
-Dask, ``auto`` asks the cost model instead (:func:`chainprod.cost.choose_schedule`).
+Dask, ``auto`` asks the cost model instead (:func:`chainprod.cost.resolve_schedule`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from . import backward_compiled
 from ._caches import PlanCache
 from ._version import __version__
 from .backward_numpy import jacobian_shapes
-from .cost import auto_runs_backprop, model_path
+from .cost import AUTO, auto_runs_backprop, model_path, resolve_schedule
 from .schedules import block_spec, schedule, sequential_flops
 
 __all__ = ["COMPILED_BACKENDS", "choose_method", "auto_cache_path", "FLOP_MARGIN", "REPEATS"]
@@ -50,23 +50,39 @@ REPEATS = 3
 _CHOICES = PlanCache(maxsize=256)
 
 
-def choose_method(tape, seed, method, backend, workers, kernels):
-    """``"backprop"`` or the :class:`~chainprod.schedules.Schedule` that ``method`` means here."""
+def choose_method(tape, cotangent, method, backend, workers, kernels):
+    """``"backprop"`` or the :class:`~chainprod.schedules.Schedule` that ``method`` means here.
+
+    Parameters
+    ----------
+    tape : Tape
+    cotangent : ndarray
+        ``dloss/dx_L``: ``auto`` on the compiled kernels measures its candidates on it.
+    method : str or Schedule or callable
+        ``"backprop"``, ``"auto"``, a schedule name, a Schedule or a builder.
+    backend, workers, kernels
+        As in :func:`chainprod.grad`.
+
+    Returns
+    -------
+    Schedule or str
+        A Schedule, or ``"backprop"`` (asked for, or what ``auto`` chose).
+    """
     L = len(tape.chain)
     if (isinstance(method, str) and method == "backprop") or L < 2:
         return "backprop"
-    is_auto = isinstance(method, str) and method == "auto"
+    is_auto = isinstance(method, str) and method == AUTO
     if is_auto and kernels != "numpy" and isinstance(backend, str) and backend in COMPILED_BACKENDS:
         P = workers or COMPILED_BACKENDS[backend]()
         key = _key(tape, P, kernels)  # a hit costs this key and one dict lookup: auto is free after the first call
-        return _CHOICES.get(key, lambda: _from_disk(key, L) or _measure(tape, seed, P, kernels, key))
+        return _CHOICES.get(key, lambda: _from_disk(key, L) or _measure(tape, cotangent, P, kernels, key))
     shapes = jacobian_shapes(tape.chain, tape.batch)
+    sched = resolve_schedule(method, L - 1, workers=workers, blocks=shapes, backend=backend)
     if not is_auto:
-        return schedule(method, L - 1, workers=workers, blocks=shapes, backend=backend)
+        return sched
     # The model's best scan; when that is the sequential one no parallel
     # schedule pays for its extra work and backprop does the same order
     # without forming Jacobians.
-    sched = schedule("auto", L - 1, workers=workers, blocks=shapes, backend=backend)
     return "backprop" if auto_runs_backprop(sched, backend) else sched
 
 
@@ -95,25 +111,25 @@ def _candidates(L, shapes, P, backend):
         s = schedule(name, L - 1, workers=P)
         seen.add(s.key)
         yield s
-    modelled = schedule("auto", L - 1, workers=P, blocks=shapes, backend="threads" if P > 1 else "vectorized")
+    modelled = resolve_schedule(AUTO, L - 1, workers=P, blocks=shapes, backend="threads" if P > 1 else "vectorized")
     if modelled.key not in seen and modelled.name != "sequential":
         yield modelled
 
 
-def _measure(tape, seed, P, kernels, key):
+def _measure(tape, cotangent, P, kernels, key):
     L = len(tape.chain)
     shapes = jacobian_shapes(tape.chain, tape.batch)
     seq = sequential_flops(block_spec(shapes, L - 1))
-    runs = {"backprop": lambda: backward_compiled.backprop_grads(tape, seed, kernels)}
-    plans = {"backprop": "backprop"}
+    runs = {"backprop": lambda: backward_compiled.backprop_grads(tape, cotangent, kernels)}
+    choices = {"backprop": "backprop"}
     for s in _candidates(L, shapes, P, "threads"):
         if s.flops(shapes) / P <= FLOP_MARGIN * max(seq, 1.0):
             name = f"{s.name}{dict(s.options) or ''}"
-            runs[name] = lambda s=s: backward_compiled.scan_grads(tape, seed, s, P, None, kernels)
-            plans[name] = s
+            runs[name] = lambda s=s: backward_compiled.scan_grads(tape, cotangent, s, P, None, kernels)
+            choices[name] = s
     best = min(runs, key=lambda name: _best_time(runs[name]))
-    _to_disk(key, plans[best])
-    return plans[best]
+    _to_disk(key, choices[best])
+    return choices[best]
 
 
 def _best_time(fn) -> float:
@@ -157,8 +173,9 @@ def _from_disk(key, L):
         return None
 
 
-def _to_disk(key, plan):
-    entry = {"method": "backprop"} if plan == "backprop" else {"method": plan.name, "options": dict(plan.options)}
+def _to_disk(key, choice):
+    entry = ({"method": "backprop"} if choice == "backprop" else
+             {"method": choice.name, "options": dict(choice.options)})
     data = _read_disk()
     data[_digest(key)] = entry
     path = auto_cache_path()

@@ -24,13 +24,13 @@ from .tape import Tape, flat_tape
 __all__ = ["backprop_grads", "scan_grads"]
 
 
-def backprop_grads(tape: Tape, seed, kernels="numba") -> list[tuple]:
+def backprop_grads(tape: Tape, cotangent, kernels="numba") -> list[tuple]:
     """Per-layer gradients by the compiled sequential backprop loop."""
     pc, x, Y = flat_tape(tape)
-    grads, bad = get_kernels(kernels).backprop(pc, x, Y, np.ascontiguousarray(seed))
+    grads, bad = get_kernels(kernels).backprop(pc, x, Y, np.ascontiguousarray(cotangent))
     L = pc.L
     if bad >= 0:
-        # delta_bad = v_bad * act' and v_bad = seed . A_{L-1} ... A_{bad+1}
+        # delta_bad = v_bad * act' and v_bad = cotangent . A_{L-1} ... A_{bad+1}
         first = bad + 1
         raise NonFiniteError(
             f"backprop produced a non-finite gradient: the product of the input Jacobians of "
@@ -38,12 +38,12 @@ def backprop_grads(tape: Tape, seed, kernels="numba") -> list[tuple]:
     return _checked(pc, grads)
 
 
-def scan_grads(tape: Tape, seed, sched, workers, trace, kernels="numba") -> list[tuple]:
+def scan_grads(tape: Tape, cotangent, sched, workers, trace, kernels="numba") -> list[tuple]:
     """Per-layer gradients with every ``v_l`` from one compiled scan of ``sched`` on ``workers`` threads."""
     pc, x, Y = flat_tape(tape)
     L = pc.L
     t0 = trace.clock() if trace is not None else 0.0
-    V, bad = scan_rows(pc, Y, np.ascontiguousarray(seed), sched, workers=workers, kernels=kernels)
+    V, bad = scan_rows(pc, Y, np.ascontiguousarray(cotangent), sched, workers=workers, kernels=kernels)
     if trace is not None:
         # one kernel call runs every round: the trace records it as one task
         trace.add(TraceEvent(0, f"{kernels}-threads", t0, trace.clock(), sched.num_ops, "compiled scan"))

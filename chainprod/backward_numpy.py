@@ -1,12 +1,12 @@
 """The numpy reference backward pass: backprop and scans through the executors.
 
-Backprop forms ``v_l = seed . A_L ... A_{l+1}`` one layer after another,
+Backprop forms ``v_l = cotangent . A_L ... A_{l+1}`` one layer after another,
 one vector-Jacobian product per layer, no Jacobian matrix. A scan forms the
 Jacobians of a whole run in one batched call and hands them, in scan order,
 to an executor::
 
-    scan order:  [seed . A_L,  A_{L-1},  A_{L-2},  ...,  A_2]
-    prefix [0,k] = seed . A_L ... A_{L-k} = v_{L-k-1}
+    scan order:  [cotangent . A_L,  A_{L-1},  A_{L-2},  ...,  A_2]
+    prefix [0,k] = cotangent . A_L ... A_{L-k} = v_{L-k-1}
 
 Position 0 is a thin ``1 x w`` block, so every prefix is thin too. This is
 the path of ``kernels="numpy"`` and of the ``serial`` backend, and the
@@ -25,14 +25,14 @@ from .tape import Tape
 __all__ = ["backprop_grads", "scan_grads", "jacobian_shapes"]
 
 
-def backprop_grads(tape: Tape, seed) -> list[tuple]:
+def backprop_grads(tape: Tape, cotangent) -> list[tuple]:
     """Per-layer gradients by sequential backprop (numpy)."""
-    return _param_grads(tape, _backprop_deltas(tape, seed))
+    return _param_grads(tape, _backprop_deltas(tape, cotangent))
 
 
-def scan_grads(tape: Tape, seed, sched, backend, workers, trace, engine_options) -> list[tuple]:
+def scan_grads(tape: Tape, cotangent, sched, backend, workers, trace, engine_options) -> list[tuple]:
     """Per-layer gradients with every ``v_l`` from one scan of ``sched`` on an executor."""
-    return _param_grads(tape, _scan_deltas(tape, seed, sched, backend, workers, trace, engine_options))
+    return _param_grads(tape, _scan_deltas(tape, cotangent, sched, backend, workers, trace, engine_options))
 
 
 def _param_grads(tape, deltas):
@@ -85,10 +85,10 @@ def _derivs(tape, r):
     return run.cls.derivs(tape.outputs[r], run.activation)
 
 
-def _backprop_deltas(tape, seed):
+def _backprop_deltas(tape, cotangent):
     """The sequential baseline: one vector-Jacobian product per layer, last to first."""
     deltas = []
-    g = seed
+    g = cotangent
     for r in reversed(range(len(tape.chain.runs))):
         run = tape.chain.runs[r]
         S = _derivs(tape, r)
@@ -96,7 +96,7 @@ def _backprop_deltas(tape, seed):
         g = run.cls.backprop(run.params, S, g, D)
         ok = np.isfinite(D.reshape(D.shape[0], -1)).all(axis=1) if not np.isfinite(D).all() else None
         if ok is not None:
-            # delta_l = v_l * act' and v_l = seed . A_L ... A_{l+1}
+            # delta_l = v_l * act' and v_l = cotangent . A_L ... A_{l+1}
             first, last = run.start + int(np.flatnonzero(~ok)[-1]) + 1, len(tape.chain) - 1
             raise NonFiniteError(
                 f"backprop produced a non-finite gradient: the product of the input Jacobians of "
@@ -105,16 +105,16 @@ def _backprop_deltas(tape, seed):
     return deltas[::-1]
 
 
-def _scan_deltas(tape, seed, sched, backend, workers, trace, engine_options):
+def _scan_deltas(tape, cotangent, sched, backend, workers, trace, engine_options):
     chain = tape.chain
     L = len(chain)
     runs = chain.runs
     S = [_derivs(tape, r) for r in range(len(runs))]
     # v[l] per layer, as per-run stacks G[r] of shape (count, N, d_out).
     G = [np.empty_like(s) for s in S]
-    G[-1][-1] = seed
+    G[-1][-1] = cotangent
     if L > 1:
-        seq = _jacobian_blocks(chain, S, seed)
+        seq = _jacobian_blocks(chain, S, cotangent)
         result = get_executor(backend).run(sched, seq, workers=workers, trace=trace, **engine_options)
         bad = result.first_nonfinite()
         if bad is not None:
@@ -138,15 +138,15 @@ def _scan_deltas(tape, seed, sched, backend, workers, trace, engine_options):
     return [g * s for g, s in zip(G, S)]
 
 
-def _jacobian_blocks(chain, S, seed) -> BlockSeq:
-    """The scan sequence ``[seed . A_L, A_{L-1}, ..., A_2]`` as stacked segments (owned)."""
+def _jacobian_blocks(chain, S, cotangent) -> BlockSeq:
+    """The scan sequence ``[cotangent . A_L, A_{L-1}, ..., A_2]`` as stacked segments (owned)."""
     L = len(chain)
     runs = chain.runs
     last = runs[-1]
-    # Head: seed (N, 1, d_L) times the last layer's Jacobian.
+    # Head: cotangent (N, 1, d_L) times the last layer's Jacobian.
     J_last = last.cls.jacobians(tuple(p[-1:] for p in last.params), S[-1][-1:])[0]
     rule = COMBINE[("dense", last.cls.kind)]
-    head = rule.kernel(seed[:, None, :], J_last)
+    head = rule.kernel(cotangent[:, None, :], J_last)
     segments = [Segment("dense", head[None])]
     for r in reversed(range(len(runs))):
         run = runs[r]

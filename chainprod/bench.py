@@ -56,7 +56,7 @@ from .bench_rows import (
 )
 from .executors import EXECUTORS, get_executor
 from .results import FIELDS, ResultsWriter, read_meta, read_results, read_traces
-from .schedules import build, schedule
+from .schedules import build
 
 __all__ = ["Sweep", "PRESETS", "BASELINES", "FIELDS", "Job", "problems", "configurations", "plan_sweep",
            "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain", "backend_available", "SHARDED",
@@ -243,7 +243,8 @@ def measure_job(job: Job, chain, x, repeats, clusters=None) -> tuple[dict, dict 
         row["schedule"] = _PEER_SCHEDULES.get(job.method, "backprop" if job.baseline else "backprop (auto)")
         row.update(rounds=max(L - 1, 0), peak_width=1, num_ops=max(L - 1, 0))
         return row, None
-    sched = trace.schedule if trace.schedule is not None else schedule(job.method, L - 1, workers=job.workers)
+    sched = (trace.schedule if trace.schedule is not None else
+             cost.resolve_schedule(job.method, L - 1, workers=job.workers))
     blocks = cost.chain_blocks(s, L, w)
     row["schedule"] = sched.name + (f"(chunks={sched.options['chunks']})" if "chunks" in sched.options else "")
     row.update(rounds=sched.rounds, peak_width=sched.peak_width, num_ops=sched.num_ops,

@@ -33,7 +33,7 @@ import numpy as np
 from ._timing import library_versions, machine_info, measure_chainprod, median_time
 from .cost import CostModel, layer_bytes, load_model, predict_grad, save_model
 from .executors import Trace
-from .grad import backward, forward, loss_seed
+from .grad import backward, forward, loss_cotangent
 from .kernels import pack
 from .kernels.scan import scan_rows
 from .layers import diagonal_chain, mlp
@@ -124,10 +124,10 @@ def _scan_preparation(chain, x, repeats):
     preps = []
     for _ in range(repeats):
         tape = forward(chain, x)
-        seed = loss_seed(tape)[1]
+        cotangent = loss_cotangent(tape)[1]
         tr = Trace()
         t0 = time.perf_counter()
-        backward(tape, seed, method="brent_kung", trace=tr)
+        backward(tape, cotangent, method="brent_kung", trace=tr)
         total = time.perf_counter() - t0
         preps.append(total - sum(e.end - e.start for e in tr.events))
     return max(statistics.median(preps), 1e-9)
@@ -149,9 +149,9 @@ def _compiled_op_rates(repeats, widths=WIDTHS):
             n = int(np.clip(2**24 // w**3, 16, 2048)) if structure == "dense" else 2048
             chain = mlp([w] * (n + 2)) if structure == "dense" else diagonal_chain(n + 1, w)
             tape = forward(chain, np.ones((1, w)))
-            pc, Y, seed = pack(chain), tape.flat, np.ones((1, chain.d_out))
+            pc, Y, cotangent = pack(chain), tape.flat, np.ones((1, chain.d_out))
             seq, sk = build("sequential", len(chain) - 1), build("sklansky", len(chain) - 1)
-            t_seq, t_sk = (median_time(lambda s=s: scan_rows(pc, Y, seed, s, workers=1), repeats)  # noqa: B023
+            t_seq, t_sk = (median_time(lambda s=s: scan_rows(pc, Y, cotangent, s, workers=1), repeats)  # noqa: B023
                            for s in (seq, sk))
             thin = seq.num_ops
             t_pos = t_seq / thin
@@ -257,13 +257,14 @@ def engine_layer_cost(backend, model, workers=2, repeats=3):
         t = {}
         for L in (64, 512):
             tape = forward(_chain_of("dense", w, L), np.ones((1, w)))
-            seed = loss_seed(tape)[1]
+            cotangent = loss_cotangent(tape)[1]
             try:
-                backward(tape, seed, method="sequential", backend=backend, workers=workers)  # warm up
+                backward(tape, cotangent, method="sequential", backend=backend, workers=workers)  # warm up
             except ImportError:
                 return None
-            t[L] = median_time(lambda tape=tape, seed=seed: backward(tape, seed, method="sequential",
-                                                                     backend=backend, workers=workers), repeats)
+            t[L] = median_time(lambda tape=tape, cot=cotangent: backward(tape, cot, method="sequential",
+                                                                         backend=backend, workers=workers),
+                               repeats)
             local = (predict_grad("dense", L, w, method="sequential", backend=backend, workers=workers,
                                   model=model)["backward"] - model.remote_time(backend, "dense", w, L))
             t[L] -= local

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .grad import LOSSES, forward, grad, loss_seed
+from .grad import LOSSES, forward, grad, loss_cotangent
 from .layers import Chain
 
 __all__ = ["check_grad", "numerical_grad", "directional_derivatives"]
@@ -25,7 +25,7 @@ def _loss(chain, x, y, loss, layer=None, params=None):
     # The numpy reference forward: the differences stay independent of the
     # compiled kernels whose gradients they check.
     tape = forward(chain, x, kernels="numpy")
-    value, _ = loss_seed(tape, y, loss)
+    value, _ = loss_cotangent(tape, y, loss)
     return value
 
 

@@ -215,7 +215,7 @@ def _cmd_plot(a):
 
 
 def _cmd_schedule(a):
-    s = schedule(a.name, a.L, workers=a.workers, blocks=a.width)
+    s = cost.resolve_schedule(a.name, a.L, workers=a.workers, blocks=a.width)  # the name may be "auto"
     if a.validate:
         s.validate()
         print("validated: every output holds exactly its prefix")

@@ -2,7 +2,7 @@
 
 ``grad`` = forward pass (sequential, stores layer outputs, :mod:`chainprod.tape`)
 + backward pass. The backward pass needs, for every layer ``l``, the row
-``v_l = seed . A_L ... A_{l+1}`` (``seed = dloss/dx_L``), then a parameter
+``v_l = cotangent . A_L ... A_{l+1}`` (``cotangent = dloss/dx_L``), then a parameter
 VJP. Backprop forms the ``v_l`` one after another; a scan forms all of them
 as the prefixes of one scan (``docs/theory.md``). This module resolves what
 runs (the method, ``auto``'s choice, the kernels, the backend) and hands the
@@ -12,26 +12,30 @@ reference (:mod:`chainprod.backward_numpy`) or a cluster.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from . import backward_compiled, backward_numpy
-from ._validate import as_float_array, check_workers
+from . import backward_compiled, backward_numpy, backward_remote
+from ._validate import as_float_array, check_workers, renamed_argument
 from .autotune import COMPILED_BACKENDS, choose_method
+from .cost import valid_schedules
 from .errors import NonFiniteError  # noqa: F401  (re-exported for users of chainprod.grad)
 from .executors import Executor, Trace, get_executor, valid_backends
 from .layers import Chain
-from .schedules import Schedule, valid_methods
+from .schedules import Schedule
 from .tape import Tape, forward, resolve_kernels
 
-__all__ = ["Tape", "forward", "backward", "loss_seed", "grad", "value_and_grad", "LOSSES", "make_trace"]
+__all__ = ["Tape", "forward", "backward", "loss_cotangent", "loss_seed", "grad", "value_and_grad", "LOSSES",
+           "make_trace"]
 
 
-# -- losses: (value(out, y), seed(out, y) = dvalue/dout) ----------------------
+# -- losses: (value(out, y), cotangent(out, y) = dvalue/dout) -----------------
 def _sum_value(out, y):
     return out.sum()
 
 
-def _sum_seed(out, y):
+def _sum_cotangent(out, y):
     return np.ones_like(out)
 
 
@@ -39,19 +43,19 @@ def _mse_value(out, y):
     return np.mean((out - y) ** 2)
 
 
-def _mse_seed(out, y):
+def _mse_cotangent(out, y):
     return 2.0 * (out - y) / out.size
 
 
 LOSSES = {
     # sum over the batch of the (scalar) output: the gradient of the model itself
-    "sum": (_sum_value, _sum_seed),
+    "sum": (_sum_value, _sum_cotangent),
     # mean squared error over all elements, as torch.nn.functional.mse_loss
-    "mse": (_mse_value, _mse_seed),
+    "mse": (_mse_value, _mse_cotangent),
 }
 
 
-def loss_seed(tape: Tape, y=None, loss=None):
+def loss_cotangent(tape: Tape, y=None, loss=None):
     """The loss value and its gradient with respect to the model output.
 
     Parameters
@@ -66,13 +70,15 @@ def loss_seed(tape: Tape, y=None, loss=None):
     Returns
     -------
     value : float
-    seed : ndarray, shape ``(N, d_L)``
+    cotangent : ndarray, shape ``(N, d_L)``
         ``dloss/dx_L``, the row that :func:`backward` starts from.
 
+    Examples
+    --------
     >>> import numpy as np, chainprod as cp
     >>> tape = cp.forward(cp.mlp([3, 4, 1]), np.ones((2, 3)))
-    >>> value, seed = cp.loss_seed(tape)
-    >>> seed.tolist()
+    >>> value, cotangent = cp.loss_cotangent(tape)
+    >>> cotangent.tolist()
     [[1.0], [1.0]]
     """
     out = tape.out
@@ -102,26 +108,54 @@ def loss_seed(tape: Tape, y=None, loss=None):
             raise ValueError(f"y has shape {y.shape} but the model output has shape {expect}")
         if y.dtype != out.dtype:
             raise TypeError(f"y is {y.dtype} but the chain is {out.dtype}")
-    value_fn, seed_fn = LOSSES[loss]
-    return float(value_fn(out, y)), seed_fn(out, y)
+    value_fn, cotangent_fn = LOSSES[loss]
+    return float(value_fn(out, y)), cotangent_fn(out, y)
 
 
-def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=None, trace=None,
-             engine_options=None, kernels=None):
-    """Per-layer parameter gradients from a tape and ``seed = dloss/dx_L`` ``(N, d_L)``.
+def loss_seed(tape: Tape, y=None, loss=None):
+    """Deprecated name of :func:`loss_cotangent` (it warns; it will be removed in the next release)."""
+    warnings.warn("chainprod.loss_seed is deprecated; use chainprod.loss_cotangent", DeprecationWarning,
+                  stacklevel=2)
+    return loss_cotangent(tape, y, loss)
 
-    ``kernels`` (default: the kernels the tape was made with) picks the
-    compiled kernels or the numpy reference; ``engine_options``
-    (``timeout=``, ``retries=`` for Ray/Dask) go to the executor. The other
-    parameters are as in :func:`grad`.
+
+def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized", workers=None, trace=None,
+             engine_options=None, kernels=None, seed=None):
+    """Per-layer parameter gradients from a tape and the cotangent ``dloss/dx_L``.
+
+    Parameters
+    ----------
+    tape : Tape
+        From :func:`forward`.
+    cotangent : ndarray, shape ``(N, d_L)``
+        ``dloss/dx_L``, e.g. from :func:`loss_cotangent`.
+    method, backend, workers
+        As in :func:`grad`.
+    trace : Trace, optional
+        Filled with the run's events and the schedule that ran.
+    engine_options : dict, optional
+        ``timeout=``, ``retries=`` for Ray/Dask, checked by the executor.
+    kernels : {"numba", "numpy"}, optional
+        The compiled kernels or the numpy reference (default: the kernels
+        the tape was made with).
+    seed : ndarray, optional
+        Deprecated keyword for ``cotangent`` (it warns).
+
+    Returns
+    -------
+    sequence of tuples
+        As in :func:`grad`.
     """
+    cotangent = renamed_argument("backward", "cotangent", cotangent, "seed", seed)
+    if cotangent is None:
+        raise TypeError("backward() needs the cotangent dloss/dx_L (see chainprod.loss_cotangent)")
     engine_options = dict(engine_options or {})
     L = len(tape.chain)
     workers = check_workers(workers)
     kernels = resolve_kernels(kernels if kernels is not None else tape.kernels)
     _check_method_backend(method, backend)
     executor = get_executor(backend)
-    remote = hasattr(executor, "backward_remote")
+    remote = executor.runs_task_graphs  # a declared capability (chainprod.executors.Executor)
     if engine_options:
         executor.check_options(engine_options)  # local: say they do nothing; remote: names and values
     compiled = kernels != "numpy"
@@ -129,32 +163,33 @@ def backward(tape: Tape, seed, *, method="auto", backend="vectorized", workers=N
     # numpy's own warnings would only repeat it without the range.
     with np.errstate(over="ignore", invalid="ignore"):
         if remote and L > 1 and not (isinstance(method, str) and method == "backprop"):
-            # Ray/Dask: Jacobians, scan and VJPs run on the workers; only
-            # per-layer gradients come back (chainprod/executors/distributed.py).
-            return executor.backward_remote(tape, seed, method=method, workers=workers, trace=trace,
-                                            **engine_options)
-        plan = choose_method(tape, seed, method, backend, workers, kernels)
+            # Ray/Dask: Jacobians, scan and VJPs run on the workers as one
+            # task graph; only per-layer gradients come back.
+            return backward_remote.backward(tape, cotangent, executor, method=method, workers=workers,
+                                            trace=trace, **engine_options)
+        # a Schedule, or the string "backprop" (asked for, or what auto chose)
+        choice = choose_method(tape, cotangent, method, backend, workers, kernels)
         if trace is not None and L > 1:
-            trace.schedule = plan
-        if isinstance(plan, str):  # "backprop"
+            trace.schedule = choice
+        if isinstance(choice, str):  # "backprop"
             if compiled:
-                return backward_compiled.backprop_grads(tape, seed, kernels)
-            return backward_numpy.backprop_grads(tape, seed)
-        if not plan.is_scan:
-            raise ValueError(f"schedule {plan.name!r} does not produce every prefix; grad needs a scan")
+                return backward_compiled.backprop_grads(tape, cotangent, kernels)
+            return backward_numpy.backprop_grads(tape, cotangent)
+        if not choice.is_scan:
+            raise ValueError(f"schedule {choice.name!r} does not produce every prefix; grad needs a scan")
         if compiled and backend in COMPILED_BACKENDS:
             threads = workers or COMPILED_BACKENDS[backend]()
-            return backward_compiled.scan_grads(tape, seed, plan, threads, trace, kernels)
-        return backward_numpy.scan_grads(tape, seed, plan, backend, workers, trace, engine_options)
+            return backward_compiled.scan_grads(tape, cotangent, choice, threads, trace, kernels)
+        return backward_numpy.scan_grads(tape, cotangent, choice, backend, workers, trace, engine_options)
 
 
 def _check_method_backend(method, backend):
     """Fail on unknown names even where they would not be used (backprop, one layer)."""
     if not isinstance(backend, Executor) and backend not in valid_backends():
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(valid_backends())}")
-    if isinstance(method, str) and method != "backprop" and method not in valid_methods():
+    if isinstance(method, str) and method != "backprop" and method not in valid_schedules():
         raise ValueError(f"unknown schedule method {method!r}; valid methods: backprop, "
-                         f"{', '.join(valid_methods())}")
+                         f"{', '.join(valid_schedules())}")
     if not isinstance(method, (str, Schedule)) and not callable(method):
         raise TypeError(f"method must be a name, a Schedule or a callable, got {method!r}")
 
@@ -174,9 +209,9 @@ def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend
                    workers=None, return_trace=False, engine_options=None, kernels=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
     tape = forward(chain, x, kernels=kernels)
-    value, seed = loss_seed(tape, y, loss)
+    value, cotangent = loss_cotangent(tape, y, loss)
     trace = make_trace(return_trace, backend, workers)
-    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
+    g = backward(tape, cotangent, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options, kernels=kernels)
     return (value, g, trace) if return_trace else (value, g)
 
@@ -230,8 +265,8 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         does not pay for ``2 L`` array objects nobody reads.
     """
     tape = forward(chain, x, kernels=kernels)
-    _, seed = loss_seed(tape, y, loss)
+    _, cotangent = loss_cotangent(tape, y, loss)
     trace = make_trace(return_trace, backend, workers)
-    g = backward(tape, seed, method=method, backend=backend, workers=workers, trace=trace,
+    g = backward(tape, cotangent, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options, kernels=kernels)
     return (g, trace) if return_trace else g

@@ -17,10 +17,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ._validate import as_float_array
-from .activations import ACTIVATIONS, _activation, _apply_act
+from .activations import ACTIVATIONS, activation_name, apply_activation, derivative_from_output
 from .errors import NonFiniteError
 
-__all__ = ["ACTIVATIONS", "Dense", "Diagonal", "Chain", "mlp", "diagonal_chain", "Layer"]
+__all__ = ["ACTIVATIONS", "Dense", "Diagonal", "Chain", "mlp", "diagonal_chain", "Layer", "run_forward"]
 
 
 class Layer:
@@ -65,9 +65,10 @@ class Layer:
     @staticmethod
     def derivs(Y, activation):
         """``act'(z)`` stacked, from the stacked outputs ``Y``."""
-        d = ACTIVATIONS[activation].deriv
-        # identity: a read-only broadcast of 1, no memory (nothing writes into derivatives)
-        return np.broadcast_to(np.ones((), Y.dtype), Y.shape) if d is None else d(Y)
+        if activation == "identity":
+            # a read-only broadcast of 1, no memory (nothing writes into derivatives)
+            return np.broadcast_to(np.ones((), Y.dtype), Y.shape)
+        return derivative_from_output(activation, Y)
 
 
 class Dense(Layer):
@@ -87,7 +88,7 @@ class Dense(Layer):
         if W.dtype != b.dtype:
             raise TypeError(f"Dense: W is {W.dtype} but b is {b.dtype}; use one dtype")
         self.params = (_frozen(W), _frozen(b))
-        self.activation = _activation(activation)
+        self.activation = activation_name(activation)
 
     @property
     def d_in(self):
@@ -106,7 +107,7 @@ class Dense(Layer):
         W, b = P
         np.matmul(x, W[l].T, out=out)  # BLAS takes the transpose as a flag: no copy
         out += b[l]
-        _apply_act(activation, out)
+        apply_activation(activation, out)
         return out
 
     @staticmethod
@@ -161,7 +162,7 @@ class Diagonal(Layer):
         if a.dtype != b.dtype:
             raise TypeError(f"Diagonal: a is {a.dtype} but b is {b.dtype}; use one dtype")
         self.params = (_frozen(a), _frozen(b))
-        self.activation = _activation(activation)
+        self.activation = activation_name(activation)
 
     @property
     def d_in(self):
@@ -177,7 +178,7 @@ class Diagonal(Layer):
         a, b = P
         np.multiply(x, a[l], out=out)
         out += b[l]
-        _apply_act(activation, out)
+        apply_activation(activation, out)
         return out
 
     @staticmethod
@@ -329,7 +330,7 @@ class Chain:
         x2, one = self.check_input(x)
         for run in self.runs:
             Y = np.empty((run.count, x2.shape[0], run.d_out), dtype=self.dtype)
-            _run_forward(run, x2, Y)
+            run_forward(run, x2, Y)
             x2 = Y[-1]
         return x2[0] if one else x2
 
@@ -364,8 +365,21 @@ class Chain:
         return self.with_params(new)
 
 
-def _run_forward(run, x, Y):
-    """Forward through one run; ``Y[i]`` receives layer ``start+i``'s output."""
+def run_forward(run, x, Y):
+    """Forward through one run of stacked layers (a :class:`Run` of :attr:`Chain.runs`).
+
+    Parameters
+    ----------
+    run : Run
+    x : ndarray, shape ``(N, run.d_in)``
+        The run's input. Not modified.
+    Y : ndarray, shape ``(run.count, N, run.d_out)``
+        Receives the outputs: ``Y[i]`` is layer ``run.start + i``'s.
+
+    Returns
+    -------
+    Y : ndarray
+    """
     step, P, act = run.cls.step, run.params, run.activation
     for i in range(run.count):
         step(P, i, x, Y[i], act)
@@ -392,7 +406,7 @@ def mlp(widths, activation="tanh", seed=0, dtype=np.float64, bias_scale=0.1) -> 
     ``widths = [d_0, d_1, ..., d_L]``; ``widths[-1] == 1`` gives a scalar
     model. Weights are ``N(0, 1/d_in)`` (LeCun), biases ``N(0, bias_scale^2)``.
     """
-    activation = _activation(activation)
+    activation = activation_name(activation)
     widths = _check_widths(widths)
     if len(widths) < 2:
         raise ValueError(f"mlp needs at least two widths (input and output), got {widths}")

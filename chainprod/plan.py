@@ -28,11 +28,12 @@ import numpy as np
 
 from ._validate import check_workers
 from .backward_numpy import jacobian_shapes
+from .cost import AUTO, resolve_schedule
 from .executors import Executor, get_executor
-from .grad import backward, loss_seed, make_trace
+from .grad import backward, loss_cotangent, make_trace
 from .layers import Chain
 from .products import product, read_blocks, suffix_products
-from .schedules import Schedule, schedule
+from .schedules import Schedule
 from .tape import forward, resolve_kernels
 
 __all__ = ["Plan", "plan"]
@@ -67,15 +68,16 @@ class Plan:
             self.schedule = self._resolve_for_chain(method, batch)
         else:
             self.length, blocks = _product_shapes(target)
-            self.schedule = schedule(method, self.length, workers=self.workers, blocks=blocks, backend=backend)
+            self.schedule = resolve_schedule(method, self.length, workers=self.workers, blocks=blocks,
+                                             backend=backend)
 
     def _resolve_for_chain(self, method, batch):
         if isinstance(method, str) and method == "backprop" or self.length < 1:
             return "backprop"
-        if isinstance(method, str) and method == "auto" and self.kernels != "numpy":
+        if isinstance(method, str) and method == AUTO and self.kernels != "numpy":
             return None  # measured on the first call's real data, then kept
-        return schedule(method, self.length, workers=self.workers, blocks=jacobian_shapes(self.chain, batch),
-                        backend=self.backend)
+        return resolve_schedule(method, self.length, workers=self.workers,
+                                blocks=jacobian_shapes(self.chain, batch), backend=self.backend)
 
     # -- gradients ---------------------------------------------------------
     def grad(self, x, y=None, *, loss=None, return_trace=False):
@@ -93,12 +95,12 @@ class Plan:
             raise TypeError("this plan is for products of matrices (made from a length or shapes); "
                             "use plan.suffix_products(mats), or make a plan from a Chain for gradients")
         tape = forward(self.chain, x, kernels=self.kernels)
-        value, seed = loss_seed(tape, y, loss)
+        value, cotangent = loss_cotangent(tape, y, loss)
         trace = make_trace(return_trace, self.backend, self.workers)
         if trace is None and self.schedule is None:
             trace = make_trace(True, self.backend, self.workers)  # to learn what auto chose
         method = self.method if self.schedule is None else self.schedule
-        g = backward(tape, seed, method=method, backend=self.backend, workers=self.workers, trace=trace,
+        g = backward(tape, cotangent, method=method, backend=self.backend, workers=self.workers, trace=trace,
                      engine_options=self.engine_options, kernels=self.kernels)
         if self.schedule is None and trace is not None and trace.schedule is not None:
             self.schedule = trace.schedule

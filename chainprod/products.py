@@ -2,7 +2,7 @@
 
 ``suffix_products(mats)`` returns ``out[k] = mats[L-1] @ ... @ mats[k]`` for
 every ``k``: reversed into scan order (``a_0 = mats[L-1]``), these are the
-prefixes of one scan, planned by :func:`chainprod.schedule` and run by any
+prefixes of one scan, planned by :func:`chainprod.cost.resolve_schedule` and run by any
 executor. Input parsing lives here too: lists of matrices and
 :class:`~chainprod.blocks.Diag` blocks become stacked segments with one
 C-level copy and one value check per segment.
@@ -14,10 +14,10 @@ import numpy as np
 
 from ._validate import as_float_array, check_workers
 from .blocks import BlockSeq, Diag, Segment
+from .cost import resolve_schedule
 from .errors import NonFiniteError
 from .executors import get_executor
 from .grad import make_trace
-from .schedules import schedule
 
 __all__ = ["suffix_products", "product", "read_blocks"]
 
@@ -154,7 +154,7 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
     seq, batched = read_blocks(mats)
     workers = check_workers(workers)
     L = len(seq)
-    sched = schedule(method, L, workers=workers, blocks=seq, backend=backend)
+    sched = resolve_schedule(method, L, workers=workers, blocks=seq, backend=backend)
     if not sched.is_scan:
         raise ValueError(f"schedule {sched.name!r} computes only the total product; "
                          "use chainprod.product() or a scan schedule")
@@ -182,7 +182,7 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
 def product(mats, *, method="tree", backend="vectorized", workers=None, engine_options=None):
     """The total product ``mats[L-1] @ ... @ mats[0]`` (Q3's balanced tree by default)."""
     seq, batched = read_blocks(mats)
-    sched = schedule(method, len(seq), workers=workers, blocks=seq, backend=backend)
+    sched = resolve_schedule(method, len(seq), workers=workers, blocks=seq, backend=backend)
     if sched.outputs[-1] < 0:
         raise ValueError(f"schedule {sched.name!r} does not produce the total product")
     with np.errstate(over="ignore", invalid="ignore"):

@@ -38,12 +38,8 @@ scan (``"sklansky"``, ``"brent_kung"``, ``"chunked"``, ...)
     chain lands where its result is used. Then every shard backprops its
     chunk from its row, all at once.
 
-``method="auto"`` compares the flops on the critical path of the two (the
-scan's slowest product plus its combine rounds plus the slowest local
-backprop, against the sum of the lower shards' backprops) and picks the
-smaller. A dense product costs about ``w/2`` times a backprop per layer, so
-the scan pays only when ``P`` is well above ``w/2``; with ``P <= 2`` the two
-are the same plan.
+``method="auto"`` picks the one with fewer flops on its critical path
+(:mod:`chainprod.shard_plan`); with ``P <= 2`` the two are the same plan.
 
 Gradients stay on the workers; ``grads.gather()`` fetches them. SGD updates
 are sent with the next call each shard receives (the next step's forward,
@@ -52,22 +48,23 @@ anything reads the parameters.
 
 Faults
 ------
-The driver keeps, per shard, a checkpoint of its parameters (the initial ones,
-refreshed every ``checkpoint_every`` steps) and a log of what each shard
-consumed since: its input activation and the row its backprop started from,
-``(N, w)`` each, and the learning rates of the updates. A shard whose process
-dies is rebuilt on a live worker by replaying that log from the checkpoint
-with the same kernels (exact: bit for bit), and the step in flight is run
-again; updates carry sequence numbers, so a shard never applies one twice.
-With ``retries=0`` a lost shard raises :class:`~chainprod.errors.DistributedError`
-naming it; :meth:`ShardedModel.gather` still returns the last completed step
-(replayed in this process) and :meth:`ShardedModel.restore` replaces the shard.
+A shard whose process dies is rebuilt on a live worker from a checkpoint and
+a replay log kept by the driver, exactly, and the step in flight is run
+again. With ``retries=0`` a lost shard raises
+:class:`~chainprod.errors.DistributedError` naming it;
+:meth:`ShardedModel.gather` still returns the last completed step (replayed
+in this process) and :meth:`ShardedModel.restore` replaces the shard.
 
-This module is longer than most (about 600 lines, a sixth of them this
-description): it holds one job, the driver's side of a sharded step, whose
-parts (placing shards, the step's call graph, its trace and byte count, the
-checkpoint and replay log) all read and write the same per-shard state.
-The worker's side is :mod:`chainprod.executors.sharded_worker`.
+Where things live
+-----------------
+This module: :func:`shard`, :class:`ShardedModel` (placing the shards, a
+step's call graph, SGD updates, gathering), :class:`ShardedGrads` and
+:func:`measure_sharded_step`. :mod:`chainprod.shard_plan`: the pipeline or
+a scan across the shards (``method=``). :mod:`chainprod.shard_recovery`: the
+checkpoint, the replay log and the replacement of lost shards.
+:mod:`chainprod.shard_trace`: :class:`ShardTrace` (re-exported here) and how
+a step's reports fill it. The worker's side is
+:mod:`chainprod.executors.sharded_worker`.
 """
 
 from __future__ import annotations
@@ -76,60 +73,22 @@ import math
 import statistics
 import time
 import weakref
-from dataclasses import dataclass
 
 import numpy as np
 
 from ._validate import as_float_array, check_retries, check_timeout
-from .errors import DistributedError, NonFiniteError
-from .executors import Trace, TraceEvent
+from .errors import NonFiniteError
 from .executors.distributed import Deadline, DistributedExecutor
-from .executors.sharded_worker import ShardLost, ShardState, shard_tables
+from .executors.sharded_worker import payload_bytes, shard_tables
 from .grad import LOSSES
 from .kernels import pack, unpack_grads
 from .layers import Chain
-from .schedules import Schedule, valid_methods
-from .schedules import schedule as build_schedule
+from .shard_plan import resolve_plan
+from .shard_recovery import ShardRecovery
+from .shard_trace import ShardTrace, fill_trace
 from .tape import resolve_kernels
 
 __all__ = ["shard", "ShardedModel", "ShardedGrads", "ShardTrace", "measure_sharded_step"]
-
-
-@dataclass
-class ShardTrace(Trace):
-    """The record of one sharded step: a :class:`~chainprod.executors.Trace` plus what moved.
-
-    ``events`` holds every call on every shard (worker = ``host/pid``,
-    times in seconds since the step began). ``rounds`` is the number of
-    dependent cross-shard hops of the backward pass (``P-1`` for backprop,
-    ``max(1, rounds of the scan)`` for a scan). ``bytes_moved`` counts the
-    numpy payload bytes that crossed a process boundary, where they were
-    sent: the driver's arguments (``x``, ``y``), every value a shard returned
-    (activations, rows, products) and the reports the driver read.
-    """
-
-    method: str = ""
-    bytes_moved: int = 0
-    hops: int = 0
-    #: seconds from submission to the end of the top shard's forward pass, and from there to the end
-    forward_seconds: float = 0.0
-    backward_seconds: float = 0.0
-    total_seconds: float = 0.0
-    #: wall time with at least one shard computing (the union of the events)
-    compute_seconds: float = 0.0
-    #: this step started with a checkpoint of every shard's parameters (their bytes are in bytes_moved)
-    checkpoint: bool = False
-    #: shards replaced during this step
-    replaced: tuple = ()
-
-    @property
-    def rounds(self) -> int:
-        return self.hops
-
-    @property
-    def overhead_seconds(self) -> float:
-        """Step time minus the time the workers were computing."""
-        return self.total_seconds - self.compute_seconds
 
 
 class ShardedGrads:
@@ -171,6 +130,14 @@ class ShardedModel:
         Layers ``start .. stop-1`` of each shard.
     step : int
         Steps completed by :meth:`value_and_grad`.
+    pids : list
+        Process id of each shard (a replaced shard gets a new one).
+    retries : int
+        Shard replacements per step after a worker died.
+    timeout : float or None
+        Seconds per step.
+    checkpoint_every : int
+        Steps between checkpoints of the parameters to the driver.
     """
 
     def __init__(self, chain, executor, *, shards=None, kernels=None, retries=None, timeout=None,
@@ -187,7 +154,7 @@ class ShardedModel:
                 or checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
         self.kernels = resolve_kernels(kernels)
-        self.retries = executor.retries if retries is None else check_retries(retries)
+        retries = executor.retries if retries is None else check_retries(retries)
         self.timeout = executor.timeout if timeout is None else check_timeout(timeout)
         self.checkpoint_every = int(checkpoint_every)
         self._template = chain
@@ -202,21 +169,13 @@ class ShardedModel:
         self._specs = [dict(index=b, shards=P, first=s, tables=t, kernels=self.kernels,
                             losses=LOSSES if b == P - 1 else None)
                        for b, ((s, _), t) in enumerate(zip(self.bounds, self._tables))]
-        # recovery state: checkpoint per shard + what each shard consumed since
-        self._ckpt = [t.theta for t in self._tables]
-        self._ckpt_applied = 0
-        self._log: list = []  # per step: {"step", "rows": {b: (x_in, u_in)}, "updates": [(seq, lr)]}
-        self.step = 0
-        self._seq = 0
-        self._pending: list = []  # (seq, step, lr) not yet acknowledged by every shard
-        self._lost: set = set()
-        self.pids = [None] * P
         self._engine = _engine_class(executor.name)(executor, P)
+        # checkpoint, replay log, pending updates and lost shards: all the state recovery needs
+        self._recovery = ShardRecovery(self._engine, self._specs, [t.theta for t in self._tables], self.bounds,
+                                       engine_name=executor.name, retries=retries)
         self._closed = False
-        deadline = Deadline(self.timeout)
         try:
-            for b in range(P):
-                self.pids[b] = self._engine.start(b, self._specs[b], self._ckpt[b], 0, [], deadline)
+            self._recovery.place(Deadline(self.timeout))
         except BaseException:
             self._engine.close()
             raise
@@ -239,6 +198,23 @@ class ShardedModel:
             self._closed = True
             self._finalizer()
 
+    # the recovery state is the one record of these; the model reads them from there
+    @property
+    def step(self) -> int:
+        return self._recovery.step
+
+    @property
+    def pids(self) -> list:
+        return self._recovery.pids
+
+    @property
+    def retries(self) -> int:
+        return self._recovery.retries
+
+    @retries.setter
+    def retries(self, value):
+        self._recovery.retries = value
+
     # -- public API ---------------------------------------------------------------
     def value_and_grad(self, x, y=None, *, loss=None, method="auto", return_trace=False, timeout=None):
         """Loss and per-layer gradients of one step; gradients stay on the workers.
@@ -251,7 +227,7 @@ class ShardedModel:
         method : str or Schedule
             ``"backprop"`` (pipeline across shards), a scan name (``"sklansky"``,
             ``"brent_kung"``, ``"chunked"``, ...), a Schedule of length ``P-1``, or
-            ``"auto"`` (flop comparison, see the module docstring).
+            ``"auto"`` (a flop comparison, :func:`chainprod.shard_plan.auto_plan`).
         return_trace : bool
             Also return the step's :class:`ShardTrace`.
         timeout : float, optional
@@ -265,39 +241,25 @@ class ShardedModel:
         """
         self._check_open()
         x2, y2, loss = self._check_batch(x, y, loss)
-        plan = self._resolve(method, x2.shape[0])
+        plan = resolve_plan(method, self._tables, x2.shape[0])
         deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
         trace = ShardTrace(backend=f"{self._executor.name}-sharded", workers=self.shards,
                            method=plan if isinstance(plan, str) else plan.name)
         if self.shards > 1 and not isinstance(plan, str):
             trace.schedule = plan
         t_start = time.perf_counter()
-        if self._lost:
-            self._raise_lost()
-        if len(self._log) >= self.checkpoint_every:
-            trace.bytes_moved += self._checkpoint(deadline)
+        rec = self._recovery
+        if rec.lost:
+            rec.raise_lost()
+        if rec.steps_logged >= self.checkpoint_every:
+            trace.bytes_moved += rec.checkpoint(deadline)
             trace.checkpoint = True
-        replaced, attempts = [], 0
-        while True:
-            try:
-                reports, wall0, clock0, sent = self._run_step(x2, y2, loss, plan, deadline, trace)
-                break
-            except ShardLost as e:
-                if attempts >= self.retries:
-                    self._lost.update(e.shards)
-                    self._raise_lost(e.cause)
-                attempts += 1
-                for b in e.shards:
-                    self._replace(b, deadline)
-                    replaced.append(b)
+        (reports, wall0, clock0, sent), trace.replaced = rec.retrying(
+            lambda: self._run_step(x2, y2, loss, plan, deadline, trace), deadline)
         trace.total_seconds = time.perf_counter() - t_start
-        trace.replaced = tuple(replaced)
         step = self.step + 1
-        # every shard ran this step's forward: pending updates are in every theta now
-        self._pending = []
-        self._record(step, x2, reports)
-        self.step = step
-        self._fill_trace(trace, reports, wall0, clock0, sent)
+        rec.complete(step, x2, reports)
+        fill_trace(trace, reports, wall0, clock0, sent, self.shards)
         bad_f = [r["bad_forward"] for r in reports.values() if r["bad_forward"] >= 0]
         if bad_f:
             raise NonFiniteError(f"the forward pass overflowed: the output of layer {min(bad_f)} is NaN or "
@@ -323,9 +285,7 @@ class ShardedModel:
                              f"{self.step} (only the last step's gradients stay on the workers)")
         if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr):
             raise ValueError(f"lr must be a finite number, got {lr!r}")
-        self._seq += 1
-        self._pending.append((self._seq, grads.step, float(lr)))
-        self._log[-1]["updates"].append((self._seq, float(lr)))
+        self._recovery.add_update(grads.step, lr)
 
     def gather(self) -> Chain:
         """A local :class:`~chainprod.layers.Chain` with the current parameters (pending updates applied).
@@ -334,25 +294,20 @@ class ShardedModel:
         checkpoint and log: the result is the last completed step either way.
         """
         self._check_open()
-        thetas = self._fetch_each("params", lambda b: (self._pending,), lambda st: st.params([])[0])
-        self._pending = []
-        flat = np.concatenate(thetas)
+        flat = np.concatenate(self._recovery.params(Deadline(self.timeout)))
         params = unpack_grads(self._pc, flat)  # the layout of theta and of a flat gradient is one
         return self._template.with_params(params)
 
     def restore(self, timeout=None):
         """Replace lost shards (after a :class:`DistributedError` with retries off) on live workers."""
         self._check_open()
-        deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
-        for b in sorted(self._lost):
-            self._replace(b, deadline)
-        self._lost.clear()
+        self._recovery.restore(Deadline(self.timeout if timeout is None else check_timeout(timeout)))
 
     # -- a step ---------------------------------------------------------------------
     def _run_step(self, x2, y2, loss, plan, deadline, trace):
         eng, P = self._engine, self.shards
         step = self.step + 1
-        upd = list(self._pending)
+        upd = list(self._recovery.pending)
         wall0, clock0 = time.time(), trace.clock()
         sent = x2.nbytes + (0 if y2 is None else y2.nbytes)
         finals = {}
@@ -381,133 +336,16 @@ class ShardedModel:
                 _, finals[b] = eng.call(b, "backward", step, slots[int(plan.outputs[P - 2 - b])], False)
         reports = eng.reports(finals, deadline)
         if eng.reports_travel_with_values:
-            sent += sum(_report_bytes(reports[b]) for b in consumed)
+            sent += sum(payload_bytes(reports[b]) for b in consumed)
         return reports, wall0, clock0, sent
 
-    def _fill_trace(self, trace, reports, wall0, clock0, sent):
-        off = wall0 - clock0
-        t_top_forward = None
-        for b in sorted(reports):
-            rep = reports[b]
-            sent += rep["sent"]
-            for rnd, where, t0, t1, ops, task in rep["events"]:
-                trace.add(TraceEvent(int(rnd), where, t0 - off, t1 - off, int(ops), task))
-                if b == self.shards - 1 and task.endswith(".forward"):
-                    t_top_forward = t1 - off
-        trace.bytes_moved += sent
-        P = self.shards
-        scan = not isinstance(trace.schedule, (str, type(None)))
-        trace.hops = 0 if P == 1 else (max(1, trace.schedule.rounds) if scan and P > 2 else P - 1)
-        end = clock0 + trace.total_seconds
-        trace.forward_seconds = (t_top_forward if t_top_forward is not None else end) - clock0
-        trace.backward_seconds = end - clock0 - trace.forward_seconds
-        trace.compute_seconds = _union([(e.start, e.end) for e in trace.events])
-
-    # -- auto ---------------------------------------------------------------------
-    def _resolve(self, method, N):
-        P = self.shards
-        if isinstance(method, Schedule):
-            if P > 1 and method.length != P - 1:
-                raise ValueError(f"a Schedule for a sharded model scans the P-1 = {P - 1} chunk products, "
-                                 f"got one of length {method.length}")
-            if not method.is_scan:
-                raise ValueError(f"schedule {method.name!r} does not produce every prefix; a step needs a scan")
-            return method if P > 2 else "backprop"
-        if not isinstance(method, str) or (method not in ("auto", "backprop") and method not in valid_methods()):
-            raise ValueError(f"unknown method {method!r}; valid methods: auto, backprop, "
-                             f"{', '.join(valid_methods())}")
-        if P <= 2 or method == "backprop":
-            return "backprop"  # with P <= 2 a scan over P-1 <= 1 element is the pipeline itself
-        if method == "auto":
-            return self._auto(N)
-        return build_schedule(method, P - 1, workers=P)
-
-    def _auto(self, N):
-        """``"backprop"`` or a Sklansky scan, whichever has fewer flops on its critical path."""
-        P = self.shards
-        bp, prod = [], []
-        for t in self._tables:
-            dense = t.kind == 0
-            per_layer = np.where(dense, 4 * t.d_out * t.d_in, 4 * t.d_out)
-            bp.append(N * float(per_layer.sum()))
-            dtop = float(t.d_out[-1])
-            prod.append(N * 2 * dtop * float(np.where(dense, t.d_out * t.d_in, t.d_out).sum()))
-        sched = build_schedule("sklansky", P - 1, workers=P)
-        w = float(max(t.d_out.max() for t in self._tables))
-        scan_path = max(prod[1:P - 1]) + sched.rounds * 2 * N * w ** 3 + max(bp)
-        backprop_path = sum(bp[:P - 1]) + bp[P - 1]
-        return sched if scan_path < backprop_path else "backprop"
-
-    # -- faults ---------------------------------------------------------------------
-    def _raise_lost(self, cause=None):
-        parts = []
-        for b in sorted(self._lost):
-            s, e = self.bounds[b]
-            parts.append(f"shard {b} (layers {s}..{e - 1})")
-        why = f" ({cause})" if cause else ""
-        raise DistributedError(
-            f"{self._executor.name}: {', '.join(parts)} of this sharded model was lost{why}; retries="
-            f"{self.retries}, so it was not replaced. model.gather() returns the parameters of the last "
-            f"completed step (step {self.step}); model.restore() places the lost shard on a live worker.",
-            self._executor.name, ", ".join(parts))
-
-    def _shard_log(self, b, x_first=None):
-        """Shard ``b``'s replay entries ``(step, x_in, u_in, updates)`` since the checkpoint."""
-        out = []
-        for entry in self._log:
-            x_in, u_in = entry["rows"][b]
-            out.append((entry["step"], x_in, u_in, list(entry["updates"])))
-        return out
-
-    def _replace(self, b, deadline):
-        self.pids[b] = self._engine.start(b, self._specs[b], self._ckpt[b], self._ckpt_applied,
-                                          self._shard_log(b), deadline)
-        self._lost.discard(b)
-
-    def _local_shard(self, b):
-        """Shard ``b`` rebuilt in this process (checkpoint + replay): the last completed step."""
-        return ShardState(self._specs[b], self._ckpt[b], self._ckpt_applied, self._shard_log(b))
-
-    def _record(self, step, x2, reports):
-        rows = {}
-        for b, rep in reports.items():
-            x_in = np.array(x2) if b == 0 else rep["x_in"]  # a copy: the caller may reuse x
-            rows[b] = (x_in, rep["u_in"])
-        self._log.append({"step": step, "rows": rows, "updates": []})
-
-    def _checkpoint(self, deadline):
-        """Fetch every shard's parameters as the new checkpoint; the log restarts empty."""
-        thetas = self._fetch_each("params", lambda b: (self._pending,), None, deadline=deadline)
-        self._pending = []
-        self._ckpt = [np.array(t) for t in thetas]
-        self._ckpt_applied = self._seq
-        self._log = []
-        return sum(t.nbytes for t in thetas)
-
-    def _fetch_each(self, method, args, local, deadline=None):
-        """``method`` on every shard; a lost shard answers from a local replay (``local``) if given."""
-        deadline = deadline or Deadline(self.timeout)
-        out = []
-        for b in range(self.shards):
-            if b not in self._lost:
-                try:
-                    out.append(self._engine.fetch(b, method, *args(b), deadline=deadline))
-                    continue
-                except ShardLost as e:
-                    self._lost.update(e.shards)
-                    if local is None:
-                        self._raise_lost(e.cause)
-            if local is None:
-                self._raise_lost()
-            out.append(local(self._local_shard(b)))
-        return out
-
+    # -- gradients ----------------------------------------------------------------------
     def _gather_grads(self, step):
         self._check_open()
         if step != self.step:
             raise ValueError(f"these gradients are of step {step}; the shards now hold those of step {self.step} "
                              "(gather() a step's gradients before the next value_and_grad)")
-        flats = self._fetch_each("gradients", lambda b: (step,), lambda st: st.gradients(step)[0])
+        flats = self._recovery.gradients(step, Deadline(self.timeout))
         return unpack_grads(self._pc, np.concatenate(flats))
 
     # -- checks -----------------------------------------------------------------------
@@ -538,27 +376,6 @@ class ShardedModel:
         if y.dtype != chain.dtype:
             raise TypeError(f"y is {y.dtype} but the chain is {chain.dtype}")
         return x2, np.ascontiguousarray(y.reshape(N, d_out)), loss
-
-
-def _report_bytes(rep):
-    from .executors.sharded_worker import payload_bytes
-
-    return payload_bytes(rep)
-
-
-def _union(intervals) -> float:
-    """Total length of the union of ``(start, end)`` intervals."""
-    total, cur_s, cur_e = 0.0, None, None
-    for s, e in sorted(intervals):
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
 
 
 def shard(chain: Chain, executor, *, shards=None, kernels=None, retries=None, timeout=None,

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import NonFiniteError
 from .kernels import KERNELS, default_kernels, get_kernels, pack
-from .layers import Chain, _run_forward
+from .layers import Chain, run_forward
 
 __all__ = ["Tape", "forward", "resolve_kernels", "flat_tape"]
 
@@ -78,7 +78,7 @@ def _run_numpy(chain, x2):
     outputs, h = [], x2
     for run in chain.runs:
         Y = np.empty((run.count, x2.shape[0], run.d_out), dtype=chain.dtype)
-        _run_forward(run, h, Y)
+        run_forward(run, h, Y)
         outputs.append(Y)
         h = Y[-1]
     return outputs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validate import renamed_argument
 from .blocks import Diag
 from .check import directional_derivatives
 from .errors import GradientCheckError
@@ -82,18 +83,21 @@ def random_chain(L, width=4, *, kind="dense", activation="tanh", seed=0, dtype=n
     return Chain(layers[:L] if L >= 1 else layers)
 
 
-def reference_grads(chain: Chain, x, seed=None) -> list[tuple]:
-    """Gradients of ``sum(chain(x))`` (or of ``<seed, chain(x)>``) by plain per-layer backprop.
+def reference_grads(chain: Chain, x, cotangent=None, *, seed=None) -> list[tuple]:
+    """Gradients of ``sum(chain(x))`` (or of ``<cotangent, chain(x)>``) by plain per-layer backprop.
 
     Written without the engine: one layer object at a time, its own forward,
     explicit formulas. Used by the tests as an independent reference.
+    ``seed=`` is the old name of ``cotangent`` (deprecated; it warns).
     """
+    cotangent = renamed_argument("reference_grads", "cotangent", cotangent, "seed", seed)
     x = np.asarray(x)
     x = x[None] if x.ndim == 1 else x
     acts = [x]
     for ly in chain.layers:
         acts.append(ly.forward(acts[-1]))
-    g = np.ones_like(acts[-1]) if seed is None else np.asarray(seed, dtype=acts[-1].dtype).reshape(acts[-1].shape)
+    g = (np.ones_like(acts[-1]) if cotangent is None
+         else np.asarray(cotangent, dtype=acts[-1].dtype).reshape(acts[-1].shape))
     grads = [None] * len(chain)
     for l in range(len(chain) - 1, -1, -1):
         ly, xin, y = chain.layers[l], acts[l], acts[l + 1]

@@ -152,7 +152,7 @@ $w \times w^2$). So
 $$T_{\text{backprop}} = O(L\, w^2) \text{ per sample } \big(O(N L w^2) \text{ for a batch of } N\big),\qquad \text{memory } O(Lw),$$
 
 the same order as the forward pass — but the $L$ steps are **dependent**: more workers do not help.
-Below: `chainprod.backward(tape, seed, method="backprop")` (the backward pass alone) for growing
+Below: `chainprod.backward(tape, cotangent, method="backprop")` (the backward pass alone) for growing
 $L$; the fitted exponent of $T \propto L^{\alpha}$ should be close to 1.
 """
 
@@ -164,8 +164,8 @@ for w in ws:
     for L in Ls:
         chain = cp.mlp([w] + [w] * (L - 1) + [1], activation="tanh", seed=1)
         tape = cp.forward(chain, rng.standard_normal((1, w)))
-        seed = np.ones_like(tape.out)  # d(sum of outputs)/d(output)
-        tmin, tmed = best_of(lambda: cp.backward(tape, seed, method="backprop"), reps=3 if QUICK else 5)
+        cotangent = np.ones_like(tape.out)  # d(sum of outputs)/d(output)
+        tmin, tmed = best_of(lambda: cp.backward(tape, cotangent, method="backprop"), reps=3 if QUICK else 5)
         rows.append({"w": w, "L": L, "backward_ms": tmin * 1e3, "median_ms": tmed * 1e3,
                      "us_per_layer": tmin / L * 1e6})
 table(rows, ["w", "L", "backward_ms", "median_ms", "us_per_layer"])
@@ -381,12 +381,12 @@ rows = []
 for L in ([32, 64] if QUICK else [64, 256]):
     chain = cp.mlp([8] + [8] * (L - 1) + [1], seed=3)
     tape = cp.forward(chain, rng.standard_normal((1, 8)))
-    seed = np.ones_like(tape.out)
-    ref = cp.backward(tape, seed, method="backprop")
+    cotangent = np.ones_like(tape.out)
+    ref = cp.backward(tape, cotangent, method="backprop")
     for m in ("backprop", "independent", "sklansky"):
-        g = cp.backward(tape, seed, method=m)
+        g = cp.backward(tape, cotangent, method=m)
         assert all(np.allclose(a, b) for ga, gb in zip(g, ref) for a, b in zip(ga, gb))
-        tmin, _ = best_of(lambda: cp.backward(tape, seed, method=m), reps=3)
+        tmin, _ = best_of(lambda: cp.backward(tape, cotangent, method=m), reps=3)
         s = cp.schedule("sequential" if m == "backprop" else m, L - 1)
         rows.append({"L": L, "w": 8, "method": m, "rounds": s.rounds, "ops": s.num_ops,
                      "backward_ms": tmin * 1e3})
@@ -483,22 +483,22 @@ for label, chain, w in cases:
     t = time.perf_counter()
     tape = cp.forward(chain, x)
     t_fwd = time.perf_counter() - t
-    seed = np.ones_like(tape.out)
-    ref = cp.backward(tape, seed, method="backprop")
+    cotangent = np.ones_like(tape.out)
+    ref = cp.backward(tape, cotangent, method="backprop")
     methods = ("backprop",) + SCANS
     for m in methods:  # check every method (this also warms up the cached plans)
-        g = cp.backward(tape, seed, method=m)
+        g = cp.backward(tape, cotangent, method=m)
         assert all(np.allclose(a, b, rtol=1e-8, atol=1e-12) for ga, gb in zip(g, ref) for a, b in zip(ga, gb)), m
     # repeats interleaved across methods, so a burst of load on a shared machine hits all of them
     samples = {m: [] for m in methods}
     for _ in range(3 if QUICK else 9):
         for m in methods:
             t = time.perf_counter()
-            cp.backward(tape, seed, method=m)
+            cp.backward(tape, cotangent, method=m)
             samples[m].append(time.perf_counter() - t)
     times = {m: (min(v), statistics.median(v)) for m, v in samples.items()}
     ran = cp.Trace()
-    cp.backward(tape, seed, method="auto", trace=ran)  # what auto runs: its measured choice, kept
+    cp.backward(tape, cotangent, method="auto", trace=ran)  # what auto runs: its measured choice, kept
     ran = ran.schedule if isinstance(ran.schedule, str) else ran.schedule.name
     best = min(SCANS, key=lambda m: times[m][0])
     structure = "dense" if "dense" in label else "diagonal"

@@ -93,6 +93,59 @@ def test_grad_equals_backprop(engine, kind, batch):
         assert max_err(g, ref) < 1e-12, (method, max_err(g, ref))
 
 
+class _DeclaresNoTaskGraphs:
+    """Mixed into an engine's executor: a user's executor that declares it runs no task graphs."""
+
+    runs_task_graphs = False
+
+    def backward_remote(self, *args, **kwargs):  # the hook grad once looked for: never reached now
+        raise AssertionError("grad took the remote path of an executor that declares runs_task_graphs = False")
+
+
+def _task_kinds(trace):
+    """What ended each worker's chain: ``{"vjp"}`` on the remote path, ``{"collect"}`` on the driver-side one."""
+    return {e.task.rpartition(".")[2] for e in trace.other_events}
+
+
+def test_grad_follows_the_declared_capability(engine):
+    base = type(cp.get_executor(engine))
+    name = f"test-no-task-graphs-{engine}"
+    cp.executors.register_executor(name, type(f"NoTaskGraphs{base.__name__}", (_DeclaresNoTaskGraphs, base), {}))
+    try:
+        assert cp.get_executor(engine).runs_task_graphs and not cp.get_executor(name).runs_task_graphs
+        chain = random_chain(13, 4, kind="mixed", seed=6)
+        x = np.random.default_rng(6).standard_normal((3, chain.d_in))
+        ref = cp.grad(chain, x, method="backprop")
+        for method in ("sklansky", "chunked"):
+            g_remote, tr_remote = cp.grad(chain, x, method=method, backend=engine, workers=P, return_trace=True)
+            g_local, tr_local = cp.grad(chain, x, method=method, backend=name, workers=P, return_trace=True)
+            # the declared capability picks the path: VJPs on the workers, or prefixes gathered to the driver
+            assert _task_kinds(tr_remote) == {"vjp"}, tr_remote.other_events
+            assert _task_kinds(tr_local) == {"collect"}, tr_local.other_events
+            assert tr_remote.schedule.name == tr_local.schedule.name
+            assert max_err(g_remote, ref) < 1e-12 and max_err(g_local, ref) < 1e-12, method
+            assert max_err(g_local, g_remote) < 1e-12
+    finally:
+        cp.executors.EXECUTORS.pop(name, None)
+        cp.executors._instances.pop(name, None)
+
+
+def test_a_registered_local_executor_never_takes_the_remote_path():
+    from chainprod.executors.vectorized import VectorizedExecutor
+
+    name = "test-local-with-old-hook"
+    cp.executors.register_executor(name, type("LocalWithOldHook", (_DeclaresNoTaskGraphs, VectorizedExecutor), {}))
+    try:
+        assert not cp.get_executor(name).runs_task_graphs
+        chain = random_chain(9, 3, kind="mixed", seed=2)
+        x = np.ones((2, 3))
+        g = cp.grad(chain, x, method="brent_kung", backend=name, kernels="numpy")
+        assert max_err(g, cp.grad(chain, x, method="backprop")) < 1e-12
+    finally:
+        cp.executors.EXECUTORS.pop(name, None)
+        cp.executors._instances.pop(name, None)
+
+
 def test_grad_mse_and_float32(engine):
     chain = cp.mlp([4, 6, 6, 2], seed=1, dtype=np.float32)
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
@@ -298,16 +351,16 @@ def test_engine_options_flow_from_the_public_api(engine):
 
 # -- what travels: stacked small blocks, grouped results (pure, no engine) --------------------
 def test_pack_roundtrip_small_stacked_big_as_is():
-    from chainprod.executors.remote_tasks import _pack, _values
+    from chainprod.executors.remote_tasks import pack_values, task_values
 
     rng = np.random.default_rng(0)
     vals = {s: ("dense", rng.standard_normal((1, 2, 2))) for s in range(10)}
     vals[10] = ("diag", rng.standard_normal((1, 3)))
     vals[11] = ("dense", rng.standard_normal((1, 100, 100)))  # > 64 KiB: travels as it is
-    big, packed = _pack(vals, [1, 3, 5, 10, 11])
+    big, packed = pack_values(vals, [1, 3, 5, 10, 11])
     assert set(big) == {11} and big[11][1] is vals[11][1]
     assert sorted(len(sl) for _, sl, _ in packed) == [1, 3]
-    back = _values({"values": big, "packed": packed})
+    back = task_values({"values": big, "packed": packed})
     assert set(back) == {1, 3, 5, 10, 11}
     for s, (kind, a) in back.items():
         assert kind == vals[s][0] and np.array_equal(a, vals[s][1])

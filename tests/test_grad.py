@@ -219,6 +219,37 @@ def test_value_and_grad_sum():
     assert v2 == v and isinstance(trace, cp.Trace) and trace.num_tasks >= 1
 
 
+def test_forward_loss_cotangent_backward_equals_grad():
+    chain = random_chain(7, 4, kind="mixed", seed=5)
+    x = inputs(chain, 3, seed=5)
+    y = np.zeros((3, chain.d_out))
+    tape = cp.forward(chain, x)
+    value, cotangent = cp.loss_cotangent(tape, y, "mse")
+    assert cotangent.shape == (3, chain.d_out)
+    v, ref = cp.value_and_grad(chain, x, y, loss="mse", method="sklansky")
+    assert value == v
+    grads_close(cp.backward(tape, cotangent, method="sklansky"), ref, 1e-12)
+    grads_close(cp.backward(tape, cotangent=cotangent, method="backprop"), ref, 1e-10)
+
+
+def test_deprecated_seed_names_still_work_and_warn():
+    chain = random_chain(7, 4, kind="mixed", seed=5)
+    x = inputs(chain, 3, seed=5)
+    tape = cp.forward(chain, x)
+    with pytest.warns(DeprecationWarning, match="loss_cotangent"):
+        value, seed = cp.loss_seed(tape)
+    value2, cotangent = cp.loss_cotangent(tape)
+    assert value == value2 and np.array_equal(seed, cotangent)
+    assert "loss_seed" in cp.__all__ and "loss_cotangent" in cp.__all__
+    with pytest.warns(DeprecationWarning, match="cotangent"):
+        g = cp.backward(tape, seed=cotangent, method="sklansky")
+    grads_close(g, cp.backward(tape, cotangent, method="sklansky"), 0.0)
+    with pytest.raises(TypeError, match="cotangent"):
+        cp.backward(tape, cotangent, seed=cotangent)
+    with pytest.raises(TypeError, match="cotangent"):
+        cp.backward(tape)
+
+
 def test_return_trace_counts_the_schedule_ops():
     chain = cp.mlp([3] + [4] * 10 + [1], seed=6)
     x = inputs(chain, 2)

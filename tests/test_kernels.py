@@ -337,7 +337,7 @@ def test_argument_errors(kernels):
     with pytest.raises(TypeError, match="numpy array"):
         kernels.forward(pc, [[1.0] * 8])
     Y, _ = kernels.forward(pc, x)
-    with pytest.raises(ValueError, match=r"seed must have shape \(N, d_L\) = \(2, 1\)"):
+    with pytest.raises(ValueError, match=r"cotangent must have shape \(N, d_L\) = \(2, 1\)"):
         kernels.backprop(pc, x, Y, np.ones((2, 8)))
     with pytest.raises(ValueError, match=r"flat tape of shape \(34,\) for a batch of 2"):
         kernels.backprop(pc, x, Y[:-1], np.ones((2, 1)))

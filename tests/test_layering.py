@@ -22,6 +22,7 @@ STACK = [
     ["chainprod.errors", "chainprod._validate", "chainprod._caches", "chainprod._version"],
     ["chainprod.activations", "chainprod.blocks"],
     ["chainprod.layers"],
+    ["chainprod.schedules.flops"],
     ["chainprod.schedules.plan"],
     ["chainprod.schedules.builders"],
     ["chainprod.schedules"],
@@ -34,18 +35,18 @@ STACK = [
     ["chainprod.cost"],
     ["chainprod.executors.base"],
     ["chainprod.executors.serial", "chainprod.executors.vectorized", "chainprod.executors.threads"],
-    ["chainprod.executors.remote_tasks", "chainprod.executors.sharded_worker",
-     "chainprod.executors.sharded_kernels"],
+    ["chainprod.executors.remote_tasks", "chainprod.executors.sharded_worker"],
     ["chainprod.executors.distributed"],
     ["chainprod.executors.ray_executor", "chainprod.executors.dask_executor",
      "chainprod.executors.sharded_ray", "chainprod.executors.sharded_dask"],
     ["chainprod.executors"],
     ["chainprod.tape"],
-    ["chainprod.backward_numpy", "chainprod.backward_compiled"],
+    ["chainprod.backward_numpy", "chainprod.backward_compiled", "chainprod.backward_remote"],
     ["chainprod.autotune"],
     ["chainprod.grad"],
     ["chainprod.products"],
     ["chainprod.plan"],
+    ["chainprod.shard_trace", "chainprod.shard_plan", "chainprod.shard_recovery"],
     ["chainprod.shard"],
     ["chainprod.check", "chainprod.testing", "chainprod.torch"],
     ["chainprod._timing", "chainprod.results"],
@@ -83,6 +84,15 @@ def _level(name):
     return None
 
 
+def _from_module(package, node):
+    """The absolute module name of a ``from ... import`` statement in ``package``."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imports(name, path):
     """The chainprod modules ``name`` imports, with the line of each import."""
     tree = ast.parse(open(path).read(), path)
@@ -93,12 +103,7 @@ def _imports(name, path):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
+            mod = _from_module(package, node)
             # ``from pkg import sub`` imports the submodule when there is one
             targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod for a in node.names]
         else:
@@ -157,3 +162,102 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     src.write_text("def f():\n    from .cli import main\n    import chainprod.bench\n")
     got = {t for t, _ in _imports("chainprod.grad", str(src))}
     assert {"chainprod.cli", "chainprod.bench"} <= got
+
+
+# -- private names stay in their module ------------------------------------------
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _package_of(module: str) -> str:
+    return module if MODULES[module].endswith("__init__.py") else module.rpartition(".")[0]
+
+
+def _defined_private_names(tree) -> set:
+    """Private names a module defines: functions, classes, globals, and attributes it assigns."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            out.add(node.attr)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+        elif isinstance(node, ast.alias) and node.asname:
+            out.add(node.asname)
+    return {n for n in out if _private(n)}
+
+
+_TREES = {m: ast.parse(open(p).read(), p) for m, p in MODULES.items()}
+#: private name -> the chainprod modules that define it
+_OWNERS: dict = {}
+for _m, _t in _TREES.items():
+    for _n in _defined_private_names(_t):
+        _OWNERS.setdefault(_n, set()).add(_m)
+
+
+def _private_crossings(name, tree, path):
+    """Every place ``name`` uses a private name of another chainprod module, as ``line: what``.
+
+    Three ways to cross: ``from m import _x``; ``m._x`` on a module bound by an
+    import; ``obj._x`` where ``_x`` is a private attribute or method that only
+    other chainprod modules define. A private *module* (``_validate``,
+    ``kernels/_check``) is its package's own and may be imported within that
+    package.
+    """
+    package = _package_of(name)
+    mine = _defined_private_names(tree)
+    bad, module_aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = _from_module(package, node)
+            if not (mod == "chainprod" or mod.startswith("chainprod.")):
+                continue
+            for a in node.names:
+                full = f"{mod}.{a.name}"
+                if full in MODULES:
+                    module_aliases[a.asname or a.name] = full
+                    owner_pkg = _package_of(full) if MODULES[full].endswith("__init__.py") else mod
+                    if _private(a.name) and not (package + ".").startswith(owner_pkg + "."):
+                        bad.append(f"line {node.lineno}: imports private module {full} from outside {owner_pkg}")
+                elif _private(a.name):
+                    bad.append(f"line {node.lineno}: imports private name {a.name} from {mod}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("chainprod"):
+                    module_aliases[a.asname or a.name] = a.name
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+            continue
+        base = node.value
+        if isinstance(base, ast.Name) and base.id in module_aliases:
+            bad.append(f"line {node.lineno}: {base.id}.{node.attr} is private to {module_aliases[base.id]}")
+        elif isinstance(base, ast.Name) and base.id in ("self", "cls"):
+            continue
+        elif node.attr not in mine and _OWNERS.get(node.attr, set()) - {name}:
+            owners = ", ".join(sorted(_OWNERS[node.attr] - {name}))
+            bad.append(f"line {node.lineno}: .{node.attr} is private to {owners}")
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_private_name_crosses_modules(name):
+    bad = _private_crossings(name, _TREES[name], MODULES[name])
+    assert not bad, f"{name} uses private names of other modules (make them public or keep them home):\n" + \
+        "\n".join(bad)
+
+
+def test_the_private_check_sees_each_way_to_cross(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("from .kernels.numba_kernels import _deriv\nfrom .kernels import _check\n"
+                   "from . import grad as g\n\ndef f(t):\n    g._sum_value\n    return t._rows\n")
+    tree = ast.parse(src.read_text())
+    got = "\n".join(_private_crossings("chainprod.tape", tree, str(src)))
+    assert "private name _deriv" in got
+    assert "private module chainprod.kernels._check" in got
+    assert "g._sum_value" in got
+    # a private module inside its own package is its package's business
+    ok = _private_crossings("chainprod.kernels.numpy_kernels", ast.parse("from . import _check\n"), "x.py")
+    assert ok == []

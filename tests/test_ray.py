@@ -113,7 +113,7 @@ def test_ray_workers_use_one_blas_thread():
 
         from chainprod.executors import remote_tasks
 
-        remote_tasks._limit_blas()
+        remote_tasks.limit_blas()
         return os.environ.get("OMP_NUM_THREADS"), [i["num_threads"] for i in threadpool_info()
                                                    if i.get("user_api") == "blas"]
 

@@ -261,11 +261,11 @@ def test_errors_say_what_is_wrong():
         scan_rows(pc, Y, seed, cp.schedule("tree", pc.L - 1))
     with pytest.raises(ValueError, match="is for 4 positions"):
         scan_rows(pc, Y, seed, cp.schedule("sklansky", 4))
-    with pytest.raises(ValueError, match=r"seed must be \(N, 1\)"):
+    with pytest.raises(ValueError, match=r"cotangent must be \(N, 1\)"):
         scan_rows(pc, Y, np.ones((2, 3)), "sklansky")
     with pytest.raises(ValueError, match="flat tape of a batch of 2"):
         scan_rows(pc, Y[:-1], seed, "sklansky")
-    with pytest.raises(TypeError, match="seed is float32"):
+    with pytest.raises(TypeError, match="cotangent is float32"):
         scan_rows(pc, Y, seed.astype(np.float32), "sklansky")
     with pytest.raises(ValueError, match="workers"):
         scan_rows(pc, Y, seed, "sklansky", workers=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 import chainprod as cp
 from chainprod.schedules import SCHEDULES, Round
+from chainprod.schedules import replay as schedule_replay
 
 SMALL = list(range(1, 71))
 LARGE = [127, 128, 129, 1000, 1025, 4096]
@@ -451,3 +453,207 @@ def test_cached_plan_options_are_not_shared_mutable_state():
             s.options["chunks"] = 3  # do not poison the cache for other tests
         except TypeError:
             pass
+
+
+# -- the one replay: what a schedule means, for validate() and every planner ------------------
+BUILDERS = ["sequential", "tree", "independent", "hillis_steele", "sklansky", "brent_kung", "chunked"]
+
+
+def built(name, L):
+    return cp.schedule("chunked", L, chunks=3) if name == "chunked" else cp.schedule(name, L)
+
+
+@pytest.mark.parametrize("L", [1, 2, 3, 5, 8, 13, 64])
+@pytest.mark.parametrize("name", BUILDERS)
+def test_replay_yields_exactly_the_ops_of_each_builder(name, L):
+    s = built(name, L)
+    rp = schedule_replay(s)
+    assert rp.round_ptr.tolist() == [0, *np.cumsum(s.widths).tolist()]
+    assert rp.widths.tolist() == s.widths and rp.n_ops == s.num_ops
+    for q, field in enumerate(("left", "right", "out")):
+        want = [int(x) for st_ in s.steps for x in st_[q]]
+        assert getattr(rp, field).tolist() == want
+    assert rp.op_round.tolist() == [r for r, w in enumerate(s.widths) for _ in range(w)]
+    # the intervals, against the independent replay of this file
+    rounds, lo, hi = replay(s)
+    for name_, got in zip("ikj", (rp.i, rp.k, rp.j)):
+        want = [int(x) for r in rounds for x in r["ikj".index(name_)]]
+        assert got.tolist() == want
+    np.testing.assert_array_equal(rp.lo, lo)
+    np.testing.assert_array_equal(rp.hi, hi)
+    assert len(s.intervals()) == s.rounds
+    for (a, b, c), (x, y, z) in zip(s.intervals(), rounds):
+        assert a.tolist() == x.tolist() and b.tolist() == y.tolist() and c.tolist() == z.tolist()
+    # cached on the (immutable) schedule, read-only, and not pickled with it
+    assert schedule_replay(s) is rp
+    assert all(not a.flags.writeable for a in rp)
+    again = pickle.loads(pickle.dumps(s))
+    assert "_replay" not in again.__dict__
+    assert schedule_replay(again).i.tolist() == rp.i.tolist()
+
+
+def flat_args(L, w=2):
+    rows = np.full(L, w)
+    rows[0] = 1
+    return np.zeros(L, dtype=np.int64), rows, np.full(L, w)
+
+
+def planner_messages(s):
+    """The ScheduleError message of each planner on ``s`` (None where it accepts ``s``)."""
+    from chainprod.planning.bind import bind_signature
+    from chainprod.planning.flat import bind_flat
+    from chainprod.planning.partition import partition
+
+    L = s.length
+    runs = {
+        "validate": lambda: s.validate(),
+        "intervals": lambda: s.intervals(),
+        "bind": lambda: bind_signature(s, (("dense", 1, 1, 2), ("dense", L - 1, 2, 2))),
+        "flat": lambda: bind_flat(s, *flat_args(L)),
+        "partition": lambda: partition(s, 2),
+    }
+    out = {}
+    for who, run in runs.items():
+        try:
+            run()
+            out[who] = None
+        except cp.ScheduleError as e:
+            out[who] = str(e)
+    return out
+
+
+def corrupt(s, r, field, q, value, outputs=None):
+    """A copy of ``s`` with ``steps[r].<field>[q] = value`` (and other ``outputs`` if given)."""
+    steps = [Round(*(np.array(a) for a in st_)) for st_ in s.steps]
+    getattr(steps[r], field)[q] = value
+    n_slots = max(s.n_slots, value + 1)
+    return cp.Schedule("bad", s.length, n_slots, steps, s.outputs if outputs is None else outputs)
+
+
+def broken_schedules():
+    sk = cp.schedule("sklansky", 32)  # rounds of 16 ops: walked with numpy
+    return {
+        # narrow rounds (a handful of ops, walked on lists)
+        "empty-narrow": (cp.Schedule("bad", 3, 4, [R([0], [3], [1])], [0, 1, 2]),
+                         "schedule 'bad', round 0, op 0: reads right slot 3, which is empty"),
+        "apart-narrow": (cp.Schedule("bad", 3, 3, [R([0], [2], [2]), R([0], [1], [1])], [0, 1, 2]),
+                         "schedule 'bad', round 0, op 0: left slot 0 holds [0, 0] and right slot 2 holds "
+                         "[2, 2]; they are not adjacent"),
+        "crossed-narrow": (cp.Schedule("bad", 3, 3, [R([0, 1], [1, 2], [1, 2])], [0, 1, 2]),
+                           "schedule 'bad', round 0, op 1: reads slot 1, which another op of the round (op 0) "
+                           "writes"),
+        "twice-narrow": (cp.Schedule("bad", 3, 4, [R([0, 1], [1, 2], [3, 3])], [0, 1, 3]),
+                         "schedule 'bad', round 0, op 0: writes slot 3, and op 1 of the same round writes the "
+                         "same slot"),
+        "missing-prefix-narrow": (cp.Schedule("bad", 4, 4, cp.schedule("tree", 4).steps, np.arange(4)),
+                                  "schedule 'bad': outputs[2] (slot 2) holds [2, 2], expected [0, 2]"),
+        "range-narrow": (cp.Schedule("bad", 3, 3, [R([0], [1], [1]), R([1], [7], [2])], [0, 1, 2]),
+                         "schedule 'bad', round 1, op 0: right slot 7 is out of range 0..2"),
+        # wide rounds (walked with numpy): the same rules, the same messages
+        "empty-wide": (corrupt(sk, 0, "right", 5, 32),
+                       "schedule 'bad', round 0, op 5: reads right slot 32, which is empty"),
+        "apart-wide": (corrupt(sk, 1, "left", 3, 0),
+                       "schedule 'bad', round 1, op 3: left slot 0 holds [0, 0] and right slot 7 holds "
+                       "[6, 7]; they are not adjacent"),
+        "crossed-wide": (corrupt(sk, 0, "out", 0, 2),
+                         "schedule 'bad', round 0, op 1: reads slot 2, which another op of the round (op 0) "
+                         "writes"),
+        "twice-wide": (corrupt(sk, 0, "out", 2, 3),
+                       "schedule 'bad', round 0, op 1: writes slot 3, and op 2 of the same round writes the "
+                       "same slot"),
+        "missing-prefix-wide": (cp.Schedule("bad", 32, 32, cp.schedule("tree", 32).steps, np.arange(32)),
+                                "schedule 'bad': outputs[2] (slot 2) holds [2, 2], expected [0, 2]"),
+        "range-wide": (corrupt(sk, 2, "left", 9, -4),
+                       "schedule 'bad', round 2, op 9: left slot -4 is out of range 0..31"),
+    }
+
+
+@pytest.mark.parametrize("case", list(broken_schedules()))
+def test_broken_schedule_same_error_from_validate_and_every_planner(case):
+    s, want = broken_schedules()[case]
+    got = planner_messages(s)
+    assert set(got.values()) == {got["validate"]}, got  # one message, whoever meets the schedule
+    assert got["validate"].startswith(want), got["validate"]
+    with pytest.raises(ValueError):  # still a ValueError for callers that catch those
+        s.validate()
+
+
+def test_first_broken_rule_in_round_order_wins():
+    # round 0 is fine, round 1 reads an empty slot, round 2 has a slot out of range: round 1 is reported
+    s = cp.Schedule("bad", 4, 5, [R([0], [1], [1]), R([1], [4], [2]), R([2], [9], [3])], np.arange(4))
+    with pytest.raises(cp.ScheduleError, match="round 1, op 0: reads right slot 4"):
+        s.validate()
+    # in one round, a slot out of range is named before any other broken rule
+    s = cp.Schedule("bad", 3, 3, [R([0, 2], [2, 9], [2, 1])], [0, 1, 2])
+    with pytest.raises(cp.ScheduleError, match="op 1: right slot 9 is out of range"):
+        s.validate()
+
+
+def test_flat_plan_agrees_with_the_replay():
+    from chainprod.planning.flat import bind_flat
+
+    for name in ("sequential", "hillis_steele", "sklansky", "brent_kung", "chunked", "independent"):
+        for L in (1, 2, 5, 13, 64):
+            s = built(name, L)
+            rp = schedule_replay(s)
+            kinds, rows, cols = flat_args(L, 3)
+            fp = bind_flat(s, kinds, rows, cols, batch=2, parallel_min_flops=0.0)
+            used = np.unique(np.concatenate([np.arange(L), rp.out]))
+            slot_of = dict(zip(fp.slot_off[used].tolist(), used.tolist()))
+            assert len(slot_of) == used.size  # every slot in use has its own place in the buffer
+            flat_ops = sorted(zip(fp.op_round.tolist(), *([slot_of[o] for o in a.tolist()]
+                                                          for a in (fp.op_left, fp.op_right, fp.op_out)),
+                                  fp.op_m.tolist(), fp.op_k.tolist(), fp.op_n.tolist()))
+            want = sorted(zip(rp.op_round.tolist(), rp.left.tolist(), rp.right.tolist(), rp.out.tolist(),
+                              rows[rp.i].tolist(), cols[rp.k].tolist(), cols[rp.j].tolist()))
+            assert flat_ops == want, (name, L)
+            assert fp.n_ops == rp.n_ops and int(fp.stage_rounds.sum()) == s.rounds
+
+
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize("name", BUILDERS)
+def test_partition_agrees_with_the_replay(name, P):
+    from chainprod.planning.partition import partition
+
+    for L in (1, 2, 5, 13, 64):
+        s = built(name, L)
+        rp = schedule_replay(s)
+        part = partition(s, P)
+        placed = sorted((r, int(a), int(b), int(c), t.worker) for t in part.tasks for r, ls, rs, os_ in t.rounds
+                        for a, b, c in zip(ls, rs, os_))
+        # every op once, in its round, on the owner of the right end of the interval it makes
+        want = sorted(zip(rp.op_round.tolist(), rp.left.tolist(), rp.right.tolist(), rp.out.tolist(),
+                          part.owner(rp.j).tolist()))
+        assert placed == want, (name, L, P)
+
+
+def test_bound_plan_agrees_with_the_replay():
+    from chainprod.planning.bind import bind_signature
+
+    for name in BUILDERS:
+        for L in (2, 13, 64):
+            s = built(name, L)
+            bp = bind_signature(s, (("dense", 1, 1, 2), ("dense", L - 1, 2, 2)))
+            assert [sum(g.size for g in groups) for groups in bp.rounds] == schedule_replay(s).widths.tolist()
+
+
+def test_not_a_scan_is_the_flat_planners_own_refusal():
+    from chainprod.planning.flat import bind_flat
+
+    t = cp.schedule("tree", 8)
+    assert t.validate() is t  # a valid schedule ...
+    with pytest.raises(ValueError, match="does not produce every prefix") as e:
+        bind_flat(t, *flat_args(8))  # ... that the flat plan cannot use
+    assert not isinstance(e.value, cp.ScheduleError)
+
+
+def test_workers_checked_by_the_one_check():
+    s = cp.schedule("sklansky", 8)
+    with pytest.raises(TypeError, match=r"^workers must be a positive int, got True$"):
+        s.brent_bound(True)
+    with pytest.raises(ValueError, match=r"^workers must be >= 1, got 0$"):
+        s.brent_bound(0)
+    from chainprod.schedules import schedule as plain_schedule
+
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        plain_schedule("chunked", 8, workers=0)

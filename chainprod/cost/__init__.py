@@ -44,11 +44,29 @@ machine has; :func:`crossover` gives the smallest depth where the scan wins.
 The defaults below were measured on the development machine (2-core
 x86_64, numpy 2.4, OpenBLAS); ``chainprod calibrate`` measures this machine
 and saves a JSON file where :func:`load_model` finds it.
+
+Resolving a method
+------------------
+:func:`resolve_schedule` turns any method into a Schedule: ``"auto"`` by
+the cost model (:func:`choose_schedule`), everything else by the plain
+builder :func:`chainprod.schedules.schedule`. It is ``chainprod.schedule``,
+and every caller above this package resolves through it, so kernels and
+executors only ever receive a Schedule. ``"auto"`` is not in the schedule
+registry (:data:`chainprod.SCHEDULES` lists builders only); it is in
+:func:`valid_schedules` (``chainprod.valid_schedules``).
 """
 
 from __future__ import annotations
 
-from .auto import LOCAL_BACKENDS, auto_runs_backprop, choose_schedule, predict_grad
+from .auto import (
+    AUTO,
+    LOCAL_BACKENDS,
+    auto_runs_backprop,
+    choose_schedule,
+    predict_grad,
+    resolve_schedule,
+    valid_schedules,
+)
 from .model import DEFAULT_MODEL, OP_CLASSES, STRUCTURES, CostModel, layer_bytes, load_model, model_path, save_model
 from .scan import chain_blocks, compiled_scan_time, predict, predict_backprop
 from .simulate import crossover, round_stats, simulate
@@ -57,5 +75,5 @@ __all__ = [
     "CostModel", "DEFAULT_MODEL", "load_model", "save_model", "model_path", "predict",
     "predict_backprop", "predict_grad", "choose_schedule", "round_stats", "simulate", "crossover",
     "OP_CLASSES", "STRUCTURES", "LOCAL_BACKENDS", "auto_runs_backprop", "chain_blocks", "layer_bytes",
-    "compiled_scan_time",
+    "compiled_scan_time", "AUTO", "resolve_schedule", "valid_schedules",
 ]

@@ -1,7 +1,11 @@
 """``method="auto"``: the candidate schedule with the least predicted time, and grad's whole time.
 
-Registered in the schedule registry as ``"auto"`` (it needs the blocks,
-the workers and the backend, so it is a context builder).
+``"auto"`` is decided here, by the cost model, and is not a builder in the
+schedule registry (:data:`chainprod.schedules.SCHEDULES`): the registry sits
+below the cost model and cannot ask it. :func:`resolve_schedule` is the one
+place a method name, ``"auto"`` included, becomes a :class:`Schedule`;
+every caller above the cost model resolves through it, so kernels and
+executors only ever receive a Schedule.
 """
 
 from __future__ import annotations
@@ -12,12 +16,17 @@ import os
 import numpy as np
 
 from .._caches import PlanCache
+from .._validate import check_workers
 from ..blocks import KINDS, BlockSeq, Segment
-from ..schedules import Schedule, build, register_schedule, schedule
+from ..schedules import Schedule, build, schedule, valid_methods
 from .model import CostModel, load_model
 from .scan import chain_blocks, predict, predict_backprop, signature
 
-__all__ = ["LOCAL_BACKENDS", "auto_runs_backprop", "choose_schedule", "predict_grad"]
+__all__ = ["AUTO", "LOCAL_BACKENDS", "auto_runs_backprop", "choose_schedule", "predict_grad", "resolve_schedule",
+           "valid_schedules"]
+
+#: the method name the cost model resolves (not a builder in the schedule registry)
+AUTO = "auto"
 
 # -- method="auto" -------------------------------------------------------------
 LOCAL_BACKENDS = ("vectorized", "serial", "threads")
@@ -75,13 +84,69 @@ def _shapes_of(sig) -> BlockSeq:
                      for kind, count, rows, cols in sig])
 
 
-def _auto(L: int, *, workers=None, blocks=None, backend="vectorized") -> Schedule:
-    return choose_schedule(L, blocks=blocks, workers=workers, backend=backend)
-
-
-_auto.__doc__ = choose_schedule.__doc__
 _CHOICES = PlanCache(maxsize=256)
-register_schedule("auto", _auto, context=True, builtin=True)
+
+
+def valid_schedules() -> list[str]:
+    """Every method :func:`resolve_schedule` accepts by name: the registry's names and aliases, and ``"auto"``."""
+    return sorted([*valid_methods(), AUTO])
+
+
+def resolve_schedule(method, L: int, *, workers: int | None = None, blocks=None, backend: str = "vectorized",
+                     **options) -> Schedule:
+    """Turn a method into a :class:`Schedule`, asking the cost model for ``"auto"``.
+
+    Parameters
+    ----------
+    method : str or Schedule or callable
+        ``"auto"`` (the candidate with the least predicted time, see
+        :func:`choose_schedule`), a name or alias from the schedule
+        registry, a ready :class:`Schedule`, or a callable
+        ``f(L, **options) -> Schedule``; all but ``"auto"`` go to
+        :func:`chainprod.schedules.schedule` unchanged.
+    L : int
+        Number of factors.
+    workers : int, optional
+        Workers ``P`` the plan will run on (the cost model's ``P`` for
+        ``"auto"``; ``chunked`` uses ``P + 1`` chunks).
+    blocks : optional
+        Block shapes the cost model costs ``"auto"`` on, in any form
+        :meth:`Schedule.flops_per_round` takes (a
+        :class:`~chainprod.blocks.BlockSeq`, a square width, a list of
+        ``(kind, rows, cols)``); the default is width 64. Passed on to
+        context builders such as ``chunked``.
+    backend : str
+        Executor the plan is for (``"auto"`` costs rounds per backend).
+    **options
+        Passed to a named builder (e.g. ``chunks=``); ``"auto"`` takes none.
+
+    Returns
+    -------
+    Schedule
+
+    Raises
+    ------
+    ValueError
+        An unknown name (the message lists :func:`valid_schedules`).
+
+    Examples
+    --------
+    >>> resolve_schedule("sklansky", 8).name
+    'sklansky'
+    >>> isinstance(resolve_schedule("auto", 8, blocks=16), Schedule)
+    True
+    """
+    if isinstance(method, str) and method == AUTO:
+        if options:
+            raise TypeError(f"schedule 'auto' does not take option(s) {sorted(options)}")
+        workers = None if workers is None else check_workers(workers)
+        # the plain builder's checks of L (an int >= 1), so "auto" refuses what every name refuses
+        build("sequential", L)
+        return choose_schedule(L, blocks=blocks, workers=workers, backend=backend)
+    if isinstance(method, str) and method not in valid_methods():
+        # the registry's own message would omit "auto", which is valid here
+        raise ValueError(f"unknown schedule method {method!r}; valid methods: {', '.join(valid_schedules())}")
+    return schedule(method, L, workers=workers, blocks=blocks, backend=backend, **options)
 
 
 def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="vectorized",
@@ -104,7 +169,7 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
     blocks = chain_blocks(structure, L, width)
     if isinstance(method, Schedule):
         sched = method
-    elif method == "auto":
+    elif method == AUTO:
         sched = _choose(L - 1, blocks, workers, backend, batch, model)
         if auto_runs_backprop(sched, backend):
             # grad's auto then runs backprop itself: the same order without forming Jacobians
@@ -113,6 +178,6 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
         sched = schedule(method, L - 1, workers=workers, backend=backend)
     bwd = (model.run_time(structure, "prep", width, L, batch) + model.remote_time(backend, structure, width, L, batch)
            + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model, kernels=kernels))
-    if method == "auto" and kernels != "numpy" and backend in LOCAL_BACKENDS and bp < bwd:
+    if method == AUTO and kernels != "numpy" and backend in LOCAL_BACKENDS and bp < bwd:
         return {"forward": fwd, "backward": bp, "total": fwd + bp, "schedule": "backprop"}
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": sched.name}

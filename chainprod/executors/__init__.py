@@ -4,7 +4,9 @@ Named registry in joblib's ``BACKENDS`` habit; engines are imported only
 when chosen, so ``import chainprod`` never imports Ray or Dask. Inside the
 package the order is ``base`` -> ``serial``, ``vectorized``, ``threads`` ->
 ``remote_tasks`` -> ``distributed`` -> ``ray_executor``, ``dask_executor``;
-this module, the registry, reaches the engines only by name.
+this module, the registry, reaches the engines only by name. What an
+executor can do beyond :meth:`Executor.run` it declares as a class
+attribute (``runs_task_graphs``), never by the methods it happens to have.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def register_executor(name: str, target, extra: str | None = None, *, override: 
 
     ``extra`` names the pip extra that installs its engine (for the error
     when it is missing). A built-in name is replaced only with ``override=True``.
+
+    What ``grad`` does with the executor follows its class attribute
+    ``runs_task_graphs`` (see :class:`Executor`): ``False`` (the default of
+    :class:`Executor`) runs only :meth:`Executor.run` on Jacobian blocks
+    formed on the driver; ``True`` (a
+    :class:`~chainprod.executors.distributed.DistributedExecutor` subclass)
+    runs the whole backward pass as a task graph on the executor's workers.
     """
     if name in _BUILTIN and not override:
         raise ValueError(f"{name!r} is a built-in backend; pass override=True to replace it")

@@ -25,9 +25,27 @@ __all__ = ["Executor", "ScanResult", "ListResult", "Trace", "TraceEvent"]
 
 
 class Executor:
-    """Base class: subclasses set ``name`` and implement :meth:`run`."""
+    """Base class: subclasses set ``name`` and implement :meth:`run`.
+
+    Attributes
+    ----------
+    name : str
+        The backend name (traces and messages).
+    runs_task_graphs : bool
+        A declared capability, read by :func:`chainprod.grad.backward`.
+        ``False`` (the default): ``grad`` forms the Jacobian blocks on the
+        driver and hands them to :meth:`run`. ``True``: the executor also
+        provides ``prepare(workers) -> P`` and ``run_graph(part, inits, *,
+        workers, token_parts, segment, collect, collect_label, trace,
+        **options)`` as
+        :class:`~chainprod.executors.distributed.DistributedExecutor` does
+        (Ray, Dask), and ``grad`` runs the Jacobians, the scan and the
+        parameter VJPs as one task graph on its workers
+        (:mod:`chainprod.backward_remote`): only per-layer gradients come back.
+    """
 
     name = "?"
+    runs_task_graphs: bool = False
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):  # pragma: no cover
         raise NotImplementedError

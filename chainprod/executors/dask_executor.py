@@ -221,7 +221,7 @@ class DaskExecutor(DistributedExecutor):
     ``DaskExecutor(address=None, timeout=None, retries=3, workers=None,
     **local_cluster_kwargs)``; ``address`` may be a scheduler address or a
     ``distributed.Client``. See
-    :class:`~chainprod.executors._cluster.DistributedExecutor`.
+    :class:`~chainprod.executors.distributed.DistributedExecutor`.
     """
 
     name = "dask"
@@ -250,7 +250,7 @@ class DaskExecutor(DistributedExecutor):
             raise ClusterConnectionError(f"dask: the client is {self._client.status}", "dask")
         return self._client
 
-    def _set_retries(self, retries):
+    def _use_retries(self, retries):
         """Honour ``retries`` on a cluster chainprod started (the scheduler runs in this process)."""
         if self._owned and _EMBEDDED is not None:
             sched = getattr(_EMBEDDED["cluster"], "scheduler", None)
@@ -279,7 +279,7 @@ class DaskExecutor(DistributedExecutor):
             warnings.filterwarnings("ignore", message=".*(Large object|large graph).*")
             return self._client.submit(fn, *args, key=key)
 
-    def _wait(self, handles, deadline, names):
+    def _wait(self, handles, deadline, names, retries):
         out = []
         try:
             for f, name in zip(handles, names):
@@ -303,7 +303,7 @@ class DaskExecutor(DistributedExecutor):
                     raise DistributedError(
                         f"dask: task {name!r} (or a task it depends on) failed: the worker running it "
                         f"died (KilledWorker: {e}); allowed failures per task were exhausted "
-                        f"(retries={self._last_retries}).", "dask", name) from None
+                        f"(retries={retries}).", "dask", name) from None
                 except (distributed.client.FutureCancelledError, distributed.client.FuturesCancelledError) as e:
                     raise DistributedError(f"dask: task {name!r} was cancelled ({first_line(e)})", "dask",
                                            name) from None
@@ -323,19 +323,11 @@ class DaskExecutor(DistributedExecutor):
             with contextlib.suppress(Exception):
                 f.release()
 
-    def run(self, schedule, blocks, *, workers=None, trace=None, **options):
-        self._last_retries = self._opts(options)[1]
+    def prepare(self, workers=None):
+        # Connected first, so that workers=None counts the cluster's workers
+        # (the client does not exist before).
         self.connect(self._resolve_workers(workers))
-        self._set_retries(self._last_retries)
-        return super().run(schedule, blocks, workers=workers, trace=trace, **options)
-
-    def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
-        self._last_retries = self._opts(options)[1]
-        self.connect(self._resolve_workers(workers))
-        self._set_retries(self._last_retries)
-        return super().backward_remote(tape, seed, method=method, workers=workers, trace=trace, **options)
-
-
+        return super().prepare(workers)
 
 
 def _is_engine_error(e) -> bool:

@@ -1,12 +1,15 @@
-"""What the Ray and Dask executors share: running the task graph, errors, cluster lifecycle.
+"""What the Ray and Dask executors share: running a task graph, errors, cluster lifecycle.
 
 An engine subclass (:class:`~chainprod.executors.ray_executor.RayExecutor`,
 :class:`~chainprod.executors.dask_executor.DaskExecutor`) supplies five verbs:
 connect to (or start) a cluster, place driver data, submit a task whose
 arguments may be handles of other tasks, wait for handles with a deadline,
-and release/cancel handles. Everything else, the plan
-(:func:`chainprod.planning.partition.partition`), the trace, the error
-messages, ``grad`` on the workers, lives here once.
+and release/cancel handles. Everything else lives here once: running the
+owner-computes task graph of :func:`chainprod.planning.partition.partition`
+(:meth:`DistributedExecutor.run_graph`), the trace and the error messages.
+What the tasks compute is given to :meth:`~DistributedExecutor.run_graph`:
+blocks for :meth:`~DistributedExecutor.run`, layer data for ``grad``
+(:mod:`chainprod.backward_remote`, which knows the layers; this module does not).
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .._validate import check_retries, check_timeout, check_workers
-from ..errors import ClusterConnectionError, NonFiniteError
+from ..errors import ClusterConnectionError
 from ..planning.bind import as_index
 from ..planning.partition import partition
-from ..schedules import schedule as build_schedule
 from . import remote_tasks
 from .base import Executor, ListResult, TraceEvent
 
@@ -113,9 +115,18 @@ class DistributedExecutor(Executor):
         are never retried.
     workers : int, optional
         Default ``P`` when a run passes none (else the cluster's CPU count, or 2).
+
+    Notes
+    -----
+    ``runs_task_graphs`` is True: besides :meth:`run`, :meth:`prepare` and
+    :meth:`run_graph` run any partitioned task graph, which ``grad`` uses to
+    compute Jacobians, scan and VJPs on the workers
+    (:mod:`chainprod.backward_remote`). A subclass that sets it False gets
+    the driver-side path instead (Jacobians on the driver, the scan by :meth:`run`).
     """
 
     name = "?"
+    runs_task_graphs = True
 
     def __init__(self, address=None, *, timeout=None, retries=3, workers=None, **engine_options):
         self.address = address
@@ -129,7 +140,7 @@ class DistributedExecutor(Executor):
         return f"<{type(self).__name__} {self.name!r} {where}, timeout={self.timeout}, retries={self.retries}>"
 
     # -- engine verbs (subclasses) ------------------------------------------
-    def connect(self, workers):  # -> int: cluster CPU count
+    def connect(self, workers):  # -> the engine's client (or None)
         raise NotImplementedError
 
     def _default_workers(self) -> int:
@@ -141,11 +152,14 @@ class DistributedExecutor(Executor):
     def _submit(self, fn, args, key, retries):
         raise NotImplementedError
 
-    def _wait(self, handles, deadline, names):  # -> list of values
+    def _wait(self, handles, deadline, names, retries):  # -> list of values
         raise NotImplementedError
 
     def _release(self, handles):
         pass
+
+    def _use_retries(self, retries):
+        """Apply a run's ``retries`` where the engine takes them per cluster, not per task."""
 
     def _token(self, *parts) -> str:
         return ""
@@ -181,19 +195,80 @@ class DistributedExecutor(Executor):
         return workers or self.workers or self._default_workers()
 
     # -- the graph ----------------------------------------------------------
-    def _submit_graph(self, part, init_handles, retries, token, collect=None, collect_extra=None):
-        """Submit every segment and collect task of ``part``; returns handles by tid."""
-        h = list(init_handles) + [None] * (len(part.tasks) - part.workers)
-        for t in part.tasks[part.workers:]:
-            args = [h[d] for d in t.deps]
-            key = f"chainprod-{self.name}-{t.kind}-{token}-{t.tid}"
-            if t.kind == "segment":
-                h[t.tid] = self._submit(remote_tasks.segment_task, [t, *args], key, retries)
-            else:
-                fn = collect or remote_tasks.collect_task
-                extra = [] if collect_extra is None else [collect_extra[t.worker]]
-                h[t.tid] = self._submit(fn, [t, *extra, *args], key, retries)
-        return h
+    def prepare(self, workers=None) -> int:
+        """Connect to the cluster (starting the embedded one if needed) and return ``P`` for a run.
+
+        ``workers`` as given to the run; ``None`` takes the executor's
+        ``workers``, else the cluster's CPU count (or 2). Call it before
+        :func:`~chainprod.planning.partition.partition`: the partition is
+        cut for this ``P``.
+        """
+        P = self._resolve_workers(workers)
+        self.connect(P)
+        return P
+
+    def run_graph(self, part, inits, *, workers, token_parts=(), segment=None, collect=None,
+                  collect_label="collect", trace=None, **options) -> list:
+        """Submit the task graph of ``part``, wait for its collect tasks, return their results.
+
+        The one place a graph is run: :meth:`run` and the remote backward
+        pass (:mod:`chainprod.backward_remote`) both come here, so submitting,
+        the deadline, releasing handles and the trace are written once.
+
+        Parameters
+        ----------
+        part : Partition
+            From :func:`~chainprod.planning.partition.partition` for ``P = workers``.
+        inits : list
+            Per worker ``b < part.workers``, its init payload: a dict with
+            ``"meta": []`` that ``segment`` and ``collect`` can read. Placed
+            in the cluster here (engine handles, released after the run).
+        workers : int
+            ``P`` (from :meth:`prepare`), recorded in the trace.
+        token_parts : tuple
+            What identifies the run's input (the engine derives its keys from it).
+        segment, collect : callable, optional
+            The task functions, run on the workers and imported there by
+            name: ``segment(spec, *inputs)`` for each combine task (default
+            :func:`~chainprod.executors.remote_tasks.segment_task`),
+            ``collect(spec, *inputs)`` for each worker's last task (default
+            :func:`~chainprod.executors.remote_tasks.collect_task`). Every
+            result holds ``"meta"``, the trace events of its chain.
+        collect_label : str
+            Names a collect task ``w<b>.<label>`` in errors of the wait.
+        trace : Trace, optional
+            Filled with the measured events of every task.
+        **options
+            ``timeout``, ``retries`` (as the constructor's).
+
+        Returns
+        -------
+        list
+            The collect tasks' results, worker by worker.
+        """
+        timeout, retries = self._opts(options)
+        deadline = Deadline(timeout)
+        self._use_retries(retries)
+        segment = segment or remote_tasks.segment_task
+        collect = collect or remote_tasks.collect_task
+        # Workers stamp events with time.time(): this offset puts them on the trace's clock.
+        wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
+        token = self._token(*token_parts)
+        h = [None] * len(part.tasks)  # engine handles by task id; the inits are tasks 0..workers-1
+        try:
+            for b, p in enumerate(inits):
+                h[b] = self._put(p, f"chainprod-{self.name}-init-{token}-{b}")
+            for t in part.tasks[part.workers:]:
+                fn = segment if t.kind == "segment" else collect
+                h[t.tid] = self._submit(fn, [t, *(h[d] for d in t.deps)],
+                                        f"chainprod-{self.name}-{t.kind}-{token}-{t.tid}", retries)
+            results = self._wait([h[t] for t in part.collect], deadline,
+                                 [f"w{part.tasks[t].worker}.{collect_label}" for t in part.collect], retries)
+        finally:
+            self._release([x for x in h if x is not None])
+            del h
+        self._fill_trace(trace, [r["meta"] for r in results], wall0, workers)
+        return results
 
     def _fill_trace(self, trace, metas, wall0, workers):
         if trace is None:
@@ -210,15 +285,11 @@ class DistributedExecutor(Executor):
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):
         """Run ``schedule`` on ``blocks`` as ``P = workers`` chains of tasks (:mod:`chainprod.planning.partition`)."""
-        timeout, retries = self._opts(options)
-        deadline = Deadline(timeout)
+        self._opts(options)  # bad options fail before a cluster starts
         if schedule.length != len(blocks):
             raise ValueError(f"schedule is for L={schedule.length} factors, got {len(blocks)} blocks")
-        P = self._resolve_workers(workers)
-        self.connect(P)
-        wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
+        P = self.prepare(workers)
         part = partition(schedule, P)
-        token = self._token(schedule.key, P, [s.array for s in blocks.segments])
         inits = []
         for b in range(part.workers):
             # Each worker's inputs as slices of the stacked segments: a few big
@@ -230,83 +301,10 @@ class DistributedExecutor(Executor):
                 if sl.size:
                     packed.append((seg.kind, sl, seg.array[as_index(sl - p0)]))
                 p0 += seg.count
-            inits.append(self._put({"values": {}, "packed": packed, "meta": []},
-                                   f"chainprod-{self.name}-init-{token}-{b}"))
-        handles = self._submit_graph(part, inits, retries, token)
-        try:
-            results = self._wait([handles[t] for t in part.collect], deadline,
-                                 [part.tasks[t].name for t in part.collect])
-        finally:
-            self._release(handles)
-            del handles, inits
-        self._fill_trace(trace, [r["meta"] for r in results], wall0, P)
+            inits.append({"values": {}, "packed": packed, "meta": []})
+        results = self.run_graph(part, inits, workers=P, trace=trace,
+                                 token_parts=(schedule.key, P, [s.array for s in blocks.segments]), **options)
         return GroupResult(schedule.length, [g for res in results for g in res["outputs"]])
-
-    # -- grad on the workers ------------------------------------------------
-    def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
-        """Per-layer gradients with Jacobians, scan and VJPs computed on the workers.
-
-        Called by :func:`chainprod.grad.backward` for this backend. The driver
-        ships each worker the layer data of its chunk (parameters and
-        activations), the workers build their Jacobian blocks, run the scan
-        and apply the parameter VJPs; only per-layer gradients come back, as
-        views of one stacked array per worker and parameter (on Ray: zero-copy,
-        read-only views of the object store; ``np.array(g)`` for a writable copy).
-        """
-        timeout, retries = self._opts(options)
-        deadline = Deadline(timeout)
-        chain = tape.chain
-        L = len(chain)
-        P = self._resolve_workers(workers)
-        n = L - 1
-        specs = [("dense", 1, chain.layers[L - 1].d_in)]
-        specs += [(chain.layers[L - 1 - p].kind, chain.layers[L - 1 - p].d_out, chain.layers[L - 1 - p].d_in)
-                  for p in range(1, n)]
-        sched = build_schedule(method, n, workers=P, blocks=specs, backend=self.name)
-        if not sched.is_scan:
-            raise ValueError(f"schedule {sched.name!r} does not produce every prefix; grad needs a scan")
-        if trace is not None:
-            trace.schedule = sched
-        self.connect(P)
-        wall0 = time.time() - (trace.clock() if trace is not None else 0.0)
-        part = partition(sched, P)
-        payloads = remote_tasks.grad_payloads(tape, seed, part)
-        token = self._token(sched.key, P, tape.x, seed,
-                            [(r.cls.__name__, r.activation, r.start, r.reversed) for r in chain.runs])
-        data = [self._put(p, f"chainprod-{self.name}-layers-{token}-{b}") for b, p in enumerate(payloads)]
-        # The layer data is each chain's init: segments build the Jacobian
-        # blocks they read from it where they run (Jacobians never travel).
-        inits = data
-        handles = self._submit_graph(part, inits, retries, token, collect=remote_tasks.vjp_task, collect_extra=data)
-        try:
-            results = self._wait([handles[t] for t in part.collect], deadline,
-                                 [f"w{part.tasks[t].worker}.vjp" for t in part.collect])
-        finally:
-            self._release(handles + data)
-            del handles, inits, data
-        self._fill_trace(trace, [r["meta"] for r in results], wall0, P)
-        bads = [r["bad"] for r in results if r["bad"] is not None]
-        if bads:
-            bad = min(bads)
-            lo = L - 1 - bad - 1
-            raise NonFiniteError(
-                f"non-finite value in the product of the input Jacobians of layers {lo + 1}..{L - 1} "
-                f"(0-based): the chain product overflowed; scale the weights down or shorten the chain",
-                (lo + 1, L - 1))
-        grads = [None] * L
-        for res in results:
-            for layers, gs in res["grads"]:
-                # list(array) makes the per-layer views in C; no per-layer copies
-                for l, g in zip(layers.tolist(), zip(*(list(g) for g in gs))):
-                    grads[l] = g
-        # The last layer's v is the seed itself: one cheap VJP on the driver.
-        last = chain.runs[-1]
-        Y = tape.outputs[-1][-1:]
-        S = last.cls.derivs(Y, last.activation)
-        X = tape.run_inputs(len(chain.runs) - 1)[-1:]
-        gs = last.cls.param_grads(tuple(p[-1:] for p in last.params), (seed * S[0])[None], X)
-        grads[L - 1] = tuple(g[0] for g in gs)
-        return grads
 
 
 class GroupResult(ListResult):

@@ -16,7 +16,7 @@ Cluster lifecycle
   by later runs and shut down at interpreter exit.
 * ``address="host:port"`` (or ``RAY_ADDRESS``) joins that cluster; an
   unreachable address fails within a few seconds with
-  :class:`~chainprod.executors._cluster.ClusterConnectionError`. A joined
+  :class:`~chainprod.errors.ClusterConnectionError`. A joined
   cluster is never shut down.
 * :func:`cluster` holds a cluster for a block of work.
 
@@ -239,7 +239,7 @@ class RayExecutor(DistributedExecutor):
     """``backend="ray"``: the owner-computes task graph on a Ray cluster.
 
     ``RayExecutor(address=None, timeout=None, retries=3, workers=None,
-    **ray_init_kwargs)``; see :class:`~chainprod.executors._cluster.DistributedExecutor`.
+    **ray_init_kwargs)``; see :class:`~chainprod.executors.distributed.DistributedExecutor`.
     Every task runs with ``num_cpus=1``, ``max_retries=retries`` and
     ``retry_exceptions=False`` (errors of the numbers are never retried).
     """
@@ -266,7 +266,7 @@ class RayExecutor(DistributedExecutor):
         return _fn(fn).options(num_cpus=1, max_retries=retries, retry_exceptions=False,
                                name=f"chainprod {name}").remote(*args)
 
-    def _wait(self, handles, deadline, names):
+    def _wait(self, handles, deadline, names, retries):
         out = []
         try:
             for h, name in zip(handles, names):
@@ -282,7 +282,7 @@ class RayExecutor(DistributedExecutor):
                     raise DistributedError(
                         f"ray: task {name!r} (or a task it depends on) failed: {type(e).__name__}: "
                         f"{first_line(e)}. A worker process died or its data was lost and Ray could not "
-                        f"recover it with retries={self._last_retries} (max_retries per task).",
+                        f"recover it with retries={retries} (max_retries per task).",
                         "ray", name) from e
                 except rex.TaskCancelledError as e:
                     raise DistributedError(f"ray: task {name!r} was cancelled", "ray", name) from e
@@ -298,16 +298,6 @@ class RayExecutor(DistributedExecutor):
                     ray.cancel(h, force=True, recursive=True)
             raise
         return out
-
-    def run(self, schedule, blocks, *, workers=None, trace=None, **options):
-        self._last_retries = self._opts(options)[1]
-        return super().run(schedule, blocks, workers=workers, trace=trace, **options)
-
-    def backward_remote(self, tape, seed, *, method="auto", workers=None, trace=None, **options):
-        self._last_retries = self._opts(options)[1]
-        return super().backward_remote(tape, seed, method=method, workers=workers, trace=trace, **options)
-
-
 
 
 @contextlib.contextmanager

@@ -1,10 +1,19 @@
-"""What the Ray and Dask executors ship and run: per-worker payloads and the task functions.
+"""What the Ray and Dask executors run on their workers: the task functions of a graph.
 
-The task graph itself is planned in :mod:`chainprod.planning.partition`.
-The payload builder reads a forward tape duck-typed (runs of stacked
-parameters and outputs) and imports no layer; everything below
-``# -- on the workers`` is plain numpy and runs inside Ray or Dask worker
-processes; it imports no engine.
+The task graph itself is planned in :mod:`chainprod.planning.partition` and
+submitted by :meth:`chainprod.executors.distributed.DistributedExecutor.run_graph`.
+A task's inputs are its chain predecessor's result, results of other
+workers' tasks and, for a worker's first task, that worker's init payload.
+Everything here is plain numpy on blocks (it knows no layer and imports no
+engine) and runs inside Ray or Dask worker processes, where the functions
+are imported by name. :mod:`chainprod.backward_remote` wraps
+:func:`segment_task` and :func:`gather_outputs` for ``grad``, whose init
+payloads hold layer data instead of blocks.
+
+Init payloads of :meth:`~chainprod.executors.distributed.DistributedExecutor.run`
+are ``{"values": {slot: (kind, array)}, "packed": [(kind, slots, stacked
+array)], "meta": []}``; every task returns ``{..., "meta": [(round, worker,
+t0, t1, ops, task name)]}``, the trace events of its chain so far.
 """
 
 from __future__ import annotations
@@ -17,56 +26,17 @@ import time
 import numpy as np
 
 from ..blocks import COMBINE
-from ..planning.partition import Partition, TaskSpec
+from ..planning.partition import TaskSpec
 
-__all__ = ["segment_task", "collect_task", "vjp_task", "grad_payloads"]
-
-
-# -- grad: what each worker needs to build its Jacobians and its VJPs --------
-def grad_payloads(tape, seed, part: Partition):
-    """Per worker, the layer data for its Jacobian blocks and its parameter VJPs.
-
-    Scan position ``p`` holds layer ``L-1-p``'s input Jacobian (position 0:
-    ``seed . A_{L-1}``); prefix ``k`` is ``v`` of layer ``L-2-k``. Worker ``b``
-    needs the layers of its input positions and of its output prefixes: one
-    contiguous layer range, shipped as slices of the chain's stacked runs.
-    """
-    chain = tape.chain
-    L = len(chain)
-    n = L - 1  # scan length
-    payloads = []
-    for b in range(part.workers):
-        pos = part.init_slots[b]
-        kout = [k for t in (part.tasks[part.chains[b][-1]],) for k, _ in t.outputs]
-        layers = [L - 1 - int(p) for p in pos] + [L - 2 - k for k in kout]
-        lo, hi = min(layers), max(layers)
-        runs = []
-        for r, run in enumerate(chain.runs):
-            a, z = max(lo, run.start), min(hi + 1, run.start + run.count)
-            if a >= z:
-                continue
-            ia, iz = a - run.start, z - run.start
-            X = tape.inputs[r][None] if ia == 0 else None
-            Xs = tape.outputs[r][max(ia - 1, 0): iz - 1]
-            X = Xs if X is None else (np.concatenate([X, Xs]) if Xs.shape[0] else X)
-            # Parameters go in scan order (last layer first): slices of the
-            # run's contiguous ``reversed`` stacks, so they serialise as one
-            # out-of-band buffer each (``run.params`` are negative-stride views,
-            # which pickle would copy in-band, ~10x slower).
-            m = run.count
-            runs.append(dict(cls=run.cls, activation=run.activation, kind=run.cls.kind, start=a,
-                             count=z - a, rparams=tuple(p[m - iz: m - ia] for p in run.reversed),
-                             Y=tape.outputs[r][ia:iz], X=X))
-        payloads.append(dict(L=L, n=n, positions=pos, outputs=np.array(kout, dtype=np.int64),
-                             seed=seed if 0 in set(pos.tolist()) else None, runs=runs, meta=[]))
-    return payloads
+__all__ = ["segment_task", "collect_task", "gather_outputs", "limit_blas", "worker_name", "pack_values",
+           "task_values"]
 
 
 # -- on the workers -------------------------------------------------------------
 _BLAS_LIMITED = False
 
 
-def _limit_blas():
+def limit_blas():
     """One BLAS thread per worker process (P workers use P cores, no oversubscription)."""
     global _BLAS_LIMITED
     if _BLAS_LIMITED:
@@ -80,7 +50,8 @@ def _limit_blas():
         pass
 
 
-def _where() -> str:
+def worker_name() -> str:
+    """``"host/pid..."``: the worker a trace event names."""
     return f"{socket.gethostname()}/pid{os.getpid()}"
 
 
@@ -129,7 +100,7 @@ def _run_round(vals, left, right, out):
 _STACK_MAX = 1 << 16
 
 
-def _pack(vals, slots):
+def pack_values(vals, slots):
     """The values of ``slots`` for a task result: ``(big, packed)``.
 
     Serialising thousands of tiny arrays one by one costs far more than the
@@ -149,7 +120,7 @@ def _pack(vals, slots):
     return big, packed
 
 
-def _values(inp) -> dict:
+def task_values(inp) -> dict:
     """``{slot: (kind, array)}`` of a task result (``values`` plus unpacked ``packed``)."""
     vals = inp["values"]
     packed = inp.get("packed")
@@ -162,33 +133,24 @@ def _values(inp) -> dict:
 
 
 def _read(spec, inputs, pairs):
-    """``{slot: (kind, array)}`` for ``(slot, dep index)`` pairs.
-
-    A dep is either a task result (``{"values": ...}``) or, in ``grad``, the
-    worker's layer data: then the input Jacobian blocks are built here, where
-    they are used, in one batched call per run (they never travel).
-    """
+    """``{slot: (kind, array)}`` for ``(slot, dep index)`` pairs, read from the task's inputs."""
     by_dep: dict = {}
     for s, i in pairs:
         by_dep.setdefault(i, []).append(s)
     vals = {}
     for i, slots in by_dep.items():
-        inp = inputs[i]
-        if "runs" in inp:
-            vals.update(_jacobians(inp, slots))
-        else:
-            src = _values(inp)
-            for s in slots:
-                vals[s] = src[s]
+        src = task_values(inputs[i])
+        for s in slots:
+            vals[s] = src[s]
     return vals
 
 
 def segment_task(spec: TaskSpec, *inputs):
     """Run a fused run of rounds on one worker. Returns ``{"values", "meta"}``."""
-    _limit_blas()
+    limit_blas()
     t_start = time.time()
     vals = _read(spec, inputs, spec.reads.items())
-    where = _where()
+    where = worker_name()
     meta = list(inputs[0]["meta"])
     for r, left, right, out in spec.rounds:
         t0 = time.time()
@@ -196,11 +158,12 @@ def segment_task(spec: TaskSpec, *inputs):
         meta.append((r, where, t0, time.time(), len(out), spec.name))
     if not spec.rounds:  # pragma: no cover
         meta.append((-1, where, t_start, time.time(), 0, spec.name))
-    big, packed = _pack(vals, sorted(spec.keep))
+    big, packed = pack_values(vals, sorted(spec.keep))
     return {"values": big, "packed": packed, "meta": meta}
 
 
-def _gather_outputs(spec, inputs):
+def gather_outputs(spec: TaskSpec, inputs) -> list:
+    """``[(k, (kind, array))]``: the prefixes a collect task returns, read from its inputs."""
     vals = _read(spec, inputs, [(s, spec.reads[s]) for _, s in spec.outputs])
     return [(k, vals[s]) for k, s in spec.outputs]
 
@@ -209,74 +172,10 @@ def collect_task(spec: TaskSpec, *inputs):
     """Gather the prefixes this worker owns into stacked arrays (one per kind and shape)."""
     t0 = time.time()
     groups: dict = {}
-    for k, (kind, a) in _gather_outputs(spec, inputs):
+    for k, (kind, a) in gather_outputs(spec, inputs):
         groups.setdefault((kind, a.shape), []).append((k, a))
     out = [(kind, np.array([k for k, _ in items], dtype=np.int64), np.array([a for _, a in items]))
            for (kind, _), items in groups.items()]
     meta = list(inputs[0]["meta"])
-    meta.append((-1, _where(), t0, time.time(), 0, spec.name))
+    meta.append((-1, worker_name(), t0, time.time(), 0, spec.name))
     return {"outputs": out, "meta": meta}
-
-
-def _jacobians(payload, positions):
-    """``{p: (kind, block)}``: the input Jacobian blocks of scan positions ``positions``."""
-    L = payload["L"]
-    want = np.zeros(L, dtype=bool)
-    want[np.asarray(positions, dtype=np.int64)] = True
-    vals = {}
-    for run in payload["runs"]:
-        start, count = run["start"], run["count"]
-        # scan positions of this run's layers, in scan order (last layer first)
-        pos = L - 1 - np.arange(start + count - 1, start - 1, -1)
-        need = np.flatnonzero(want[pos])
-        if not need.size:
-            continue
-        lo, hi = int(need[0]), int(need[-1]) + 1  # contiguous hull: slices, no gathers
-        cls = run["cls"]
-        Y = run["Y"][count - hi: count - lo][::-1]
-        S = cls.derivs(Y, run["activation"])
-        J = cls.jacobians(tuple(p[lo:hi] for p in run["rparams"]), S)
-        for i in need.tolist():
-            p = int(pos[i])
-            if p == 0:  # the head: seed . A_{L-1}, a thin 1 x d block per sample
-                rule = COMBINE[("dense", run["kind"])]
-                vals[0] = (rule.out, rule.kernel(payload["seed"][:, None, :], J[i - lo]))
-            else:
-                vals[p] = (run["kind"], J[i - lo])
-    return vals
-
-
-def vjp_task(spec: TaskSpec, payload, *inputs):
-    """Per-layer parameter gradients for this worker's prefixes (only these go back).
-
-    Returns ``{"grads": [(first layer, count, stacked grads)], "bad": smallest
-    non-finite prefix or None, "meta": the chain's trace}``.
-    """
-    _limit_blas()
-    t0 = time.time()
-    L = payload["L"]
-    v = dict((L - 2 - k, a) for k, (_, a) in _gather_outputs(spec, inputs))
-    bad = [L - 2 - l for l, a in v.items() if not np.all(np.isfinite(a))]
-    grads = []
-    for run in payload["runs"]:
-        start, count = run["start"], run["count"]
-        layers = [l for l in range(start, start + count) if l in v]
-        if not layers:
-            continue
-        lo, hi = layers[0] - start, layers[-1] - start + 1
-        if hi - lo == len(layers):  # contiguous (always, for the owner-computes partition)
-            sel = slice(lo, hi)
-            rp = tuple(p[count - hi: count - lo][::-1] for p in run["rparams"])
-        else:  # pragma: no cover - defensive
-            sel = np.asarray(layers) - start
-            rp = tuple(p[::-1][sel] for p in run["rparams"])
-        Y = run["Y"][sel]
-        S = run["cls"].derivs(Y, run["activation"])
-        G = np.stack([v[l].reshape(Y.shape[1:]) for l in layers])
-        G *= S
-        gs = run["cls"].param_grads(rp, G, run["X"][sel])
-        # one stacked array per parameter, layer order: the driver splits it into views
-        grads.append((np.asarray(layers, dtype=np.int64), tuple(np.ascontiguousarray(g) for g in gs)))
-    meta = list(inputs[0]["meta"])
-    meta.append((-1, _where(), t0, time.time(), 0, f"w{spec.worker}.vjp"))
-    return {"grads": grads, "bad": min(bad) if bad else None, "meta": meta}

@@ -13,7 +13,7 @@ the order they were submitted. A task returns a
 A worker that dies takes its shard with it; the scheduler would keep the
 pinned tasks waiting for an address that is gone, so the driver checks,
 while it waits, that every shard's worker is still there, and replaces a
-missing one (:mod:`chainprod.shard`).
+missing one (:mod:`chainprod.shard_recovery`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ once and the driver waits only for the reports.
 Actors are created with Ray's default resources (one CPU to place, none held
 while alive), so ``P`` shards fit on a cluster with fewer CPUs and leave its
 CPUs to ordinary tasks; ``max_restarts=0``: a dead actor is replaced by the
-driver (:mod:`chainprod.shard`), which restores its parameters by replay.
+driver (:mod:`chainprod.shard_recovery`), which restores its parameters by replay.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ driver logs them so a lost shard can be rebuilt by replay) and the loss.
 
 Replay is exact: a step replayed on a fresh process runs the same kernels on
 the same inputs in the same order, so the rebuilt parameters equal the lost
-ones bit for bit.
+ones bit for bit (given the same number of numba threads: the compiled
+backprop cuts a large batch into one chunk of samples per thread).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from ..kernels import get_kernels
 from ..kernels.pack import PackedChain
 
-__all__ = ["ShardState", "ShardLost", "Reply", "payload_bytes", "shard_tables", "backprop_with_row_numpy", "chunk_product_numpy"]
+__all__ = ["ShardState", "ShardLost", "Reply", "payload_bytes", "shard_tables"]
 
 
 class ShardLost(Exception):
@@ -63,40 +64,6 @@ def shard_tables(pc: PackedChain, start: int, stop: int) -> PackedChain:
                        y_off=pc.y_off[start:stop + 1] - y0)
 
 
-# -- numpy reference of the two shard-only steps ----------------------------------------
-def backprop_with_row_numpy(pc, x, Y, seed):
-    """Numpy backprop of a chunk from ``seed``: ``(flat grads, row_in, bad)`` (as the compiled one)."""
-    from ..kernels import numpy_kernels as nk
-
-    N = x.shape[0]
-    grads = np.empty(pc.n_params, pc.dtype)
-    bad = -1
-    v = seed
-    with np.errstate(over="ignore", invalid="ignore"):
-        for l in range(pc.L - 1, -1, -1):
-            y = nk._rows(pc, Y, N, l)
-            delta = v * nk._ACTIVATIONS[int(pc.act[l])][1](y)
-            if bad < 0 and not np.isfinite(delta).all():
-                bad = l
-            nk._vjp(pc, l, delta, nk._layer_input(pc, x, Y, N, l), grads[pc.p_off[l]:pc.p_off[l + 1]])
-            first, _ = nk._params(pc, l)
-            v = delta @ first if pc.kind[l] == 0 else delta * first
-    return grads, np.ascontiguousarray(v), bad
-
-
-def chunk_product_numpy(pc, Y, N):
-    """Numpy ``T = A_{L-1} ... A_0`` per sample, ``(N, d_out[L-1], d_in[0])``."""
-    from ..kernels import numpy_kernels as nk
-
-    T = np.broadcast_to(np.eye(pc.width_out, dtype=pc.dtype), (N, pc.width_out, pc.width_out))
-    with np.errstate(over="ignore", invalid="ignore"):
-        for l in range(pc.L - 1, -1, -1):
-            s = nk._ACTIVATIONS[int(pc.act[l])][1](nk._rows(pc, Y, N, l))
-            first, _ = nk._params(pc, l)
-            T = (T * s[:, None, :]) @ first if pc.kind[l] == 0 else T * (s * first)[:, None, :]
-    return np.ascontiguousarray(T)
-
-
 def _where() -> str:
     return f"{socket.gethostname()}/pid{os.getpid()}"
 
@@ -121,7 +88,7 @@ class ShardState:
         ``index``, ``shards``, ``first`` (global index of the first layer),
         ``tables`` (a :class:`~chainprod.kernels.PackedChain` of the chunk; its
         ``theta`` is ignored), ``kernels`` (``"numba"`` or ``"numpy"``),
-        ``losses`` (name -> ``(value(out, y), seed(out, y))``, for the top shard).
+        ``losses`` (name -> ``(value(out, y), cotangent(out, y))``, for the top shard).
     theta : ndarray
         The chunk's parameters at the checkpoint (copied: the shard owns its copy).
     applied : int
@@ -144,12 +111,6 @@ class ShardState:
         self.pc = replace(spec["tables"], theta=view)
         self.kernel_name = spec.get("kernels", "numba")
         self.kernels = get_kernels(self.kernel_name)
-        if self.kernel_name == "numba":
-            from . import sharded_kernels
-
-            self._bp, self._prod = sharded_kernels.backprop_with_row, sharded_kernels.chunk_product
-        else:
-            self._bp, self._prod = backprop_with_row_numpy, chunk_product_numpy
         self.applied = int(applied)
         self.x_in = self.Y = self.grads = None
         self.grad_step = -1
@@ -204,7 +165,7 @@ class ShardState:
         return self._out(self._last_output().copy())
 
     def forward_top(self, step, x_in, updates, y, loss):
-        """The top shard: forward, loss and its seed, backprop of the chunk; returns the row leaving it."""
+        """The top shard: forward, loss and its cotangent, backprop of the chunk; returns the row leaving it."""
         self._events, self._sent, self._bad, self._loss, self._u_in = [], 0, [-1, -1], None, None
         t0 = time.time()
         self.apply(updates)
@@ -212,18 +173,18 @@ class ShardState:
         self._event("forward", t0)
         t1 = time.time()
         out = self._last_output()
-        value_fn, seed_fn = self.losses[loss]
+        value_fn, cotangent_fn = self.losses[loss]
         with np.errstate(over="ignore", invalid="ignore"):
             self._loss = float(value_fn(out, y))
-            seed = np.ascontiguousarray(seed_fn(out, y))
-        row = self._backward(step, seed)
+            cotangent = np.ascontiguousarray(cotangent_fn(out, y))
+        row = self._backward(step, cotangent)
         self._event("backprop", t1)
         return self._out(row if self.index > 0 else None, final=True)
 
     def product(self):
         """The chunk's Jacobian product ``(N, d_out, d_in)`` from the current tape."""
         t0 = time.time()
-        T = self._prod(self.pc, self.Y, self.x_in.shape[0])
+        T = self.kernels.chunk_product(self.pc, self.Y, self.x_in.shape[0])
         self._event("product", t0)
         return self._out(T)
 
@@ -270,7 +231,7 @@ class ShardState:
     def _backward(self, step, u):
         self._u_in = u
         with np.errstate(over="ignore", invalid="ignore"):
-            self.grads, row, bad = self._bp(self.pc, self.x_in, self.Y, u)
+            self.grads, row, bad = self.kernels.backprop_with_row(self.pc, self.x_in, self.Y, u)
         self.grad_step = step
         self._bad[1] = -1 if bad < 0 else self.first + bad
         return row

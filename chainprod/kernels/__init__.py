@@ -12,13 +12,22 @@ implementations of exactly the same functions are registered by name:
     The plain reference: numpy calls, one layer at a time. The compiled set
     is tested against it, and it is the fallback without numba.
 
-Every kernel set provides (see :mod:`chainprod.kernels.numpy_kernels` for
-the full contracts):
+Every kernel set provides the same functions, with one signature and one
+meaning (the full contracts, and the math, are in
+:mod:`chainprod.kernels.numpy_kernels`); a worker or an executor needs
+nothing else:
 
-- ``forward(pc, x) -> (Y, bad)``
-- ``backprop(pc, x, Y, seed) -> (grads, bad)``
-- ``param_grads(pc, x, Y, V) -> (grads, bad)``
-- ``derivatives(pc, Y) -> S``
+- ``forward(pc, x) -> (Y, bad)``: every layer's output, a flat tape
+- ``backprop(pc, x, Y, cotangent) -> (grads, bad)``: sequential backprop from
+  ``cotangent = dloss/dy_{L-1}``
+- ``backprop_with_row(pc, x, Y, cotangent) -> (grads, row_in, bad)``: the same
+  loop, also returning the row leaving the chain's bottom, ``dloss/dx``,
+  ``(N, d_in[0])``; ``grads`` equal ``backprop``'s bit for bit
+- ``chunk_product(pc, Y, N) -> T``: the Jacobian product ``A_{L-1} ... A_0``
+  per sample, ``(N, d_out[L-1], d_in[0])``
+- ``param_grads(pc, x, Y, V) -> (grads, bad)``: parameter gradients from
+  given rows ``V``
+- ``derivatives(pc, Y) -> S``: ``act'(y)`` of every layer
 
 >>> import numpy as np, chainprod as cp
 >>> from chainprod.kernels import get_kernels, pack, unpack_grads

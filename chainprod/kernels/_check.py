@@ -52,13 +52,20 @@ def tape(pc, Y, N, what="Y"):
     return _readonly_view(Y)
 
 
-def seed_rows(pc, seed, N, what="seed"):
-    """``dloss/dx_L`` of shape ``(N, d_L)``."""
-    _dtype(pc, seed, what)
-    if seed.shape != (N, pc.width_out):
+def cotangent_rows(pc, cotangent, N, what="cotangent"):
+    """``dloss/dy_{L-1}`` of shape ``(N, d_L)``."""
+    _dtype(pc, cotangent, what)
+    if cotangent.shape != (N, pc.width_out):
         raise ValueError(f"{what} must have shape (N, d_L) = ({N}, {pc.width_out}) (the last layer outputs "
-                         f"width {pc.width_out}), got {seed.shape}")
-    return _readonly_view(seed)
+                         f"width {pc.width_out}), got {cotangent.shape}")
+    return _readonly_view(cotangent)
+
+
+def batch_size(N):
+    """A batch size: an int ``>= 1`` (numpy integers too; never a bool or a float)."""
+    if isinstance(N, (bool, np.bool_)) or not isinstance(N, (int, np.integer)) or N < 1:
+        raise ValueError(f"N must be the batch size, an int >= 1, got {N!r}")
+    return int(N)
 
 
 def batch_of_tape(pc, Y, what="Y"):
@@ -71,15 +78,16 @@ def batch_of_tape(pc, Y, what="Y"):
     return Y.shape[0] // size
 
 
-def backward_args(pc, x, Y, rows, rows_are="seed"):
+def backward_args(pc, x, Y, rows, rows_are="cotangent"):
     """The checked ``(pc, x, N, Y, rows)`` of a backward kernel.
 
-    ``rows`` is the seed ``(N, d_L)`` (``rows_are="seed"``) or a flat tape of
-    rows in the layout of ``Y`` (``rows_are="V"``).
+    ``rows`` is the cotangent ``dloss/dy_{L-1}``, ``(N, d_L)``
+    (``rows_are="cotangent"``), or a flat tape of rows in the layout of
+    ``Y`` (``rows_are="V"``).
     """
     pc = packed(pc)
     x = batch_input(pc, x)
     N = x.shape[0]
     Y = tape(pc, Y, N)
-    rows = seed_rows(pc, rows, N) if rows_are == "seed" else tape(pc, rows, N, what=rows_are)
+    rows = cotangent_rows(pc, rows, N) if rows_are == "cotangent" else tape(pc, rows, N, what=rows_are)
     return pc, x, N, Y, rows

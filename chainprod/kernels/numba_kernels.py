@@ -15,12 +15,16 @@ How the kernels are built:
 - Non-finite detection costs one multiply-add per output: ``chk += y * 0``
   stays 0 for finite ``y`` and becomes NaN otherwise (exact, never a false
   alarm, no second pass over memory).
+- One compiled loop per computation: :func:`backprop` and
+  :func:`backprop_with_row` run the same loop (the latter also keeps the
+  row leaving layer 0), so their gradients agree bit for bit.
 - Parallelism only where the work is independent: the batch is cut into
   one chunk of samples per thread for the forward pass and backprop (each
   chunk runs through the whole chain; backprop sums per-chunk gradients at
-  the end), and :func:`param_grads` runs ``prange`` over layers. Small
-  problems (``N * n_params < PARALLEL_MIN_WORK``) stay serial: waking
-  threads costs microseconds.
+  the end, so its last bits depend on the number of chunks), and
+  :func:`param_grads` runs ``prange`` over layers. Small problems
+  (``N * n_params < PARALLEL_MIN_WORK``) stay serial: waking threads costs
+  microseconds. :func:`chunk_product` is one serial loop over samples.
 - ``fastmath=False`` everywhere: results follow IEEE arithmetic in the
   written order (sums run over samples in order, so they may differ from
   BLAS in the last bits, not in meaning).
@@ -30,55 +34,20 @@ How the kernels are built:
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 from numba import njit, prange
 
 from . import _check
+from .numba_rules import activate, derivative
 
-__all__ = ["forward", "backprop", "param_grads", "derivatives", "precompile", "PARALLEL_MIN_WORK"]
+__all__ = ["forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives", "precompile",
+           "PARALLEL_MIN_WORK"]
 
 NAME = "numba"
 
 #: Below this many multiply-adds (``N * n_params``) a call runs on one thread.
 PARALLEL_MIN_WORK = 1 << 18
-
-
-# -- elementwise rules (codes of ACT_CODES: 0 identity, 1 tanh, 2 relu, 3 sigmoid, 4 softplus) --
-@njit(cache=True)
-def _softplus(z):
-    # logaddexp(0, z) without overflow: max(z, 0) + log1p(exp(-|z|))
-    m = z if z > 0.0 else 0.0
-    return m + math.log1p(math.exp(-abs(z)))
-
-
-@njit(cache=True)
-def _act(code, z):
-    if code == 1:
-        return math.tanh(z)
-    if code == 2:
-        # `not (z < 0)` keeps NaN a NaN, as np.maximum(z, 0) does
-        return z if not (z < 0.0) else 0.0
-    if code == 3:
-        return math.exp(-_softplus(-z))  # overflow-free for both signs of z
-    if code == 4:
-        return _softplus(z)
-    return z
-
-
-@njit(cache=True)
-def _deriv(code, y):
-    if code == 1:
-        return 1.0 - y * y
-    if code == 2:
-        return 1.0 if y > 0.0 else 0.0
-    if code == 3:
-        return y * (1.0 - y)
-    if code == 4:
-        return -math.expm1(-y)
-    return 1.0
 
 
 # Kernels work on per-layer slices (views) of the flat arrays: a view carries its
@@ -102,7 +71,7 @@ def _layer_forward(kind, code, din, dout, th, xin, y, n0, n1):
                 s = w[0] * xr[0]  # x @ W.T first, then + b: numpy's order
                 for j in range(1, din):
                     s += w[j] * xr[j]
-                yr[i] = _act(code, s + b[i])
+                yr[i] = activate(code, s + b[i])
                 chk += yr[i] * 0.0
     else:
         a = th[:dout]
@@ -111,7 +80,7 @@ def _layer_forward(kind, code, din, dout, th, xin, y, n0, n1):
             xr = xin[n * din:(n + 1) * din]
             yr = y[n * dout:(n + 1) * dout]
             for i in range(dout):
-                yr[i] = _act(code, a[i] * xr[i] + b[i])
+                yr[i] = activate(code, a[i] * xr[i] + b[i])
                 chk += yr[i] * 0.0
     return chk
 
@@ -186,22 +155,29 @@ def _delta_rows(code, v, y, delta, n):
     """``delta = v * act'(y)`` over ``n`` entries; returns chk (0 if all finite, else NaN)."""
     chk = 0.0
     for k in range(n):
-        delta[k] = v[k] * _deriv(code, y[k])
+        delta[k] = v[k] * derivative(code, y[k])
         chk += delta[k] * 0.0
     return chk
 
 
 # -- backprop ------------------------------------------------------------------------------------
 @njit(cache=True)
-def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N, n0, n1, grads, width):
-    """Backprop of samples ``n0..n1-1`` into ``grads``; returns the first bad layer (backward order)."""
+def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, n0, n1, grads, row_in, width):
+    """Backprop of samples ``n0..n1-1`` into ``grads``; returns the first bad layer (backward order).
+
+    The one backprop loop of both :func:`backprop` and :func:`backprop_with_row`. When
+    ``row_in`` is not empty (it is then ``(N, d_in[0])``, flat) its rows ``n0..n1-1``
+    receive ``v_{-1} = dloss/dx``: the step the loop would take after layer 0, with the
+    same helper as every other step, so the arithmetic of the gradients does not depend
+    on whether the row is kept.
+    """
     L = kind.shape[0]
     nr = n1 - n0
     v = np.empty(nr * width, Y.dtype)  # v_l, then v_{l-1} in `vn` (ping-pong)
     vn = np.empty(nr * width, Y.dtype)
     delta = np.empty(nr * width, Y.dtype)
     dL = d_out[L - 1]
-    v[:nr * dL] = seed[n0 * dL:n1 * dL]
+    v[:nr * dL] = cotangent[n0 * dL:n1 * dL]
     bad = -1
     for l in range(L - 1, -1, -1):
         din, dout = d_in[l], d_out[l]
@@ -212,6 +188,8 @@ def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N, n
         g = grads[p_off[l]:p_off[l + 1]]
         if l == 0:
             _layer_vjp(kind[0], din, dout, delta, x[n0 * din:n1 * din], nr, g)
+            if row_in.shape[0] > 0:
+                _next_row(kind[0], din, dout, theta[p_off[0]:p_off[1]], delta, row_in[n0 * din:n1 * din], nr)
             break
         _layer_vjp(kind[l], din, dout, delta, Y[N * y_off[l - 1] + n0 * din:N * y_off[l - 1] + n1 * din], nr, g)
         _next_row(kind[l], din, dout, theta[p_off[l]:p_off[l + 1]], delta, vn, nr)
@@ -242,23 +220,66 @@ def _next_row(kind, din, dout, th, delta, out, nr):
 
 
 @njit(cache=True)
-def _backprop_serial(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N, grads, width):
-    return _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N, 0, N, grads, width)
+def _backprop_serial(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, grads, row_in, width):
+    return _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, 0, N, grads, row_in,
+                          width)
 
 
 @njit(cache=True, parallel=True)
-def _backprop_chunks(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N, grads, width, nchunks):
+def _backprop_chunks(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, grads, row_in, width,
+                     nchunks):
     parts = np.empty((nchunks, grads.shape[0]), grads.dtype)
     bads = np.empty(nchunks, np.int64)
-    for c in prange(nchunks):
-        bads[c] = _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, seed, N,
-                                 c * N // nchunks, (c + 1) * N // nchunks, parts[c], width)
+    for c in prange(nchunks):  # each chunk writes its own rows of row_in: no reduction needed for it
+        bads[c] = _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N,
+                                 c * N // nchunks, (c + 1) * N // nchunks, parts[c], row_in, width)
     for k in prange(grads.shape[0]):
         s = parts[0, k]
         for c in range(1, nchunks):
             s += parts[c, k]
         grads[k] = s
     return bads.max()  # highest index = first met going backward
+
+
+# -- the Jacobian product of the whole chain -----------------------------------------------------
+@njit(cache=True)
+def _product(kind, act, d_in, d_out, p_off, y_off, theta, Y, N, T, width):
+    """``T[n] = A_{L-1} ... A_0`` for every sample ``n`` (``T`` flat, ``(N, d_out[L-1], d_in[0])``).
+
+    Formed from the output side (``M <- M diag(act'(y_l)) W_l``, layer ``L-1`` first), so
+    ``M`` is ``d_out[L-1]`` rows high throughout.
+    """
+    L = kind.shape[0]
+    dtop = d_out[L - 1]
+    M = np.empty(dtop * width, Y.dtype)
+    Mn = np.empty(dtop * width, Y.dtype)
+    s = np.empty(width, Y.dtype)
+    d0 = d_in[0]
+    for n in range(N):
+        M[:dtop * dtop] = 0.0  # the identity of the chain's output width
+        for i in range(dtop):
+            M[i * dtop + i] = 1.0
+        for l in range(L - 1, -1, -1):
+            din, dout = d_in[l], d_out[l]
+            y = Y[N * y_off[l] + n * dout:N * y_off[l] + (n + 1) * dout]
+            th = theta[p_off[l]:p_off[l + 1]]
+            for k in range(dout):
+                s[k] = derivative(act[l], y[k])
+            if kind[l] == 0:  # M (dtop x dout) @ diag(s) W (dout x din)
+                Mn[:dtop * din] = 0.0
+                for i in range(dtop):
+                    mr = Mn[i * din:(i + 1) * din]
+                    for k in range(dout):
+                        c = M[i * dout + k] * s[k]
+                        w = th[k * din:(k + 1) * din]
+                        for j in range(din):
+                            mr[j] += c * w[j]
+            else:  # M @ diag(s * a)
+                for i in range(dtop):
+                    for k in range(dout):
+                        Mn[i * dout + k] = M[i * dout + k] * (s[k] * th[k])
+            M, Mn = Mn, M
+        T[n * dtop * d0:(n + 1) * dtop * d0] = M[:dtop * d0]
 
 
 # -- parameter gradients from given rows V -------------------------------------------------------
@@ -309,7 +330,7 @@ def _derivatives(act, d_out, y_off, Y, N, S):
     for l in prange(act.shape[0]):
         code = act[l]
         for k in range(N * y_off[l], N * y_off[l + 1]):
-            S[k] = _deriv(code, Y[k])
+            S[k] = derivative(code, Y[k])
 
 
 # -- public functions (contracts: chainprod.kernels.numpy_kernels) --------------------------------
@@ -332,15 +353,40 @@ def forward(pc, x):
     return Y, int(bad)
 
 
-def backprop(pc, x, Y, seed):
-    """Compiled :func:`chainprod.kernels.numpy_kernels.backprop`: ``(grads, bad)``."""
-    pc, x, N, Y, seed = _check.backward_args(pc, x, Y, seed)
+def _backprop(pc, x, Y, cotangent, keep_row):
+    pc, x, N, Y, cotangent = _check.backward_args(pc, x, Y, cotangent)
     grads = np.empty(pc.n_params, pc.dtype)
+    row_in = np.empty(N * pc.width_in if keep_row else 0, pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y,
-            seed.reshape(-1), N, grads, pc.max_width)
+            cotangent.reshape(-1), N, grads, row_in, pc.max_width)
     nchunks = _chunks(pc, N)
     bad = _backprop_serial(*args) if nchunks == 1 else _backprop_chunks(*args, nchunks)
-    return grads, int(bad)
+    return grads, row_in.reshape(N, pc.width_in) if keep_row else None, int(bad)
+
+
+def backprop(pc, x, Y, cotangent):
+    """Compiled :func:`chainprod.kernels.numpy_kernels.backprop`: ``(grads, bad)``."""
+    grads, _, bad = _backprop(pc, x, Y, cotangent, False)
+    return grads, bad
+
+
+def backprop_with_row(pc, x, Y, cotangent):
+    """Compiled :func:`chainprod.kernels.numpy_kernels.backprop_with_row`: ``(grads, row_in, bad)``.
+
+    The loop of :func:`backprop` (the same compiled function, the same batch
+    chunks), so ``grads`` equal its gradients bit for bit.
+    """
+    return _backprop(pc, x, Y, cotangent, True)
+
+
+def chunk_product(pc, Y, N):
+    """Compiled :func:`chainprod.kernels.numpy_kernels.chunk_product`: ``T``, ``(N, d_out[L-1], d_in[0])``."""
+    pc = _check.packed(pc)
+    N = _check.batch_size(N)
+    Y = _check.tape(pc, Y, N)
+    T = np.empty(N * pc.width_out * pc.width_in, pc.dtype)
+    _product(pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, Y, N, T, pc.max_width)
+    return T.reshape(N, pc.width_out, pc.width_in)
 
 
 def param_grads(pc, x, Y, V):
@@ -391,8 +437,10 @@ def precompile(dtypes=(np.float32, np.float64)):
                 x = np.ones((2, 2), dt)
                 Y, _ = forward(pc, x)
                 backprop(pc, x, Y, np.ones((2, 2), dt))
+                backprop_with_row(pc, x, Y, np.ones((2, 2), dt))
                 param_grads(pc, x, Y, Y)
             derivatives(pc, Y)
+            chunk_product(pc, Y, 2)
     finally:
         PARALLEL_MIN_WORK = saved
     return time.perf_counter() - t0

@@ -1,16 +1,16 @@
 """Compiled scan kernels: every backward row of a packed chain, any schedule, one call.
 
 For a packed chain (:mod:`chainprod.kernels.pack`) with tape ``Y`` and
-``seed = dloss/dy_{L-1}``, :func:`scan_rows` returns every row::
+``cotangent = dloss/dy_{L-1}``, :func:`scan_rows` returns every row::
 
-    v_{L-1} = seed
-    v_l     = seed . A_{L-1} A_{L-2} ... A_{l+1}        (l < L-1, 0-based layers)
+    v_{L-1} = cotangent
+    v_l     = cotangent . A_{L-1} A_{L-2} ... A_{l+1}        (l < L-1, 0-based layers)
 
 ``A_j`` the input Jacobian of layer ``j`` (``diag(act'(y_j)) W_j`` dense,
 ``act'(y_j) * a_j`` diagonal). As in :func:`chainprod.grad`, the rows are the
 prefixes of one scan over the ``L-1`` positions::
 
-    scan order:  [seed . A_{L-1},  A_{L-2},  ...,  A_1]
+    scan order:  [cotangent . A_{L-1},  A_{L-2},  ...,  A_1]
     prefix [0, k] = v_{L-2-k}
 
 Position 0 is a thin ``N x 1 x w`` block, so every prefix is a batch of row
@@ -40,10 +40,11 @@ import importlib.util
 
 import numpy as np
 
+from .._validate import check_workers
 from ..planning.flat import bind_flat
 from ..schedules import Schedule
 
-__all__ = ["scan_rows", "run_scan_compiled", "position_specs", "plan_for", "SCAN_KERNELS"]
+__all__ = ["scan_rows", "run_scan_compiled", "position_specs", "plan_for", "SCAN_KERNELS", "compiled_scan_kernel"]
 
 #: Registered implementations of :func:`scan_rows`; the first is the default.
 SCAN_KERNELS = ("numba", "numpy")
@@ -57,7 +58,7 @@ _PARALLEL_MIN_ELEMENTS = 1 << 15
 def position_specs(pc):
     """``(kinds, rows, cols)`` of the ``L-1`` scan positions of a packed chain.
 
-    Position 0 is the thin head ``seed . A_{L-1}`` (dense ``1 x d_in[L-1]``);
+    Position 0 is the thin head ``cotangent . A_{L-1}`` (dense ``1 x d_in[L-1]``);
     position ``p >= 1`` is layer ``L-1-p``'s Jacobian (``d_out x d_in``, its kind).
     """
     L = pc.L
@@ -71,20 +72,38 @@ def position_specs(pc):
 def plan_for(pc, schedule, batch: int, *, workers=None):
     """The cached :class:`~chainprod.planning.flat.FlatPlan` of ``schedule`` on chain ``pc`` (``None`` if L=1).
 
-    ``schedule`` is a :class:`~chainprod.schedules.Schedule` of length ``L-1``
-    or a method name (built with ``workers``; ``"auto"`` is costed on the real
-    block shapes).
+    Parameters
+    ----------
+    pc : PackedChain
+    schedule : Schedule or str
+        A :class:`~chainprod.schedules.Schedule` of length ``L-1``, or the
+        name of a schedule builder (built for ``workers``). ``"auto"`` is not
+        accepted: choosing a schedule by the cost model is the caller's
+        decision, made before the kernels are reached; pass the Schedule it
+        chose (e.g. ``chainprod.schedule("auto", L - 1, blocks=...)``).
+    batch : int
+        The batch size ``N`` the plan is bound to.
+    workers : int, optional
+        Workers a named schedule is built for (``chunked`` uses ``P + 1``
+        chunks); ignored for a Schedule.
+
+    Raises
+    ------
+    ValueError
+        ``schedule`` is ``"auto"``, is for another length, or does not
+        produce every prefix.
     """
+    if isinstance(schedule, str) and schedule == "auto":
+        raise ValueError("the scan kernels take a Schedule, not method 'auto': the cost model chooses above the "
+                         "kernels; pass the Schedule it chose, e.g. chainprod.schedule('auto', L - 1, "
+                         "blocks=...), or a plain method name such as 'sklansky'")
     if pc.L < 2:
         return None
     kinds, rows, cols = position_specs(pc)
     if not isinstance(schedule, Schedule):
         from ..schedules import schedule as build
 
-        names = ("dense", "diag")
-        blocks = [(names[k], r, c) for k, r, c in zip(kinds.tolist(), rows.tolist(), cols.tolist())] \
-            if isinstance(schedule, str) and schedule == "auto" else None
-        schedule = build(schedule, pc.L - 1, workers=workers, blocks=blocks)
+        schedule = build(schedule, pc.L - 1, workers=workers)
     if schedule.length != pc.L - 1:
         raise ValueError(f"schedule {schedule.name!r} is for {schedule.length} positions; a chain of "
                          f"{pc.L} layers scans L-1 = {pc.L - 1}")
@@ -94,7 +113,7 @@ def plan_for(pc, schedule, batch: int, *, workers=None):
     return bind_flat(schedule, kinds, rows, cols, batch=batch)
 
 
-def _check_inputs(pc, Y, seed):
+def _check_inputs(pc, Y, cotangent):
     for name in ("L", "dtype", "kind", "act", "d_in", "d_out", "p_off", "theta", "y_off"):
         if not hasattr(pc, name):
             raise TypeError(f"scan_rows needs a PackedChain (chainprod.kernels.pack); {type(pc).__name__} "
@@ -102,26 +121,26 @@ def _check_inputs(pc, Y, seed):
     dt = np.dtype(pc.dtype)
     if dt not in (np.float32, np.float64):
         raise TypeError(f"the packed chain is {dt}; the scan kernels support float32 and float64")
-    seed = np.asarray(seed)
-    if seed.ndim == 1:
-        seed = seed[None]
+    cotangent = np.asarray(cotangent)
+    if cotangent.ndim == 1:
+        cotangent = cotangent[None]
     d_last = int(pc.d_out[-1])
-    if seed.ndim != 2 or seed.shape[1] != d_last or seed.shape[0] < 1:
-        raise ValueError(f"seed must be (N, {d_last}) (dloss/dy of the last layer, layer {pc.L - 1}), "
-                         f"got shape {seed.shape}")
-    if seed.dtype != dt:
-        raise TypeError(f"seed is {seed.dtype} but the chain is {dt}")
-    N = seed.shape[0]
+    if cotangent.ndim != 2 or cotangent.shape[1] != d_last or cotangent.shape[0] < 1:
+        raise ValueError(f"cotangent must be (N, {d_last}) (dloss/dy of the last layer, layer {pc.L - 1}), "
+                         f"got shape {cotangent.shape}")
+    if cotangent.dtype != dt:
+        raise TypeError(f"cotangent is {cotangent.dtype} but the chain is {dt}")
+    N = cotangent.shape[0]
     if not isinstance(Y, np.ndarray) or Y.ndim != 1 or Y.shape[0] != N * int(pc.y_off[-1]):
         raise ValueError(f"Y must be the flat tape of a batch of {N}: a 1-D array of length N * y_off[L] = "
                          f"{N * int(pc.y_off[-1])}, got {getattr(Y, 'shape', type(Y).__name__)}")
     if Y.dtype != dt:
         raise TypeError(f"Y is {Y.dtype} but the chain is {dt}")
-    return np.ascontiguousarray(Y), np.ascontiguousarray(seed), N
+    return np.ascontiguousarray(Y), np.ascontiguousarray(cotangent), N
 
 
-def scan_rows(pc, Y, seed, schedule, *, workers=None, kernels="numba"):
-    """Every backward row ``v_l = seed . A_{L-1} ... A_{l+1}`` by a prefix scan, in one kernel call.
+def scan_rows(pc, Y, cotangent, schedule, *, workers=None, kernels="numba"):
+    """Every backward row ``v_l = cotangent . A_{L-1} ... A_{l+1}`` by a prefix scan, in one kernel call.
 
     Parameters
     ----------
@@ -131,10 +150,11 @@ def scan_rows(pc, Y, seed, schedule, *, workers=None, kernels="numba"):
     Y : ndarray, shape ``(N * y_off[L],)``
         The forward tape, layer-major (layer ``l``'s outputs are
         ``Y[N*y_off[l]:N*y_off[l+1]].reshape(N, d_out[l])``).
-    seed : ndarray, shape ``(N, d_out[L-1])``
+    cotangent : ndarray, shape ``(N, d_out[L-1])``
         ``dloss/dy_{L-1}``.
     schedule : Schedule or str
-        A scan of length ``L-1`` (or a method name, built for ``workers``).
+        A scan of length ``L-1``, or the name of a schedule builder (built
+        for ``workers``); not ``"auto"`` (see :func:`plan_for`).
     workers : int, optional
         Threads for the compiled kernel (clamped to
         ``numba.config.NUMBA_NUM_THREADS``); ``None`` uses them all.
@@ -144,7 +164,7 @@ def scan_rows(pc, Y, seed, schedule, *, workers=None, kernels="numba"):
     Returns
     -------
     V : ndarray
-        The rows in the layout of ``Y``; layer ``L-1``'s block is ``seed``.
+        The rows in the layout of ``Y``; layer ``L-1``'s block is ``cotangent``.
     bad : int
         The first scan position ``k`` whose prefix (``v_{L-2-k}``, the product
         of the Jacobians of layers ``L-1-k .. L-1``) is NaN or infinite, or -1.
@@ -162,27 +182,25 @@ def scan_rows(pc, Y, seed, schedule, *, workers=None, kernels="numba"):
     """
     if not isinstance(kernels, str) or kernels not in SCAN_KERNELS:
         raise ValueError(f"unknown kernels {kernels!r}; valid kernels: {', '.join(SCAN_KERNELS)}")
-    if workers is not None and (isinstance(workers, (bool, np.bool_)) or not isinstance(workers, (int, np.integer))
-                                or workers < 1):
-        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
-    Y, seed, N = _check_inputs(pc, Y, seed)
+    workers = check_workers(workers)
+    Y, cotangent, N = _check_inputs(pc, Y, cotangent)
     plan = plan_for(pc, schedule, N, workers=workers)
     if kernels == "numpy":
         from .scan_numpy import run_scan
 
-        return run_scan(pc, Y, seed, plan)
-    return run_scan_compiled(pc, Y, seed, plan, workers=workers)
+        return run_scan(pc, Y, cotangent, plan)
+    return run_scan_compiled(pc, Y, cotangent, plan, workers=workers)
 
 
-def run_scan_compiled(pc, Y, seed, plan, workers=None):
+def run_scan_compiled(pc, Y, cotangent, plan, workers=None):
     """Run a bound flat plan with the numba kernel (inputs already checked)."""
     k = _compiled()
     import numba
 
-    N = seed.shape[0]
+    N = cotangent.shape[0]
     L = pc.L
     V = np.empty(N * int(pc.y_off[L]), dtype=pc.dtype)
-    V[N * int(pc.y_off[L - 1]):] = seed.reshape(-1)
+    V[N * int(pc.y_off[L - 1]):] = cotangent.reshape(-1)
     if plan is None:
         return V, -1
     nmax = numba.config.NUMBA_NUM_THREADS
@@ -191,7 +209,7 @@ def run_scan_compiled(pc, Y, seed, plan, workers=None):
     numba.set_num_threads(threads)
     try:
         form_elems = plan.buf_size  # an upper bound on what the forming writes
-        bad = k["scan"](pc.theta, pc.p_off, pc.kind, pc.act, pc.d_in, pc.d_out, pc.y_off, Y, seed,
+        bad = k["scan"](pc.theta, pc.p_off, pc.kind, pc.act, pc.d_in, pc.d_out, pc.y_off, Y, cotangent,
                         plan.slot_off, plan.op_left, plan.op_right, plan.op_out, plan.op_code, plan.op_m,
                         plan.op_k, plan.op_n, plan.op_tmp, plan.lane_ptr, plan.lane_cum, plan.lane_mid,
                         plan.stage_ptr, plan.stage_parallel, plan.out_off, plan.buf_size, plan.max_tmp,
@@ -216,11 +234,11 @@ def _compiled():
         # The bodies below call each other by their global names; rebinding
         # those names to the compiled dispatchers before the first compile is
         # what lets numba resolve them (and prange) inside the kernels.
-        from .numba_kernels import _deriv  # the one compiled table of derivative rules
+        from .numba_rules import derivative as compiled_derivative  # the one compiled set of rules
 
         prange = numba.prange
         g = globals()
-        g["_deriv"] = _deriv
+        g["_deriv"] = compiled_derivative
         for name in ("_form_position", "_combine", "_run_op", "_run_lanes"):
             g[name] = numba.njit(cache=True)(g[name])
         g["_scan_kernel"] = numba.njit(cache=True, parallel=True)(g["_scan_kernel"])
@@ -228,12 +246,17 @@ def _compiled():
     return _KERNELS
 
 
+def compiled_scan_kernel():
+    """The compiled scan kernel itself, for benchmarks that time its stages apart (imports numba)."""
+    return _compiled()["scan"]
+
+
 # -- kernel bodies (compiled by numba in _compiled) ---------------------------------
 prange = range  # replaced by numba.prange before compiling
-_deriv = None  # bound to the compiled derivative rules of numba_kernels before compiling
+_deriv = None  # bound to numba_rules.derivative (act' from y, by code) before compiling
 
 
-def _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, seed, off, buf):
+def _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent, off, buf):
     """Position ``p``'s block into ``buf[off:]``: the head (p = 0) or layer ``L-1-p``'s Jacobian."""
     j = L - 1 - p
     r = d_out[j]
@@ -241,21 +264,21 @@ def _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, seed
     yb = N * y_off[j]
     t0 = p_off[j]
     a = act[j]
-    if p == 0:  # thin head: seed . diag(act') W, or seed * act' * a
+    if p == 0:  # thin head: cotangent . diag(act') W, or cotangent * act' * a
         if kind[j] == 0:
             for b in range(N):
                 ob = off + b * c
                 for cc in range(c):
                     buf[ob + cc] = 0.0
                 for i in range(r):
-                    g = seed[b, i] * _deriv(a, Y[yb + b * r + i])
+                    g = cotangent[b, i] * _deriv(a, Y[yb + b * r + i])
                     row = t0 + i * c
                     for cc in range(c):
                         buf[ob + cc] += g * theta[row + cc]
         else:
             for b in range(N):
                 for i in range(r):
-                    buf[off + b * r + i] = seed[b, i] * _deriv(a, Y[yb + b * r + i]) * theta[t0 + i]
+                    buf[off + b * r + i] = cotangent[b, i] * _deriv(a, Y[yb + b * r + i]) * theta[t0 + i]
     elif kind[j] == 0:
         for b in range(N):
             for i in range(r):
@@ -332,21 +355,21 @@ def _run_lanes(a, b, N, buf, tmp, lane_ptr, op_left, op_right, op_out, op_code, 
         _run_op(o, N, buf, tmp, op_left, op_right, op_out, op_code, op_m, op_k, op_n, op_tmp)
 
 
-def _scan_kernel(theta, p_off, kind, act, d_in, d_out, y_off, Y, seed,
+def _scan_kernel(theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent,
                  slot_off, op_left, op_right, op_out, op_code, op_m, op_k, op_n, op_tmp,
                  lane_ptr, lane_cum, lane_mid, stage_ptr, stage_parallel, out_off, buf_size, max_tmp,
                  threads, form_parallel, V):
     """Form the blocks, run every stage, write the rows into ``V``; returns the first bad prefix or -1."""
     L = kind.shape[0]
     M = L - 1
-    N = seed.shape[0]
+    N = cotangent.shape[0]
     buf = np.empty(buf_size, dtype=V.dtype)
     if form_parallel and threads > 1:
         for p in prange(M):
-            _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, seed, slot_off[p], buf)
+            _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent, slot_off[p], buf)
     else:
         for p in range(M):
-            _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, seed, slot_off[p], buf)
+            _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent, slot_off[p], buf)
 
     T = max(threads, 1)
     tmps = np.empty((T, max(max_tmp, 1)), dtype=V.dtype)  # one temporary per group of lanes

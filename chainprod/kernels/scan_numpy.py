@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..activations import derivative_from_output
+from .pack import ACT_NAMES
+
 __all__ = ["run_scan", "form_blocks", "derivative"]
 
 
 def derivative(act: int, y: np.ndarray) -> np.ndarray:
-    """``act'(z)`` from the layer output ``y = act(z)``, for an activation code of the packed layout."""
-    if act == 1:  # tanh
-        return 1 - y * y
-    if act == 2:  # relu
-        return (y > 0).astype(y.dtype)
-    if act == 3:  # sigmoid
-        return y * (1 - y)
-    if act == 4:  # softplus: sigmoid(z) = 1 - exp(-softplus(z))
-        return -np.expm1(-y)
-    return np.ones_like(y)
+    """``act'(z)`` from the layer output ``y = act(z)``, for an activation code of the packed layout.
+
+    The rule is the one of :data:`chainprod.activations.ACTIVATIONS` for that code's name.
+    """
+    return derivative_from_output(ACT_NAMES[act], y)
 
 
 def _layer(pc, Y, N, j):
@@ -34,21 +32,21 @@ def _layer(pc, Y, N, j):
     return derivative(int(pc.act[j]), y), first
 
 
-def form_blocks(pc, Y, seed, plan, buf):
+def form_blocks(pc, Y, cotangent, plan, buf):
     """Write every scan position's block into its slot of ``buf``.
 
-    Position 0 is the thin head ``seed . A_{L-1}`` (``(N, 1, d_in)``);
+    Position 0 is the thin head ``cotangent . A_{L-1}`` (``(N, 1, d_in)``);
     position ``p >= 1`` is the input Jacobian of layer ``L-1-p``:
     ``diag(act'(y)) W`` (dense) or ``act'(y) * a`` (diagonal).
     """
-    L, N = pc.L, seed.shape[0]
+    L, N = pc.L, cotangent.shape[0]
     for p in range(plan.length):
         j = L - 1 - p
         s, first = _layer(pc, Y, N, j)
         off = int(plan.slot_off[p])
         r, c = int(pc.d_out[j]), int(pc.d_in[j])
         if p == 0:
-            g = seed * s
+            g = cotangent * s
             head = g @ first if pc.kind[j] == 0 else g * first
             buf[off:off + N * c] = head.reshape(-1)
         elif pc.kind[j] == 0:
@@ -63,20 +61,20 @@ def _block(buf, off, N, kind_dense, m, n):
     return a.reshape(N, m, n) if kind_dense else a.reshape(N, m)
 
 
-def run_scan(pc, Y, seed, plan, workers=None):
+def run_scan(pc, Y, cotangent, plan, workers=None):
     """``(V, bad)``: every row ``v_l`` by the flat plan, one op at a time.
 
     ``workers`` is accepted for the common signature and ignored (this is
     the serial reference).
     """
-    N = seed.shape[0]
+    N = cotangent.shape[0]
     L = pc.L
     V = np.empty(N * int(pc.y_off[L]), dtype=pc.dtype)
-    V[N * pc.y_off[L - 1]:] = seed.reshape(-1)
+    V[N * pc.y_off[L - 1]:] = cotangent.reshape(-1)
     if plan is None:  # one layer: nothing to scan
         return V, -1
     buf = np.empty(plan.buf_size, dtype=pc.dtype)
-    form_blocks(pc, Y, seed, plan, buf)
+    form_blocks(pc, Y, cotangent, plan, buf)
     # Stages run in order; inside a stage the plan's op order (lane by lane)
     # is a valid serial order. numpy forms each result before storing it, so
     # an op may overwrite its own operand without a temporary.

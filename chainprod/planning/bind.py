@@ -1,9 +1,12 @@
-"""Binding a schedule to block shapes: where every value lives, which kernel runs.
+"""Bound plans: a schedule bound to block shapes, for the numpy executors.
 
-A schedule speaks of slots and intervals; arrays have kinds and shapes.
-Binding joins the two once per (schedule, shapes) pair and is cached by
-value (``Schedule.key`` and the blocks' signature), so repeated runs pay
-nothing for it:
+A *schedule* speaks of slots and intervals; arrays have kinds and shapes.
+Binding joins the two into a *bound plan* (:class:`BoundPlan`): where every
+value lives and which kernel runs. It reads the schedule's ops and intervals
+from :func:`~chainprod.schedules.replay` (which also rejects a broken
+schedule), once per (schedule, shapes) pair, cached by value
+(``Schedule.key`` and the blocks' signature), so repeated runs pay nothing
+for it:
 
 * every interval value has a *signature* ``(kind, rows, cols)``;
 * values of one signature live in one *slab*, a stacked array
@@ -25,7 +28,7 @@ import numpy as np
 
 from .._caches import PlanCache
 from ..blocks import COMBINE, KINDS, BlockSeq, kind_table
-from ..schedules import Schedule
+from ..schedules import Schedule, replay
 
 __all__ = ["BoundPlan", "Group", "Slab", "bind", "bind_signature", "as_index"]
 
@@ -58,6 +61,8 @@ class Slab(NamedTuple):
 
 
 class BoundPlan(NamedTuple):
+    """A bound plan: a schedule's rounds as batched kernel calls on slabs of one block shape."""
+
     schedule: Schedule
     slabs: tuple  # of Slab
     #: per input segment: (slab id, row index) where its blocks go
@@ -86,7 +91,11 @@ _BOUND = PlanCache(maxsize=64)
 
 
 def bind(schedule: Schedule, blocks: BlockSeq) -> BoundPlan:
-    """Bind ``schedule`` to the kinds and shapes of ``blocks`` (cached by value)."""
+    """Bind ``schedule`` to the kinds and shapes of ``blocks`` (cached by value).
+
+    Raises :class:`~chainprod.errors.ScheduleError` when the schedule breaks a
+    rule (from :func:`~chainprod.schedules.replay`).
+    """
     if schedule.length != len(blocks):
         raise ValueError(f"schedule is for L={schedule.length} factors, got {len(blocks)} blocks")
     return bind_signature(schedule, blocks.signature())
@@ -98,6 +107,7 @@ def bind_signature(schedule: Schedule, signature: tuple) -> BoundPlan:
 
 
 def _bind(schedule: Schedule, signature: tuple) -> BoundPlan:
+    rp = replay(schedule)  # the schedule's rules, and the interval of every op
     kind_names, table = kind_table()
     counts = [count for _, count, _, _ in signature]
     kind_of_pos = np.repeat([kind_names.index(k) for k, _, _, _ in signature], counts)
@@ -113,7 +123,7 @@ def _bind(schedule: Schedule, signature: tuple) -> BoundPlan:
     slot_kind[:L] = kind_of_pos
     init_keys = np.stack([kind_of_pos, rows, cols, region[:L]], axis=1)
     written = []  # per round, the (ops, 4) keys of its outputs
-    for (i, _, j), st in zip(schedule.intervals(), schedule.steps):
+    for (i, _, j), st in zip(rp.per_round(), schedule.steps):
         ko = table[slot_kind[st.left], slot_kind[st.right]]
         written.append(np.stack([ko, rows[i], cols[j], region[st.out]], axis=1))
         slot_kind[st.out] = ko

@@ -1,14 +1,16 @@
-"""Flat op tables: a schedule bound to block kinds and shapes, for the compiled scan kernels.
+"""Flat plans: a schedule bound to block kinds and shapes, for the compiled scan kernels.
 
 A compiled kernel cannot afford a Python object per op, so :func:`bind_flat`
-turns a :class:`~chainprod.schedules.Schedule` plus the kind and shape of
-every scan position into plain integer arrays (a :class:`FlatPlan`):
+turns a *schedule* (:class:`~chainprod.schedules.Schedule`) plus the kind and
+shape of every scan position into a *flat plan* (:class:`FlatPlan`), plain
+integer arrays. It starts from the schedule's flat op table, the one
+:func:`~chainprod.schedules.replay` (which also rejects a broken schedule):
 
 * **Slots as offsets.** Every slot gets a fixed offset in one flat buffer,
-  sized by the largest block it ever holds (found by symbolic replay: the
-  interval ``[i, j]`` a slot holds is ``rows[i] x cols[j]``, dense unless
-  every factor in it is diagonal). A block of a batch of ``N`` is stored
-  ``(N, rows, cols)`` (dense) or ``(N, d)`` (diagonal), C order.
+  sized by the largest block it ever holds (the interval ``[i, j]`` a slot
+  holds is ``rows[i] x cols[j]``, dense unless every factor in it is
+  diagonal). A block of a batch of ``N`` is stored ``(N, rows, cols)``
+  (dense) or ``(N, d)`` (diagonal), C order.
 * **Ops as rows of a table.** ``out <- left (x) right`` becomes the element
   offsets of its three blocks, an op code from :data:`OP_CODES` (which pair
   of kinds meets) and ``m, k, n`` (``left`` is ``m x k``, ``right`` is
@@ -27,14 +29,10 @@ every scan position into plain integer arrays (a :class:`FlatPlan`):
   becomes three: the per-chunk folds/scans (a lane per chunk), the small
   carry scan, the per-chunk fix-up scans — no parallel region per round.
 
-Plans are cached by plain tuples (the schedule's value key, the
+Flat plans are cached by plain tuples (the schedule's value key, the
 run-length-encoded kind/shape signature, the batch and the threshold);
 :func:`clear_cache` (or :func:`chainprod.clear_caches`) empties the cache. A
 :class:`FlatPlan` holds only ints and numpy arrays, so it pickles.
-
-At about 500 lines this module is longer than most: it holds one job, the
-replay of a schedule into flat tables and the fusing of rounds into stages,
-whose parts (slot sizing, in-place detection, lanes) share one replay.
 
 This module plans; it never touches a value. The kernels that run a plan
 are in :mod:`chainprod.kernels.scan` (numba) and
@@ -49,7 +47,7 @@ import numpy as np
 
 from .._caches import PlanCache
 from ..blocks import COMBINE
-from ..schedules import Schedule
+from ..schedules import Schedule, replay
 
 __all__ = ["FlatPlan", "KIND_CODES", "OP_CODES", "OP_NAMES", "PARALLEL_MIN_FLOPS", "bind_flat",
            "clear_cache", "kind_signature"]
@@ -71,10 +69,6 @@ PARALLEL_MIN_FLOPS = 20_000.0
 #: stretches of narrow rounds, and finding lanes costs Python time per op).
 _FUSE_MAX_WIDTH = 4096
 
-#: Rounds up to this many ops are replayed op by op in Python (cheaper than
-#: a dozen numpy calls for a handful of ops).
-_NARROW = 8
-
 
 def _op_out_kind(left: str, right: str) -> str:
     return "diag" if (left, right) == ("diag", "diag") else "dense"
@@ -89,7 +83,7 @@ for _pair in OP_CODES:
 
 
 class FlatPlan(NamedTuple):
-    """A schedule bound to block shapes: plain arrays a compiled kernel runs in one call.
+    """A flat plan: a schedule bound to block shapes, plain arrays a compiled kernel runs in one call.
 
     Offsets are in elements of the flat buffer (batch included). Ops are
     stored stage by stage, lane by lane, in run order within a lane: the ops
@@ -214,6 +208,13 @@ def bind_flat(schedule: Schedule, kinds, rows, cols, *, batch: int = 1,
     FlatPlan
         The same object for equal ``(schedule value, signature, batch,
         threshold)``.
+
+    Raises
+    ------
+    ScheduleError
+        When the schedule breaks a rule (from :func:`~chainprod.schedules.replay`).
+    ValueError
+        When the shapes do not chain or the schedule is not a scan.
     """
     if not isinstance(schedule, Schedule):
         raise TypeError(f"bind_flat needs a chainprod Schedule, got {type(schedule).__name__}")
@@ -255,27 +256,14 @@ def _bind(s: Schedule, sig, batch: int, thr: float) -> FlatPlan:
         p = int(np.flatnonzero(cols[:-1] != rows[1:])[0])
         raise ValueError(f"shapes do not chain at position {p + 1}: position {p} is {rows[p]}x{cols[p]} but "
                          f"position {p + 1} is {rows[p + 1]}x{cols[p + 1]}")
+    rp = replay(s)  # the schedule's rules, and its ops as one flat table
     if not s.is_scan:
         raise ValueError(f"schedule {s.name!r} does not produce every prefix; the flat scan needs a scan")
 
-    widths = np.array([len(st) for st in s.steps], dtype=np.int64)
-    round_ptr = np.concatenate(([0], np.cumsum(widths))).astype(np.int64)
-    n_ops = int(round_ptr[-1])
-    if n_ops:
-        left = np.concatenate([st.left for st in s.steps]).astype(np.int64)
-        right = np.concatenate([st.right for st in s.steps]).astype(np.int64)
-        out = np.concatenate([st.out for st in s.steps]).astype(np.int64)
-    else:
-        left = right = out = np.zeros(0, dtype=np.int64)
-    for name, a in (("left", left), ("right", right), ("out", out)):
-        if a.size and (a.min() < 0 or a.max() >= s.n_slots):
-            raise ValueError(f"schedule {s.name!r}: an op's {name} slot is outside 0..{s.n_slots - 1}")
-
-    i, k, j, lo, hi = _replay(s, left, right, out, round_ptr)
-    if np.any(lo[s.outputs] != 0) or np.any(hi[s.outputs] != np.arange(L)):
-        p = int(np.flatnonzero((lo[s.outputs] != 0) | (hi[s.outputs] != np.arange(L)))[0])
-        raise ValueError(f"schedule {s.name!r}: outputs[{p}] (slot {int(s.outputs[p])}) holds "
-                         f"[{lo[s.outputs[p]]}, {hi[s.outputs[p]]}], not the prefix [0, {p}]")
+    # How this works: every per-op quantity is one numpy expression over the
+    # replay's flat op table; only the grouping into stages walks the rounds.
+    left, right, out, i, k, j = rp.left, rp.right, rp.out, rp.i, rp.k, rp.j
+    round_ptr, widths, n_ops = rp.round_ptr, rp.widths, rp.n_ops
 
     # Kind of an interval: diagonal iff no dense factor in it.
     dense_before = np.concatenate(([0], np.cumsum(kind != diag))).astype(np.int64)
@@ -318,7 +306,7 @@ def _bind(s: Schedule, sig, batch: int, thr: float) -> FlatPlan:
         op_left=slot_off[left][o], op_right=slot_off[right][o], op_out=slot_off[out][o],
         op_code=code[o], op_m=m[o], op_k=kk[o], op_n=n[o], op_tmp=tmp.astype(np.int64)[o],
         op_flops=flops[o].astype(np.float64),
-        op_round=np.repeat(np.arange(len(widths), dtype=np.int64), widths)[o],
+        op_round=rp.op_round[o],
         lane_ptr=lane_ptr, lane_cum=lane_cum, lane_mid=lane_mid, stage_ptr=stage_ptr,
         stage_parallel=stage_parallel, stage_rounds=stage_rounds,
         out_slot=out_slot, out_off=slot_off[out_slot], out_kind=out_kind,
@@ -326,76 +314,6 @@ def _bind(s: Schedule, sig, batch: int, thr: float) -> FlatPlan:
     for a in arrays.values():
         a.setflags(write=False)  # plans are cached and shared
     return FlatPlan(length=L, batch=batch, n_slots=s.n_slots, buf_size=buf_size, max_tmp=max_tmp, **arrays)
-
-
-def _replay(s, left, right, out, round_ptr):
-    """Interval ``[i, k] (x) [k+1, j]`` of every op, and the final ``lo``/``hi`` of each slot.
-
-    Checks the schedule's rules on the way (operands hold adjacent intervals;
-    no op of a round touches a slot another op of it writes), so a broken
-    plan fails here, not as silently wrong numbers in a parallel kernel.
-    Wide rounds are replayed with numpy, narrow ones op by op on Python lists
-    (a sequential scan has tens of thousands of one-op rounds).
-    """
-    n_ops = out.shape[0]
-    lo = np.full(s.n_slots, -1, dtype=np.int64)
-    hi = np.full(s.n_slots, -1, dtype=np.int64)
-    lo[:s.length] = hi[:s.length] = np.arange(s.length)
-    i = np.empty(n_ops, np.int64)
-    k = np.empty(n_ops, np.int64)
-    j = np.empty(n_ops, np.int64)
-    owner = np.full(s.n_slots, -1, dtype=np.int64)
-    lists = None  # (lo, hi) as Python lists while replaying narrow rounds
-    for r in range(len(s.steps)):
-        a, b = int(round_ptr[r]), int(round_ptr[r + 1])
-        if b - a <= _NARROW:
-            if lists is None:
-                lists = lo.tolist(), hi.tolist()
-            lo_l, hi_l = lists
-            lf, rt, ot = left[a:b].tolist(), right[a:b].tolist(), out[a:b].tolist()
-            if len(set(ot)) != len(ot):
-                raise ValueError(f"schedule {s.name!r}, round {r}: two ops write the same slot")
-            for q in range(b - a):
-                x, y = lf[q], rt[q]
-                if lo_l[x] < 0 or lo_l[y] < 0:
-                    raise ValueError(f"schedule {s.name!r}, round {r}: an op reads an empty slot")
-                if hi_l[x] + 1 != lo_l[y]:
-                    raise ValueError(f"schedule {s.name!r}, round {r}, op {q}: [{lo_l[x]}, {hi_l[x]}] and "
-                                     f"[{lo_l[y]}, {hi_l[y]}] are not adjacent")
-                if b - a > 1 and any(z in ot and ot.index(z) != q for z in (x, y)):
-                    raise ValueError(f"schedule {s.name!r}, round {r}: an op reads a slot another op of the "
-                                     "round writes")
-            vals = [(lo_l[x], hi_l[x], hi_l[y]) for x, y in zip(lf, rt)]
-            for q, (vi, vk, vj) in enumerate(vals):
-                i[a + q], k[a + q], j[a + q] = vi, vk, vj
-                lo_l[ot[q]], hi_l[ot[q]] = vi, vj
-            continue
-        if lists is not None:
-            lo[:], hi[:] = lists
-            lists = None
-        lf, rt, ot = left[a:b], right[a:b], out[a:b]
-        if np.any(lo[lf] < 0) or np.any(lo[rt] < 0):
-            raise ValueError(f"schedule {s.name!r}, round {r}: an op reads an empty slot")
-        bad = hi[lf] + 1 != lo[rt]
-        if np.any(bad):
-            q = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"schedule {s.name!r}, round {r}, op {q}: [{lo[lf][q]}, {hi[lf][q]}] and "
-                             f"[{lo[rt][q]}, {hi[rt][q]}] are not adjacent")
-        ids = np.arange(b - a)
-        owner[ot] = ids
-        if np.count_nonzero(owner[ot] == ids) != b - a:
-            raise ValueError(f"schedule {s.name!r}, round {r}: two ops write the same slot")
-        for reads in (lf, rt):
-            w = owner[reads]
-            if np.any((w >= 0) & (w != ids)):
-                raise ValueError(f"schedule {s.name!r}, round {r}: an op reads a slot another op of the "
-                                 "round writes")
-        owner[ot] = -1
-        i[a:b], k[a:b], j[a:b] = lo[lf], hi[lf], hi[rt]
-        lo[ot], hi[ot] = i[a:b], j[a:b]
-    if lists is not None:
-        lo[:], hi[:] = lists
-    return i, k, j, lo, hi
 
 
 class _Components:

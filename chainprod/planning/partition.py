@@ -1,4 +1,4 @@
-"""The task graph the Ray and Dask executors run: a schedule cut into per-worker chains.
+"""Partitions: a schedule cut into per-worker task chains, the task graph Ray and Dask run.
 
 How this works (owner computes)
 -------------------------------
@@ -8,12 +8,14 @@ Scan positions ``0 .. L-1`` are cut into ``P`` contiguous chunks of
 of the interval it produces, so the prefix ``[0, k]`` ends on the owner of
 ``k`` and the output of a scan never moves between workers.
 
-Walking the schedule round by round, the ops of one worker are *fused* into
-one task for as long as they only read values that worker already holds.
-When a worker needs a value another worker produced, the producer's task is
-closed (its value becomes a task result) and the reader starts a new task
-that takes that result as an argument. So a task is a run of rounds on one
-worker, and only the values that cross a chunk boundary travel:
+Walking the schedule's replay (:func:`~chainprod.schedules.replay`, which
+also rejects a broken schedule) round by round, the ops of one worker are
+*fused* into one task for as long as they only read values that worker
+already holds. When a worker needs a value another worker produced, the
+producer's task is closed (its value becomes a task result) and the reader
+starts a new task that takes that result as an argument. So a task is a run
+of rounds on one worker, and only the values that cross a chunk boundary
+travel:
 
 * ``chunked`` with ``chunks = P`` becomes: local reduce (one task per
   worker), a scan of the ``P`` chunk totals (a hop per level), local
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._caches import PlanCache
-from ..schedules import Schedule
+from ..schedules import Schedule, replay
 
 __all__ = ["TaskSpec", "Partition", "partition", "FROM_INPUT", "EMPTY"]
 
@@ -71,7 +73,7 @@ class TaskSpec:
 
 @dataclass
 class Partition:
-    """The distributed plan of one schedule on ``P`` workers (see module docstring)."""
+    """A partition: one schedule cut into task chains for ``P`` workers (see module docstring)."""
 
     length: int
     workers: int  # workers that own at least one position
@@ -98,7 +100,11 @@ _PARTITIONS = PlanCache(maxsize=32)
 
 
 def partition(schedule: Schedule, workers: int) -> Partition:
-    """Cut ``schedule`` into per-worker chains of fused tasks (pure; cached by value)."""
+    """Cut ``schedule`` into per-worker chains of fused tasks (pure; cached by value).
+
+    Raises :class:`~chainprod.errors.ScheduleError` when the schedule breaks a
+    rule (from :func:`~chainprod.schedules.replay`).
+    """
     P = int(workers)
     return _PARTITIONS.get((schedule.key, P), lambda: _Partitioner(schedule, P).run())
 
@@ -155,7 +161,7 @@ class _Partitioner:
 
     def run(self) -> Partition:
         sched = self.schedule
-        for r, ((_, _, j), st) in enumerate(zip(sched.intervals(), sched.steps)):
+        for r, ((_, _, j), st) in enumerate(zip(replay(sched).per_round(), sched.steps)):
             self._place_round(r, st, self.owner(j))
         for t in list(self.open_task):
             if t is not None:
@@ -200,7 +206,7 @@ class _Partitioner:
                 src = int(producer[s])
                 if src == t.tid or s in t.reads:
                     continue
-                if src == EMPTY:  # pragma: no cover - validate() rules this out
+                if src == EMPTY:  # pragma: no cover - replay() rules this out
                     raise RuntimeError(f"round {r}: slot {s} read before written")
                 self.read(t, s, src)
             t.rounds.append((r, left, right, out))

@@ -1,8 +1,11 @@
-"""Schedules: pure plans for computing all prefix products of a chain.
+"""Schedules: pure data for computing all prefix products of a chain.
 
-A schedule is built from sizes alone. It never touches an array, so it can
-be printed, costed and validated before anything runs (opt_einsum's
-``contract_path`` habit); executors run any schedule.
+A *schedule* (:class:`Schedule`) is built from sizes alone. It never touches
+an array, so it can be printed, costed and validated before anything runs;
+executors run any schedule. :mod:`chainprod.planning` turns one into what an
+executor needs: a *bound plan* (block shapes for the numpy executors), a
+*flat plan* (an op table for the compiled kernels) or a *partition*
+(per-worker task chains for Ray and Dask).
 
 The model
 ---------
@@ -14,7 +17,8 @@ the interval product ``[i, k] = a_i a_{i+1} ... a_k`` and ``right`` holds
 ``[k+1, j]``, so ``out`` receives ``[i, j]``. Left is always the earlier
 factor: ``combine(x, y) = x @ y`` is associative, not commutative.
 
-Rules every schedule obeys (``validate()`` proves them by replay):
+Rules every schedule obeys (:func:`replay`, the one definition of what a
+schedule means, checks them; ``validate()`` and every planner call it):
 
 * within a round, no slot written by one op is read or written by another,
   so the ops of a round may run in any order or all at once;
@@ -23,8 +27,12 @@ Rules every schedule obeys (``validate()`` proves them by replay):
 * at the end, ``outputs[k]`` is the slot holding ``[0, k]`` (``-1`` where a
   schedule does not produce that prefix, e.g. ``tree`` gives only the total).
 
-Layout: :mod:`.plan` (the type, replay, flops), :mod:`.builders` (the circuits),
-this module (the registry and :func:`schedule`, the planning entry point).
+Layout: :mod:`.plan` (the type and :func:`replay`), :mod:`.flops` (flops from
+block shapes, the printable summary), :mod:`.builders` (the circuits), this
+module (the registry and :func:`schedule`, which builds plain schedules by
+name). ``method="auto"`` is not a schedule of this registry: it
+is resolved above it, by :func:`chainprod.schedule` and the gradient entry
+points, which ask the cost model for the schedule to build.
 """
 
 from __future__ import annotations
@@ -33,25 +41,17 @@ import functools
 from collections.abc import Callable
 
 from .._caches import register_cache
+from .._validate import check_workers
 from ..errors import ScheduleError
 from . import builders
 from .builders import ALIASES, BUILTINS
-from .plan import (
-    BlockSpecArrays,
-    Round,
-    Schedule,
-    ScheduleInfo,
-    block_spec,
-    check_workers,
-    kinded_rounds,
-    prefix_kind_ids,
-    sequential_flops,
-)
+from .flops import BlockSpecArrays, ScheduleInfo, block_spec, kinded_rounds, prefix_kind_ids, sequential_flops
+from .plan import Replay, Round, Schedule, replay
 
 __all__ = [
-    "Schedule", "Round", "ScheduleError", "ScheduleInfo", "SCHEDULES", "ALIASES", "schedule", "build",
-    "register_schedule", "valid_methods", "block_spec", "sequential_flops", "BlockSpecArrays", "kinded_rounds",
-    "prefix_kind_ids",
+    "Schedule", "Round", "Replay", "replay", "ScheduleError", "ScheduleInfo", "SCHEDULES", "ALIASES", "schedule",
+    "build", "register_schedule", "valid_methods", "block_spec", "sequential_flops", "BlockSpecArrays",
+    "kinded_rounds", "prefix_kind_ids",
 ]
 
 
@@ -69,7 +69,7 @@ def _chunked(L: int, chunks: int | None = None, outer: str = "sklansky", *, work
 @register_cache
 @functools.lru_cache(maxsize=64)
 def _chunked_plan(L, chunks, outer):
-    # the same plan for the same sizes: a grad call per training step must not rebuild it
+    # the same schedule for the same sizes: a grad call per training step must not rebuild it
     return builders.chunked(L, chunks=chunks, outer=outer)
 
 
@@ -77,8 +77,9 @@ _chunked.__doc__ = builders.chunked.__doc__
 
 #: name -> builder ``builder(L, **options) -> Schedule``. Builders named in
 #: ``_CONTEXT`` also receive ``workers=``, ``blocks=`` and ``backend=``
-#: (``chunked`` sizes its chunks from the workers; ``auto`` is registered by
-#: :mod:`chainprod.cost.auto`, which asks the cost model).
+#: (``chunked`` sizes its chunks from the workers). ``"auto"`` is not here:
+#: :func:`chainprod.schedule` and the gradient entry points resolve it with
+#: the cost model before they ask this registry for a plain schedule.
 SCHEDULES: dict[str, Callable[..., Schedule]] = {**BUILTINS, "chunked": _chunked}
 _CONTEXT: set[str] = {"chunked"}
 _BUILTIN: set[str] = set(SCHEDULES)
@@ -143,7 +144,7 @@ def _lookup(method):
 
 
 def build(method: str, L: int, **options) -> Schedule:
-    """Build (and cache) a named schedule from its options alone; plans are immutable so reuse is safe."""
+    """Build (and cache) a named schedule from its options alone; schedules are immutable so reuse is safe."""
     L = _check_length(L)
     name = _lookup(method)
     try:
@@ -159,24 +160,29 @@ build.cache_clear = _build_cached.cache_clear  # type: ignore[attr-defined]
 
 def schedule(method, L: int, *, workers: int | None = None, blocks=None, backend: str = "vectorized",
              **options) -> Schedule:
-    """Build a schedule by name: the public planning entry point.
+    """Build a plain schedule by name, or check a ready one.
+
+    ``"auto"`` is not resolved here: :func:`chainprod.schedule` and the
+    gradient entry points pick a schedule with the cost model, then build it
+    with this function.
 
     Parameters
     ----------
     method : str or Schedule or callable
         A name from :data:`SCHEDULES` (aliases: ``blelloch``, ``kogge_stone``,
-        ``ladner_fischer``; ``"auto"`` asks the cost model), a ready
-        :class:`Schedule`, or a callable ``f(L, **options) -> Schedule``
-        (validated before use).
+        ``ladner_fischer``), a ready :class:`Schedule`, or a callable
+        ``f(L, **options) -> Schedule`` (validated before use).
     L : int
         Number of factors.
     workers : int, optional
-        Workers ``P`` the plan will run on; ``chunked`` then uses ``P + 1``
-        chunks (peak width ``P``) and ``auto`` takes it as the cost model's ``P``.
+        Workers ``P`` the schedule will run on; ``chunked`` then uses ``P + 1``
+        chunks (peak width ``P``).
     blocks : optional
-        Shapes for ``auto`` (see :meth:`Schedule.flops_per_round`).
+        Block shapes, passed to builders registered with ``context=True``
+        (see :meth:`Schedule.flops_per_round` for the forms).
     backend : str
-        Executor the plan is for (``auto`` costs rounds per backend).
+        Executor the schedule is for, passed to builders registered with
+        ``context=True``.
     **options
         Passed to the builder (e.g. ``chunks=``, ``outer=`` for ``chunked``).
 
@@ -186,8 +192,7 @@ def schedule(method, L: int, *, workers: int | None = None, blocks=None, backend
     >>> s.rounds, s.peak_width, s.num_ops
     (3, 4, 12)
     """
-    if workers is not None:
-        workers = check_workers(workers)
+    workers = check_workers(workers)
     if isinstance(method, Schedule):
         if method.length != L:
             raise ValueError(f"schedule {method.name!r} is for L={method.length}, the chain has {L} factors")

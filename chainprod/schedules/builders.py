@@ -3,12 +3,14 @@
 Each builder takes the number of factors ``L`` (and its own options) and
 returns a :class:`~chainprod.schedules.plan.Schedule`. Edge cases (``L`` = 1,
 2, 3 and non-powers of two) fall out of the loops: a loop that would make an
-empty round makes none, and ``L = 1`` gives a plan with no rounds.
+empty round makes none, and ``L = 1`` gives a schedule with no rounds.
 
-References: Ladner & Fischer, "Parallel prefix computation" (1980); Brent &
-Kung, "A regular layout for parallel adders" (1982); Blelloch, "Prefix sums
-and their applications" (1990); Sklansky, "Conditional-sum addition logic"
-(1960); Hillis & Steele, "Data parallel algorithms" (1986).
+Each circuit, its bounds and why it is built this way: ``docs/theory.md``
+(Q3 to Q6). References: Ladner & Fischer, "Parallel prefix computation"
+(1980); Brent & Kung, "A regular layout for parallel adders" (1982);
+Blelloch, "Prefix sums and their applications" (1990); Sklansky,
+"Conditional-sum addition logic" (1960); Hillis & Steele, "Data parallel
+algorithms" (1986).
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from .plan import Schedule, make_round
 
 __all__ = ["sequential", "tree", "independent", "hillis_steele", "sklansky", "brent_kung", "chunked",
            "BUILTINS", "ALIASES"]
-
-
 
 
 def sequential(L: int) -> Schedule:

@@ -1,9 +1,15 @@
-"""The plan type: a schedule as rounds of slot ops, its replay and its costs.
+"""The schedule type: rounds of slot ops, and the one replay that gives them meaning.
 
-A :class:`Schedule` is pure data built from sizes alone. This module holds
-the type, the symbolic replay that proves a plan correct, and the flop
-counts from real block shapes; the builders are in
-:mod:`chainprod.schedules.builders`, the registry in :mod:`chainprod.schedules`.
+A *schedule* (:class:`Schedule`) is pure data built from sizes alone.
+:func:`replay` is the single definition of what a schedule means: it walks
+the rounds on intervals, checks every rule and returns the flat op table
+(:class:`Replay`) that :meth:`Schedule.validate` and every planner of
+:mod:`chainprod.planning` (the bound plan, the flat plan, the partition)
+read. A broken schedule fails there, with one message, whoever asks.
+
+The flop counts from real block shapes are in :mod:`chainprod.schedules.flops`,
+the builders in :mod:`chainprod.schedules.builders`, the registry in
+:mod:`chainprod.schedules`.
 """
 
 from __future__ import annotations
@@ -14,11 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..blocks import COMBINE, BlockSeq, BlockSpec, kind_table
+from .._validate import check_workers
 from ..errors import ScheduleError
+from .flops import ScheduleInfo, block_spec, kinded_rounds, round_flops
 
-__all__ = ["Schedule", "Round", "ScheduleInfo", "BlockSpecArrays", "block_spec", "sequential_flops",
-           "check_workers", "make_round", "kinded_rounds", "prefix_kind_ids", "round_flops"]
+__all__ = ["Schedule", "Round", "Replay", "replay", "make_round"]
 
 
 class Round(NamedTuple):
@@ -41,7 +47,7 @@ def make_round(left, right, out) -> Round:
 
 
 class Schedule:
-    """A validated-on-demand plan of combine rounds over ``length`` factors.
+    """A schedule: rounds of combine ops over the slots of ``length`` factors, validated on demand.
 
     Attributes
     ----------
@@ -66,16 +72,17 @@ class Schedule:
         self.steps = tuple(s for s in steps if len(s))  # empty rounds are not rounds
         self.outputs = np.asarray(outputs, dtype=np.int64)
         self.outputs.setflags(write=False)
-        # plans are cached and shared: nothing about them may be mutable
+        # schedules are cached and shared: nothing about them may be mutable
         self.options = MappingProxyType(dict(options or {}))
 
     @property
     def key(self) -> tuple:
-        """A plain, hashable description of the whole plan, for caches downstream.
+        """A plain, hashable description of the whole schedule, for caches downstream.
 
         ``(name, length, n_slots, digest)``, the digest taken over every
-        round and the outputs; equal plans have equal keys whoever built
-        them, so bound plans are cached by value, never by object identity.
+        round and the outputs; equal schedules have equal keys whoever built
+        them, so bound plans, flat plans and partitions are cached by value,
+        never by object identity.
         """
         key = self.__dict__.get("_key")
         if key is None:
@@ -89,10 +96,11 @@ class Schedule:
             self.__dict__["_key"] = key
         return key
 
-    def __getstate__(self):  # plans travel to Ray/Dask workers; a mappingproxy does not pickle
+    def __getstate__(self):  # schedules travel to Ray/Dask workers; a mappingproxy does not pickle
         state = dict(self.__dict__)
         state["options"] = dict(self.options)
         state.pop("_key", None)
+        state.pop("_replay", None)  # rebuilt on demand; not worth its bytes on the wire
         return state
 
     def __setstate__(self, state):
@@ -136,24 +144,22 @@ class Schedule:
         return str(self.describe())
 
     # -- symbolic replay -----------------------------------------------
-    def intervals(self):
-        """Replay the plan on intervals.
+    def intervals(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per round, the read-only arrays ``(i, k, j)``: op combines ``[i, k]`` and ``[k+1, j]`` into ``[i, j]``.
 
-        Returns a list with, per round, the arrays ``(i, k, j)``: each op
-        combines ``[i, k]`` with ``[k+1, j]`` into ``[i, j]``. Raises
-        :class:`ScheduleError` if an op reads an empty slot or combines
-        intervals that do not meet.
+        A view of :func:`replay` (so it raises :class:`ScheduleError` on a broken schedule).
         """
-        return _replay(self)[0]
+        return replay(self).per_round()
 
     def validate(self) -> Schedule:
-        """Prove the plan correct by symbolic replay; return ``self``.
+        """Prove the schedule correct by :func:`replay`; return ``self``.
 
-        Checks that every op reads slots holding adjacent intervals, that
-        the ops of a round do not touch each other's output slots, and that
-        ``outputs[k]`` holds exactly ``[0, k]``.
+        Raises
+        ------
+        ScheduleError
+            On the first broken rule, naming the round, the op, its slots and their intervals.
         """
-        _replay(self, check_outputs=True)
+        replay(self)
         return self
 
     def ops(self, round_index: int) -> list[tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]:
@@ -176,7 +182,7 @@ class Schedule:
     def op_flops(self, blocks=None) -> list[np.ndarray]:
         """Per round, the flops of each op (per batch element).
 
-        Kinds are followed through the plan with the combine table of
+        Kinds are followed through the schedule with the combine table of
         :mod:`chainprod.blocks` (e.g. diagonal x diagonal stays diagonal), so a
         new block kind is costed by its own rule without changes here.
         """
@@ -193,7 +199,7 @@ class Schedule:
         ``W`` is the total flops and ``D`` the sum over rounds of the
         largest single op (the critical path when every round is a barrier).
         """
-        workers = check_workers(workers)
+        workers = check_workers(workers, allow_none=False)
         work = depth = 0.0
         for f in self.op_flops(blocks):
             work += float(f.sum())
@@ -205,191 +211,230 @@ class Schedule:
         return ScheduleInfo(self, blocks, workers)
 
 
-def check_workers(workers):
-    if isinstance(workers, (bool, np.bool_)) or not isinstance(workers, (int, np.integer)):
-        raise TypeError(f"workers must be a positive int, got {workers!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    return int(workers)
+class Replay(NamedTuple):
+    """A schedule walked on intervals: its flat op table, every op in run order.
 
-
-def _replay(s: Schedule, check_outputs=False):
-    lo = np.full(s.n_slots, -1, dtype=np.int64)
-    hi = np.full(s.n_slots, -1, dtype=np.int64)
-    lo[: s.length] = hi[: s.length] = np.arange(s.length)
-    out = []
-    for r, (left, right, dst) in enumerate(s.steps):
-        for name, a in (("left", left), ("right", right), ("out", dst)):
-            if a.size and (a.min() < 0 or a.max() >= s.n_slots):
-                raise ScheduleError(f"round {r}: {name} slot out of range 0..{s.n_slots - 1}")
-        if np.any(lo[left] < 0) or np.any(lo[right] < 0):
-            bad = int(np.flatnonzero((lo[left] < 0) | (lo[right] < 0))[0])
-            raise ScheduleError(f"round {r}, op {bad}: reads an empty slot")
-        if np.any(hi[left] + 1 != lo[right]):
-            bad = int(np.flatnonzero(hi[left] + 1 != lo[right])[0])
-            raise ScheduleError(
-                f"round {r}, op {bad}: [{lo[left][bad]}, {hi[left][bad]}] and "
-                f"[{lo[right][bad]}, {hi[right][bad]}] are not adjacent"
-            )
-        if np.unique(dst).size != dst.size:
-            raise ScheduleError(f"round {r}: two ops write the same slot")
-        # An op may overwrite its own operand, but no other op of the round
-        # may read the slot it writes (the round must be order-free).
-        op_of_out = np.full(s.n_slots, -1, dtype=np.int64)
-        op_of_out[dst] = np.arange(dst.size)
-        ids = np.arange(dst.size)
-        for reads in (left, right):
-            w = op_of_out[reads]
-            if np.any((w >= 0) & (w != ids)):
-                bad = int(np.flatnonzero((w >= 0) & (w != ids))[0])
-                raise ScheduleError(f"round {r}, op {bad}: reads a slot written by another op of the round")
-        i, k, j = lo[left].copy(), hi[left].copy(), hi[right].copy()
-        out.append((i, k, j))
-        lo[dst], hi[dst] = i, j
-    if check_outputs:
-        if s.outputs.shape != (s.length,):
-            raise ScheduleError(f"outputs has shape {s.outputs.shape}, expected ({s.length},)")
-        ks = np.flatnonzero(s.outputs >= 0)
-        slots = s.outputs[ks]
-        bad = (lo[slots] != 0) | (hi[slots] != ks)
-        if np.any(bad):
-            k = int(ks[np.flatnonzero(bad)[0]])
-            sl = int(s.outputs[k])
-            raise ScheduleError(f"output {k} (slot {sl}) holds [{lo[sl]}, {hi[sl]}], expected [0, {k}]")
-    return out, lo, hi
-
-
-class BlockSpecArrays(NamedTuple):
-    kind_names: np.ndarray
-    rows: np.ndarray
-    cols: np.ndarray
-    kind_ids: np.ndarray  # per position, index into blocks.kind_table()[0]
-
-
-def kinded_rounds(s: Schedule, spec: BlockSpecArrays):
-    """Replay with kinds: per round ``(i, k, j, left_kind_id, right_kind_id)``."""
-    _, table = kind_table()
-    slot_kind = np.full(s.n_slots, -1, dtype=np.int64)
-    slot_kind[: s.length] = spec.kind_ids
-    out = []
-    for (i, k, j), st in zip(s.intervals(), s.steps):
-        kl, kr = slot_kind[st.left], slot_kind[st.right]
-        out.append((i, k, j, kl, kr))
-        slot_kind[st.out] = table[kl, kr]
-    return out
-
-
-def block_spec(blocks, length) -> BlockSpecArrays:
-    if blocks is None:
-        blocks = 64
-    if isinstance(blocks, (int, np.integer)):
-        w = int(blocks)
-        kinds = np.full(length, "dense", dtype=object)
-        rows = np.full(length, w, dtype=np.int64)
-        rows[0] = 1
-        cols = np.full(length, w, dtype=np.int64)
-    elif isinstance(blocks, BlockSeq):
-        kinds, rows, cols = blocks.kinds, blocks.rows, blocks.cols
-    else:
-        specs = [BlockSpec(*b) for b in blocks]
-        kinds = np.array([b.kind for b in specs], dtype=object)
-        rows = np.array([b.rows for b in specs], dtype=np.int64)
-        cols = np.array([b.cols for b in specs], dtype=np.int64)
-    if len(kinds) != length:
-        raise ValueError(f"blocks describe {len(kinds)} factors, the schedule has {length}")
-    names, _ = kind_table()
-    unknown = set(np.unique(kinds).tolist()) - set(names)
-    if unknown:
-        raise ValueError(f"unknown block kind(s) {sorted(unknown)}; known kinds: {', '.join(names)}")
-    kind_ids = np.searchsorted(np.array(names, dtype=object), kinds).astype(np.int64)
-    return BlockSpecArrays(kinds, rows, cols, kind_ids)
-
-
-def round_flops(spec: BlockSpecArrays, i, k, j, kl, kr) -> np.ndarray:
-    """Flops of each op ``[i,k] (x) [k+1,j]`` from the combine table.
-
-    ``kl``/``kr`` are the kind ids of the two operands (from a kinded replay,
-    :func:`kinded_rounds`).
+    The ops of round ``r`` are ``round_ptr[r]:round_ptr[r + 1]``; op ``q``
+    runs ``slot[out[q]] <- slot[left[q]] (x) slot[right[q]]``, which combines
+    ``[i[q], k[q]]`` with ``[k[q]+1, j[q]]`` into ``[i[q], j[q]]``. ``lo`` and
+    ``hi`` give the interval every slot holds once the schedule has run
+    (``-1`` where a slot stays empty). Every array is read-only: a replay is
+    cached on its schedule and shared by every planner.
     """
-    names, _ = kind_table()
-    r, inner, c = spec.rows[i], spec.cols[k], spec.cols[j]
-    f = np.zeros(i.shape, dtype=float)
-    for (lk, rk), rule in COMBINE.items():
-        m = (kl == names.index(lk)) & (kr == names.index(rk))
-        if np.any(m):
-            f[m] = rule.flops(r[m], inner[m], c[m])
-    return f
+
+    round_ptr: np.ndarray  #: int64[rounds + 1]
+    left: np.ndarray       #: int64[ops], slot of the left operand
+    right: np.ndarray      #: int64[ops], slot of the right operand
+    out: np.ndarray        #: int64[ops], slot written
+    i: np.ndarray          #: int64[ops]
+    k: np.ndarray          #: int64[ops]
+    j: np.ndarray          #: int64[ops]
+    lo: np.ndarray         #: int64[n_slots]
+    hi: np.ndarray         #: int64[n_slots]
+
+    @property
+    def n_ops(self) -> int:
+        return int(self.out.shape[0])
+
+    @property
+    def widths(self) -> np.ndarray:
+        """Ops per round."""
+        return np.diff(self.round_ptr)
+
+    @property
+    def op_round(self) -> np.ndarray:
+        """The round of every op."""
+        return np.repeat(np.arange(self.round_ptr.shape[0] - 1, dtype=np.int64), self.widths)
+
+    def per_round(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per round, the ``(i, k, j)`` of its ops (views)."""
+        p = self.round_ptr.tolist()
+        return [(self.i[a:b], self.k[a:b], self.j[a:b]) for a, b in zip(p[:-1], p[1:])]
 
 
-class ScheduleInfo:
-    """What a schedule costs, printable (opt_einsum's ``PathInfo`` habit)."""
+def replay(schedule: Schedule) -> Replay:
+    """Walk ``schedule`` on intervals, check every rule, return its flat op table.
 
-    def __init__(self, sched: Schedule, blocks=None, workers=None):
-        self.schedule = sched
-        self.blocks = blocks
-        self.workers = workers if workers is not None else max(sched.peak_width, 1)
-        spec = block_spec(blocks, sched.length)
-        self.round_flops = sched.flops_per_round(blocks)
-        self.flops = float(self.round_flops.sum())
-        seq = sequential_flops(spec)
-        self.sequential_flops = seq
-        self.brent = sched.brent_bound(self.workers, blocks)
-        self.largest = max(
-            ((int(r), int(c), k) for k, r, c in zip(spec.kind_names, spec.rows, spec.cols)),
-            key=lambda t: t[0] * t[1],
-        )
+    The one definition of what a schedule means. :meth:`Schedule.validate`
+    and the planners of :mod:`chainprod.planning` all call it, so a broken
+    schedule fails with the same message whichever of them meets it first.
+    The result is cached on the schedule (which is immutable).
 
-    def __str__(self):
-        s = self.schedule
-        desc = "w=64 gradient chain (1x64 head, 64x64 dense)" if self.blocks is None else (
-            f"w={self.blocks} gradient chain (1x{self.blocks} head, dense)"
-            if isinstance(self.blocks, (int, np.integer)) else "given blocks")
-        lines = [
-            f"Schedule {s.name!r} over L={s.length} factors"
-            + (f"  {dict(s.options)}" if s.options else ""),
-            "  scan order: position 0 = A_L (output end); [i,k] (x) [k+1,j] -> [i,j]",
-            f"  shapes                  : {desc}",
-            f"  rounds (depth D)        : {s.rounds}",
-            f"  peak width (workers)    : {s.peak_width}",
-            f"  ops (work W)            : {s.num_ops}",
-            f"  sequential flops        : {self.sequential_flops:.4g}  (backprop order, all thin)",
-            f"  scheduled flops         : {self.flops:.4g}  "
-            f"({self.flops / max(self.sequential_flops, 1):.3g}x the sequential work)",
-            f"  largest block           : {self.largest[0]}x{self.largest[1]} {self.largest[2]}",
-            f"  Brent bound, P={self.workers:<6d}  : T_P <= W/P + D = {self.brent:.4g} flop-times",
-        ]
-        if s.rounds:
-            lines.append(f"  {'round':>5} {'ops':>7} {'flops':>11}  ops ([i,k] (x) [k+1,j] -> [i,j])")
-        show = range(s.rounds) if s.rounds <= 24 else [*range(12), None, *range(s.rounds - 6, s.rounds)]
-        ivals = s.intervals()
-        for r in show:
-            if r is None:
-                lines.append(f"  {'...':>5}")
-                continue
-            i, k, j = ivals[r]
-            ex = ", ".join(f"[{a},{b}]x[{b + 1},{c}]" for a, b, c in zip(i[:3], k[:3], j[:3]))
-            more = f", ... (+{len(i) - 3})" if len(i) > 3 else ""
-            lines.append(f"  {r + 1:>5} {len(i):>7} {self.round_flops[r]:>11.4g}  {ex}{more}")
-        return "\n".join(lines)
+    Parameters
+    ----------
+    schedule : Schedule
 
-    __repr__ = __str__
+    Returns
+    -------
+    Replay
+
+    Raises
+    ------
+    ScheduleError
+        On the first broken rule in round order, naming the schedule, the
+        round, the op (its index within the round), its slots and the
+        intervals they hold: a slot outside ``0 .. n_slots-1``, a read of an
+        empty slot, operands that are not adjacent intervals, two ops of a
+        round writing one slot, an op reading a slot another op of its round
+        writes, or ``outputs[k]`` not holding ``[0, k]``.
+    """
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"replay needs a chainprod Schedule, got {type(schedule).__name__}")
+    cached = schedule.__dict__.get("_replay")
+    if cached is None:
+        cached = _walk(schedule)
+        schedule.__dict__["_replay"] = cached  # only a schedule that passed is cached
+    return cached
 
 
-def prefix_kind_ids(spec: BlockSpecArrays) -> np.ndarray:
-    """Kind id of every prefix ``[0, p]``, folded along the positions with the combine table."""
-    _, table = kind_table()
-    table, ids = table.tolist(), spec.kind_ids.tolist()
-    pref = [ids[0]] if ids else []
-    for p in range(1, len(ids)):
-        pref.append(table[pref[-1]][ids[p]])
-    return np.array(pref, dtype=np.int64)
+#: Rounds up to this many ops are walked op by op on Python lists (cheaper
+#: than a dozen numpy calls for a handful of ops; a sequential scan has
+#: thousands of one-op rounds); wider rounds are walked with numpy.
+_NARROW = 8
+
+#: The rules, in the order the ops of one round are checked.
+_RULES = ("range", "empty", "apart", "twice", "crossed")
 
 
-def sequential_flops(spec: BlockSpecArrays) -> float:
-    """Flops of the sequential (backprop-order) scan over ``spec``, per batch element."""
-    L = len(spec.rows)
-    if L < 2:
-        return 0.0
-    pref = prefix_kind_ids(spec)
-    j = np.arange(1, L)
-    return float(round_flops(spec, np.zeros_like(j), j - 1, j, pref[:-1], spec.kind_ids[1:]).sum())
+def _walk(s: Schedule) -> Replay:
+    L, S = s.length, s.n_slots
+    if S < L:
+        raise ScheduleError(f"schedule {s.name!r}: n_slots={S} is fewer than its {L} input slots")
+    for r, st in enumerate(s.steps):
+        if not st.left.shape == st.right.shape == st.out.shape or st.out.ndim != 1:
+            raise ScheduleError(f"schedule {s.name!r}, round {r}: left, right and out must be 1-D and of one "
+                                f"length, got shapes {st.left.shape}, {st.right.shape}, {st.out.shape}")
+    widths = np.array([len(st) for st in s.steps], dtype=np.int64)
+    round_ptr = np.concatenate(([0], np.cumsum(widths))).astype(np.int64)
+    n = int(round_ptr[-1])
+    slots = tuple(np.concatenate([st[f] for st in s.steps]).astype(np.int64) if n else np.zeros(0, np.int64)
+                  for f in range(3))
+    left, right, out = slots
+    out_of_range = np.zeros(n, dtype=bool)
+    for a in slots:
+        out_of_range |= (a < 0) | (a >= S)
+    # the round of the first op with a slot out of range: the walk stops there, before indexing with it
+    range_round = int(np.searchsorted(round_ptr, np.argmax(out_of_range), "right") - 1) if out_of_range.any() \
+        else len(s.steps)
+
+    # How this works: ``lo[s], hi[s]`` is the interval slot ``s`` holds (-1:
+    # empty). Each round is checked against the state at its start, then
+    # applied all at once: its ops read the old state, so none may read or
+    # write a slot another op of the round writes. ``owner`` marks, during a
+    # wide round, which of its ops writes each slot.
+    lo = np.where(np.arange(S) < L, np.arange(S), -1)
+    hi = lo.copy()
+    i, k, j = (np.empty(n, dtype=np.int64) for _ in range(3))
+    owner = np.full(S, -1, dtype=np.int64)
+    lists = None  # (lo, hi) as Python lists while walking narrow rounds
+    for r in range(len(s.steps)):
+        a, b = int(round_ptr[r]), int(round_ptr[r + 1])
+        if r == range_round:
+            broken = ("range", int(np.argmax(out_of_range[a:b])))
+        elif b - a <= _NARROW:
+            if lists is None:
+                lists = lo.tolist(), hi.tolist()
+            broken = _walk_narrow(lists, left[a:b].tolist(), right[a:b].tolist(), out[a:b].tolist(),
+                                  i, k, j, a)
+        else:
+            if lists is not None:
+                lo[:], hi[:] = lists
+                lists = None
+            broken = _walk_wide(lo, hi, owner, left[a:b], right[a:b], out[a:b], i, k, j, a)
+        if broken is not None:
+            if lists is not None:
+                lo[:], hi[:] = lists
+            raise ScheduleError(_op_message(s, r, *broken, left[a:b], right[a:b], out[a:b], lo, hi))
+    if lists is not None:
+        lo[:], hi[:] = lists
+    _check_outputs(s, lo, hi)
+    for x in (round_ptr, *slots, i, k, j, lo, hi):
+        x.setflags(write=False)
+    return Replay(round_ptr, *slots, i, k, j, lo, hi)
+
+
+def _walk_narrow(lists, lf, rt, ot, i, k, j, a):
+    """Check and apply one narrow round on Python lists; ``(rule, op)`` of the first broken rule, or None."""
+    lo, hi = lists
+    w = len(ot)
+    for q in range(w):
+        if lo[lf[q]] < 0 or lo[rt[q]] < 0:
+            return "empty", q
+    for q in range(w):
+        if hi[lf[q]] + 1 != lo[rt[q]]:
+            return "apart", q
+    if w > 1:
+        last = {z: q for q, z in enumerate(ot)}  # the op of the round that writes each slot (the last one)
+        for q in range(w):
+            if last[ot[q]] != q:
+                return "twice", q
+        for q in range(w):
+            if last.get(lf[q], q) != q or last.get(rt[q], q) != q:
+                return "crossed", q
+    vals = [(lo[x], hi[x], hi[y]) for x, y in zip(lf, rt)]
+    for q, (vi, vk, vj) in enumerate(vals):
+        i[a + q], k[a + q], j[a + q] = vi, vk, vj
+        lo[ot[q]], hi[ot[q]] = vi, vj
+    return None
+
+
+def _walk_wide(lo, hi, owner, lf, rt, ot, i, k, j, a):
+    """Check and apply one wide round with numpy; ``(rule, op)`` of the first broken rule, or None."""
+    llo, lhi, rlo, rhi = lo[lf], hi[lf], lo[rt], hi[rt]
+    ids = np.arange(ot.shape[0])
+    owner[ot] = ids  # the last op writing each slot
+    wl, wr = owner[lf], owner[rt]
+    twice = owner[ot] != ids
+    owner[ot] = -1
+    empty = (llo < 0) | (rlo < 0)
+    masks = (empty, ~empty & (lhi + 1 != rlo), twice, ((wl >= 0) & (wl != ids)) | ((wr >= 0) & (wr != ids)))
+    for rule, m in zip(_RULES[1:], masks):
+        if m.any():
+            return rule, int(np.argmax(m))
+    b = a + ot.shape[0]
+    i[a:b], k[a:b], j[a:b] = llo, lhi, rhi
+    lo[ot], hi[ot] = llo, rhi
+    return None
+
+
+def _op_message(s, r, rule, q, lf, rt, ot, lo, hi):
+    """What op ``q`` of round ``r`` broke, from the round's slots and the state at its start."""
+    at = f"schedule {s.name!r}, round {r}, op {q}"
+    x, y, z = int(lf[q]), int(rt[q]), int(ot[q])
+    if rule == "range":
+        field, sl = next((f, v) for f, v in (("left", x), ("right", y), ("out", z)) if not 0 <= v < s.n_slots)
+        return f"{at}: {field} slot {sl} is out of range 0..{s.n_slots - 1}"
+    if rule == "empty":
+        side, sl = ("left", x) if lo[x] < 0 else ("right", y)
+        return (f"{at}: reads {side} slot {sl}, which is empty (a scratch slot holds nothing until an "
+                "earlier round writes it)")
+    if rule == "apart":
+        return (f"{at}: left slot {x} holds [{lo[x]}, {hi[x]}] and right slot {y} holds [{lo[y]}, {hi[y]}]; "
+                "they are not adjacent")
+    if rule == "twice":
+        other = int(np.flatnonzero(ot == z)[-1])
+        return f"{at}: writes slot {z}, and op {other} of the same round writes the same slot"
+    sl = next(v for v in (x, y) if np.any((ot == v) & (np.arange(ot.shape[0]) != q)))
+    other = int(np.flatnonzero(ot == sl)[-1])
+    return (f"{at}: reads slot {sl}, which another op of the round (op {other}) writes; the ops of a round "
+            "must not depend on one another")
+
+
+def _check_outputs(s, lo, hi):
+    """``outputs[k]`` must be -1 or a slot holding ``[0, k]`` once every round has run."""
+    L, S = s.length, s.n_slots
+    if s.outputs.shape != (L,):
+        raise ScheduleError(f"schedule {s.name!r}: outputs has shape {s.outputs.shape}, expected ({L},)")
+    bad = (s.outputs < -1) | (s.outputs >= S)
+    if np.any(bad):
+        k = int(np.argmax(bad))
+        raise ScheduleError(f"schedule {s.name!r}: outputs[{k}] = {int(s.outputs[k])} is neither -1 nor a "
+                            f"slot in range 0..{S - 1}")
+    ks = np.flatnonzero(s.outputs >= 0)
+    sl = s.outputs[ks]
+    bad = (lo[sl] != 0) | (hi[sl] != ks)
+    if np.any(bad):
+        k = int(ks[np.argmax(bad)])
+        slot = int(s.outputs[k])
+        held = f"holds [{lo[slot]}, {hi[slot]}]" if lo[slot] >= 0 else "is empty"
+        raise ScheduleError(f"schedule {s.name!r}: outputs[{k}] (slot {slot}) {held}, expected [0, {k}]")
