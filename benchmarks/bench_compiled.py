@@ -5,7 +5,7 @@ Run (prints one line per measurement, with its target)::
     python3 -m pytest benchmarks/bench_compiled.py --benchmark-only -c benchmarks/pytest.ini \
         --rootdir benchmarks -s
 
-float64, batch 1, one process; every time is the best of several runs
+Sections 1-5: float64, batch 1, one process; every time is the best of several runs
 (``best``), so background load inflates the slower side less. Yardsticks:
 
 * a plain hand-written ``@njit`` loop of the same uniform tanh MLP
@@ -19,6 +19,14 @@ float64, batch 1, one process; every time is the best of several runs
   same kernels;
 * the bytes of the Jacobians a scan forms (peak memory of the backward
   pass, measured in a fresh process).
+
+The torch-MLP table (section 6) compares, on the models people train
+(``nn.Linear`` + ``nn.Tanh`` converted with ``cp.from_torch``), the compiled
+kernels, the numpy reference and torch's ``loss.backward()`` on 2 threads,
+with the time the same matrix products take in BLAS alone. Print it without
+pytest::
+
+    python3 benchmarks/bench_compiled.py [threads]   # or: from bench_compiled import torch_mlp_table
 """
 
 from __future__ import annotations
@@ -194,3 +202,159 @@ def test_backward_peak_memory(benchmark, structure, L, w, method):
     print(f"\n  {structure} L={L} w={w} {method}: peak {r['peak'] / 1e6:.1f} MB, "
           f"Jacobians {r['jacobians'] / 1e6:.1f} MB")
     say(f"{structure} {method} peak / Jacobian bytes", ratio, f"<= {limit}x", ratio <= limit)
+
+
+# -- 6. the models people train: torch MLPs at batch > 1 ---------------------------------------------
+#: (width, depth, batch, dtype) of the table; the cases of the kernels' brief
+TORCH_MLP_CASES = [(256, 8, 128, "float32"), (1024, 4, 256, "float32"), (128, 16, 64, "float64"),
+                   (64, 64, 32, "float32"), (32, 256, 16, "float64")]
+
+
+def _median(fn, repeats, setup=None):
+    import statistics
+
+    for _ in range(3):  # warm-up: compiles or loads kernels, lets auto choose, settles the threads it woke
+        fn() if setup is None else fn(setup())
+    ts = []
+    for _ in range(repeats):
+        arg = None if setup is None else setup()
+        t0 = time.perf_counter()
+        fn() if setup is None else fn(arg)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _blas_alone(w, depth, N, dtype, repeats):
+    """Seconds of the products alone, in numpy's BLAS: forward ``h W^T``; backward ``delta W`` and ``delta^T h``."""
+    rng = np.random.default_rng(0)
+    Ws = rng.standard_normal((depth, w, w)).astype(dtype)
+    h = rng.standard_normal((N, w)).astype(dtype)
+    out, gW = np.empty((N, w), dtype), np.empty((w, w), dtype)
+
+    def fwd():
+        for W in Ws:
+            np.matmul(h, W.T, out=out)
+
+    def bwd():
+        for W in Ws:
+            np.matmul(h, W, out=out)
+            np.matmul(h.T, out, out=gW)
+
+    return _median(fwd, repeats), _median(bwd, repeats)
+
+
+def _torch_mlp_case(w, depth, N, dt, repeats):
+    import torch
+
+    import chainprod as cp
+
+    model = torch.nn.Sequential(*[m for _ in range(depth) for m in (torch.nn.Linear(w, w), torch.nn.Tanh())])
+    model = model.to(getattr(torch, dt))
+    chain = cp.from_torch(model)
+    x = np.random.default_rng(1).standard_normal((N, w)).astype(dt)
+    y = np.zeros((N, w), dt)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    row = {"width": w, "depth": depth, "batch": N, "dtype": dt}
+    for kernels in ("numba", "numpy"):
+        time.sleep(0.3)  # BLAS and OpenMP threads spin a while after use: let them park before the next one
+        tape = cp.forward(chain, x, kernels=kernels)
+        _, cotangent = cp.loss_cotangent(tape, y, "mse")
+        row[f"backprop {kernels}"] = _median(lambda: cp.backward(tape, cotangent, method="backprop",  # noqa: B023
+                                                                 kernels=kernels), repeats)  # noqa: B023
+        row[f"value_and_grad {kernels}"] = _median(lambda: cp.value_and_grad(chain, x, y, loss="mse",
+                                                                             kernels=kernels), repeats)  # noqa: B023
+
+    def graph():
+        model.zero_grad(set_to_none=True)
+        return torch.nn.functional.mse_loss(model(xt), yt)
+
+    time.sleep(0.3)
+    row["backprop torch"] = _median(lambda loss: loss.backward(), repeats, setup=graph)
+    row["value_and_grad torch"] = _median(lambda: graph().backward(), repeats)
+    time.sleep(0.3)
+    row["forward blas"], row["backprop blas"] = _blas_alone(w, depth, N, dt, repeats)
+    row["value_and_grad blas"] = row["forward blas"] + row["backprop blas"]
+    return row
+
+
+def torch_mlp_table(cases=None, repeats=5, threads=2, out=print):
+    """Backprop and value_and_grad of torch MLPs: compiled kernels, numpy reference, torch, BLAS alone.
+
+    For each ``(width, depth, batch, dtype)`` the model is ``depth`` times
+    ``nn.Linear(w, w) + nn.Tanh()``, converted with :func:`chainprod.from_torch`,
+    with the MSE loss against zeros. Times are medians of ``repeats`` in
+    seconds: ``backprop`` is the backward pass alone (``cp.backward(...,
+    method="backprop")`` from a tape; torch's ``loss.backward()`` of a fresh
+    graph), ``value_and_grad`` the whole step (``cp.value_and_grad(chain, x,
+    y, loss="mse")`` with its default method; torch's forward, loss and
+    ``loss.backward()``; ``auto`` measures its choice afresh, not reading
+    one saved on disk). torch, the compiled kernels (numba's threads) and
+    both BLAS libraries (numpy's, scipy's through numba) run on ``threads``
+    threads; ``blas`` is the same matrix products in numpy's BLAS alone, the
+    lower bound of the compiled kernels (forward ``N x w x w`` per layer;
+    backward twice that). Returns one dict per case and prints a line per
+    case through ``out``. On a machine that other work shares, ``threads=1``
+    gives figures that the load disturbs least.
+    """
+    import contextlib
+    import os
+    import tempfile
+
+    import numba
+    import torch
+
+    import chainprod as cp
+
+    torch.set_num_threads(threads)
+    numba_before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+
+        with contextlib.suppress(ImportError):
+            import scipy.linalg.cython_blas  # noqa: F401  (loads the BLAS numba calls, so the limit reaches it)
+        blas = threadpool_limits(threads, user_api="blas")  # numpy's and scipy's BLAS on the same threads
+    except ImportError:
+        blas = contextlib.nullcontext()
+    rows = []
+    with blas, tempfile.TemporaryDirectory() as d:
+        # method="auto" measures its choice afresh, with these kernels on this machine, not from a saved one
+        auto_cache, os.environ["CHAINPROD_AUTO_CACHE"] = os.environ.get("CHAINPROD_AUTO_CACHE"), os.path.join(d, "a")
+        cp.clear_caches()
+        try:
+            for w, depth, N, dt in cases or TORCH_MLP_CASES:
+                rows.append(_torch_mlp_case(w, depth, N, dt, repeats))
+                _say_row(rows[-1], out)
+        finally:
+            if auto_cache is None:
+                os.environ.pop("CHAINPROD_AUTO_CACHE")
+            else:
+                os.environ["CHAINPROD_AUTO_CACHE"] = auto_cache
+            cp.clear_caches()
+            numba.set_num_threads(numba_before)
+    return rows
+
+
+def _say_row(row, out):
+    w, depth, N, dt = (row[k] for k in ("width", "depth", "batch", "dtype"))
+    ms = {k: v * 1e3 for k, v in row.items() if isinstance(v, float)}
+    out(f"{w:5d} x {depth:3d} x {N:4d} {dt:7s}  backprop: numba {ms['backprop numba']:8.2f}  numpy "
+        f"{ms['backprop numpy']:8.2f}  torch {ms['backprop torch']:8.2f}  blas {ms['backprop blas']:8.2f} ms | "
+        f"value_and_grad: numba {ms['value_and_grad numba']:8.2f}  numpy {ms['value_and_grad numpy']:8.2f}  "
+        f"torch {ms['value_and_grad torch']:8.2f}  blas {ms['value_and_grad blas']:8.2f} ms")
+
+
+@pytest.mark.parametrize("case", TORCH_MLP_CASES, ids=[f"w{w}-L{d}-N{n}-{dt}" for w, d, n, dt in TORCH_MLP_CASES])
+def test_torch_mlp_table(benchmark, case):
+    pytest.importorskip("torch")
+    (row,) = torch_mlp_table([case], out=lambda line: print("\n  " + line))
+    benchmark.pedantic(lambda: None, rounds=1)
+    for what in ("backprop", "value_and_grad"):
+        r = row[f"{what} numba"] / row[f"{what} torch"]
+        say(f"{what} compiled / torch, w={case[0]} L={case[1]} N={case[2]} {case[3]}", r, "<= 1x", r <= 1)
+
+
+if __name__ == "__main__":
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    print(f"torch MLPs (nn.Linear + nn.Tanh, MSE loss), medians in ms; everything on {threads} threads")
+    torch_mlp_table(threads=threads)

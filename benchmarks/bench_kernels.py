@@ -9,6 +9,12 @@ yardstick (tanh MLP w=8, N=1, float64, L = 4096 and 65536); heterogeneous
 chains within 1.5x of the uniform chain per layer (and per parameter, since
 widths cycling 8/12/16 carry ~2.2x the multiply-adds of w=8 per layer).
 
+``test_mixed_activations_cost_their_uniform_parts`` checks the other promise
+of the kernels' one-branch-per-layer activations: a chain cycling
+tanh/relu/sigmoid/softplus against the mean of the four uniform chains,
+per multiply-add (target <= 1.2x), at batch 1 and width 8 (the loops) and at
+batch 16 and width 64 (BLAS).
+
 ``python3 -m pytest benchmarks/bench_kernels.py --benchmark-only -c benchmarks/pytest.ini --rootdir benchmarks -s``
 prints the ratios at the end. The numpy paths (``cp.forward``, ``cp.backward(method="backprop")``
 and the numpy reference kernels) are timed at L=4096 for orientation.
@@ -229,6 +235,49 @@ def test_interleaved_ratios(benchmark, L):
         RESULTS[(f"{what} L={L} (alternating)", "plain")] = (best[1], L, pc.n_params)
     benchmark.group = "alternating"
     benchmark.pedantic(lambda: None, rounds=1)  # the figures are in the printed table
+
+
+def _act_chain(acts, L, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return cp.Chain([cp.Dense(rng.standard_normal((w, w)) / np.sqrt(w), 0.1 * rng.standard_normal(w),
+                              acts[l % len(acts)]) for l in range(L)])
+
+
+@pytest.mark.parametrize("w,N", [(8, 1), (64, 16)], ids=["w8-N1-loops", "w64-N16-blas"])
+def test_mixed_activations_cost_their_uniform_parts(benchmark, w, N):
+    """A chain cycling tanh/relu/sigmoid/softplus against the mean of the four uniform chains (target <= 1.2x).
+
+    Every layer has the same multiply-adds, so per layer is per multiply-add.
+    Timed alternately (each chain once per round, best of the rounds) so the
+    load on a shared machine falls on all of them alike.
+    """
+    import time
+
+    L = 4096 if w == 8 else 256
+    k = get_kernels("numba")
+    probs = {}
+    for name, acts in [(a, (a,)) for a in ACTS] + [("mixed", ACTS)]:
+        pc = pack(_act_chain(acts, L, w))
+        x = np.full((N, w), 0.5)
+        Y, _ = k.forward(pc, x)
+        probs[name] = (pc, x, Y, np.ones((N, w)))
+    best = {(name, what): np.inf for name in probs for what in ("forward", "backprop")}
+    for _ in range(15):
+        for name, (pc, x, Y, ct) in probs.items():
+            for what, fn in (("forward", lambda: k.forward(pc, x)),  # noqa: B023
+                             ("backprop", lambda: k.backprop(pc, x, Y, ct))):  # noqa: B023
+                t0 = time.perf_counter()
+                fn()
+                best[name, what] = min(best[name, what], time.perf_counter() - t0)
+    benchmark.group = "mixed activations"
+    benchmark.pedantic(lambda: None, rounds=1)
+    for what in ("forward", "backprop"):
+        mean = float(np.mean([best[a, what] for a in ACTS]))
+        r = best["mixed", what] / mean
+        parts = ", ".join(f"{a} {best[a, what] * 1e3:.3f}" for a in ACTS)
+        print(f"\n  {what} w={w} N={N} L={L}: mixed {best['mixed', what] * 1e3:.3f} ms vs mean of uniform "
+              f"{mean * 1e3:.3f} ms ({parts}): {r:.2f}x (target <= 1.2x)")
+        RESULTS[(f"{what} mixed/uniform-mean w={w} N={N}", "numba")] = (best["mixed", what], L, 1)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,6 +15,13 @@ schedule's rounds of its most expensive op. The ratio ``T / bound`` is the
 figure of merit (target <= 1.5). The numpy backprop backward pass
 (``cp.backward(..., method="backprop")``) is printed for orientation.
 
+The square op alone (``test_square_op_vs_numpy_matmul``): one dense ``w x w
+@ w x w`` combine op as the kernel runs it (a stack of blocks, one per
+batch element; BLAS from the calibrated crossover on) against
+``np.matmul`` on the same stacked blocks, at w = 8 .. 128, float64 and
+float32, both with BLAS on one thread (as inside the kernel's parallel
+stages). Target: never slower than ``np.matmul``.
+
 Run::
 
     python3 -m pytest benchmarks/bench_scan_kernels.py --benchmark-only \\
@@ -33,7 +40,7 @@ import numpy as np
 import pytest
 
 import chainprod as cp
-from chainprod.kernels import pack
+from chainprod.kernels import crossover, pack
 from chainprod.kernels.scan import compiled_scan_kernel, plan_for, position_specs, scan_rows
 from chainprod.planning.flat import bind_flat
 from chainprod.schedules import Round, Schedule
@@ -93,12 +100,14 @@ def _kernel_time(pc, Y, cotangent, plan, workers=1, stage_ptr=None, repeats=5):
     k = compiled_scan_kernel()
     V = np.empty_like(Y)
     sp = plan.stage_ptr if stage_ptr is None else stage_ptr
+    rows, blocks = (crossover.blas_crossover(pc.dtype, form) for form in crossover.FORMS)
 
     def call():
         return k(pc.theta, pc.p_off, pc.kind, pc.act, pc.d_in, pc.d_out, pc.y_off, Y, cotangent,
                  plan.slot_off, plan.op_left, plan.op_right, plan.op_out, plan.op_code, plan.op_m,
                  plan.op_k, plan.op_n, plan.op_tmp, plan.lane_ptr, plan.lane_cum, plan.lane_mid,
-                 sp, plan.stage_parallel, plan.out_off, plan.buf_size, plan.max_tmp, workers, False, V)
+                 sp, plan.stage_parallel, plan.out_off, plan.buf_size, plan.max_tmp, workers, False, rows, blocks,
+                 V)
 
     call()
     return _best(call, repeats)
@@ -174,7 +183,7 @@ def test_scan_kernel(benchmark, case, method, workers):
 _COLD = """
 import time, numpy as np, chainprod as cp
 t0 = time.perf_counter()
-from chainprod.kernels import pack
+from chainprod.kernels import crossover, pack
 from chainprod.kernels.scan import scan_rows
 chain = cp.mlp([4, 4, 4, 1], dtype=np.{dt})
 tape = cp.forward(chain, np.ones((1, 4), dtype=np.{dt}))
@@ -197,3 +206,22 @@ def test_compile_and_cached_load(benchmark, dtype):
         load_s = benchmark.pedantic(run, rounds=2, iterations=1)
     print(f"\n[compile] {dtype}: first call compiling {compile_s:.2f} s, first call loading the disk cache "
           f"{load_s:.2f} s (fresh processes)")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("w", [8, 16, 32, 64, 128])
+def test_square_op_vs_numpy_matmul(benchmark, w, dtype):
+    from chainprod.kernels import numba_blas
+    from chainprod.kernels.scan_compiled import block_op_seconds
+
+    batch = int(np.clip(2**21 // w**3, 4, 512))
+    x = np.random.default_rng(0).standard_normal((2, batch, w, w)).astype(dtype) / np.sqrt(w)
+    out = np.empty((batch, w, w), dtype)
+    cross = crossover.blas_crossover(np.dtype(dtype), "blocks")
+    with numba_blas.one_blas_thread():
+        ours = min(block_op_seconds(w, dtype, cross, batch=batch, repeats=7) for _ in range(3))
+        theirs = _best(lambda: np.matmul(x[0], x[1], out=out), 21) / batch
+    benchmark.group = "square op vs np.matmul"
+    benchmark.pedantic(lambda: None, rounds=1)
+    print(f"\n[square op] {dtype} w={w}: compiled {ours * 1e9:9.0f} ns, np.matmul {theirs * 1e9:9.0f} ns per block "
+          f"({batch} stacked): ratio {ours / theirs:.2f} (target <= 1; {'BLAS' if w ** 3 >= cross else 'loop'})")

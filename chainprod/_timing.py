@@ -11,17 +11,26 @@ measure the same way:
   median, min, max and inter-quartile range;
 * :func:`measure_chainprod`, :func:`measure_jax` and :func:`measure_torch`
   time one gradient of the same chain (the sum of its scalar outputs over the
-  batch) by chainprod, by JAX ``jit(grad)`` of a ``lax.scan`` and by torch
-  autograd (eager). JAX and torch are imported only when asked for.
+  batch, or the mean squared error against targets ``y``) by chainprod, by
+  JAX ``jit(grad)`` of a ``lax.scan`` and by torch autograd (eager);
+* :func:`measure_torch_step` times a torch model's training step
+  (``mse_loss`` then ``loss.backward()``), :func:`measure_call` any call as
+  a whole, and :func:`measure_matmuls` the matrix products of a dense chain's
+  forward and backward pass in BLAS alone (the machine's lower bound);
+* :func:`thread_limit` runs a block on ``P`` threads of torch and of BLAS.
+
+JAX, torch and threadpoolctl are imported only when asked for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -33,7 +42,7 @@ from .layers import Dense, Diagonal
 
 __all__ = ["Timing", "machine_info", "library_versions", "machine_label", "median_time", "summarize",
            "time_passes", "backprop_kernels", "measure_chainprod", "measure_jax", "measure_torch",
-           "jax_model", "torch_model"]
+           "jax_model", "torch_model", "thread_limit", "measure_call", "measure_matmuls", "measure_torch_step"]
 
 
 # -- where ---------------------------------------------------------------------------------------
@@ -159,8 +168,12 @@ def backprop_kernels() -> list[str]:
 
 
 def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", workers=None, kernels=None,
-                      repeats=3, trace=False) -> Timing:
+                      repeats=3, trace=False, y=None, loss=None) -> Timing:
     """Time :func:`chainprod.forward` and :func:`chainprod.backward` of ``chain`` on ``x``.
+
+    The forward pass includes the loss and its cotangent
+    (:func:`chainprod.loss_cotangent` with ``y`` and ``loss``): the two
+    halves are what :func:`chainprod.value_and_grad` runs.
 
     Two untimed warm-up runs first: they bind the plan, let ``auto`` choose,
     compile kernels and start engines; with ``trace=True`` the first carries the
@@ -173,16 +186,16 @@ def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", work
     fkw = _kernels_kw(forward, kernels)
     tr = Trace(backend=backend, workers=workers) if trace else None
     tape = forward(chain, x, **fkw)
-    backward(tape, loss_cotangent(tape)[1], method=method, trace=tr, **kw)
+    backward(tape, loss_cotangent(tape, y, loss)[1], method=method, trace=tr, **kw)
     # A second untimed run: the first one on a new chain also pays first-touch page faults of
     # its output arrays, which would otherwise land in the first timed repeat of whichever
     # configuration happens to be measured first.
     tape = forward(chain, x, **fkw)
-    backward(tape, loss_cotangent(tape)[1], method=method, **kw)
+    backward(tape, loss_cotangent(tape, y, loss)[1], method=method, **kw)
 
     def run_forward():
         tape = forward(chain, x, **fkw)
-        return tape, loss_cotangent(tape)[1]
+        return tape, loss_cotangent(tape, y, loss)[1]
 
     timing = time_passes(run_forward, lambda state: backward(*state, method=method, **kw), repeats)
     timing.trace = tr
@@ -230,13 +243,15 @@ def _torch_activation(name):
     return table[name]
 
 
-def jax_model(chain):
+def jax_model(chain, mse=False):
     """``(loss, params)``: the chain's summed output as a JAX function of stacked parameters.
 
     The body runs as one ``lax.scan`` step per layer (dense: ``act(h @ W.T + b)``;
-    diagonal: ``act(a * h + b)``), then the readout; ``loss(params, x)`` is
-    the sum over the batch of the scalar output, as ``loss_cotangent`` takes it.
-    Turns on ``jax_enable_x64`` for a float64 chain.
+    diagonal: ``act(a * h + b)``), then the readout; ``loss(params, x, y=None)``
+    is the sum over the batch of the scalar output, as ``loss_cotangent`` takes
+    it, or with ``mse=True`` the mean squared error against ``y`` (as
+    ``torch.nn.functional.mse_loss``). Turns on ``jax_enable_x64`` for a
+    float64 chain.
     """
     import jax
 
@@ -255,15 +270,16 @@ def jax_model(chain):
         a, b = p
         return act(h @ a.T + b if kind == "dense" else a * h + b), None
 
-    def loss(params, x):
+    def loss(params, x, y=None):
         A, B, Wo, bo = params
         h, _ = jax.lax.scan(step, x, (A, B))
-        return jnp.sum(last_act(h @ Wo.T + bo))
+        out = last_act(h @ Wo.T + bo)
+        return jnp.mean((out - y) ** 2) if mse else jnp.sum(out)
 
     return loss, params
 
 
-def measure_jax(chain, x, repeats=3) -> Timing:
+def measure_jax(chain, x, repeats=3, y=None) -> Timing:
     """Time JAX ``jit(loss)`` (forward) and ``jit(grad(loss))`` (end-to-end) of :func:`jax_model`.
 
     Compilation is excluded (one warm-up call each). ``jit(grad)`` fuses the
@@ -271,19 +287,22 @@ def measure_jax(chain, x, repeats=3) -> Timing:
     of the same repeat (each averaged over calls lasting at least 2 ms, so the
     difference is not lost in the noise of a single call). Splitting the
     passes with ``jax.vjp`` instead measures them apart but runs both several
-    times slower than the fused gradient: a weaker baseline.
+    times slower than the fused gradient: a weaker baseline. With targets
+    ``y`` the loss is the mean squared error. XLA runs on its own thread pool
+    (all cores): :func:`thread_limit` does not reach it.
     """
     import jax
 
-    loss, params = jax_model(chain)
+    loss, params = jax_model(chain, mse=y is not None)
     xj = jax.numpy.asarray(x)
+    yj = None if y is None else jax.numpy.asarray(y)
     fwd, grad = jax.jit(loss), jax.jit(jax.grad(loss))
-    jax.block_until_ready(fwd(params, xj))
-    jax.block_until_ready(grad(params, xj))
+    jax.block_until_ready(fwd(params, xj, yj))
+    jax.block_until_ready(grad(params, xj, yj))
     f, t = [], []
     for _ in range(repeats):
-        f.append(median_time(lambda: jax.block_until_ready(fwd(params, xj)), 1, 2e-3))
-        t.append(median_time(lambda: jax.block_until_ready(grad(params, xj)), 1, 2e-3))
+        f.append(median_time(lambda: jax.block_until_ready(fwd(params, xj, yj)), 1, 2e-3))
+        t.append(median_time(lambda: jax.block_until_ready(grad(params, xj, yj)), 1, 2e-3))
     return Timing(f, [max(tt - ff, 0.0) for tt, ff in zip(t, f)], t)
 
 
@@ -324,3 +343,94 @@ def measure_torch(chain, x, repeats=3) -> Timing:
 
     loss_fn(xt).backward()
     return time_passes(lambda: loss_fn(xt), lambda loss: loss.backward(), repeats, setup=clear)
+
+
+# -- a torch model's training step, any call, and the BLAS floor --------------------------------------
+@contextlib.contextmanager
+def thread_limit(P):
+    """Run the block on ``P`` threads: torch's intra-op threads (if torch is loaded) and BLAS (threadpoolctl).
+
+    Both are restored afterwards. Without threadpoolctl, BLAS keeps its own
+    thread count (``pip install threadpoolctl``). XLA's pool is not reached.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(int(P), user_api="blas"))
+        except ImportError:  # pragma: no cover - threadpoolctl is in the bench and test extras
+            pass
+        if torch is not None:
+            torch.set_num_threads(int(P))
+            stack.callback(torch.set_num_threads, before)
+        yield
+
+
+def measure_call(fn, repeats=3, warmup=2) -> Timing:
+    """Time ``fn()`` as a whole, ``repeats`` times after ``warmup`` untimed calls: end-to-end only.
+
+    For a call that does both passes at once (``chainprod.torch_backward``):
+    :attr:`Timing.forward` and :attr:`Timing.backward` stay empty.
+    """
+    for _ in range(warmup):
+        fn()
+    total = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        total.append(time.perf_counter() - t0)
+    return Timing([], [], total)
+
+
+def measure_torch_step(model, x, y, repeats=3) -> Timing:
+    """Time a training step of a torch ``model``: ``mse_loss(model(x), y)`` (forward), ``loss.backward()``.
+
+    ``.grad`` is cleared, untimed, before each repeat (as ``optimizer.zero_grad(set_to_none=True)``).
+    """
+    import torch.nn.functional as F
+
+    params = list(model.parameters())
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    clear()
+    F.mse_loss(model(x), y).backward()
+    return time_passes(lambda: F.mse_loss(model(x), y), lambda loss: loss.backward(), repeats, setup=clear)
+
+
+def measure_matmuls(chain, x, repeats=3) -> Timing:
+    """The matrix products of a dense chain's training step in BLAS alone: the machine's lower bound.
+
+    Forward: ``h_l = h_{l-1} @ W_l.T`` per layer; backward: ``dW_l = g_l.T @ h_{l-1}``
+    per layer and ``g_{l-1} = g_l @ W_l`` for every layer but the first, into
+    preallocated outputs (no activations, no bias, no allocation, no checks):
+    what any implementation of the same step has to compute at least.
+    """
+    Ws = [np.asarray(layer.params[0]) for layer in chain.layers]
+    if not all(isinstance(layer, Dense) for layer in chain.layers):
+        raise ValueError("the BLAS floor is defined for chains of Dense layers")
+    N = x.shape[0]
+    hs = [np.ascontiguousarray(x)] + [np.empty((N, W.shape[0]), W.dtype) for W in Ws]
+    dWs = [np.empty_like(W) for W in Ws]
+    gs = [np.empty((N, W.shape[1]), W.dtype) for W in Ws]
+    g_top = np.ones((N, Ws[-1].shape[0]), Ws[-1].dtype)
+
+    def run_forward():
+        for l, W in enumerate(Ws):
+            np.matmul(hs[l], W.T, out=hs[l + 1])
+
+    def run_backward(_):
+        g = g_top
+        for l in range(len(Ws) - 1, -1, -1):
+            np.matmul(g.T, hs[l], out=dWs[l])
+            if l:
+                np.matmul(g, Ws[l], out=gs[l])
+                g = gs[l]
+
+    for _ in range(2):
+        run_backward(run_forward())
+    return time_passes(run_forward, run_backward, repeats)

@@ -39,7 +39,7 @@ def as_float_array(a, what: str, *, ndim=None, allow_nonfinite=False) -> np.ndar
         raise ValueError(f"{what}: expected {ndim} dimension(s), got shape {arr.shape}")
     if arr.size == 0 or 0 in arr.shape:
         raise ValueError(f"{what}: has a zero-size dimension (shape {arr.shape})")
-    if not allow_nonfinite and not np.all(np.isfinite(arr)):
+    if not allow_nonfinite and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise ValueError(f"{what}: contains NaN or infinity (first at index {tuple(int(i) for i in bad)})")
     return arr

@@ -19,8 +19,10 @@ planner and cuDNN's benchmark mode do:
 The choice is kept per chain shape (runs of kind, activation, widths),
 batch size, dtype, worker count, kernels and library version: in memory,
 and on disk beside the cost model (``$CHAINPROD_AUTO_CACHE`` overrides), so
-a machine measures each problem once. On the numpy reference and on Ray or
-Dask, ``auto`` asks the cost model instead (:func:`chainprod.cost.resolve_schedule`).
+a machine measures each problem once. On the numpy reference ``auto`` asks
+the cost model instead (:func:`chainprod.cost.resolve_schedule`); on Ray or
+Dask the cost model weighs the cluster's best plan against backprop on the
+driver (:func:`chainprod.cost.remote_auto`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ._caches import PlanCache
 from ._version import __version__
 from .backward_numpy import jacobian_shapes
 from .cost import AUTO, auto_runs_backprop, model_path, resolve_schedule
+from .kernels import KERNEL_REVISION
 from .schedules import block_spec, schedule, sequential_flops
 
 __all__ = ["COMPILED_BACKENDS", "choose_method", "auto_cache_path", "FLOP_MARGIN", "REPEATS"]
@@ -69,9 +72,10 @@ def choose_method(tape, cotangent, method, backend, workers, kernels):
         A Schedule, or ``"backprop"`` (asked for, or what ``auto`` chose).
     """
     L = len(tape.chain)
-    if (isinstance(method, str) and method == "backprop") or L < 2:
+    is_str = isinstance(method, str)
+    if (is_str and method == "backprop") or L < 2:
         return "backprop"
-    is_auto = isinstance(method, str) and method == AUTO
+    is_auto = is_str and method == AUTO
     if is_auto and kernels != "numpy" and isinstance(backend, str) and backend in COMPILED_BACKENDS:
         P = workers or COMPILED_BACKENDS[backend]()
         key = _key(tape, P, kernels)  # a hit costs this key and one dict lookup: auto is free after the first call
@@ -88,11 +92,12 @@ def choose_method(tape, cotangent, method, backend, workers, kernels):
 
 def _key(tape, P, kernels) -> tuple:
     chain = tape.chain
-    runs = chain.__dict__.get("_run_signature")
-    if runs is None:  # a chain is immutable: its signature is computed once
-        runs = chain.__dict__["_run_signature"] = tuple(
-            (r.cls.kind, r.activation, r.count, r.d_in, r.d_out) for r in chain.runs)
-    return (runs, tape.batch, str(chain.dtype), int(P), kernels, __version__, _numba_version())
+    sig = chain.__dict__.get("_auto_signature")
+    if sig is None:  # a chain's structure never changes: its signature is computed once
+        runs = tuple((r.cls.kind, r.activation, r.count, r.d_in, r.d_out) for r in chain.runs)
+        sig = chain.__dict__["_auto_signature"] = (runs, str(chain.dtype))
+    # KERNEL_REVISION: a choice measured on older kernels says nothing about these
+    return (sig[0], tape.batch, sig[1], int(P), kernels, __version__, KERNEL_REVISION, _numba_version())
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,17 +3,21 @@
 :func:`run_sweep` takes a :class:`Sweep` through four steps:
 
 1. **plan** (:func:`plan_sweep`): every *problem* (structure, depth ``L``,
-   width ``w``, batch, dtype) gets its baselines, then every (backend,
+   width ``w``, batch ``N``, dtype) gets its baselines, then every (backend,
    workers, method) scan configuration, each with the cost model's
    prediction; configurations predicted to run too long are skipped (and
-   listed), so the progress bar's ETA is the model's estimate;
-2. **measure** (:func:`measure_job`): one untimed warm-up run (it binds the
-   plan, lets ``auto`` choose, compiles, starts engines, and carries the
-   :class:`~chainprod.Trace`), then ``repeats`` timed repeats of the forward
-   and the backward pass (:mod:`chainprod._timing`);
+   listed), so the progress bar's ETA is the model's estimate. Then the
+   *torch-models* section (:attr:`Sweep.torch_models`): per model and
+   thread count ``P``, torch autograd, JAX, the BLAS floor and chainprod's
+   entry points for torch users;
+2. **measure** (:func:`chainprod.bench_rows.measure_job`): one untimed
+   warm-up run (it binds the plan, lets ``auto`` choose, compiles, starts
+   engines, and carries the :class:`~chainprod.Trace`), then ``repeats``
+   timed repeats of the forward and the backward pass (:mod:`chainprod._timing`);
 3. **compare** (:func:`compare_to_best_backprop`): every row's speedup is
    against the *best backprop* of its problem, the fastest of the baselines
-   measured here, separately for the backward pass and end-to-end;
+   measured here, separately for the backward pass and end-to-end (in the
+   torch-models section: the fastest peer at the same thread count);
 4. **write** (:class:`ResultsWriter`): ``results.csv`` one tidy row per
    measurement, written as each finishes so Ctrl-C keeps them;
    ``results.json`` the machine, library versions, command, sweep and skips;
@@ -23,17 +27,24 @@ Sharded rows (backends ``ray-sharded``, ``dask-sharded``;
 :mod:`chainprod.bench_rows`) time one *training step* of a model that lives
 on ``P`` workers instead of one gradient, at each worker count ``P >= 2``
 of the sweep, on one cluster per engine held for the whole sweep; one step
-of the last of them is traced for the sharded Gantt chart.
+of the last of them is traced for the sharded Gantt chart. Rows on ``ray``
+or ``dask`` themselves ship the whole model on every call: they time a
+cluster's per-call latency.
 
 The baselines (:data:`BASELINES`), where installed: ``backprop`` (the
 compiled loop, ``kernels="numba"``), ``backprop-numpy`` (the numpy loop),
 ``jax`` (``jit(grad)`` of the chain as a ``lax.scan``) and ``torch``
 (autograd, eager). No pickle anywhere.
+
+For tests of Ctrl-C, ``$CHAINPROD_BENCH_WAIT_AFTER_ROWS=n`` makes the sweep
+wait (up to a minute, saying so on stderr) once ``n`` rows are written, so
+a test interrupts it at a known point however fast the sweep runs.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,27 +52,39 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import cost
-from ._timing import backprop_kernels, library_versions, machine_info, machine_label, summarize
+from ._timing import backprop_kernels, library_versions, machine_info, machine_label
 from .bench_rows import (
     BASELINES,
+    BOUNDS,
+    PER_CALL,
     SHARDED,
+    TORCH_MODELS,
+    TORCH_STRUCTURE,
     Clusters,
+    Job,
+    TorchProblem,
     baseline_backends,
     build_chain,
+    jacobian_bytes,
+    measure_job,
     sharded_available,
     sharded_engine,
     sharded_estimate,
-    sharded_row,
-    timing_of,
+    torch_jobs,
+    torch_problems,
 )
 from .executors import EXECUTORS, get_executor
 from .results import FIELDS, ResultsWriter, read_meta, read_results, read_traces
-from .schedules import build
 
-__all__ = ["Sweep", "PRESETS", "BASELINES", "FIELDS", "Job", "problems", "configurations", "plan_sweep",
-           "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain", "backend_available", "SHARDED",
+__all__ = ["Sweep", "PRESETS", "BASELINES", "BOUNDS", "PER_CALL", "FIELDS", "Job", "problems", "torch_problems",
+           "configurations", "plan_sweep", "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain",
+           "backend_available", "SHARDED", "TORCH_MODELS", "TORCH_STRUCTURE", "WAIT_ENV",
            # the files of a sweep (chainprod.results), here for convenience
            "ResultsWriter", "read_results", "read_meta", "read_traces"]
+
+#: for tests of Ctrl-C: once this many rows are written the sweep waits for a signal (see the module docstring)
+WAIT_ENV = "CHAINPROD_BENCH_WAIT_AFTER_ROWS"
+
 
 @dataclass
 class Sweep:
@@ -78,28 +101,39 @@ class Sweep:
     structures: list = field(default_factory=lambda: ["dense", "diagonal"])
     batches: list = field(default_factory=lambda: [1])
     dtypes: list = field(default_factory=lambda: ["float64"])
+    #: the torch-models section: ``(width, depth, batch, dtype)`` of ``nn.Linear`` + ``nn.Tanh`` MLPs, each
+    #: measured at every worker count (as torch threads); none unless listed (the default preset lists five)
+    torch_models: list = field(default_factory=list)
+    #: seconds a torch-models row should take: fewer timed repeats (at least 1) where a step is slow
+    torch_row_seconds: float = 1.5
     repeats: int = 3
     #: skip a scan configuration whose predicted time x (repeats + 1) exceeds this (seconds)
     max_config_seconds: float = 6.0
     #: skip problems whose Jacobians would exceed this many bytes
     max_jacobian_bytes: float = 1.5e9
+    #: skip problems whose forward pass stores more activations (L x N x w numbers): a deep, batched, wide chain
+    #: takes seconds per pass in every baseline (the default keeps every batch-1 problem, batch 64 to L = 2048)
+    max_activations: float = 2**22
     #: distributed backends only up to this depth (their cost is per-task latency)
     max_distributed_depth: int = 2048
     seed: int = 0
 
     def __post_init__(self):
+        self.torch_models = [(int(w), int(d), int(n), str(dt)) for w, d, n, dt in self.torch_models]
         if "backprop" in self.methods:
             self.methods = [m for m in self.methods if m != "backprop"]
             self.baselines = ["backprop", *[b for b in self.baselines if b != "backprop"]]
 
 
 PRESETS = {
-    # a few minutes on a 2-core machine: wins (long thin / diagonal chains), losses (wide dense, short)
-    # (ray-sharded runs at P=2 only: a single shard is no scan over shards)
-    "default": Sweep(),
-    # seconds: for smoke tests and CI
+    # a few minutes on a 2-core machine: wins (long thin / diagonal chains), losses (wide dense, short), one
+    # sample and a batch of 64, and the torch users' MLPs (ray-sharded runs at P=2 only: a single shard is
+    # no scan over shards)
+    "default": Sweep(batches=[1, 64], torch_models=list(TORCH_MODELS)),
+    # under a minute: every section of the default, tiny (a smoke test)
     "quick": Sweep(depths=[64, 1024], widths=[8, 32], workers=[1, 2], backends=["vectorized", "threads"],
-                   structures=["dense", "diagonal"], repeats=2),
+                   structures=["dense", "diagonal"], batches=[1, 64], torch_models=[(32, 4, 16, "float32")],
+                   repeats=2),
 }
 
 # -- 1. plan -----------------------------------------------------------------------------------------
@@ -135,32 +169,8 @@ def backend_available(backend) -> str | None:
     return None
 
 
-@dataclass
-class Job:
-    """One measurement: a problem, how to run it, the model's prediction and an ETA estimate."""
-
-    problem: tuple
-    method: str
-    backend: str
-    workers: int
-    prediction: dict
-    estimate: float
-    #: keep the trace of one step of this job (a sharded row: the sharded Gantt chart)
-    trace: bool = False
-
-    @property
-    def baseline(self) -> bool:
-        return self.method in BASELINES
-
-
 #: rough seconds per layer of the peers' gradient, used for the progress ETA only (never reported)
 _PEER_SECONDS_PER_LAYER = {"backprop-numpy": 6e-6, "jax": 2e-6, "torch": 6e-5}
-
-
-def _jacobian_bytes(structure, L, w, N, dtype):
-    return float(L * N * (w * w if structure == "dense" else w) * np.dtype(dtype).itemsize)
-
-
 def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
     """The jobs of a sweep in order (per problem: baselines, then scans) and what was skipped, and why."""
     model = model or cost.load_model()
@@ -171,14 +181,19 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
     jobs = []
     for prob in problems(sweep):
         s, L, w, N, dt = prob
-        if _jacobian_bytes(*prob) > sweep.max_jacobian_bytes:
-            gb = _jacobian_bytes(*prob) / 1e9
+        if jacobian_bytes(*prob) > sweep.max_jacobian_bytes:
+            gb = jacobian_bytes(*prob) / 1e9
             skipped.append({"problem": list(prob), "reason": f"Jacobians would take {gb:.1f} GB"})
+            continue
+        if L * N * w > sweep.max_activations:
+            skipped.append({"problem": list(prob), "reason": f"L x N x w = {L * N * w:,} activations > "
+                                                             f"max_activations ({sweep.max_activations:,.0f})"})
             continue
         bp = cost.predict_grad(s, L, w, method="backprop", batch=N, model=model)
         for name, backend in baselines.items():
             pred = bp if name == "backprop" else {}
-            est = bp["total"] if name == "backprop" else L * N * _PEER_SECONDS_PER_LAYER[name]
+            flops = 6.0 * N * (w * w if s == "dense" else w)  # per layer, both passes
+            est = bp["total"] if name == "backprop" else L * (_PEER_SECONDS_PER_LAYER[name] + flops / 2e9)
             jobs.append(Job(prob, name, backend, 1, pred, est * (sweep.repeats + 1) + (0.5 if name == "jax" else 0)))
         for backend, P, m in configurations(sweep, L):
             if backend in unavailable:
@@ -202,57 +217,7 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
     if sharded:  # trace the first sharded backend's most expensive problem at its largest P
         first = [j for j in sharded if j.backend == sharded[0].backend]
         max(reversed(first), key=lambda j: j.workers).trace = True
-    return jobs, skipped
-
-
-# -- 2. measure --------------------------------------------------------------------------------------
-_PEER_SCHEDULES = {"jax": "jit(grad) of lax.scan", "torch": "autograd, eager"}
-
-
-def measure_job(job: Job, chain, x, repeats, clusters=None) -> tuple[dict, dict | None]:
-    """Measure one job: its CSV row (without the comparison) and its trace records (or None).
-
-    ``clusters`` (a :class:`~chainprod.bench_rows.Clusters`) holds the
-    clusters of sharded rows; without it each sharded row opens its own.
-    """
-    s, L, w, N, dt = job.problem
-    row = dict.fromkeys(FIELDS, "")
-    row.update(structure=s, depth=L, width=w, batch=N, dtype=dt, backend=job.backend, workers=job.workers,
-               method=job.method, repeats=repeats, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
-               jacobian_bytes=_jacobian_bytes(*job.problem))
-    try:
-        if sharded_engine(job.backend):
-            fields, trace = sharded_row(job.backend, job.workers, job.method, chain, x, repeats, clusters, job.trace)
-            return {**row, **fields, "status": "ok"}, trace
-        t = timing_of(job.method, job.backend, job.workers, chain, x, repeats, baseline=job.baseline)
-    except (KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as e:  # one bad configuration must not lose the sweep
-        row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
-        return row, None
-    row["status"] = "ok"
-    for name, ts in (("forward", t.forward), ("backward", t.backward), ("total", t.total)):
-        row.update({f"{name}_{k}": v for k, v in summarize(ts).items()})
-    for k in ("forward", "backward", "total"):
-        if k in job.prediction:
-            row[f"predicted_{k}"] = job.prediction[k]
-            if k != "forward":
-                row[f"prediction_error_{k}"] = job.prediction[k] / row[f"{k}_median"] - 1
-    trace = t.trace
-    if job.baseline or L < 2 or trace.schedule == "backprop":  # "backprop": auto chose it
-        row["schedule"] = _PEER_SCHEDULES.get(job.method, "backprop" if job.baseline else "backprop (auto)")
-        row.update(rounds=max(L - 1, 0), peak_width=1, num_ops=max(L - 1, 0))
-        return row, None
-    sched = (trace.schedule if trace.schedule is not None else
-             cost.resolve_schedule(job.method, L - 1, workers=job.workers))
-    blocks = cost.chain_blocks(s, L, w)
-    row["schedule"] = sched.name + (f"(chunks={sched.options['chunks']})" if "chunks" in sched.options else "")
-    row.update(rounds=sched.rounds, peak_width=sched.peak_width, num_ops=sched.num_ops,
-               flops=sched.flops(blocks) * N, brent_bound=sched.brent_bound(job.workers, blocks) * N,
-               sequential_flops=build("sequential", L - 1).flops(blocks) * N,
-               measured_rounds=trace.rounds, peak_concurrency=trace.peak_concurrency(), tasks=trace.num_tasks)
-    parallel = job.workers > 1 or job.backend in ("ray", "dask")
-    return row, ({"schedule": row["schedule"], "events": trace.to_records()} if parallel else None)
+    return jobs + torch_jobs(sweep, skipped), skipped
 
 
 # -- 3. compare --------------------------------------------------------------------------------------
@@ -260,10 +225,11 @@ def compare_to_best_backprop(rows, best=None) -> dict:
     """Fill each row's speedup over the best backprop of its problem; return that best.
 
     ``best`` maps ``"backward"``/``"total"`` to ``(baseline name, median seconds)``;
-    computed from the ok baseline rows in ``rows`` when not given.
+    computed from the ok baseline rows in ``rows`` when not given (a bound,
+    :data:`BOUNDS`, is never the best: it competes with no row).
     """
     def measured(r, metric):  # a time of 0 is below resolution (JAX's backward estimate can be): no ratio
-        return r["status"] == "ok" and r[f"{metric}_median"] > 0
+        return r["status"] == "ok" and (r.get(f"{metric}_median") or 0) > 0
 
     if best is None:
         best = {}
@@ -310,13 +276,20 @@ class _Progress:
         if self.mode != "lines":
             return
         s, L, w, N, dt = problem
+        torch_model = s == TORCH_STRUCTURE
+        metric = "total" if torch_model else "backward"
         parts = []
         for r in rows:
             if r["status"] != "ok":
                 parts.append(f"{r['method']} failed")
-            elif r["method"] not in BASELINES:
+            elif r["method"] not in BASELINES and r["method"] not in BOUNDS:
                 where = r["backend"] + (f" P={r['workers']}" if r["backend"] not in ("vectorized", "serial") else "")
-                parts.append(f"{r['method']} {where} {r['speedup_backward']:.2f}x")
+                x = r.get(f"speedup_{metric}")
+                parts.append(f"{r['method']} {where} " + (f"{x:.2f}x" if x not in ("", None) else "unmeasured"))
+        if torch_model:
+            self.log(f"[{self.done}/{self.n}] torch MLP w={w} depth={L} N={N} {dt} ({seconds:.1f} s): a training "
+                     f"step vs the fastest peer at the same thread count: {', '.join(parts) or 'no rows'}")
+            return
         best = (rows[0].get("best_backprop_backward") or "?") if rows else "?"
         self.log(f"[{self.done}/{self.n}] {s} L={L} w={w} N={N} {dt} ({seconds:.1f} s): backward vs best "
                  f"backprop ({best}): {', '.join(parts) or 'no scans'}")
@@ -334,6 +307,27 @@ def _progress_mode(progress) -> str:
     if progress not in ("bar", "lines"):
         raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'none', got {progress!r}")
     return progress
+
+
+class _WaitHook:
+    """``$CHAINPROD_BENCH_WAIT_AFTER_ROWS``: once that many rows are written, wait up to a minute for a signal.
+
+    A test that sends SIGINT then interrupts the sweep between two rows,
+    however fast the rows come (warm caches) or slow (a cold compile).
+    """
+
+    def __init__(self):
+        value = os.environ.get(WAIT_ENV, "").strip()
+        if value and not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"${WAIT_ENV} must be a positive number of rows, got {value!r}")
+        self.after = int(value) if value else None
+
+    def __call__(self, writer):
+        if self.after is not None and len(writer.rows) >= self.after:
+            self.after = None
+            print(f"chainprod bench: {len(writer.rows)} rows written; waiting for a signal (${WAIT_ENV})",
+                  file=sys.stderr, flush=True)
+            time.sleep(60)  # SIGINT ends the sleep with KeyboardInterrupt
 
 
 # -- the sweep ---------------------------------------------------------------------------------------
@@ -359,6 +353,7 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
         (paths). ``meta["interrupted"]`` is True after Ctrl-C: the rows
         measured so far are kept and the files are valid.
     """
+    wait = _WaitHook()
     model = model or cost.load_model()
     info = machine_info()
     label = machine_label(info)
@@ -380,7 +375,7 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
     clusters = Clusters(max((j.workers for j in jobs if sharded_engine(j.backend)), default=2))
     try:
         for prob, prob_jobs in itertools.groupby(jobs, key=lambda j: j.problem):
-            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label, clusters)
+            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label, clusters, wait)
     except KeyboardInterrupt:
         meta["interrupted"] = True
     finally:
@@ -393,33 +388,45 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
     return {**meta, "csv": writer.csv, "json": writer.json, "traces": writer.traces_path}
 
 
-def _run_problem(problem, jobs, sweep, rng, writer, bar, label, clusters=None):
-    """Measure one problem: its baselines (written together, compared among themselves), then its scans."""
+def _run_problem(problem, jobs, sweep, rng, writer, bar, label, clusters=None, wait=None):
+    """Measure one problem: its baselines (written together, compared among themselves), then the rest.
+
+    A torch-models problem compares each row with the peers measured at its
+    own thread count.
+    """
     t0 = time.perf_counter()
     s, L, w, N, dt = problem
-    chain = build_chain(s, L, w, dt, sweep.seed)
-    x = rng.standard_normal((N, w)).astype(dt)
+    tp = TorchProblem.build(w, L, N, dt, sweep.seed) if s == TORCH_STRUCTURE else None
+    chain = tp.chain if tp else build_chain(s, L, w, dt, sweep.seed)
+    x = tp.x if tp else rng.standard_normal((N, w)).astype(dt)
+    group = (lambda r: r["workers"]) if tp else (lambda r: None)
     rows = []
 
     def run(job):
         bar.job(job)
-        row, trace = measure_job(job, chain, x, sweep.repeats, clusters)
+        row, trace = measure_job(job, chain, x, sweep.repeats, clusters, tp, sweep.torch_row_seconds)
         row["machine"] = label
         bar.job_done(job)
         return row, trace
 
     try:
-        for job in (j for j in jobs if j.baseline):
+        for job in (j for j in jobs if j.reference):
             rows.append(run(job)[0])
     finally:  # after Ctrl-C too: the baselines measured so far are kept
-        best = compare_to_best_backprop(rows)
+        best = {}
+        for r in rows:
+            best.setdefault(group(r), [])
+            best[group(r)].append(r)
+        best = {k: compare_to_best_backprop(rs) for k, rs in best.items()}
         for r in rows:
             writer.write(r)
-    for job in (j for j in jobs if not j.baseline):
+    if wait:
+        wait(writer)
+    for job in (j for j in jobs if not j.reference):
         row, trace = run(job)
-        compare_to_best_backprop([row], best)
+        compare_to_best_backprop([row], best.get(group(row), {}))
         writer.write(row, trace)
         rows.append(row)
+        if wait:
+            wait(writer)
     bar.problem_done(problem, rows, time.perf_counter() - t0)
-
-

@@ -5,8 +5,14 @@ one measurement runs:
 
 * :func:`baseline_backends` says which baselines (:data:`BASELINES`) run here;
 * :func:`build_chain` builds the chain of a problem;
+* :func:`measure_job` measures one job into its CSV row;
 * :func:`timing_of` times one gradient (a baseline, a peer or a scan) with
   :mod:`chainprod._timing`;
+* the *torch-models* section (structure :data:`TORCH_STRUCTURE`): MLPs as
+  torch users write them (:func:`torch_mlp`), one training step's gradient
+  by torch autograd, JAX, ``cp.torch_backward``, ``cp.value_and_grad`` on
+  the converted chain and BLAS alone (:data:`TORCH_METHODS`,
+  :func:`torch_timing`);
 * the *sharded* rows (backends :data:`SHARDED`, ``ray-sharded`` and
   ``dask-sharded``) time one training step of a model that lives on ``P``
   workers (:func:`chainprod.shard.shard`): ``value_and_grad`` plus
@@ -22,19 +28,41 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from ._timing import backprop_kernels, measure_chainprod, measure_jax, measure_torch
+from . import cost
+from ._timing import (
+    backprop_kernels,
+    measure_call,
+    measure_chainprod,
+    measure_jax,
+    measure_matmuls,
+    measure_torch,
+    measure_torch_step,
+    summarize,
+    thread_limit,
+)
 from .executors import cluster
 from .layers import diagonal_chain, mlp
+from .results import FIELDS
+from .schedules import build
 from .shard import measure_sharded_step, shard
 
-__all__ = ["BASELINES", "SHARDED", "baseline_backends", "build_chain", "timing_of", "sharded_engine",
-           "sharded_available", "sharded_estimate", "Clusters", "sharded_row", "measure_sharded", "traced_step"]
+__all__ = ["BASELINES", "BOUNDS", "SHARDED", "PER_CALL", "baseline_backends", "build_chain", "timing_of",
+           "measure_job", "jacobian_bytes", "sharded_engine", "sharded_available", "sharded_estimate", "Clusters",
+           "sharded_row", "measure_sharded", "traced_step", "TORCH_STRUCTURE", "TORCH_MODELS", "TORCH_METHODS",
+           "torch_mlp", "TorchProblem", "torch_timing", "Job", "torch_problems", "torch_jobs"]
 
 #: the backprop implementations every problem is measured with, where installed
 BASELINES = ("backprop", "backprop-numpy", "jax", "torch")
+#: rows that bound every other row from below and compete with none (the torch-models section's BLAS floor)
+BOUNDS = ("blas",)
+#: backends that ship the whole model to a cluster on every call: their rows time a cluster's per-call latency
+PER_CALL = ("ray", "dask")
 #: sharded backends of the sweep and the engine each runs on
 SHARDED = {"ray-sharded": "ray", "dask-sharded": "dask"}
 #: what each engine needs installed
@@ -88,6 +116,223 @@ def timing_of(method, backend, workers, chain, x, repeats, *, baseline):
         return measure_chainprod(chain, x, method="backprop", kernels=backend if backprop_kernels() else None,
                                  repeats=repeats)
     return measure_chainprod(chain, x, method=method, backend=backend, workers=workers, repeats=repeats, trace=True)
+
+
+def jacobian_bytes(structure, L, w, N, dtype) -> float:
+    """Bytes of the per-layer Jacobians of a problem (what a scan forms; the sweep skips problems above a cap)."""
+    return float(L * N * (w * w if structure == "dense" else w) * np.dtype(dtype).itemsize)
+
+
+_PEER_SCHEDULES = {"jax": "jit(grad) of lax.scan", "torch": "autograd, eager"}
+
+
+def measure_job(job, chain, x, repeats, clusters=None, torch_problem=None, budget=None) -> tuple[dict, dict | None]:
+    """Measure one :class:`Job`: its CSV row (without the comparison) and its trace (or None).
+
+    ``clusters`` (a :class:`Clusters`) holds the clusters of sharded rows;
+    without it each sharded row opens its own. ``torch_problem`` (a
+    :class:`TorchProblem`) is the model of a torch-models job, whose timed
+    repeats are cut (to at least 1) so the row takes about ``budget`` seconds.
+    """
+    s, L, w, N, dt = job.problem
+    row = dict.fromkeys(FIELDS, "")
+    row.update(structure=s, depth=L, width=w, batch=N, dtype=dt, backend=job.backend, workers=job.workers,
+               method=job.method, repeats=repeats, timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+               jacobian_bytes="" if s == TORCH_STRUCTURE else jacobian_bytes(*job.problem))
+    try:
+        if sharded_engine(job.backend):
+            fields, trace = sharded_row(job.backend, job.workers, job.method, chain, x, repeats, clusters, job.trace)
+            return {**row, **fields, "status": "ok"}, trace
+        if torch_problem is not None:
+            t, row["schedule"], row["note"] = torch_timing(job.method, job.backend, job.workers, torch_problem,
+                                                           repeats, budget)
+            row["repeats"] = len(t.total)
+        else:
+            t = timing_of(job.method, job.backend, job.workers, chain, x, repeats, baseline=job.baseline)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # one bad configuration must not lose the sweep
+        row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+        return row, None
+    row["status"] = "ok"
+    for name, ts in (("forward", t.forward), ("backward", t.backward), ("total", t.total)):
+        if ts:  # a call timed as a whole (cp.torch_backward) has no forward/backward split
+            row.update({f"{name}_{k}": v for k, v in summarize(ts).items()})
+    if torch_problem is not None:
+        return row, None
+    for k in ("forward", "backward", "total"):
+        if k in job.prediction:
+            row[f"predicted_{k}"] = job.prediction[k]
+            if k != "forward":
+                row[f"prediction_error_{k}"] = job.prediction[k] / row[f"{k}_median"] - 1
+    trace = t.trace
+    note = trace.note or None  # auto on a cluster says why it ran (or did not run) there
+    if note:
+        row["note"] = str(note)
+    if job.baseline or L < 2 or trace.schedule == "backprop":  # "backprop": auto chose it
+        local = job.backend in PER_CALL and not job.baseline  # auto chose backprop on the driver
+        row["schedule"] = _PEER_SCHEDULES.get(job.method, "backprop" if job.baseline else
+                                              "backprop (auto, ran locally)" if local else "backprop (auto)")
+        row.update(rounds=max(L - 1, 0), peak_width=1, num_ops=max(L - 1, 0))
+        return row, None
+    sched = (trace.schedule if trace.schedule is not None else
+             cost.resolve_schedule(job.method, L - 1, workers=job.workers))
+    blocks = cost.chain_blocks(s, L, w)
+    row["schedule"] = sched.name + (f"(chunks={sched.options['chunks']})" if "chunks" in sched.options else "")
+    row.update(rounds=sched.rounds, peak_width=sched.peak_width, num_ops=sched.num_ops,
+               flops=sched.flops(blocks) * N, brent_bound=sched.brent_bound(job.workers, blocks) * N,
+               sequential_flops=build("sequential", L - 1).flops(blocks) * N,
+               measured_rounds=trace.rounds, peak_concurrency=trace.peak_concurrency(), tasks=trace.num_tasks)
+    parallel = job.workers > 1 or job.backend in PER_CALL
+    return row, ({"schedule": row["schedule"], "events": trace.to_records()} if parallel else None)
+
+
+# -- the torch-models section ----------------------------------------------------------------------
+#: the structure column of the section's rows
+TORCH_STRUCTURE = "torch-mlp"
+#: (width, depth, batch, dtype) of the section's models: ``nn.Linear`` + ``nn.Tanh``, ``depth`` linear layers
+TORCH_MODELS = ((256, 8, 128, "float32"), (64, 64, 32, "float32"), (1024, 4, 256, "float32"),
+                (32, 256, 16, "float64"), (128, 16, 64, "float64"))
+#: (method, backend) of each row of the section: peers and bound first, then chainprod; the backend of
+#: a chainprod row is its kernel set
+TORCH_METHODS = (("torch", "torch"), ("jax", "jax"), ("blas", "numpy"), ("torch_backward", "numba"),
+                 ("value_and_grad", "numba"), ("value_and_grad", "numpy"))
+
+
+@dataclass
+class Job:
+    """One measurement: a problem, how to run it, the model's prediction and an ETA estimate."""
+
+    problem: tuple
+    method: str
+    backend: str
+    workers: int
+    prediction: dict
+    estimate: float
+    #: keep the trace of one step of this job (a sharded row: the sharded Gantt chart)
+    trace: bool = False
+
+    @property
+    def baseline(self) -> bool:
+        return self.method in BASELINES
+
+    @property
+    def reference(self) -> bool:
+        """A baseline or a bound: measured (and written) before the rows compared with them."""
+        return self.method in BASELINES or self.method in BOUNDS
+
+
+def torch_problems(sweep):
+    """The problems of the torch-models section, ``(TORCH_STRUCTURE, depth, width, batch, dtype)``, cheapest first."""
+    out = [(TORCH_STRUCTURE, d, w, n, dt) for w, d, n, dt in sweep.torch_models]
+    return sorted(out, key=lambda p: (p[1] * p[2] ** 2 * p[3], p))
+
+
+#: rough flops per second of a torch-models step on one thread, and seconds per layer: ETA only
+_TORCH_FLOPS, _TORCH_LAYER_SECONDS = 5e9, 6e-5
+
+
+def torch_jobs(sweep, skipped: list) -> list:
+    """The :class:`Job` list of a sweep's torch-models section: peers and the BLAS floor, then chainprod.
+
+    A section that cannot run here (no torch), or a peer missing, is added to ``skipped``.
+    """
+    if not sweep.torch_models:
+        return []
+    if importlib.util.find_spec("torch") is None:
+        skipped.append({"baseline": "torch models", "reason": "torch is not installed (pip install 'chainprod[test]')"})
+        return []
+    jax = importlib.util.find_spec("jax") is not None
+    if not jax:
+        skipped.append({"baseline": "jax (torch models)", "reason": "jax is not installed"})
+    jobs = []
+    for prob in torch_problems(sweep):
+        _, d, w, n, _ = prob
+        step = 6.0 * n * w * w * d / _TORCH_FLOPS + 3 * d * _TORCH_LAYER_SECONDS  # forward + backward, one thread
+        for method, backend in TORCH_METHODS:
+            if method == "jax":  # XLA sizes its own pool: measured once, at every core
+                if jax:
+                    jobs.append(Job(prob, method, backend, os.cpu_count() or 1, {}, step * 4 + 1.0))
+                continue
+            for P in sweep.workers:
+                est = min(step / P * (sweep.repeats + 3), 2 * sweep.torch_row_seconds + step / P * 3)
+                jobs.append(Job(prob, method, backend, int(P), {}, est))
+    return jobs
+
+
+def torch_mlp(width, depth, dtype="float32", seed=0):
+    """``nn.Sequential(Linear(w, w), Tanh(), ..., Linear(w, w))``: ``depth`` linear layers, as torch users write it."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    mods = []
+    for l in range(depth):
+        mods += [nn.Linear(width, width)] + ([nn.Tanh()] if l < depth - 1 else [])
+    return nn.Sequential(*mods).to({"float32": torch.float32, "float64": torch.float64}[str(dtype)])
+
+
+@dataclass
+class TorchProblem:
+    """A torch-models problem: the model, a batch and targets, and the same as a Chain and numpy arrays."""
+
+    model: object
+    xt: object
+    yt: object
+    chain: object
+    x: np.ndarray
+    y: np.ndarray
+
+    @classmethod
+    def build(cls, width, depth, batch, dtype, seed=0):
+        import torch
+
+        from .torch import from_torch
+
+        model = torch_mlp(width, depth, dtype, seed)
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((batch, width)).astype(dtype)
+        y = rng.standard_normal((batch, width)).astype(dtype)
+        return cls(model, torch.from_numpy(x), torch.from_numpy(y), from_torch(model), x, y)
+
+
+def torch_timing(method, backend, P, prob, repeats, budget=None):
+    """``(Timing, schedule, note)`` of one row of the torch-models section at ``P`` threads.
+
+    ``torch``: ``mse_loss`` then ``loss.backward()`` with ``torch.set_num_threads(P)``;
+    ``jax``: ``jit(grad)`` (XLA's pool: every core); ``blas``: the step's
+    matrix products alone; ``torch_backward``: ``cp.torch_backward(model, x,
+    y, loss="mse")`` as one call; ``value_and_grad``: its two halves on the
+    converted chain with ``kernels=backend``. BLAS is held to ``P`` threads
+    throughout, and chainprod runs on ``threads`` with ``workers=P`` when
+    ``P > 1``. One untimed step first sizes the repeats to ``budget`` seconds.
+    """
+    from .torch import torch_backward
+
+    ex = {"backend": "threads", "workers": P} if P > 1 else {"backend": "vectorized"}
+    run = {"torch": lambda n: measure_torch_step(prob.model, prob.xt, prob.yt, n),
+           "jax": lambda n: measure_jax(prob.chain, prob.x, n, y=prob.y),
+           "blas": lambda n: measure_matmuls(prob.chain, prob.x, n),
+           "torch_backward": lambda n: measure_call(
+               lambda: torch_backward(prob.model, prob.xt, prob.yt, loss="mse", **ex), n),
+           "value_and_grad": lambda n: measure_chainprod(prob.chain, prob.x, method="auto", kernels=backend,
+                                                         repeats=n, y=prob.y, loss="mse", **ex)}
+    if method not in run:
+        raise ValueError(f"unknown torch-models method {method!r}; valid: {', '.join(sorted(run))}")
+    with thread_limit(P):
+        t = run[method](1)  # one timed step after the warm-ups (compiling, binding, auto's choice) sizes the rest
+        n = repeats if not budget else max(1, min(repeats, int(budget / max(t.total[0], 1e-9))))
+        if n > 1:
+            t = run[method](n)
+    threads = f"{P} thread{'s' if P > 1 else ''}"
+    schedule, note = {
+        "torch": ("autograd, eager", f"torch.set_num_threads({P})"),
+        "jax": ("jit(grad) of lax.scan", f"XLA's own thread pool ({os.cpu_count()} cores)"),
+        "blas": ("BLAS matmuls alone", f"the step's matrix products on {threads}: the machine's lower bound"),
+        "torch_backward": ("auto", f"cp.torch_backward on {threads}, one call (forward, loss, backward, .grad)"),
+        "value_and_grad": ("auto", f"cp.value_and_grad on the converted chain, kernels={backend}, {threads}"),
+    }[method]
+    return t, schedule, note
 
 
 # -- sharded training steps ------------------------------------------------------------------------

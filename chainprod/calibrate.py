@@ -4,6 +4,11 @@
 
 * the fixed cost of one batched numpy call;
 * the compiled scan kernel's cost per position and per square op;
+* the compiled kernels' crossover between a fused loop and BLAS: for row
+  products (a dense layer's forward step, VJP and next row at 1-32 rows,
+  widths 4-64) and square block products (a scan's ``w x w`` ops), both
+  ways, in float32 and float64; the size from which BLAS wins is saved as
+  ``kernel_crossover``, which the kernels read (:mod:`chainprod.kernels.crossover`);
 * seconds per op of each op class (``mm`` matrix-matrix, ``mv``
   vector-matrix, ``ew`` elementwise) at widths 2..256, batched and in place
   the way the vectorized executor runs a round;
@@ -25,6 +30,7 @@ where :func:`chainprod.cost.load_model` finds it.
 from __future__ import annotations
 
 import importlib.util
+import math
 import statistics
 import time
 
@@ -35,12 +41,13 @@ from .cost import CostModel, layer_bytes, load_model, predict_grad, save_model
 from .executors import Trace
 from .grad import backward, forward, loss_cotangent
 from .kernels import pack
+from .kernels.crossover import using_crossover
 from .kernels.scan import scan_rows
 from .layers import diagonal_chain, mlp
 from .products import suffix_products
 from .schedules import build
 
-__all__ = ["calibrate", "calibration_status", "engine_latency", "engine_layer_cost"]
+__all__ = ["calibrate", "calibration_status", "engine_latency", "engine_layer_cost", "kernel_crossover"]
 
 #: block widths of the calibration grid (the model interpolates log-log between them)
 WIDTHS = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -49,8 +56,14 @@ WIDTHS = (2, 4, 8, 16, 32, 64, 128, 256)
 _FINGERPRINT_KEYS = ("hostname", "machine", "cpus")
 _FINGERPRINT_PACKAGES = ("chainprod", "numpy", "numba")
 #: what a calibration measures; raised when it measures more (2: fixed costs per call, costs in and
-#: beyond the caches, compiled scan ops, remote costs per layer), so older calibrations are redone
-MODEL_FORMAT = 2
+#: beyond the caches, compiled scan ops, remote costs per layer; 3: the kernels' loop/BLAS crossover,
+#: and costs of the kernels that use it), so older calibrations are redone
+MODEL_FORMAT = 3
+
+#: rows and widths of the row products, and widths of the square blocks, the crossover is measured on
+CROSSOVER_ROWS = (1, 2, 4, 8, 16, 32)
+CROSSOVER_WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64)
+CROSSOVER_BLOCKS = (2, 3, 4, 6, 8, 12, 16, 24)
 
 
 def _fingerprint(info=None, versions=None) -> dict:
@@ -158,6 +171,58 @@ def _compiled_op_rates(repeats, widths=WIDTHS):
             out[pos]["t"].append(t_pos)
             out[sq]["t"].append(max((t_sk - thin * t_pos) / max(sk.num_ops - thin, 1), 0.1 * t_pos))
     return {name: {"w": tab["w"], "t": _monotone(tab["t"])} for name, tab in out.items()}
+
+
+def best_threshold(points):
+    """The crossover that loses least over ``points``: ``[(multiply-adds, loop seconds, BLAS seconds)]``.
+
+    A threshold ``T`` sends a product of ``m`` multiply-adds to BLAS when
+    ``m >= T``; its loss is the sum over the points of ``log(chosen time /
+    faster time)`` (each point counts by its ratio, not its size). Candidates
+    are the measured sizes and "never"; the smallest of equal losses wins.
+
+    >>> best_threshold([(64, 1.0, 2.0), (512, 2.0, 1.0), (4096, 8.0, 2.0)])
+    512
+    """
+    from .kernels.crossover import NEVER
+
+    def loss(T):
+        return sum(math.log((tl if m < T else tb) / min(tl, tb)) for m, tl, tb in points)
+
+    return min(sorted({m for m, _, _ in points}) + [NEVER], key=loss)
+
+
+def kernel_crossover(repeats=5, progress=print) -> dict:
+    """``{dtype name: {"rows": T, "blocks": T}, "measured": ...}``: the compiled kernels' loop/BLAS crossovers.
+
+    Times both ways of each product on one thread (BLAS limited to one
+    thread, as inside the kernels' parallel regions), inside compiled
+    loops: row products of ``CROSSOVER_ROWS x CROSSOVER_WIDTHS``, square
+    blocks of ``CROSSOVER_BLOCKS`` (the scan's ops); the threshold is
+    :func:`best_threshold`. ``{}`` without numba or without BLAS.
+    """
+    if importlib.util.find_spec("numba") is None:
+        return {}
+    from .kernels import numba_blas
+    from .kernels.crossover import NEVER
+    from .kernels.numba_layers import row_step_seconds
+    from .kernels.scan_compiled import block_op_seconds
+
+    if not numba_blas.blas_available():
+        return {}
+    out, measured = {}, {}
+    with numba_blas.one_blas_thread():
+        for dt in (np.float32, np.float64):
+            rows = [(N * w * w, row_step_seconds(N, w, dt, NEVER, repeats), row_step_seconds(N, w, dt, 0, repeats))
+                    for N in CROSSOVER_ROWS for w in CROSSOVER_WIDTHS]
+            blocks = [(w ** 3, block_op_seconds(w, dt, NEVER, repeats=repeats),
+                       block_op_seconds(w, dt, 0, repeats=repeats)) for w in CROSSOVER_BLOCKS]
+            name = np.dtype(dt).name
+            out[name] = {"rows": best_threshold(rows), "blocks": best_threshold(blocks)}
+            measured[name] = {"rows": rows, "blocks": blocks}
+            progress(f"  {name}: BLAS from {out[name]['rows']} multiply-adds (row products), "
+                     f"{out[name]['blocks']} (square blocks)")
+    return {**out, "measured": measured}
 
 
 #: depth of the short chain of the three a per-layer cost is fitted from
@@ -323,18 +388,22 @@ def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, pat
     progress("calibrate: numpy kernels (call latency, mm / mv / ew per-op times) ...")
     call, ops = _op_rates(repeats)
     progress(f"  call latency {call * 1e6:.2f} us; mm at w=64: {ops['mm']['t'][WIDTHS.index(64)] * 1e6:.2f} us/op")
-    progress("calibrate: compiled scan kernel (per-position and per-op times) ...")
-    compiled = _compiled_op_rates(repeats)
-    if compiled:
-        i = WIDTHS.index(64)
-        progress(f"  at w=64: position {compiled['pos']['t'][i] * 1e6:.2f} us, square op "
-                 f"{compiled['mm']['t'][i] * 1e6:.2f} us")
-    progress("calibrate: per-layer forward / backprop / scan preparation ...")
-    layers = _layer_costs(repeats)
+    progress("calibrate: compiled kernels' loop/BLAS crossover ...")
+    crossover = kernel_crossover(repeats, progress)
+    # every cost below is of kernels that choose by this crossover: they run with it now
+    with using_crossover(crossover):
+        progress("calibrate: compiled scan kernel (per-position and per-op times) ...")
+        compiled = _compiled_op_rates(repeats)
+        if compiled:
+            i = WIDTHS.index(64)
+            progress(f"  at w=64: position {compiled['pos']['t'][i] * 1e6:.2f} us, square op "
+                     f"{compiled['mm']['t'][i] * 1e6:.2f} us")
+        progress("calibrate: per-layer forward / backprop / scan preparation ...")
+        layers = _layer_costs(repeats)
     info = machine_info()
     info["fingerprint"] = _fingerprint(info)
     model = CostModel(call_latency=call, ops=ops, layers=layers, compiled_ops=compiled, machine=info,
-                      source=f"chainprod calibrate ({time.strftime('%Y-%m-%d %H:%M:%S')})")
+                      kernel_crossover=crossover, source=f"chainprod calibrate ({time.strftime('%Y-%m-%d %H:%M:%S')})")
     # Python overhead per op of the serial executor: about three small numpy calls
     model.serial_op_latency = 3 * median_time(lambda: [np.multiply(_a1, _a1) for _ in range(100)], repeats) / 100
     for backend in engines:

@@ -1,8 +1,9 @@
 """The ``chainprod`` command: ``bench``, ``plot``, ``schedule``, ``simulate``, ``calibrate``, ``demo``.
 
 ``chainprod bench`` is the main job: a sweep of depth, workers, width,
-backend, method, structure, batch and dtype against backprop, with results
-and figures written to ``--out``. Run ``chainprod <command> --help`` for each.
+backend, method, structure, batch and dtype against backprop, then torch
+users' MLPs against torch autograd, with results and figures written to
+``--out``. Run ``chainprod <command> --help`` for each.
 """
 
 from __future__ import annotations
@@ -45,19 +46,46 @@ def _strs(s):
     return [p.strip() for p in s.split(",") if p.strip()]
 
 
+def _torch_models(s):
+    """``"256x8x128,32x256x16:float64"`` -> ``[(256, 8, 128, "float32"), (32, 256, 16, "float64")]``.
+
+    ``"none"`` -> ``[]`` (no torch-models section).
+    """
+    if s.strip().lower() == "none":
+        return []
+    out = []
+    for part in _strs(s):
+        size, _, dtype = part.partition(":")
+        try:
+            w, d, n = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"torch model {part!r}: expected WIDTHxDEPTHxBATCH[:DTYPE], "
+                                             "e.g. 256x8x128 or 32x256x16:float64") from None
+        if dtype not in ("", "float32", "float64") or min(w, d, n) < 1:
+            raise argparse.ArgumentTypeError(f"torch model {part!r}: sizes must be positive and the dtype "
+                                             "float32 or float64")
+        out.append((w, d, n, dtype or "float32"))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="chainprod",
         description="Per-layer gradients by parallel prefix scans of Jacobians: benchmarks, plans, model.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    b = sub.add_parser("bench", help="sweep depth x workers x width x backend x method against the best backprop",
+    b = sub.add_parser("bench", help="sweep depth x workers x width x batch x backend x method against the best "
+                                     "backprop, and torch users' MLPs",
                        description="Measure forward, backward and end-to-end times of every scan configuration "
                                    "and of every backprop baseline (compiled and numpy backprop, JAX jit(grad), "
                                    "torch autograd, where installed); speedups are against the fastest of them. "
-                                   "Calibrates the cost model first if this machine has none. Writes results.csv, "
-                                   "results.json, traces.json.gz, figures and report.md to --out. Ctrl-C keeps "
-                                   "what was measured (exit status 130). Defaults: a few minutes on 2 cores.")
+                                   "Then the torch-models section: nn.Linear + nn.Tanh MLPs, one training step's "
+                                   "gradient by torch autograd, JAX, cp.torch_backward, cp.value_and_grad and the "
+                                   "BLAS floor at each worker count. The report names every row where chainprod "
+                                   "is slower than a baseline. Calibrates the cost model first if this machine has "
+                                   "none. Writes results.csv, results.json, traces.json.gz, figures and report.md "
+                                   "to --out. Ctrl-C keeps what was measured (exit status 130). Defaults: a few "
+                                   "minutes on 2 cores.")
     b.add_argument("--depths", type=_ints, help="comma list of depths L, e.g. 256,2048,2^14")
     b.add_argument("--workers", type=_ints, help="comma list of worker counts P")
     b.add_argument("--widths", type=_ints, help="comma list of widths w")
@@ -69,10 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--baselines", type=_strs, help="comma list: backprop,backprop-numpy,jax,torch (default: all "
                                                    "installed; backprop is always measured)")
     b.add_argument("--structure", type=_strs, help="comma list: dense,diagonal")
-    b.add_argument("--batch", type=_ints, help="comma list of batch sizes N")
+    b.add_argument("--batches", "--batch", dest="batch", type=_ints,
+                   help="comma list of batch sizes N (default: 1,64; --quick: 1,64)")
+    b.add_argument("--torch-models", type=_torch_models, metavar="MODELS",
+                   help="the torch-models section: comma list of WIDTHxDEPTHxBATCH[:DTYPE] (nn.Linear + nn.Tanh, "
+                        "DEPTH linear layers; dtype float32 unless given), or none (default: 256x8x128, 64x64x32, "
+                        "1024x4x256, 32x256x16:float64, 128x16x64:float64; --quick: 32x4x16)")
     b.add_argument("--dtype", type=_strs, help="comma list: float64,float32")
     b.add_argument("--repeats", type=int, help="timed repeats per configuration (median and spread)")
     b.add_argument("--max-config-seconds", type=float, help="skip configurations predicted to take longer")
+    b.add_argument("--max-activations", type=float, help="skip problems whose forward pass stores more than this "
+                                                         "many activations, L x N x w (default: 2^22 = 4194304)")
     b.add_argument("--out", default="chainprod-results", help="output directory (default: %(default)s)")
     b.add_argument("--quick", action="store_true", help="a seconds-long sweep (smoke test)")
     b.add_argument("--no-plots", action="store_true", help="write results and report only")
@@ -131,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 _SWEEP_ARGS = (("depths", "depths"), ("workers", "workers"), ("widths", "widths"), ("backends", "backends"),
                ("methods", "methods"), ("baselines", "baselines"), ("structure", "structures"),
                ("batch", "batches"), ("dtype", "dtypes"), ("repeats", "repeats"),
-               ("max_config_seconds", "max_config_seconds"))
+               ("max_config_seconds", "max_config_seconds"), ("max_activations", "max_activations"),
+               ("torch_models", "torch_models"))
 
 
 def _sweep_from_args(a):

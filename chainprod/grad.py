@@ -19,12 +19,12 @@ import numpy as np
 from . import backward_compiled, backward_numpy, backward_remote
 from ._validate import as_float_array, check_workers, renamed_argument
 from .autotune import COMPILED_BACKENDS, choose_method
-from .cost import valid_schedules
+from .cost import AUTO, remote_auto, valid_schedules
 from .errors import NonFiniteError  # noqa: F401  (re-exported for users of chainprod.grad)
-from .executors import Executor, Trace, get_executor, valid_backends
+from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .layers import Chain
 from .schedules import Schedule
-from .tape import Tape, forward, resolve_kernels
+from .tape import Tape, forward, layer_tape, resolve_kernels
 
 __all__ = ["Tape", "forward", "backward", "loss_cotangent", "loss_seed", "grad", "value_and_grad", "LOSSES",
            "make_trace"]
@@ -81,6 +81,11 @@ def loss_cotangent(tape: Tape, y=None, loss=None):
     >>> cotangent.tolist()
     [[1.0], [1.0]]
     """
+    return _loss(tape, y, loss, True)
+
+
+def _loss(tape, y, loss, want_value):
+    """:func:`loss_cotangent`; the value (a reduction over the output) only if ``want_value``."""
     out = tape.out
     if loss is None:
         loss = "sum" if y is None else "mse"
@@ -108,8 +113,25 @@ def loss_cotangent(tape: Tape, y=None, loss=None):
             raise ValueError(f"y has shape {y.shape} but the model output has shape {expect}")
         if y.dtype != out.dtype:
             raise TypeError(f"y is {y.dtype} but the chain is {out.dtype}")
+    if not want_value and loss == "sum":
+        return None, _ones(out.shape, out.dtype)
     value_fn, cotangent_fn = LOSSES[loss]
-    return float(value_fn(out, y)), cotangent_fn(out, y)
+    return (float(value_fn(out, y)) if want_value else None), cotangent_fn(out, y)
+
+
+_ONES: dict = {}
+
+
+def _ones(shape, dtype):
+    """The "sum" cotangent for ``grad``, which never hands it out: one read-only array per shape and dtype."""
+    key = (shape, dtype)
+    got = _ONES.get(key)
+    if got is None:
+        if len(_ONES) >= 64:
+            _ONES.clear()
+        got = _ONES[key] = np.ones(shape, dtype)
+        got.flags.writeable = False
+    return got
 
 
 def loss_seed(tape: Tape, y=None, loss=None):
@@ -149,30 +171,45 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
     cotangent = renamed_argument("backward", "cotangent", cotangent, "seed", seed)
     if cotangent is None:
         raise TypeError("backward() needs the cotangent dloss/dx_L (see chainprod.loss_cotangent)")
-    engine_options = dict(engine_options or {})
     L = len(tape.chain)
     workers = check_workers(workers)
     kernels = resolve_kernels(kernels if kernels is not None else tape.kernels)
     _check_method_backend(method, backend)
+    compiled = kernels != "numpy"
+    if compiled and not engine_options and backend.__class__ is str and backend in COMPILED_BACKENDS:
+        # the common case: compiled kernels on this machine, no executor, no numpy warnings to silence
+        choice = choose_method(tape, cotangent, method, backend, workers, kernels)
+        if trace is not None and L > 1:
+            trace.schedule = choice
+        if choice.__class__ is str:  # "backprop"
+            return backward_compiled.backprop_grads(tape, cotangent, kernels)
+        if not choice.is_scan:
+            raise ValueError(f"schedule {choice.name!r} does not produce every prefix; grad needs a scan")
+        return backward_compiled.scan_grads(tape, cotangent, choice, workers or COMPILED_BACKENDS[backend](),
+                                            trace, kernels)
     executor = get_executor(backend)
     remote = executor.runs_task_graphs  # a declared capability (chainprod.executors.Executor)
+    engine_options = dict(engine_options or {})
     if engine_options:
         executor.check_options(engine_options)  # local: say they do nothing; remote: names and values
-    compiled = kernels != "numpy"
     # Overflow is detected and reported with the layer range after the fact;
     # numpy's own warnings would only repeat it without the range.
     with np.errstate(over="ignore", invalid="ignore"):
         if remote and L > 1 and not (isinstance(method, str) and method == "backprop"):
-            # Ray/Dask: Jacobians, scan and VJPs run on the workers as one
-            # task graph; only per-layer gradients come back.
-            return backward_remote.backward(tape, cotangent, executor, method=method, workers=workers,
-                                            trace=trace, **engine_options)
+            if isinstance(method, str) and method == AUTO:
+                method = _remote_or_local(tape, executor, workers, kernels, trace)
+            if not (isinstance(method, str) and method == "backprop"):
+                # Ray/Dask: Jacobians, scan and VJPs run on the workers as one
+                # task graph; only per-layer gradients come back.
+                return backward_remote.backward(layer_tape(tape), cotangent, executor, method=method,
+                                                workers=workers, trace=trace, **engine_options)
         # a Schedule, or the string "backprop" (asked for, or what auto chose)
         choice = choose_method(tape, cotangent, method, backend, workers, kernels)
         if trace is not None and L > 1:
             trace.schedule = choice
         if isinstance(choice, str):  # "backprop"
-            if compiled:
+            if compiled or tape.packed is not None:
+                # the kernel set by name: the compiled one, or the numpy reference on the packed layout
                 return backward_compiled.backprop_grads(tape, cotangent, kernels)
             return backward_numpy.backprop_grads(tape, cotangent)
         if not choice.is_scan:
@@ -180,17 +217,51 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
         if compiled and backend in COMPILED_BACKENDS:
             threads = workers or COMPILED_BACKENDS[backend]()
             return backward_compiled.scan_grads(tape, cotangent, choice, threads, trace, kernels)
-        return backward_numpy.scan_grads(tape, cotangent, choice, backend, workers, trace, engine_options)
+        return backward_numpy.scan_grads(layer_tape(tape), cotangent, choice, backend, workers, trace,
+                                         engine_options)
+
+
+def _remote_or_local(tape, executor, workers, kernels, trace):
+    """``method="auto"`` on Ray or Dask: the cost model's plan for the cluster, or ``"backprop"`` here.
+
+    The decision is :func:`chainprod.cost.remote_auto`'s, the one
+    :func:`chainprod.cost.predict_grad` reports, so a prediction and a run
+    agree. Where the cluster's predicted backward time (Jacobians, shipping,
+    the scan's rounds) exceeds the local backprop's, ``auto`` runs backprop
+    on the driver, and the trace says so in ``trace.note``.
+    """
+    chain = tape.chain
+    # P without connecting: a run that stays local need not start a cluster
+    P = workers or getattr(executor, "workers", None) or executor.prepare(None)
+    structure, width = _profile(chain)
+    pick = remote_auto(structure, len(chain), width, backend=executor.name, workers=P, batch=tape.batch,
+                       kernels=kernels)
+    if trace is not None:
+        trace.note = pick.note
+    return "backprop" if pick.schedule is None else pick.schedule
+
+
+def _profile(chain):
+    """``(structure, width)`` the cost model describes ``chain`` by: its layer tables are per structure and width.
+
+    ``"diagonal"`` when every layer but a readout is diagonal, else
+    ``"dense"``; the width is the widest layer (its hidden width).
+    """
+    L = len(chain)
+    kinds = {r.cls.kind for r in chain.runs if r.start < L - 1} or {chain.runs[-1].cls.kind}
+    structure = "diagonal" if kinds == {"diag"} else "dense"
+    return structure, max(max(r.d_in, r.d_out) for r in chain.runs)
 
 
 def _check_method_backend(method, backend):
     """Fail on unknown names even where they would not be used (backprop, one layer)."""
-    if not isinstance(backend, Executor) and backend not in valid_backends():
+    if not (backend in EXECUTORS if isinstance(backend, str) else isinstance(backend, Executor)):
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(valid_backends())}")
-    if isinstance(method, str) and method != "backprop" and method not in valid_schedules():
-        raise ValueError(f"unknown schedule method {method!r}; valid methods: backprop, "
-                         f"{', '.join(valid_schedules())}")
-    if not isinstance(method, (str, Schedule)) and not callable(method):
+    if isinstance(method, str):
+        if method != "backprop" and method != AUTO and method not in valid_schedules():
+            raise ValueError(f"unknown schedule method {method!r}; valid methods: backprop, "
+                             f"{', '.join(valid_schedules())}")
+    elif not isinstance(method, Schedule) and not callable(method):
         raise TypeError(f"method must be a name, a Schedule or a callable, got {method!r}")
 
 
@@ -209,7 +280,7 @@ def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend
                    workers=None, return_trace=False, engine_options=None, kernels=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
     tape = forward(chain, x, kernels=kernels)
-    value, cotangent = loss_cotangent(tape, y, loss)
+    value, cotangent = _loss(tape, y, loss, True)
     trace = make_trace(return_trace, backend, workers)
     g = backward(tape, cotangent, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options, kernels=kernels)
@@ -238,7 +309,9 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         measures backprop against the scans that could win, once per chain
         shape, batch, dtype and worker count on this machine, and keeps the
         fastest (:mod:`chainprod.autotune`); on the numpy reference it asks the
-        cost model.
+        cost model; on Ray or Dask it runs the cluster's best plan, or
+        backprop on the driver where the cost model predicts no plan on the
+        cluster beats it (``trace.note`` says which, and why).
     backend : str
         Executor: ``"vectorized"``, ``"serial"``, ``"threads"``, ``"ray"``, ``"dask"``.
     workers : int, optional
@@ -265,7 +338,7 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         does not pay for ``2 L`` array objects nobody reads.
     """
     tape = forward(chain, x, kernels=kernels)
-    _, cotangent = loss_cotangent(tape, y, loss)
+    _, cotangent = _loss(tape, y, loss, False)
     trace = make_trace(return_trace, backend, workers)
     g = backward(tape, cotangent, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options, kernels=kernels)

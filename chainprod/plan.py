@@ -48,7 +48,7 @@ class Plan:
         What was asked for.
     schedule : Schedule or str or None
         What runs: a Schedule, ``"backprop"``, or ``None`` until an ``auto``
-        plan on the compiled kernels has seen its first batch.
+        plan on the compiled kernels, or on Ray or Dask, has seen its first batch.
     backend, workers, kernels
         As in :func:`chainprod.grad`.
     """
@@ -74,8 +74,11 @@ class Plan:
     def _resolve_for_chain(self, method, batch):
         if isinstance(method, str) and method == "backprop" or self.length < 1:
             return "backprop"
-        if isinstance(method, str) and method == AUTO and self.kernels != "numpy":
-            return None  # measured on the first call's real data, then kept
+        if isinstance(method, str) and method == AUTO and (
+                self.kernels != "numpy" or get_executor(self.backend).runs_task_graphs):
+            # measured on the first call's real data (compiled), or decided on its batch between the
+            # cluster and backprop on the driver (Ray, Dask); then kept
+            return None
         return resolve_schedule(method, self.length, workers=self.workers,
                                 blocks=jacobian_shapes(self.chain, batch), backend=self.backend)
 

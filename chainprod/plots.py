@@ -4,9 +4,12 @@ Every function writes ``<stem>.png`` and ``<stem>.svg`` (each well under
 200 KB: 100 dpi, and dense artists rasterised inside the SVG) and returns the
 paths. Speedups are against the *best backprop* of each problem (the fastest
 baseline measured there, named in the panel), on a log-2 axis labelled
-``0.5x, 1x, 2x``. Titles name the machine and the sizes. Sharded rows
-(``ray-sharded``, ``dask-sharded``: one training step of a model resident on
-P workers) are drawn like every backend, dashed with hexagon markers.
+``0.5x, 1x, 2x``. Titles name the machine and the sizes. Every batch size
+has its own panels (speedup vs depth, the heatmap) or its own marker
+(speedup vs workers, model vs measurement). Sharded rows (``ray-sharded``,
+``dask-sharded``: one training step of a model resident on P workers) are
+drawn like every backend, dashed with hexagon markers. The torch-models
+section has its own figure (:func:`torch_models`).
 matplotlib is imported only when a figure is drawn (:mod:`chainprod.gantt`
 holds the Gantt charts and the file helpers), so ``import chainprod`` stays light.
 """
@@ -18,7 +21,7 @@ import os
 
 import numpy as np
 
-from .bench import BASELINES, SHARDED, read_meta, read_results, read_traces
+from .bench import BASELINES, PER_CALL, SHARDED, TORCH_STRUCTURE, read_meta, read_results, read_traces
 from .gantt import DPI, gantt, telling_trace
 from .gantt import pyplot as _plt
 from .gantt import save_figure as _save
@@ -26,7 +29,7 @@ from .report import baseline_name
 from .schedules import build
 
 __all__ = ["speedup_vs_depth", "speedup_vs_workers", "speedup_heatmap", "gantt", "sharded_step_gantt",
-           "schedule_diagram", "predicted_vs_measured", "simulation", "plot_results", "DPI"]
+           "schedule_diagram", "predicted_vs_measured", "simulation", "torch_models", "plot_results", "DPI"]
 
 #: reference-line styles of the baselines (the best of them is the 1x line)
 _BASELINE_STYLE = {"backprop": ("0.15", "--", "s"), "backprop-numpy": ("0.45", ":", "v"),
@@ -63,8 +66,19 @@ def _depth_axis(ax, depths):
     ax.minorticks_off()
 
 
+#: a marker per batch size (in the order the batches appear), where a figure tells batches apart by marker
+_BATCH_MARKERS = "os^Dv<>p"
+
+
 def _ok(rows, metric="backward"):
-    return [r for r in rows if r.get("status") == "ok" and r.get(f"speedup_{metric}") is not None]
+    """The ok rows of the sweep proper (not the torch-models section) with a speedup on ``metric``."""
+    return [r for r in rows if r.get("status") == "ok" and r.get(f"speedup_{metric}") is not None
+            and r.get("structure") != TORCH_STRUCTURE]
+
+
+def _batch_marker(rows):
+    """``{batch: marker}`` over the batch sizes of ``rows``."""
+    return {N: _BATCH_MARKERS[i % len(_BATCH_MARKERS)] for i, N in enumerate(sorted({r["batch"] for r in rows}))}
 
 
 def _groups(rows, keys):
@@ -79,9 +93,9 @@ def _machine(rows, machine):
 
 
 def _config_label(backend, workers, method):
-    """``"auto: threads P=2"``; ``"auto: ray-sharded P=2 (train step)"``."""
+    """``"auto: threads P=2"``; ``"auto: ray-sharded P=2 (train step)"``; ``"auto: ray P=2 (per call)"``."""
     return (f"{method}: {backend}" + (f" P={workers}" if backend not in ("vectorized", "serial") else "")
-            + (" (train step)" if backend in SHARDED else ""))
+            + (" (train step)" if backend in SHARDED else " (per call)" if backend in PER_CALL else ""))
 
 
 def _best_backprop_note(rows, metric):
@@ -164,34 +178,40 @@ def speedup_vs_depth(rows, stem, *, machine=None, metric="backward"):
                  f"{_machine(rows, machine)}\nbest backprop = the fastest of {names}, per problem", fontsize=10)
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(4, len(handles)), fontsize=8,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.025 * math.ceil(len(handles) / 4), 1, 1))
+    legend_inches = 0.25 + 0.2 * math.ceil(len(handles) / 4)  # the legend's height, whatever the figure's
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     return _save(fig, stem)
 
 
 def speedup_vs_workers(rows, stem, *, machine=None, metric="backward"):
-    """One panel per (structure, width, parallel backend): speedup vs workers, a line per (depth, method)."""
+    """One panel per (structure, width, dtype, parallel backend): speedup vs workers, a line per (depth, method, batch).
+
+    Batch sizes are told apart by marker (and dash): ``o`` solid for the first, ``s`` dashed for the next.
+    """
     plt = _plt()
     rows = [r for r in _ok(rows, metric) if r["method"] not in BASELINES and r["backend"] not in ("vectorized",
                                                                                                    "serial")]
-    panels = _groups(rows, ("structure", "width", "batch", "dtype", "backend"))
+    panels = _groups(rows, ("structure", "width", "dtype", "backend"))
+    marker = _batch_marker(rows)
     n = max(len(panels), 1)
     cols = min(n, 3)
     fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.9 * cols, 3.0 * ((n + cols - 1) // cols)),
                              squeeze=False)
     several = len({r["method"] for r in rows}) > 1
     for ax, (key, rs) in zip(axes.flat, sorted(panels.items())):
-        for (L, m), line in sorted(_groups(rs, ("depth", "method")).items()):
+        for (L, m, N), line in sorted(_groups(rs, ("depth", "method", "batch")).items()):
             line = sorted(line, key=lambda r: r["workers"])
-            ax.plot([r["workers"] for r in line], [r[f"speedup_{metric}"] for r in line], "o-", ms=4,
-                    label=f"L={L}" + (f" {m}" if several else ""))
+            first = marker[N] == _BATCH_MARKERS[0]
+            ax.plot([r["workers"] for r in line], [r[f"speedup_{metric}"] for r in line], marker[N],
+                    ls="-" if first else "--", ms=4, label=f"L={L} N={N}" + (f" {m}" if several else ""))
         ax.axhline(1.0, color="k", lw=1.2, label="best backprop")
         _speedup_axis(ax, [r[f"speedup_{metric}"] for r in rs])
         ax.set_xticks(sorted({r["workers"] for r in rs}))
-        s, w, N, dt, b = key
-        ax.set_title(f"{s} w={w} N={N} {dt}, {b}", fontsize=8.5)
+        s, w, dt, b = key
+        ax.set_title(f"{s} w={w} {dt}, {b}", fontsize=8.5)
         ax.set_xlabel("workers P", fontsize=8)
         ax.set_ylabel(f"speedup, {_METRICS[metric]}", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, ncol=2 if len(marker) > 1 else 1)
     if not panels:
         axes.flat[0].text(0.5, 0.5, "no parallel-backend rows", ha="center", va="center")
     for ax in list(axes.flat)[len(panels):]:
@@ -203,19 +223,22 @@ def speedup_vs_workers(rows, stem, *, machine=None, metric="backward"):
 
 
 def speedup_heatmap(rows, stem, *, machine=None, metric="backward"):
-    """The fastest scan configuration per (depth, width) against the best backprop, one panel per structure.
+    """The fastest scan configuration per (depth, width) against the best backprop, one panel per structure and batch.
 
     Each cell is annotated with the speedup and the configuration that
     achieved it; red: the scan loses, blue: it wins; blank: not measured.
+    A row of panels per (batch, dtype), a column per structure.
     """
     plt = _plt()
     from matplotlib.colors import Normalize
 
     rows = [r for r in _ok(rows, metric) if r["method"] not in BASELINES]
     structs = sorted({r["structure"] for r in rows}) or ["(none)"]
-    fig, axes = plt.subplots(1, len(structs), figsize=(4.6 * len(structs), 3.8), squeeze=False)
-    for ax, s in zip(axes.flat, structs):
-        rs = [r for r in rows if r["structure"] == s]
+    sizes = sorted({(r["batch"], r["dtype"]) for r in rows}) or [(1, "float64")]
+    fig, axes = plt.subplots(len(sizes), len(structs), figsize=(4.6 * len(structs), 3.8 * len(sizes)),
+                             squeeze=False)
+    for ax, (s, (N, dt)) in zip(axes.flat, [(s, nd) for nd in sizes for s in structs]):
+        rs = [r for r in rows if (r["structure"], r["batch"], r["dtype"]) == (s, N, dt)]
         Ls, ws = sorted({r["depth"] for r in rs}), sorted({r["width"] for r in rs})
         best = {}
         for r in rs:
@@ -244,7 +267,8 @@ def speedup_heatmap(rows, stem, *, machine=None, metric="backward"):
         ax.set_yticks(range(len(ws)), [str(w) for w in ws])
         ax.set_xlabel("depth L")
         ax.set_ylabel("width w")
-        ax.set_title(f"{s}: fastest scan configuration per cell, {_METRICS[metric]}", fontsize=9)
+        ax.set_title(f"{s} N={N}" + (f" {dt}" if dt != "float64" else "") + f": fastest scan configuration per "
+                     f"cell, {_METRICS[metric]}", fontsize=9)
     fig.suptitle(f"Where the scan beats the best backprop - {_machine(rows, machine)}", fontsize=10)
     fig.tight_layout()
     return _save(fig, stem)
@@ -284,10 +308,11 @@ def predicted_vs_measured(rows, stem, *, machine=None, column="total"):
     plt = _plt()
     rows = [r for r in rows if r.get("status") == "ok" and r.get(f"predicted_{column}")]
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    markers = "osD^v<>p"
-    for n, ((b,), rs) in enumerate(sorted(_groups(rows, ("backend",)).items())):
-        ax.loglog([r[f"{column}_median"] for r in rs], [r[f"predicted_{column}"] for r in rs], markers[n % 8],
-                  ms=4, alpha=0.8, label=b, zorder=3)
+    marker = _batch_marker(rows)  # colour: the backend; marker: the batch size
+    color = {b: f"C{i % 10}" for i, b in enumerate(sorted({r["backend"] for r in rows}))}
+    for (b, N), rs in sorted(_groups(rows, ("backend", "batch")).items()):
+        ax.loglog([r[f"{column}_median"] for r in rs], [r[f"predicted_{column}"] for r in rs], marker[N],
+                  color=color[b], ms=4, alpha=0.8, label=f"{b} N={N}", zorder=3)
     title = f"Model vs measurement ({column}) - {_machine(rows, machine)}"
     if rows:
         allv = [r[f"{column}_median"] for r in rows] + [r[f"predicted_{column}"] for r in rows]
@@ -336,6 +361,62 @@ def sharded_step_gantt(record, key, stem, *, machine=None):
     return gantt(record["events"], stem, title=title, machine=machine, forward_seconds=record["forward_seconds"])
 
 
+_TORCH_BARS = (("torch", "torch", "torch autograd", "#e377c2"), ("jax", "jax", "JAX jit(grad), every core", "#8c564b"),
+               ("torch_backward", "numba", "cp.torch_backward", "C0"), ("value_and_grad", "numba",
+               "cp.value_and_grad (numba)", "C2"), ("value_and_grad", "numpy", "cp.value_and_grad (numpy)", "C1"),
+               ("blas", "numpy", "BLAS floor (matmuls alone)", "0.55"))
+
+
+def torch_models(rows, stem, *, machine=None):
+    """The torch-models section: a panel per model, a bar per implementation and thread count (ms, log axis).
+
+    One training step's gradient (forward and backward, mse loss); the BLAS
+    floor is the step's matrix products alone. Each bar is labelled with its
+    time; bars of one implementation share a colour, hatched for P > 1.
+    """
+    plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
+    rows = [r for r in rows if r.get("status") == "ok" and r.get("structure") == TORCH_STRUCTURE]
+    models = sorted({(r["width"], r["depth"], r["batch"], r["dtype"]) for r in rows}) or [None]
+    Ps = sorted({r["workers"] for r in rows if r["method"] != "jax"}) or [1]
+    cols = min(len(models), 3)
+    fig, axes = plt.subplots((len(models) + cols - 1) // cols, cols, figsize=(4.8 * cols, 3.6 * math.ceil(
+        len(models) / cols) + 0.6), squeeze=False)
+    for ax, m in zip(axes.flat, models):
+        if m is None:
+            ax.text(0.5, 0.5, "no torch-models rows", ha="center", va="center")
+            continue
+        rs = [r for r in rows if (r["width"], r["depth"], r["batch"], r["dtype"]) == m]
+        width = 0.8 / len(Ps)
+        for i, (meth, backend, _, color) in enumerate(_TORCH_BARS):
+            for j, P in enumerate(Ps):
+                r = next((r for r in rs if (r["method"], r["backend"]) == (meth, backend)
+                          and (meth == "jax" or r["workers"] == P)), None)
+                if r is None or (meth == "jax" and j):
+                    continue
+                x = i + (0 if meth == "jax" else (j - (len(Ps) - 1) / 2) * width)
+                ax.bar(x, r["total_median"] * 1e3, width, color=color, hatch="//" if P > 1 and meth != "jax" else "",
+                       edgecolor="white", zorder=2)
+                ax.text(x, r["total_median"] * 1e3 * 1.08, f"{r['total_median'] * 1e3:.3g}", ha="center",
+                        va="bottom", fontsize=6, rotation=90)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xticks(range(len(_TORCH_BARS)), [b[2] for b in _TORCH_BARS], rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel("ms per training step (log)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(True, axis="y", color="0.9", lw=0.6, zorder=0)
+        ax.set_ylim(top=ax.get_ylim()[1] * 3)
+        ax.set_title(f"w={m[0]} depth={m[1]} N={m[2]} {m[3]}", fontsize=8.5)
+    for ax in list(axes.flat)[len(models):]:
+        ax.axis("off")
+    fig.suptitle(f"Torch models: one training step's gradient (nn.Linear + nn.Tanh, mse) - {_machine(rows, machine)}"
+                 f"\nbars left to right: P = {', '.join(map(str, Ps))} threads (hatched: P > 1); JAX on XLA's own "
+                 "pool", fontsize=9.5)
+    fig.tight_layout()
+    return _save(fig, stem)
+
+
 def plot_results(results_dir, out_dir=None, *, log=print):
     """Redraw every figure of a saved sweep (``results.csv``, ``results.json``, ``traces.json.gz``)."""
     rows = read_results(results_dir)
@@ -348,6 +429,8 @@ def plot_results(results_dir, out_dir=None, *, log=print):
     paths += speedup_vs_workers(rows, os.path.join(out_dir, "speedup_vs_workers"), machine=machine)
     paths += speedup_heatmap(rows, os.path.join(out_dir, "speedup_heatmap"), machine=machine)
     paths += predicted_vs_measured(rows, os.path.join(out_dir, "predicted_vs_measured"), machine=machine)
+    if any(r.get("structure") == TORCH_STRUCTURE for r in rows):
+        paths += torch_models(rows, os.path.join(out_dir, "torch_models"), machine=machine)
     traces = read_traces(results_dir)
     key = telling_trace(traces)
     if key is not None:

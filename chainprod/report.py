@@ -6,28 +6,33 @@ the sweep's own: every speedup is against the *best backprop* of its problem
 (the fastest baseline measured there), for the backward pass and end to end.
 A sharded row (``ray-sharded``, ``dask-sharded``) times one training step of
 a model resident on P workers (its backward includes the SGD update), and is
-compared the same way.
+compared the same way; a row on ``ray`` or ``dask`` itself is labelled for
+what it times, a cluster's per-call latency (:data:`PER_CALL_NOTE`).
+:func:`losses` lists every chainprod row slower than a baseline; the
+torch-models section is read against torch autograd at the same thread count.
 """
 
 from __future__ import annotations
 
-import html
 import os
-import re
 
 import numpy as np
 
-from .bench import BASELINES, SHARDED
+from .bench import BASELINES, BOUNDS, PER_CALL, SHARDED, TORCH_STRUCTURE
+from .results import markdown_page
 
 __all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary", "wins_and_losses", "sharded_lines",
-           "summary_lines", "results_table", "write_report", "SHARDED_NOTE"]
+           "summary_lines", "results_table", "write_report", "SHARDED_NOTE", "PER_CALL_NOTE", "losses",
+           "loss_table", "torch_model_lines", "torch_model_table", "PEERS"]
+
+#: the baselines that are not chainprod: every other row is chainprod's
+PEERS = ("jax", "torch")
 
 #: ``auto`` may be this much slower than the best backprop (beyond its own noise) before it is flagged
 AUTO_TOLERANCE = 0.10
 
-_BASELINE_NAMES = {"backprop-numpy": "backprop (numpy)", "jax": "JAX jit(grad)", "torch": "torch autograd"}
-
-
+_BASELINE_NAMES = {"backprop-numpy": "backprop (numpy)", "jax": "JAX jit(grad)", "torch": "torch autograd",
+                   "blas": "BLAS floor"}
 _METRICS = {"backward": "backward", "total": "end-to-end"}
 
 #: what a sharded row measured, for the report's notes
@@ -39,22 +44,39 @@ SHARDED_NOTE = ("sharded rows (`ray-sharded`, `dask-sharded`) time one *training
                 "ran across the shards: `backprop` is the pipeline (at P=2 every scan is that plan). The cost "
                 "model does not predict them, and the auto check leaves them out (their auto chooses between the "
                 "pipeline and a scan across shards, never a local backprop).")
+#: what a per-call row on a cluster measured, for the report's notes
+PER_CALL_NOTE = ("rows on `ray` or `dask` themselves (not `-sharded`) ship the whole chain to the cluster on every "
+                 "call and run `auto`'s plan there, or backprop on the driver where the cluster cannot win (plan "
+                 "`backprop (auto, ran locally)`, the reason in the `note` column): they time *a cluster's per-call "
+                 "latency*, which no training loop needs to pay; the sharded rows beside them keep the model on "
+                 "the workers.")
 
 
 def _ok(rows):
     return [r for r in rows if r.get("status") == "ok"]
 
 
+def _torch(r) -> bool:
+    return r.get("structure") == TORCH_STRUCTURE
+
+
 def _where(r) -> str:
-    """``"auto on threads P=2 (sklansky)"``: a scan row in words."""
+    """``"auto on threads P=2 (sklansky)"``: a row in words."""
     p = f" P={r['workers']}" if r["backend"] not in ("vectorized", "serial") else ""
+    if _torch(r) or r["method"] in BASELINES:
+        return baseline_name(r["method"], [r]) + (f" P={r['workers']}" if _torch(r) else "")
     if r["backend"] in SHARDED:
         return f"a training step by {r['method']} on {r['backend']}{p} (ran {r['schedule']} across the shards)"
     ran = "" if str(r["schedule"]).startswith("backprop") else f" ({r['schedule']})"  # said apart where it matters
+    if r["backend"] in PER_CALL:  # a cluster called per call, unless auto kept the gradient on the driver
+        ran = (" (ran backprop locally: the cluster could not win)" if "locally" in str(r["schedule"]) else
+               f"{ran} per call: a cluster's per-call latency")
     return f"{r['method']} on {r['backend']}{p}{ran}"
 
 
 def _problem(r) -> str:
+    if _torch(r):
+        return f"torch MLP w={r['width']} depth={r['depth']} N={r['batch']} {r['dtype']}"
     return f"{r['structure']} L={r['depth']} w={r['width']}" + (f" N={r['batch']}" if r["batch"] != 1 else "") + (
         f" {r['dtype']}" if r["dtype"] != "float64" else "")
 
@@ -68,6 +90,9 @@ def baseline_name(method, rows=()) -> str:
     if method == "backprop":
         kernels = next((r["backend"] for r in rows if r.get("method") == "backprop"), None)
         return f"backprop ({kernels})" if kernels else "backprop"
+    if method in ("torch_backward", "value_and_grad"):  # the torch-models section's chainprod rows
+        kernels = next((r["backend"] for r in rows if r.get("method") == method), None)
+        return f"cp.{method}" + (f" ({kernels})" if kernels else "")
     return _BASELINE_NAMES.get(method, str(method))
 
 
@@ -116,10 +141,14 @@ def prediction_summary(rows) -> dict:
     return out
 
 
+def _key(r):
+    return r["structure"], r["depth"], r["width"], r["batch"], r["dtype"]
+
+
 def _problems(rows):
     out = {}
     for r in _ok(rows):
-        out.setdefault((r["structure"], r["depth"], r["width"], r["batch"], r["dtype"]), []).append(r)
+        out.setdefault(_key(r), []).append(r)
     return out
 
 
@@ -134,14 +163,15 @@ def wins_and_losses(rows) -> list[str]:
     the sentence says so, and only a real scan at or above 1x counts as a win.
     """
     out = []
-    for _, rs in sorted(_problems(rows).items()):
+    for _, rs in sorted(_problems(r for r in rows if not _torch(r)).items()):
         tried = [r for r in rs if r["method"] not in BASELINES and r.get("speedup_backward")]
         if not tried:
             continue
         s = max(tried, key=lambda r: r["speedup_backward"])
         bp, t_bp = baseline_name(s["best_backprop_backward"], rs), s["best_backprop_backward_median"]
         x, e2e = s["speedup_backward"], s.get("speedup_total")
-        what = _where(s) + (", which ran backprop itself" if _ran_backprop(s) and s["backend"] not in SHARDED else "")
+        what = _where(s)
+        what += ", which ran backprop itself" if _ran_backprop(s) and "backprop" not in what else ""
         times = f"{s['backward_median'] * 1e3:.3g} ms vs {t_bp * 1e3:.3g} ms for {bp}"
         tail = f"; end to end {e2e:.2f}x" if e2e else ""
         if x >= 1 and not _ran_backprop(s):
@@ -157,18 +187,122 @@ def wins_and_losses(rows) -> list[str]:
 
 
 def sharded_lines(rows) -> list[str]:
-    """One sentence per structure, sharded backend, P and method: its step at the deepest, widest problem it ran."""
-    out = []
+    """One sentence per structure, sharded backend, P and method: its step at the deepest, widest problem it ran.
+
+    Beside it, the per-call row of the same problem on the same engine, P and
+    method, where measured: the same cluster shipping the whole chain every call.
+    """
+    out, per_call = [], {(*_key(r), r["backend"], r["workers"], r["method"]): r for r in _ok(rows)
+                         if r["backend"] in PER_CALL}
     for (_, backend, P, method), rs in sorted(_groups_of(r for r in _ok(rows) if r["backend"] in SHARDED).items()):
         r = max(rs, key=lambda r: (r["depth"], r["width"], r["batch"]))
         bp = baseline_name(r.get("best_backprop_total") or "backprop", rows)
         vs = f"{r['speedup_total']:.2f}x the best backprop's gradient ({bp})" if r.get("speedup_total") else ""
+        pc = per_call.get((*_key(r), SHARDED[backend], P, method))
+        how = ("auto kept the gradient on the driver: the cluster could not win" if pc and "locally" in
+               str(pc["schedule"]) else f"a cluster's per-call latency: the chain shipped every call, ran "
+               f"{pc and pc['schedule']}")
+        beside = (f" Per call on {pc['backend']} P={P} ({how}), the same gradient took {_ms(pc['total_median'])} ms "
+                  "end to end." if pc else "")
         out.append(f"{_problem(r)}: one training step by {method} on {backend} P={P} (ran {r['schedule']}) took "
                    f"{_ms(r['total_median'])} ms (forward {_ms(r['forward_median'])}, backward and SGD "
                    f"{_ms(r['backward_median'])}), {r.get('bytes_moved') or 0:,.0f} bytes moved, "
                    f"{_count(r.get('measured_rounds') or 0)} cross-shard round(s) in the backward pass; end to end "
-                   f"{vs}.")
+                   f"{vs}.{beside}")
     return out
+
+
+# -- where chainprod loses -----------------------------------------------------------------------------
+def _slower(r, b, metric):
+    """``(ratio, beyond noise)`` of row ``r`` against baseline ``b`` on ``metric``, or None where not both measured."""
+    t, tb = r.get(f"{metric}_median"), b.get(f"{metric}_median")
+    if not t or not tb:
+        return None
+    beyond = t - (r.get(f"{metric}_iqr") or 0.0) > tb + (b.get(f"{metric}_iqr") or 0.0)
+    return t / tb, beyond
+
+
+def losses(rows) -> list[dict]:
+    """Every chainprod row slower than a baseline: ``[{"row": r, metric: (ratio, winning row, beyond noise)}]``.
+
+    chainprod's rows are all but the peers (:data:`PEERS`) and the bounds
+    (:data:`BOUNDS`). A scan, ``auto``, sharded or per-call row meets every
+    baseline of its problem, chainprod's own backprop the peers, a
+    torch-models row the peers at its thread count; per metric measured on
+    both sides the fastest of them wins; ``beyond``: the gap exceeds both IQRs.
+    """
+    out = []
+    for _, rs in sorted(_problems(rows).items()):
+        for r in rs:
+            if r["method"] in PEERS or r["method"] in BOUNDS:
+                continue
+            rivals = [b for b in rs if b is not r and b["method"] in (PEERS if r["method"] in BASELINES else BASELINES)
+                      and (not _torch(r) or b["workers"] == r["workers"])]
+            entry = {}
+            for metric in ("backward", "total"):
+                found = [(x, b) for b in rivals if (x := _slower(r, b, metric)) and x[0] > 1]
+                if found:
+                    (ratio, beyond), b = max(found, key=lambda f: f[0][0])
+                    entry[metric] = (ratio, b, beyond)
+            if entry:
+                out.append({"row": r, **entry})
+    return out
+
+
+def loss_table(rows) -> str:
+    """The report's "Where chainprod loses": one line per row of :func:`losses`, the worst first per problem."""
+    head = "| problem | chainprod row | backward: slower than | end-to-end: slower than | beyond noise |"
+    lines = [head, "|---|---|---|---|---|"]
+    for e in losses(rows):
+        r = e["row"]
+        cells = [f"{e[m][0]:.2f}x {_where(e[m][1])} ({_ms(r[f'{m}_median'])} vs {_ms(e[m][1][f'{m}_median'])} ms)"
+                 if m in e else "" for m in _METRICS]
+        beyond = ", ".join(_METRICS[m] for m in _METRICS if e.get(m, (0, 0, False))[2]) or "no"
+        lines.append(f"| {_problem(r)} | {_where(r)} | {cells[0]} | {cells[1]} | {beyond} |")
+    return "\n".join(lines)
+
+
+# -- the torch-models section ------------------------------------------------------------------------
+_TORCH_COLUMNS = (("torch", "torch"), ("jax", "jax"), ("torch_backward", "numba"), ("value_and_grad", "numba"),
+                  ("value_and_grad", "numpy"), ("blas", "numpy"))
+
+
+def _torch_rows(rows):
+    """``[(model in words, P, cells)]``: per torch model and P, ``(row, ratio to torch)`` or None per column.
+
+    JAX runs on XLA's own pool (every core), so its one row joins every P.
+    """
+    groups, jax = {}, {}
+    for r in (r for r in _ok(rows) if _torch(r)):
+        if r["method"] == "jax":
+            jax[_key(r)] = r
+        else:
+            groups.setdefault((_key(r), r["workers"]), {})[(r["method"], r["backend"])] = r
+    out = []
+    for (prob, P), g in sorted(groups.items()):
+        g[("jax", "jax")], ref = jax.get(prob), g.get(("torch", "torch"))
+        cells = [(g[k], g[k]["total_median"] / ref["total_median"] if ref else None) if g.get(k) else None
+                 for k in _TORCH_COLUMNS]
+        out.append((_problem(ref or next(iter(g.values()))), P, cells))
+    return out
+
+
+def torch_model_lines(rows) -> list[str]:
+    """One sentence per torch model and thread count: a training step's gradient by each implementation."""
+    return [f"{prob}, P={P}: a training step's gradient (forward and backward) took " + ", ".join(
+        f"{_where(r)} {_ms(r['total_median'])} ms" + (f" ({x:.3g}x torch)" if x and r["method"] != "torch" else "")
+        for r, x in filter(None, cells)) + "." for prob, P, cells in _torch_rows(rows)]
+
+
+def torch_model_table(rows) -> str:
+    """The torch-models section as a markdown table: total ms per implementation, its ratio to torch autograd."""
+    names = [baseline_name(m, [{"method": m, "backend": b}]) for m, b in _TORCH_COLUMNS]
+    lines = ["| model | P | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for prob, P, cells in _torch_rows(rows):
+        lines.append(f"| {prob} | {P} | " + " | ".join(
+            "" if c is None else _ms(c[0]["total_median"]) + (f" ({c[1]:.3g}x)" if c[1] and i else "")
+            for i, c in enumerate(cells)) + " |")
+    return "\n".join(lines)
 
 
 def _groups_of(rows):
@@ -195,7 +329,9 @@ def summary_lines(rows, meta=None) -> list[str]:
             what = ", ".join(f"{_METRICS[m]} {r[f'{m}_median'] * 1e3:.3g} ms (IQR {r[f'{m}_iqr'] * 1e3:.2g}) = "
                              f"{ratio:.2f}x {baseline_name(r[f'best_backprop_{m}'], rows)}"
                              for m, ratio in v["ratios"].items())
-            lines.append(f"  {_problem(r)} {_where(r)}{' (ran backprop)' if _ran_backprop(r) else ''}: {what}")
+            where = _where(r)
+            where += " (ran backprop)" if _ran_backprop(r) and "backprop" not in where else ""
+            lines.append(f"  {_problem(r)} {where}: {what}")
     wl = wins_and_losses(rows)
     wins = sum(": the scan wins:" in s for s in wl)
     lines.append(f"scan vs best backprop, backward pass: a scan beats the best backprop in {wins} of {len(wl)} "
@@ -205,6 +341,17 @@ def summary_lines(rows, meta=None) -> list[str]:
     if sharded:
         lines.append("sharded training (one step on P shards, the model resident on the workers):")
         lines += [f"  {s}" for s in sharded]
+    torch_lines = torch_model_lines(rows)
+    if torch_lines:
+        lines.append("torch models (nn.Linear + nn.Tanh, mse loss; ratios to torch autograd at the same threads):")
+        lines += [f"  {s}" for s in torch_lines]
+    lost = [(max(e.get(m, (0,))[0] for m in _METRICS), e) for e in losses(rows)]
+    lines.append(f"where chainprod loses: {len(lost)} chainprod rows are slower than a baseline "
+                 f"({sum(any(e.get(m, (0, 0, 0))[2] for m in _METRICS) for _, e in lost)} beyond their IQRs); "
+                 "report.md lists every one" + (", the worst:" if lost else ""))
+    for _, e in sorted(lost, key=lambda x: -x[0])[:5]:
+        m = max(_METRICS, key=lambda m: e.get(m, (0,))[0])
+        lines.append(f"  {_problem(e['row'])} {_where(e['row'])}: {_METRICS[m]} {e[m][0]:.2f}x {_where(e[m][1])}")
     for k, v in prediction_summary(rows).items():
         lines.append(f"model vs measured [{k}]: median |error| {v['median_abs_error_total']:.0%} end-to-end, "
                      f"{v['within_25pct_total']:.0%} within 25% (n={v['n']})")
@@ -223,22 +370,23 @@ def _x(v):
     return "" if v is None else f"{v:.2f}x"
 
 
+#: the results table: (header, column, format)
+_TABLE = (("structure", "structure", str), ("L", "depth", str), ("w", "width", str), ("N", "batch", str),
+          ("dtype", "dtype", str), ("backend", "backend", str), ("P", "workers", str), ("method", "method", str),
+          ("plan run", "schedule", str), ("forward ms", "forward_median", _ms), ("backward ms", "backward_median", _ms),
+          ("end-to-end ms", "total_median", _ms), ("backward vs best backprop", "speedup_backward", _x),
+          ("end-to-end vs best backprop", "speedup_total", _x), ("model: backward ms", "predicted_backward", _ms),
+          ("model: end-to-end ms", "predicted_total", _ms), ("bytes moved", "bytes_moved", _count))
+
+
 def results_table(rows) -> str:
-    """The results as a markdown table, one line per measurement."""
-    head = ("| structure | L | w | backend | P | method | plan run | forward ms | backward ms | end-to-end ms "
-            "| backward vs best backprop | end-to-end vs best backprop | model: backward ms | model: end-to-end ms "
-            "| bytes moved |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    """The results as a markdown table, one line per measurement (a failed one: its error as the plan)."""
+    lines = ["| " + " | ".join(h for h, _, _ in _TABLE) + " |", "|" + "---|" * len(_TABLE)]
     for r in rows:
+        cells = [fmt(r.get(col)) if r.get(col) not in (None, "") else "" for _, col, fmt in _TABLE]
         if r["status"] != "ok":
-            lines.append(f"| {r['structure']} | {r['depth']} | {r['width']} | {r['backend']} | {r['workers']} | "
-                         f"{r['method']} | {r['status'].replace('|', '/')} | | | | | | | | |")
-            continue
-        lines.append(f"| {r['structure']} | {r['depth']} | {r['width']} | {r['backend']} | {r['workers']} | "
-                     f"{r['method']} | {r['schedule']} | {_ms(r['forward_median'])} | {_ms(r['backward_median'])} | "
-                     f"{_ms(r['total_median'])} | {_x(r.get('speedup_backward'))} | {_x(r.get('speedup_total'))} | "
-                     f"{_ms(r.get('predicted_backward'))} | {_ms(r.get('predicted_total'))} | "
-                     f"{_count(r.get('bytes_moved'))} |")
+            cells = cells[:8] + [r["status"].replace("|", "/")] + [""] * (len(_TABLE) - 9)
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -265,8 +413,20 @@ def write_report(out_dir, rows, meta, figures=(), *, notes=()) -> str:
                      "its forward time (`jit` of the loss alone): an estimate.")
     if any(r["backend"] in SHARDED for r in rows):
         parts.append(f"- {SHARDED_NOTE}")
+    if any(r["backend"] in PER_CALL for r in rows):
+        parts.append(f"- {PER_CALL_NOTE}")
     parts += [f"- {n}" for n in notes]
     parts += ["", "## Findings", ""] + [f"- {line.strip()}" for line in summary_lines(rows, meta)]
+    if any(_torch(r) for r in rows):
+        parts += ["", "## Torch models", "", "`nn.Sequential` of `nn.Linear` + `nn.Tanh` (`depth` linear layers of "
+                  "width `w`), one training step's gradient with the mean squared error: end-to-end ms (forward "
+                  "and backward), in brackets the ratio to torch autograd at the same thread count P. JAX runs on "
+                  "XLA's own pool (every core); the BLAS floor is the step's matrix products alone, a bound no "
+                  "row can beat, not a competitor.", "", torch_model_table(rows)]
+    parts += ["", "## Where chainprod loses", "", "Every chainprod row slower than a baseline it is compared "
+              "with (scan, `auto`, sharded and per-call rows: every baseline of the problem; chainprod's own "
+              "backprop: JAX and torch; torch models: the peers at the same P), against the fastest such baseline, "
+              "per metric; *beyond noise*: the gap exceeds both rows' IQRs.", "", loss_table(rows)]
     if figures:
         parts += ["", "## Figures", ""]
         for p in figures:
@@ -283,48 +443,5 @@ def write_report(out_dir, rows, meta, figures=(), *, notes=()) -> str:
     with open(path, "w") as f:
         f.write("\n".join(parts))
     with open(os.path.splitext(path)[0] + ".html", "w") as f:
-        f.write(_html(parts))
+        f.write(markdown_page("\n".join(parts), "chainprod benchmark report"))
     return path
-
-
-def _inline(text) -> str:
-    text = html.escape(text, quote=False)
-    text = re.sub(r"!\[([^]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', text)
-    text = re.sub(r"\[([^]]*)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
-    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text))
-
-
-def _html(parts) -> str:
-    """The markdown of :func:`write_report` as a standalone page (only the constructs it writes)."""
-    lines, out, i = "\n".join(parts).split("\n"), [], 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("```"):  # a fenced block, closed by a bare fence
-            j = lines.index("```", i + 1)
-            out.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
-            i = j + 1
-            continue
-        if line.startswith(("- ", "|")):  # a list or a table: every following line that starts the same way
-            j = i
-            while j < len(lines) and lines[j].startswith(line[:2] if line.startswith("- ") else "|"):
-                j += 1
-            if line.startswith("- "):
-                out.append("<ul>" + "".join(f"<li>{_inline(x[2:])}</li>" for x in lines[i:j]) + "</ul>")
-            else:
-                body = [x for x in lines[i:j] if not set(x) <= {"|", "-"}]  # drop the separator row
-                out.append("<table>" + "".join(
-                    "<tr>" + "".join(f"<{t}>{_inline(c.strip())}</{t}>" for c in x.strip("|").split(" | ")) + "</tr>"
-                    for x, t in zip(body, ["th"] + ["td"] * len(body))) + "</table>")
-            i = j
-            continue
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
-        elif line:
-            out.append(f"<p>{_inline(line)}</p>")
-        i += 1
-    style = ("body{font-family:sans-serif;max-width:80em;margin:auto;padding:1em} table{border-collapse:collapse;"
-             "font-size:85%} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} pre{background:#f4f4f4;"
-             "padding:.5em}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>chainprod benchmark report</title><style>"
-            f"{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")

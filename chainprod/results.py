@@ -1,8 +1,10 @@
 """The files of a sweep: ``results.csv``, ``results.json`` and ``traces.json.gz``, written and read back.
 
-* ``results.csv``: one tidy row per measurement (columns :data:`FIELDS`),
-  written and flushed as each measurement finishes, so an interrupted sweep
-  keeps a valid file; pandas reads it as is.
+* ``results.csv``: one tidy row per measurement (columns :data:`FIELDS`;
+  ``note`` says what a row ran where its method and backend do not: a
+  torch-models row's threads and baseline, why ``auto`` stayed off a
+  cluster), written and flushed as each measurement finishes, so an
+  interrupted sweep keeps a valid file; pandas reads it as is.
 * ``results.json``: the machine, library versions, command line, sweep
   parameters and what was skipped, and why.
 * ``traces.json.gz``: the per-task traces of parallel runs, keyed
@@ -11,7 +13,8 @@
   the one traced step of a sharded row (backend ``ray-sharded`` /
   ``dask-sharded``) also has ``"kind": "sharded"``, the step's
   ``forward_seconds``, ``backward_seconds``, ``total_seconds``,
-  ``bytes_moved`` and ``rounds``, and one event per call on a shard.
+  ``bytes_moved`` and ``rounds``, and one event per call on a shard;
+* ``report.html``: :func:`markdown_page` renders ``report.md`` as a page.
 
 No pickle anywhere.
 """
@@ -20,19 +23,21 @@ from __future__ import annotations
 
 import csv
 import gzip
+import html
 import json
 import os
+import re
 import signal
 import threading
 from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["FIELDS", "ResultsWriter", "read_results", "read_meta", "read_traces"]
+__all__ = ["FIELDS", "ResultsWriter", "read_results", "read_meta", "read_traces", "markdown_page"]
 
 #: CSV columns, in order
 FIELDS = [
-    "structure", "depth", "width", "batch", "dtype", "backend", "workers", "method", "schedule",
+    "structure", "depth", "width", "batch", "dtype", "backend", "workers", "method", "schedule", "note",
     "repeats", "status",
     "forward_median", "forward_min", "forward_max", "forward_iqr",
     "backward_median", "backward_min", "backward_max", "backward_iqr",
@@ -45,7 +50,7 @@ FIELDS = [
     "prediction_error_total", "machine", "timestamp",
 ]
 _INT_FIELDS = {"depth", "width", "batch", "workers", "repeats"}
-_TEXT_FIELDS = {"structure", "dtype", "backend", "method", "schedule", "status", "machine", "timestamp",
+_TEXT_FIELDS = {"structure", "dtype", "backend", "method", "schedule", "note", "status", "machine", "timestamp",
                 "best_backprop_backward", "best_backprop_total"}
 
 
@@ -90,14 +95,16 @@ class ResultsWriter:
             self._file.flush()
 
     def write(self, row, trace=None):
+        # The row is counted inside the held block too: a Ctrl-C held there is raised as the block
+        # ends, and a row on disk but not in self.rows would make results.json's count disagree.
         with _no_interrupt():
             self._writer.writerow(row)
             self._file.flush()
-        self.rows.append(row)
-        if trace is not None:
-            r = row
-            self.traces[f"{r['structure']}/L={r['depth']}/w={r['width']}/N={r['batch']}/{r['dtype']}/"
-                        f"{r['backend']}/P={r['workers']}/{r['method']}"] = trace
+            self.rows.append(row)
+            if trace is not None:
+                r = row
+                self.traces[f"{r['structure']}/L={r['depth']}/w={r['width']}/N={r['batch']}/{r['dtype']}/"
+                            f"{r['backend']}/P={r['workers']}/{r['method']}"] = trace
 
     def close(self, meta):
         with _no_interrupt():
@@ -147,3 +154,47 @@ def read_traces(path) -> dict:
         return {}
     with gzip.open(p, "rt") as f:
         return json.load(f)
+
+
+# -- report.html ---------------------------------------------------------------------------------------
+def _inline(text) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"!\[([^]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2" style="max-width:100%">', text)
+    text = re.sub(r"\[([^]]*)\]\(([^)]+)\)", r'<a href="\2">\1</a>', text)
+    return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text))
+
+
+def markdown_page(text, title) -> str:
+    """A report's markdown as a standalone HTML page (only the constructs :mod:`chainprod.report` writes)."""
+    lines, out, i = text.split("\n"), [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):  # a fenced block, closed by a bare fence
+            j = lines.index("```", i + 1)
+            out.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
+            i = j + 1
+            continue
+        if line.startswith(("- ", "|")):  # a list or a table: every following line that starts the same way
+            j = i
+            while j < len(lines) and lines[j].startswith(line[:2] if line.startswith("- ") else "|"):
+                j += 1
+            if line.startswith("- "):
+                out.append("<ul>" + "".join(f"<li>{_inline(x[2:])}</li>" for x in lines[i:j]) + "</ul>")
+            else:
+                body = [x for x in lines[i:j] if not set(x) <= {"|", "-"}]  # drop the separator row
+                out.append("<table>" + "".join(
+                    "<tr>" + "".join(f"<{t}>{_inline(c.strip())}</{t}>" for c in x.strip("|").split(" | ")) + "</tr>"
+                    for x, t in zip(body, ["th"] + ["td"] * len(body))) + "</table>")
+            i = j
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line:
+            out.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = ("body{font-family:sans-serif;max-width:80em;margin:auto;padding:1em} table{border-collapse:collapse;"
+             "font-size:85%} td,th{border:1px solid #ccc;padding:2px 6px;text-align:right} pre{background:#f4f4f4;"
+             "padding:.5em}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            f"{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")

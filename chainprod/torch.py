@@ -2,52 +2,45 @@
 
 A torch model that is an ``nn.Sequential`` of ``nn.Linear`` layers and
 elementwise activations is exactly a chainprod :class:`~chainprod.Chain`.
-Two entry points:
+:func:`from_torch` converts it (a copy of its parameters);
+:func:`torch_backward` replaces ``loss.backward()`` in a training loop,
+accumulating every parameter's ``.grad`` as autograd would::
 
-* :func:`from_torch` converts the model into a ``Chain`` (a copy of its
-  parameters), for :func:`chainprod.grad`, schedules and benchmarks;
-* :func:`torch_backward` replaces ``loss.backward()`` in a training loop: it
-  computes the loss and the per-layer gradients with chainprod's scan and
-  accumulates them into every parameter's ``.grad`` as autograd would.
+    loss = cp.torch_backward(model, x, y, loss="mse")   # instead of loss.backward(); returns a float
+    chain = cp.from_torch(model)                        # a Chain (a copy), for cp.grad & co.
 
-Usage::
+:func:`torch_backward` converts a model once per structure and keeps it
+(weakly, per module object). Each call checks the structure (submodules,
+their order and types, every parameter object, its memory, shape,
+strides, dtype and ``requires_grad``, Softplus and Dropout settings),
+copies the parameters' *current* values into one flat array (the kernels
+read one array, the parameters are separate tensors) and writes the
+gradients: optimizer steps are seen, changes converted again (or refused).
 
-    import chainprod.torch as cpt
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
-    loss = cpt.torch_backward(model, x, y, loss="mse")   # instead of loss.backward(); returns a float
-    chain = cpt.from_torch(model)                        # a chainprod Chain (a copy), for cp.grad & co.
+Supported: ``nn.Linear`` (with or without bias), ``nn.Tanh``, ``nn.ReLU``,
+``nn.Sigmoid``, ``nn.Softplus`` (``beta=1``, ``threshold=20``),
+``nn.Identity``, ``nn.Dropout`` in eval mode or with ``p=0``, nested
+``nn.Sequential``; float32 or float64 CPU parameters. Anything else is
+refused, naming the module's position (``module 1.2 (Conv1d)`` = ``model[1][2]``).
+An activation folds into the ``nn.Linear`` before it; one that starts the
+model or follows another becomes ``cp.Diagonal(ones, zeros, activation)``.
 
-Supported modules: ``nn.Linear`` (with or without bias), ``nn.Tanh``,
-``nn.ReLU``, ``nn.Sigmoid``, ``nn.Softplus`` (``beta=1``, ``threshold=20``
-only), ``nn.Identity``, ``nn.Dropout`` in eval mode or with ``p=0`` (an
-identity), and nested ``nn.Sequential``. float32 or float64 parameters on the
-CPU. Anything else is refused with an error naming the module and its
-position, e.g. ``module 1.2 (Conv1d)`` = ``model[1][2]``.
+Softplus: torch's ``nn.Softplus()`` is ``z`` itself where ``z > 20``,
+chainprod's ``log(1 + exp(z))``: they differ there by at most ``exp(-20)``
+in value and derivative (float64 gradients then agree with autograd to
+about ``1e-9``). Other ``beta``/``threshold`` values are refused.
 
-How the model maps to layers: an activation folds into the ``nn.Linear``
-before it (``cp.Dense(W, b, activation)``); an activation that starts the
-model or follows another activation becomes ``cp.Diagonal(ones, zeros,
-activation)`` (no trainable parameters on the torch side; its gradient is
-discarded). ``nn.Identity`` and inactive ``nn.Dropout`` vanish.
-
-Softplus: torch's ``nn.Softplus()`` returns ``z`` itself where ``z > 20``
-(its ``threshold``) and has derivative exactly 1 there; chainprod's softplus
-is ``log(1 + exp(z))`` everywhere. The two differ there by
-``log(1 + exp(-z)) <= exp(-20) ~ 2.1e-9`` in value and in derivative, and
-agree to rounding for ``z <= 20``. Pre-activations above 20 are rare in practice;
-where they occur, float64 gradients agree with autograd to about ``1e-9``
-relative instead of ``1e-12`` (float32 cannot see the difference). Other
-``beta``/``threshold`` values are refused rather than approximated.
-
-Where autograd and chainprod differ on purpose: chainprod refuses NaN or
-infinite inputs and raises :class:`chainprod.errors.NonFiniteError` where
-autograd would write ``inf``/``NaN`` gradients; it computes parameter
-gradients only (``x.grad`` is never written, so inputs or targets that
-require a gradient are refused).
+Differences on purpose: chainprod refuses NaN or infinite inputs and
+raises :class:`chainprod.errors.NonFiniteError` where autograd would write
+``inf``/``NaN`` gradients; it computes parameter gradients only (inputs
+that require a gradient are refused).
 """
 
 from __future__ import annotations
 
+import operator
+import threading
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -61,9 +54,12 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
         "`pip install torch==2.13.0` (a CPU build; an unpinned torch may pull a multi-GB GPU build)"
     ) from e
 
+from ._caches import register_cache
 from .errors import UnsupportedModuleError
-from .grad import value_and_grad
+from .grad import backward, loss_cotangent
+from .kernels import LayerGrads
 from .layers import Chain, Dense, Diagonal
+from .tape import forward, packed_with
 
 __all__ = ["from_torch", "torch_backward", "UnsupportedModuleError", "SUPPORTED_MODULES"]
 
@@ -80,7 +76,6 @@ _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 # -- walking the model ----------------------------------------------------------
 class _Item(NamedTuple):
     """One leaf module in forward order: ``kind`` is "linear" or "act"."""
-
     kind: str
     module: nn.Module
     where: str  # "module 1.2 (Tanh)", for messages
@@ -88,86 +83,72 @@ class _Item(NamedTuple):
     activation: str | None = None
 
 
-def _describe(path, names, module):
-    where = f"module {'.'.join(path)} ({type(module).__name__})"
-    # Custom child names (Sequential(OrderedDict(...))) are what the user typed; show them too.
-    if names != path:
-        where += f" named {'.'.join(names)!r}"
-    return where
-
-
 def _is_plain_sequential(module):
     # A subclass that overrides forward may compute anything; only the stock forward is a chain.
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
-def _flatten(seq, path=(), names=()):
-    """Leaf modules of a (nested) Sequential in forward order, checked one by one."""
+def _flatten(seq, path=(), names=(), containers=None):
+    """Leaf modules of a (nested) Sequential in forward order, checked; Sequentials go to ``containers``."""
     # _modules, not named_children(): the latter skips a module that appears twice,
     # but Sequential.forward runs it twice.
+    if containers is not None:
+        containers.append((seq, tuple(seq._modules.values())))
     for i, (name, m) in enumerate(seq._modules.items()):
         p, n = path + (str(i),), names + (name,)
-        where = _describe(p, n, m)
+        at = ".".join(p)
+        # custom child names (Sequential(OrderedDict(...))) are what the user typed: shown too
+        where = f"module {at} ({type(m).__name__})" + (f" named {'.'.join(n)!r}" if n != p else "")
         if m is None:
-            raise UnsupportedModuleError(f"module {'.'.join(p)} is None (model(x) itself would fail on it)",
-                                         ".".join(p), m)
+            raise UnsupportedModuleError(f"module {at} is None (model(x) itself would fail on it)", at, m)
         if _is_plain_sequential(m):
-            yield from _flatten(m, p, n)
+            yield from _flatten(m, p, n, containers)
         elif type(m) is nn.Linear:
-            yield _Item("linear", m, where, ".".join(p))
+            yield _Item("linear", m, where, at)
         elif type(m) in _ACTIVATIONS:
             if type(m) is nn.Softplus and (m.beta != 1 or m.threshold != 20):
-                raise UnsupportedModuleError(
-                    f"{where} has beta={m.beta}, threshold={m.threshold}; only nn.Softplus() with the "
-                    "defaults beta=1, threshold=20 is supported", ".".join(p), m)
-            yield _Item("act", m, where, ".".join(p), _ACTIVATIONS[type(m)])
-        elif type(m) is nn.Identity:
-            continue
-        elif type(m) is nn.Dropout:
-            if m.training and m.p > 0:
-                raise UnsupportedModuleError(
-                    f"{where} is in training mode with p={m.p}: its random mask is not a fixed chain; "
-                    "call model.eval() (dropout is then the identity) or set p=0", ".".join(p), m)
-            continue
-        else:
+                raise UnsupportedModuleError(f"{where} has beta={m.beta}, threshold={m.threshold}; only "
+                                             "nn.Softplus() with the defaults beta=1, threshold=20 is supported", at, m)
+            yield _Item("act", m, where, at, _ACTIVATIONS[type(m)])
+        elif type(m) is nn.Dropout and m.training and m.p > 0:
+            raise UnsupportedModuleError(
+                f"{where} is in training mode with p={m.p}: its random mask is not a fixed chain; "
+                "call model.eval() (dropout is then the identity) or set p=0", at, m)
+        elif type(m) not in (nn.Identity, nn.Dropout):
             raise UnsupportedModuleError(
                 f"{where} is not supported; chainprod.torch converts {_SUPPORTED_NAMES} "
-                "(dropout only in eval mode or with p=0)", ".".join(p), m)
+                "(dropout only in eval mode or with p=0)", at, m)
 
 
 class _Converted(NamedTuple):
     chain: Chain
-    #: per chain layer: (weight, bias or None) of the nn.Linear it came from, or None for a Diagonal
-    sources: list
-    #: every parameter of the converted nn.Linear modules, once each
-    params: list
+    sources: list  # per chain layer: (weight, bias or None) of its nn.Linear, or None for a Diagonal
+    params: list  # every parameter of the converted nn.Linear modules, once each
+    containers: list  # (Sequential, its children) for every Sequential walked, the model first
+    items: list  # the leaves in forward order
 
 
 def _check_param(p, pname, item, dtype):
-    where = item.where
+    what = f"{item.where}: parameter {pname!r}"
     if p.device.type != "cpu":
-        raise UnsupportedModuleError(
-            f"{where}: parameter {pname!r} is on {p.device}; chainprod.torch runs on CPU tensors only "
-            "(model.cpu())", item.path, item.module)
-    if p.dtype not in _DTYPES:
-        raise UnsupportedModuleError(
-            f"{where}: parameter {pname!r} is {p.dtype}; use torch.float32 or torch.float64", item.path, item.module)
-    if dtype is not None and p.dtype != dtype:
-        raise UnsupportedModuleError(
-            f"{where}: parameter {pname!r} is {p.dtype} but earlier parameters are {dtype}; mixed dtypes are "
-            "not supported (model.double() or model.float())", item.path, item.module)
-    if not p.requires_grad:
-        raise UnsupportedModuleError(
-            f"{where}: parameter {pname!r} has requires_grad=False; frozen parameters are not supported "
-            "(loss.backward() would skip it, chainprod cannot)", item.path, item.module)
-    if p.layout != torch.strided:
-        raise UnsupportedModuleError(f"{where}: parameter {pname!r} has layout {p.layout}; only dense "
-                                     "parameters are supported", item.path, item.module)
+        bad = f"is on {p.device}; chainprod.torch runs on CPU tensors only (model.cpu())"
+    elif p.dtype not in _DTYPES:
+        bad = f"is {p.dtype}; use torch.float32 or torch.float64"
+    elif dtype is not None and p.dtype != dtype:
+        bad = (f"is {p.dtype} but earlier parameters are {dtype}; mixed dtypes are not supported "
+               "(model.double() or model.float())")
+    elif not p.requires_grad:
+        bad = ("has requires_grad=False; frozen parameters are not supported (loss.backward() would skip "
+               "it, chainprod cannot)")
+    elif p.layout != torch.strided:
+        bad = f"has layout {p.layout}; only dense parameters are supported"
+    else:
+        return
+    raise UnsupportedModuleError(f"{what} {bad}", item.path, item.module)
 
 
 def _numpy(p):
-    # A view of the tensor's memory; Dense/Diagonal copy it into read-only arrays.
-    return p.detach().numpy()
+    return p.detach().numpy()  # a view of the tensor's memory (Dense/Diagonal copy it)
 
 
 def _convert(module) -> _Converted:
@@ -180,17 +161,16 @@ def _convert(module) -> _Converted:
         raise UnsupportedModuleError(
             f"the model is {what}; chainprod.torch converts an nn.Sequential (nested Sequentials allowed) "
             f"of {_SUPPORTED_NAMES}", "", module)
-    items = list(_flatten(module))
-    if not items:
-        raise UnsupportedModuleError("the nn.Sequential is empty (or holds only identities): there is "
-                                     "nothing to convert", "", module)
+    containers = []
+    items = list(_flatten(module, containers=containers))
     linears = [it for it in items if it.kind == "linear"]
     if not linears:
         raise UnsupportedModuleError(
+            "the nn.Sequential is empty (or holds only identities): there is nothing to convert" if not items else
             "the nn.Sequential holds no nn.Linear: it has no parameters to differentiate and no width "
             "for its activations", "", module)
 
-    # Parameters: devices, dtypes, requires_grad -- every one before any array is built.
+    # Parameters (devices, dtypes, requires_grad), then widths: all checked before any array is built.
     dtype = None
     for it in linears:
         for pname, p in (("weight", it.module.weight), ("bias", it.module.bias)):
@@ -198,44 +178,33 @@ def _convert(module) -> _Converted:
                 _check_param(p, pname, it, dtype)
                 dtype = p.dtype
     np_dtype = _DTYPES[dtype]
-
-    # Widths must chain from Linear to Linear (activations keep the width).
-    width = linears[0].module.in_features
-    for it in linears:
-        lin = it.module
-        if lin.in_features != width:
-            raise UnsupportedModuleError(
-                f"{it.where} expects in_features={lin.in_features} but the module before it outputs "
-                f"width {width}", it.path, lin)
-        width = lin.out_features
-
     # Fold each activation into the Linear before it; otherwise it is a Diagonal layer.
     specs = []  # [kind, linear module or width, activation]
     width = linears[0].module.in_features
     for it in items:
         if it.kind == "linear":
+            if it.module.in_features != width:
+                raise UnsupportedModuleError(f"{it.where} expects in_features={it.module.in_features} but the "
+                                             f"module before it outputs width {width}", it.path, it.module)
             specs.append(["dense", it.module, "identity"])
             width = it.module.out_features
         elif specs and specs[-1][0] == "dense" and specs[-1][2] == "identity":
             specs[-1][2] = it.activation
         else:
             specs.append(["diag", width, it.activation])
-
     layers, sources = [], []
     for kind, src, act in specs:
         if kind == "dense":
-            W = _numpy(src.weight)
             b = np.zeros(src.out_features, np_dtype) if src.bias is None else _numpy(src.bias)
-            layers.append(Dense(W, b, act))
+            layers.append(Dense(_numpy(src.weight), b, act))
             sources.append((src.weight, src.bias))
         else:
             layers.append(Diagonal(np.ones(src, np_dtype), np.zeros(src, np_dtype), act))
             sources.append(None)
     # Every trainable parameter must belong to a converted nn.Linear (one registered on a
-    # Sequential itself is not used by its forward; autograd would leave its .grad alone,
-    # and so do we).
+    # Sequential itself is not used by its forward; autograd leaves its .grad alone, so do we).
     params = list({id(p): p for src in sources if src is not None for p in src if p is not None}.values())
-    return _Converted(Chain(layers), sources, params)
+    return _Converted(Chain(layers), sources, params, containers, items)
 
 
 def from_torch(module) -> Chain:
@@ -244,136 +213,221 @@ def from_torch(module) -> Chain:
     Parameters
     ----------
     module : torch.nn.Sequential
-        Of ``nn.Linear`` (with or without bias), ``nn.Tanh``, ``nn.ReLU``,
-        ``nn.Sigmoid``, ``nn.Softplus()`` (default ``beta``/``threshold``),
-        ``nn.Identity``, ``nn.Dropout`` (eval mode or ``p=0``) and nested
-        ``nn.Sequential``; float32 or float64 CPU parameters of one dtype,
-        all with ``requires_grad=True``.
+        Of the supported modules (module docstring); float32 or float64 CPU
+        parameters of one dtype, all with ``requires_grad=True``.
 
     Returns
     -------
     Chain
-        One :class:`~chainprod.Dense` per ``nn.Linear`` (a missing bias is
-        zeros), carrying the activation that follows it, and one
-        :class:`~chainprod.Diagonal` ``(ones, zeros, activation)`` per
-        activation that starts the model or follows another activation.
-        The parameters are **copied**: chainprod freezes its parameters as
-        read-only numpy arrays, so the chain is a snapshot, unaffected by later
-        optimizer steps on the torch model, and writing to it is impossible.
+        A :class:`~chainprod.Dense` per ``nn.Linear`` (a missing bias is
+        zeros), a :class:`~chainprod.Diagonal` per unfolded activation. The
+        parameters are **copied**: a snapshot, unaffected by later steps.
 
     Raises
     ------
     UnsupportedModuleError
         A module or parameter chainprod cannot represent, named with its
         position (``module 1.2 (Conv1d)`` is ``model[1][2]``).
-
-    Notes
-    -----
-    torch's ``nn.Softplus`` is the identity above ``z = 20``; chainprod's is
-    ``log(1 + exp(z))`` everywhere: they differ by at most ``exp(-20)`` there
-    (see the module docstring).
     """
     return _convert(module).chain
+
+
+# -- the kept conversion -----------------------------------------------------------
+#: model -> its _Kept conversion; weak, so a model that is dropped is forgotten with it
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+register_cache(_KEPT.clear)
+_SETTINGS = {nn.Softplus: ("beta", "threshold"), nn.Dropout: ("training", "p")}
+_GD = operator.attrgetter("grad_dtype") if hasattr(torch.Tensor, "grad_dtype") else lambda p: None
+
+
+def _param_state(params):
+    """What must not change under a parameter for the numpy view of its memory to be its value."""
+    return [(p.data_ptr(), p.shape, p.stride(), p.dtype, p.requires_grad, _GD(p)) for p in params]
+
+
+def _grad_dtype(p):
+    return _GD(p) or p.dtype
+
+
+def _settings(modules):
+    return [tuple(m.__dict__.get(a) for a in _SETTINGS[type(m)]) for m in modules]
+
+
+def _linear_params(linears):
+    return [p for m in linears for p in (m._parameters.get("weight"), m._parameters.get("bias"))]
+
+
+class _Kept:
+    """A converted model and what a call checks, reads and writes without converting it again."""
+
+    def __init__(self, module, conv):
+        # not the model itself: it is the cache's weak key, and holding it here would keep it alive
+        self.conv, self.root_type, self.dtype = conv._replace(containers=None), type(module), conv.params[0].dtype
+        self.inner = [c for c, _ in conv.containers[1:]]
+        self.kids = [k for _, k in conv.containers]
+        self.types = [tuple(map(type, k)) for k in self.kids]
+        self.configured = [m for k in self.kids for m in k if type(m) in _SETTINGS]
+        self.settings = _settings(self.configured)
+        self.linears = [it.module for it in conv.items if it.kind == "linear"]
+        self.params, self.state = _linear_params(self.linears), _param_state(conv.params)
+        # theta piece by piece (views of the parameters' memory, zeros for a missing bias, ones and zeros
+        # for a Diagonal), and stretches of equal Linears, whose gradients are written from one view each
+        self.pieces, self.strided, self.stretches, off = [], [], [], 0
+        for src, layer in zip(conv.sources, conv.chain):
+            if src is not None:
+                (d_out, d_in), last = layer.params[0].shape, self.stretches[-1] if self.stretches else None
+                if last and last[3] == (d_out, d_in) and last[0] + len(last[1]) * (d_out * d_in + d_out) == off:
+                    last[1].append(src[0])
+                    last[2].append(src[1])
+                else:
+                    self.stretches.append((off, [src[0]], [src[1]], (d_out, d_in)))
+            for i, arr in enumerate(layer.params):
+                view = np.array(arr) if src is None or src[i] is None else _numpy(src[i])
+                if not view.flags.c_contiguous:
+                    self.strided.append((len(self.pieces), view))
+                self.pieces.append(view.reshape(-1))  # a view, but for a strided parameter
+                off += arr.size
+        self.buffer, self.lock = np.empty(off, _DTYPES[self.dtype]), threading.Lock()
+        self.pc = packed_with(conv.chain, self.buffer)  # reads the buffer: made once
+        # .grad may be a view of the call's flat gradient where each parameter occurs once and
+        # is laid out as autograd lays out a gradient (contiguous, in its own dtype)
+        once = sum(len(w) + sum(b is not None for b in bs) for _, w, bs, _ in self.stretches) == len(conv.params)
+        self.fast = once and not self.strided and all(_grad_dtype(p) == p.dtype for p in conv.params)
+
+    def current(self, module) -> bool:
+        """The model still has the structure and parameters this conversion was made from."""
+        try:
+            kids = [tuple(c._modules.values()) for c in [module] + self.inner]
+            types = [tuple(map(type, k)) for k in kids]
+            # modules compare by identity, parameters explicitly so (a tensor's == compares values)
+            return (type(module) is self.root_type and kids == self.kids and types == self.types
+                    and all(map(operator.is_, _linear_params(self.linears), self.params))
+                    and _settings(self.configured) == self.settings and _param_state(self.conv.params) == self.state)
+        except Exception:  # e.g. a parameter that became sparse: converting again says what is wrong
+            return False
+
+    def packed(self):
+        """``(packed chain, release)`` with the current parameters, copied into a buffer kept across calls
+        (a new multi-megabyte array per step pays its page faults again); a new one if it is in use."""
+        pieces = list(self.pieces)
+        for i, view in self.strided:
+            pieces[i] = view.reshape(-1)  # a copy: a strided parameter is not one run of memory
+        if not self.lock.acquire(blocking=False):
+            return packed_with(self.conv.chain, np.concatenate(pieces)), lambda: None
+        np.concatenate(pieces, out=self.buffer)
+        return self.pc, self.lock.release
+
+
+def _kept(module) -> _Kept:
+    """The kept conversion of ``module``, converted (and checked) again if anything changed."""
+    hit = _KEPT.get(module) if isinstance(module, nn.Module) else None  # _convert refuses a non-module
+    if hit is None or not hit.current(module):
+        hit = _KEPT[module] = _Kept(module, _convert(module))
+    return hit
 
 
 # -- torch_backward ---------------------------------------------------------------
 def _as_array(a, what, dtype):
     """``a`` (tensor or array-like) as a numpy view in ``dtype``; refuses what autograd would treat differently."""
     if isinstance(a, torch.Tensor):
-        if a.device.type != "cpu":
-            raise ValueError(f"{what} is on {a.device}; chainprod.torch runs on CPU tensors only ({what}.cpu())")
-        if a.requires_grad:
-            raise ValueError(f"{what} requires a gradient: loss.backward() would fill {what}.grad, but "
-                             f"torch_backward computes parameter gradients only; pass {what}.detach()")
-        if a.layout != torch.strided:
-            raise ValueError(f"{what} has layout {a.layout}; pass a dense tensor ({what}.to_dense())")
+        bad = (f"is on {a.device}; chainprod.torch runs on CPU tensors only ({what}.cpu())" if a.device.type != "cpu"
+               else f"requires a gradient: loss.backward() would fill {what}.grad, but torch_backward computes "
+                    f"parameter gradients only; pass {what}.detach()" if a.requires_grad
+               else f"has layout {a.layout}; pass a dense tensor ({what}.to_dense())" if a.layout != torch.strided
+               else None)
+        if bad:
+            raise ValueError(f"{what} {bad}")
         if a.dtype not in _DTYPES:
             raise TypeError(f"{what} is {a.dtype}; the model's parameters are {dtype}")
         arr = a.detach().resolve_conj().resolve_neg().numpy()
     else:
         arr = np.asarray(a)
-    want = np.dtype(_DTYPES[dtype])
-    if arr.dtype != want:
+    if arr.dtype != _DTYPES[dtype]:
         raise TypeError(f"{what} is {arr.dtype} but the model's parameters are {dtype}; "
                         f"pass {what} as {dtype} (torch refuses mixed dtypes too)")
     return arr
 
 
-def _write_grads(new, params):
-    """Accumulate ``new`` (id(p) -> array) into ``p.grad`` as autograd does: set if None, else add."""
+def _write_grads(kept, grads):
+    """Accumulate ``grads`` into every ``p.grad`` as autograd does: set if None, else add in place."""
+    if kept.fast and isinstance(grads, LayerGrads):
+        # views of this call's own flat gradient (no one else holds it), made per stretch of
+        # equal Linears in C: 2 L tensors made one by one would cost more than the backward pass
+        flat = torch.from_numpy(grads.flat)
+        new = []
+        for off, ws, bs, (d_out, d_in) in kept.stretches:
+            k = d_out * d_in
+            rows = flat[off:off + len(ws) * (k + d_out)].view(len(ws), k + d_out)
+            new += zip(ws, rows[:, :k].view(len(ws), d_out, d_in).unbind(0))
+            new += [(b, g) for b, g in zip(bs, rows[:, k:].unbind(0)) if b is not None]
+    else:
+        # Sum per parameter object (a module used twice contributes twice, as in autograd); skip
+        # Diagonals of activations and the zero bias of nn.Linear(bias=False): chainprod's, not torch's
+        acc = {}
+        for src, g in zip(kept.conv.sources, grads):
+            for p, gp in zip(src or (), g):
+                if p is not None:
+                    acc[id(p)] = acc[id(p)] + gp if id(p) in acc else np.array(gp, copy=True)
+        new = [(p, torch.from_numpy(acc[id(p)])) for p in kept.conv.params]
     with torch.no_grad():
-        for p in params:
-            g = torch.from_numpy(new[id(p)])
-            gdtype = getattr(p, "grad_dtype", None) or p.dtype
-            if p.grad is None:
-                # empty_like keeps the parameter's memory layout, as autograd's gradient does
-                p.grad = torch.empty_like(p, dtype=gdtype).copy_(g)
-            elif p.grad.layout == torch.strided:
-                p.grad.add_(g)
+        for p, g in new:
+            old = p.grad
+            if old is None:  # fast: laid out as autograd's gradient is; else empty_like keeps p's layout
+                p.grad = g if kept.fast else torch.empty_like(p, dtype=_grad_dtype(p)).copy_(g)
+            elif old.layout == torch.strided:
+                old.add_(g)
             else:
-                p.grad = g.to(gdtype) + p.grad  # a sparse gradient plus a dense one is dense (autograd too)
+                p.grad = g.to(_grad_dtype(p)) + old  # a sparse gradient plus a dense one is dense (autograd too)
 
 
-def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vectorized", workers=None) -> float:
+def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vectorized", workers=None,
+                   kernels=None) -> float:
     """``loss.backward()`` for a torch ``nn.Sequential``, by chainprod's scan; returns the loss.
 
     Computes the loss of ``module(x)`` and its gradient with respect to every
-    parameter with :func:`chainprod.value_and_grad`, then accumulates the
-    gradients into ``p.grad`` exactly as autograd does: ``p.grad is None`` ->
-    set, otherwise added in place, in the parameter's dtype and device. A
-    parameter used twice (shared ``nn.Linear``) receives the sum. In a
-    training loop, ``loss.backward()`` becomes::
-
-        loss = cp.torch_backward(model, x, y, loss="mse")
+    parameter as :func:`chainprod.value_and_grad` does, and accumulates them
+    into ``p.grad`` as autograd does: set if None, else added in place (a
+    parameter used twice gets the sum). The model is converted on the first
+    call and kept (module docstring); float32 computes in float32 throughout.
 
     Parameters
     ----------
     module : torch.nn.Sequential
         See :func:`from_torch` for what it may contain.
     x : torch.Tensor or array, shape ``(..., d_in)``
-        Input batch, CPU, in the parameters' dtype. Leading dimensions are
+        Input batch, CPU, in the parameters' dtype; leading dimensions are
         batch dimensions (as for ``nn.Linear``).
     y : torch.Tensor or array, optional
         Targets of the model output's exact shape, for ``loss="mse"``.
     loss : {"sum", "mse"}
-        ``"sum"``: ``module(x).sum()`` for a model with one output (the sum
-        over the batch of the scalar outputs). ``"mse"``:
-        ``torch.nn.functional.mse_loss(module(x), y)`` (mean over all elements).
-    method, backend, workers
-        As in :func:`chainprod.grad`: a scan schedule name, ``"backprop"`` or
-        ``"auto"``; an executor name; a worker count.
+        ``module(x).sum()`` (one output), or
+        ``torch.nn.functional.mse_loss(module(x), y)``.
+    method, backend, workers, kernels
+        As in :func:`chainprod.grad`.
 
     Returns
     -------
     float
-        The loss value.
 
     Raises
     ------
-    UnsupportedModuleError, TypeError, ValueError
-        For an unsupported model or inputs; raised before any ``.grad`` is
-        touched. chainprod's own errors (e.g.
-        :class:`~chainprod.errors.NonFiniteError`) also leave ``.grad`` as it was.
+    UnsupportedModuleError, TypeError, ValueError, NonFiniteError
+        Before any ``.grad`` is touched.
     """
-    conv = _convert(module)
-    chain = conv.chain
-    dtype = conv.params[0].dtype
+    kept = _kept(module)
+    chain, dtype = kept.conv.chain, kept.dtype
     if not isinstance(loss, str) or loss not in ("sum", "mse"):
         raise ValueError(f"unknown loss {loss!r}; valid losses: 'sum', 'mse'")
-    if loss == "sum" and y is not None:
-        raise ValueError("loss='sum' takes no targets y; use loss='mse' with targets")
-    if loss == "mse" and y is None:
-        raise ValueError("loss='mse' needs targets y")
-
+    if (loss == "sum") == (y is not None):
+        raise ValueError("loss='sum' takes no targets y; use loss='mse' with targets" if y is not None
+                         else "loss='mse' needs targets y")
     xa = _as_array(x, "x", dtype)
     if xa.ndim == 0 or xa.shape[-1] != chain.d_in:
         raise ValueError(f"x has shape {tuple(xa.shape)} but the model's first layer expects "
                          f"width {chain.d_in} in its last dimension")
-    out_shape = xa.shape[:-1] + (chain.d_out,)
     # nn.Linear maps over leading dimensions, and both losses sum or average over all
     # elements, so a (..., d) batch is the same problem as an (n, d) one.
-    x2 = xa.reshape(-1, chain.d_in) if xa.ndim > 2 else xa
-    y2 = None
+    out_shape, x2, y2 = xa.shape[:-1] + (chain.d_out,), xa.reshape(-1, chain.d_in) if xa.ndim > 2 else xa, None
     if loss == "mse":
         ya = _as_array(y, "y", dtype)
         if tuple(ya.shape) != out_shape:
@@ -382,16 +436,13 @@ def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vector
                              "pass targets of exactly the output's shape")
         y2 = ya.reshape(x2.shape[:-1] + (chain.d_out,))
 
-    value, grads = value_and_grad(chain, x2, y2, loss=loss, method=method, backend=backend, workers=workers)
-
-    # Sum per parameter object: a module used twice contributes twice, as in autograd.
-    new = {}
-    for src, g in zip(conv.sources, grads):
-        if src is None:
-            continue  # a Diagonal for a parameter-free activation
-        for p, gp in zip(src, g):
-            if p is None:
-                continue  # nn.Linear(bias=False): the zero bias is chainprod's, not torch's
-            new[id(p)] = new[id(p)] + gp if id(p) in new else np.array(gp, copy=True)
-    _write_grads(new, conv.params)
-    return float(value)
+    # the structure converted once, the values of this call
+    pc, release = kept.packed()
+    try:
+        tape = forward(chain, x2, kernels=kernels, packed=pc)
+        value, cotangent = loss_cotangent(tape, y2, loss)
+        grads = backward(tape, cotangent, method=method, backend=backend, workers=workers, kernels=kernels)
+    finally:
+        release()  # nothing computed from the parameters is kept: the gradients are new arrays
+    _write_grads(kept, grads)
+    return value

@@ -1,18 +1,28 @@
-"""The sweep: tidy results, every speedup against the best backprop, peers that compute the same gradient."""
+"""The sweep: tidy results, every speedup against the best backprop, peers that compute the same gradient.
+
+The sweeps here run on a cost model and an ``auto`` cache of their own
+(:func:`isolated`), never the user's calibration or cached choices, so no
+result depends on what an earlier run left on disk.
+"""
 
 import csv
 import gzip
 import importlib.util
 import json
+import signal
 
 import numpy as np
 import pytest
 
 import chainprod as cp
-from chainprod import _timing
+from chainprod import _timing, cost
 from chainprod.bench import (
     BASELINES,
     FIELDS,
+    PRESETS,
+    TORCH_MODELS,
+    TORCH_STRUCTURE,
+    ResultsWriter,
     Sweep,
     compare_to_best_backprop,
     plan_sweep,
@@ -26,6 +36,20 @@ from chainprod.cost import CostModel
 from chainprod.testing import random_mats
 
 HAVE = {name: importlib.util.find_spec(name) is not None for name in ("jax", "torch", "pandas")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def isolated(tmp_path_factory):
+    """This module's own cost model (default costs, counted as this machine's) and ``auto`` cache."""
+    path = tmp_path_factory.mktemp("model") / "cost_model.json"
+    cost.save_model(CostModel(machine={"fingerprint": _fingerprint(), "engines": ["threads"]}, source="test"),
+                    str(path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHAINPROD_COST_MODEL", str(path))
+        mp.delenv("CHAINPROD_AUTO_CACHE", raising=False)
+        cp.clear_caches()
+        yield
+    cp.clear_caches()
 
 
 @pytest.fixture(scope="module")
@@ -191,9 +215,9 @@ def test_calibration_status():
     assert calibration_status(here, engines=("threads", "ray")) == "the saved calibration did not time ray"
     elsewhere = CostModel(machine={"fingerprint": {**_fingerprint(), "hostname": "other-host"}}, source="test")
     assert "hostname 'other-host'" in calibration_status(elsewhere)
-    older = {k: v for k, v in _fingerprint().items() if k != "cost model format"}  # saved before format 2
+    older = {k: v for k, v in _fingerprint().items() if k != "cost model format"}  # saved before formats existed
     status = calibration_status(CostModel(machine={"fingerprint": older}, source="test"))
-    assert "cost model format None -> 2" in status
+    assert f"cost model format None -> {_fingerprint()['cost model format']}" in status
 
 
 # -- sharded training rows ----------------------------------------------------------------------------
@@ -280,3 +304,150 @@ def test_the_sharded_flag_adds_the_sharded_backends():
     assert _sweep_from_args(a).backends == ["vectorized", "ray-sharded", "dask-sharded"]
     a = build_parser().parse_args(["bench", "--quick"])
     assert not any(b.endswith("-sharded") for b in _sweep_from_args(a).backends)
+
+
+# -- the batch axis ----------------------------------------------------------------------------------
+def test_the_default_sweep_has_batch_1_and_64_and_the_torch_models():
+    assert PRESETS["default"].batches == [1, 64] and PRESETS["default"].torch_models == list(TORCH_MODELS)
+    assert 1 in PRESETS["quick"].batches and 64 in PRESETS["quick"].batches
+    assert len(PRESETS["quick"].torch_models) == 1  # --quick keeps the section tiny
+    assert Sweep().torch_models == []  # a Sweep measures what it lists
+
+
+def test_deep_batched_wide_problems_are_skipped_with_the_reason():
+    sweep = Sweep(depths=[16, 1024], widths=[8], backends=["vectorized"], baselines=["backprop"],
+                  structures=["diagonal"], batches=[1, 64], max_activations=2**16)
+    jobs, skipped = plan_sweep(sweep)
+    assert sorted({j.problem[1:4] for j in jobs}) == [(16, 8, 1), (16, 8, 64), (1024, 8, 1)]
+    assert skipped == [{"problem": ["diagonal", 1024, 8, 64, "float64"],
+                        "reason": "L x N x w = 524,288 activations > max_activations (65,536)"}]
+
+
+def test_every_batch_is_a_problem_of_its_own(tmp_path):
+    sweep = Sweep(depths=[16], widths=[4], workers=[2], backends=["threads"], methods=["auto"],
+                  baselines=["backprop"], structures=["dense"], batches=[1, 3], repeats=1)
+    meta = run_sweep(sweep, str(tmp_path), progress=False, command="test", log=lambda *a: None)
+    rows = read_results(str(tmp_path))
+    assert sorted((r["batch"], r["method"]) for r in rows) == [(1, "auto"), (1, "backprop"), (3, "auto"),
+                                                              (3, "backprop")]
+    for N in (1, 3):  # each batch against its own baseline
+        bp = next(r for r in rows if r["batch"] == N and r["method"] == "backprop")
+        auto = next(r for r in rows if r["batch"] == N and r["method"] == "auto")
+        assert auto["best_backprop_backward_median"] == bp["backward_median"]
+    assert json.loads(open(meta["json"]).read())["sweep"]["batches"] == [1, 3]
+    assert all("/N=1/" in k or "/N=3/" in k for k in read_traces(str(tmp_path)))
+
+
+# -- the torch-models section ------------------------------------------------------------------------
+@pytest.mark.skipif(not HAVE["torch"], reason="needs torch")
+def test_torch_models_rows_each_say_their_baseline(tmp_path):
+    sweep = Sweep(depths=[], torch_models=[(8, 3, 4, "float32")], workers=[1, 2], repeats=1)
+    lines = []
+    run_sweep(sweep, str(tmp_path), progress="lines", command="test", log=lines.append)
+    rows = read_results(str(tmp_path))
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    assert {r["structure"] for r in rows} == {TORCH_STRUCTURE}
+    got = sorted((r["method"], r["backend"], r["workers"]) for r in rows if r["method"] != "jax")
+    assert got == sorted((m, b, P) for m, b in [("torch", "torch"), ("blas", "numpy"), ("torch_backward", "numba"),
+                                                ("value_and_grad", "numba"), ("value_and_grad", "numpy")]
+                         for P in (1, 2))
+    assert sum(r["method"] == "jax" for r in rows) == (1 if HAVE["jax"] else 0)
+    for r in rows:
+        assert r["note"] and r["schedule"] and r["total_median"] > 0 and r["repeats"] >= 1
+        best = [b for b in rows if b["method"] == r["best_backprop_total"]
+                and (b["method"] == "jax" or b["workers"] == r["workers"])]
+        assert r["best_backprop_total"] in ("torch", "jax") and best  # a peer, never the BLAS floor
+        assert r["speedup_total"] == pytest.approx(r["best_backprop_total_median"] / r["total_median"])
+    tb = [r for r in rows if r["method"] == "torch_backward"]
+    assert all(r["forward_median"] is None and r["backward_median"] is None for r in tb)  # one call, end to end
+    assert any(line.startswith("[1/1] torch MLP w=8 depth=3 N=4 float32") for line in lines)
+
+
+@pytest.mark.skipif(not HAVE["torch"], reason="needs torch")
+def test_torch_mlp_is_what_torch_users_write():
+    from chainprod.bench_rows import torch_mlp
+
+    model = torch_mlp(16, 3, "float64")
+    assert [type(m).__name__ for m in model] == ["Linear", "Tanh", "Linear", "Tanh", "Linear"]
+    chain = cp.from_torch(model)
+    assert len(chain) == 3 and chain.dtype == np.float64 and chain.layers[-1].activation == "identity"
+
+
+def test_the_blas_floor_needs_dense_layers():
+    with pytest.raises(ValueError, match="Dense layers"):
+        _timing.measure_matmuls(cp.diagonal_chain(3, 4), np.ones((2, 4)))
+    t = _timing.measure_matmuls(cp.mlp([4, 5, 3]), np.ones((2, 4)), repeats=2)
+    assert len(t.forward) == len(t.backward) == 2
+
+
+# -- the report: where chainprod loses, per-call rows -------------------------------------------------
+def _row(method, backend, workers, backward, total, structure="dense", iqr=0.0, schedule="backprop"):
+    return {"structure": structure, "depth": 64, "width": 8, "batch": 1, "dtype": "float64", "method": method,
+            "backend": backend, "workers": workers, "status": "ok", "schedule": schedule, "backward_median": backward,
+            "total_median": total, "backward_iqr": iqr, "total_iqr": iqr, "forward_median": total - backward}
+
+
+def test_losses_name_every_slower_chainprod_row_and_its_winner():
+    from chainprod.report import loss_table, losses
+
+    rows = [_row("backprop", "numba", 1, 1.0, 2.0), _row("backprop-numpy", "numpy", 1, 3.0, 5.0),
+            _row("jax", "jax", 1, 2.0, 1.5), _row("torch", "torch", 1, 9.0, 20.0),
+            _row("auto", "threads", 2, 1.5, 2.5, schedule="sklansky"), _row("auto", "vectorized", 1, 0.9, 1.4)]
+    found = {(e["row"]["method"], e["row"]["backend"]): e for e in losses(rows)}
+    # compiled backprop: slower than JAX end to end only (it is never compared with itself or the numpy loop)
+    assert set(found[("backprop", "numba")]) == {"row", "total"}
+    ratio, winner, beyond = found[("backprop", "numba")]["total"]
+    assert ratio == pytest.approx(2.0 / 1.5) and winner["method"] == "jax" and beyond
+    assert found[("backprop-numpy", "numpy")]["backward"][1]["method"] == "jax"  # peers only
+    ratio, winner, _ = found[("auto", "threads")]["backward"]  # a scan row meets every baseline: the fastest wins
+    assert ratio == pytest.approx(1.5) and winner["method"] == "backprop"
+    assert ("auto", "vectorized") not in found and ("jax", "jax") not in found and ("torch", "torch") not in found
+    table = loss_table(rows)
+    assert "| dense L=64 w=8 | auto on threads P=2 (sklansky) | 1.50x backprop (numba) (1.5e+03 vs 1e+03 ms)" in table
+
+
+def test_torch_model_losses_compare_at_the_same_thread_count_and_never_with_the_floor():
+    from chainprod.report import losses, torch_model_table
+
+    t = TORCH_STRUCTURE
+    rows = [_row("torch", "torch", 1, 1.0, 2.0, t), _row("torch", "torch", 2, 0.6, 1.0, t),
+            _row("blas", "numpy", 1, 0.1, 0.2, t), _row("value_and_grad", "numba", 1, 0.8, 1.5, t),
+            _row("value_and_grad", "numba", 2, 0.8, 1.5, t)]
+    lost = {e["row"]["workers"]: e for e in losses(rows)}
+    assert list(lost) == [2]  # P=1 beats torch at P=1 (faster torch at P=2 and the floor do not count)
+    assert lost[2]["total"][0] == pytest.approx(1.5) and lost[2]["total"][1]["workers"] == 2
+    table = torch_model_table(rows)
+    assert "| torch MLP w=8 depth=64 N=1 float64 | 1 | 2e+03 |" in table and "(0.75x)" in table
+
+
+def test_per_call_rows_are_labelled_as_a_clusters_latency(tmp_path):
+    from chainprod.report import PER_CALL_NOTE, sharded_lines, summary_lines, write_report
+
+    rows = [_row("backprop", "numba", 1, 1.0, 2.0), _row("auto", "ray", 2, 30.0, 31.0, schedule="sequential"),
+            _row("auto", "ray", 1, 3.0, 4.0, schedule="backprop (auto, ran locally)"),
+            {**_row("auto", "ray-sharded", 2, 6.0, 8.0), "bytes_moved": 328, "measured_rounds": 1}]
+    compare_to_best_backprop(rows)
+    text = "\n".join(summary_lines(rows))
+    assert "auto on ray P=2 (sequential) per call: a cluster's per-call latency" in text
+    assert "auto on ray P=1 (ran backprop locally: the cluster could not win)" in text
+    assert "auto on ray P=1 (ran backprop locally: the cluster could not win) per call" not in text
+    (line,) = sharded_lines(rows)
+    assert "Per call on ray P=2 (a cluster's per-call latency" in line and "3.1e+04 ms end to end" in line
+    report = open(write_report(str(tmp_path), rows, {})).read()
+    assert PER_CALL_NOTE in report
+
+
+def test_a_ctrl_c_held_during_a_write_still_counts_the_row(tmp_path, monkeypatch):
+    w = ResultsWriter(str(tmp_path))
+    row = dict.fromkeys(FIELDS, "")
+    real = w._writer.writerow
+
+    def writerow(r):  # Ctrl-C arrives while the row is being written: held, raised when the write is done
+        real(r)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(w._writer, "writerow", writerow)
+    with pytest.raises(KeyboardInterrupt):
+        w.write(row)
+    w.close({})
+    assert len(w.rows) == len(read_results(str(tmp_path))) == 1

@@ -1,4 +1,11 @@
-"""The chainprod command: every subcommand, in-process and as a console process; Ctrl-C keeps results."""
+"""The chainprod command: every subcommand, in-process and as a console process; Ctrl-C keeps results.
+
+No test here reads or writes the user's cache directory: every test runs
+on a cost model and an ``auto`` cache of its own (default costs that count
+as this machine's calibration, an empty cache), with chainprod's in-process
+caches emptied, so none depends on what an earlier run (the main job, a
+calibration, a previous test) left behind. Subprocesses inherit that.
+"""
 
 import csv
 import json
@@ -6,33 +13,40 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+import chainprod as cp
 from chainprod import cli, cost
-from chainprod.bench import FIELDS
+from chainprod.bench import FIELDS, WAIT_ENV
 from chainprod.calibrate import _fingerprint
 from chainprod.cli import build_parser, main
 
 SUBCOMMANDS = ["bench", "plot", "schedule", "simulate", "calibrate", "demo"]
-#: a sweep of a few seconds: two depths of one small dense chain, chainprod's own backprop as the only baseline;
-#: per depth 1 baseline + 2 methods x (vectorized, threads P=2) = 5 rows
+#: a sweep of a few seconds: two depths of one small dense chain, batch 1, chainprod's own backprop as the only
+#: baseline, no torch models; per depth 1 baseline + 2 methods x (vectorized, threads P=2) = 5 rows
 TINY = ["--depths", "16,64", "--widths", "4", "--workers", "2", "--backends", "vectorized,threads",
-        "--methods", "auto,sklansky", "--baselines", "backprop", "--structure", "dense", "--repeats", "1"]
+        "--methods", "auto,sklansky", "--baselines", "backprop", "--structure", "dense", "--batches", "1",
+        "--torch-models", "none", "--repeats", "1"]
 TINY_ROWS = 10
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def calibrated_here(tmp_path, monkeypatch):
-    """A saved cost model that counts as this machine's calibration (default costs), so bench does not calibrate."""
+    """A saved cost model that counts as this machine's calibration (default costs), so bench does not calibrate.
+
+    Beside it (where ``auto`` keeps its choices) an empty ``auto`` cache;
+    chainprod's in-process caches are emptied before and after.
+    """
     path = tmp_path / "cost_model.json"
     here = {"fingerprint": _fingerprint(), "engines": ["threads"]}
     cost.save_model(cost.CostModel(machine=here, source="test: default costs"), str(path))
     monkeypatch.setenv("CHAINPROD_COST_MODEL", str(path))
-    cost.load_model.cache_clear()
+    monkeypatch.delenv("CHAINPROD_AUTO_CACHE", raising=False)
+    monkeypatch.delenv(WAIT_ENV, raising=False)
+    cp.clear_caches()
     yield str(path)
-    cost.load_model.cache_clear()
+    cp.clear_caches()
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
@@ -79,6 +93,22 @@ def test_parser_lists():
     assert a.depths == [1024, 64] and a.backends == ["ray", "dask"]
 
 
+def test_batches_and_torch_models_on_the_command_line(capsys):
+    from chainprod.cli import _sweep_from_args
+
+    a = build_parser().parse_args(["bench", "--batches", "1,64", "--torch-models", "256x8x128,32x256x16:float64"])
+    sweep = _sweep_from_args(a)
+    assert sweep.batches == [1, 64]
+    assert sweep.torch_models == [(256, 8, 128, "float32"), (32, 256, 16, "float64")]
+    assert _sweep_from_args(build_parser().parse_args(["bench", "--batch", "4"])).batches == [4]  # the old name
+    assert _sweep_from_args(build_parser().parse_args(["bench", "--torch-models", "none"])).torch_models == []
+    default = _sweep_from_args(build_parser().parse_args(["bench"]))
+    assert default.batches == [1, 64] and len(default.torch_models) == 5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--torch-models", "256x8"])
+    assert "expected WIDTHxDEPTHxBATCH[:DTYPE]" in capsys.readouterr().err
+
+
 def test_bench_plot_and_report_via_subprocess(tmp_path, calibrated_here):
     pytest.importorskip("matplotlib")
     out = tmp_path / "r"
@@ -93,9 +123,11 @@ def test_bench_plot_and_report_via_subprocess(tmp_path, calibrated_here):
         for ext in ("png", "svg"):
             assert (out / "plots" / f"{name}.{ext}").stat().st_size < 200_000
     report = (out / "report.md").read_text()
-    assert "chainprod bench --depths 16,64" in report and "| structure | L | w | backend | P |" in report
+    assert "chainprod bench --depths 16,64" in report and "| structure | L | w | N | dtype | backend | P |" in report
     assert "![speedup vs depth](plots/speedup_vs_depth.png)" in report and "## Findings" in report
-    assert (out / "report.html").read_text().count("<tr>") == TINY_ROWS + 1  # the table, with its header
+    assert "## Where chainprod loses" in report and "## Torch models" not in report
+    results_html = (out / "report.html").read_text().split("<h2>Results</h2>")[1]
+    assert results_html.count("<tr>") == TINY_ROWS + 1  # the results table, with its header
     r = subprocess.run([sys.executable, "-m", "chainprod.cli", "plot", str(out), "--out", str(tmp_path / "p")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -110,7 +142,7 @@ def test_bench_quiet_prints_only_the_summary(tmp_path, calibrated_here, capsys):
     assert "auto check" in out
 
 
-def test_bench_calibrates_first_without_a_calibration(tmp_path, monkeypatch, capsys):
+def test_bench_calibrates_first_without_a_calibration(tmp_path, monkeypatch, capsys):  # overrides calibrated_here
     monkeypatch.setenv("CHAINPROD_COST_MODEL", str(tmp_path / "none.json"))
     cost.load_model.cache_clear()
     calls = []
@@ -137,31 +169,46 @@ def test_interrupt_while_plotting_exits_130_and_keeps_results(tmp_path, calibrat
     assert "interrupted while drawing the figures" in (tmp_path / "report.md").read_text()
 
 
-def test_ctrl_c_during_the_sweep_keeps_valid_partial_results(tmp_path, calibrated_here):
+def test_ctrl_c_during_the_sweep_keeps_valid_partial_results(tmp_path):
+    """A real SIGINT, sent at a known point: the sweep waits for it after 5 rows ($CHAINPROD_BENCH_WAIT_AFTER_ROWS).
+
+    The sweep cannot run ahead of the signal (it waits), and the test waits
+    for the sweep to say so, not for a time: the outcome is the same with
+    warm or cold caches (numba's, auto's, a calibration) and on a fast or a
+    loaded machine. 4 problems x 3 rows, cheapest first: the wait comes
+    after the second problem's baseline and first scan row.
+    """
     out = tmp_path / "r"
-    depths = [2**k for k in range(4, 12)]
-    args = [sys.executable, "-m", "chainprod.cli", "bench", "--depths", ",".join(map(str, depths)), "--widths", "4",
+    args = [sys.executable, "-m", "chainprod.cli", "bench", "--depths", "16,64", "--widths", "4",
             "--backends", "vectorized", "--methods", "auto,sklansky", "--baselines", "backprop",
-            "--structure", "dense,diagonal", "--repeats", "3", "--out", str(out)]
-    total_rows = len(depths) * 2 * 3
+            "--structure", "dense,diagonal", "--batches", "1", "--torch-models", "none", "--repeats", "2",
+            "--no-progress", "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for a few rows, then interrupt mid-sweep
-        if (out / "results.csv").exists() and (out / "results.csv").read_text().count("\n") > 4:
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", WAIT_ENV: "5"})
+    seen = []
+    for line in proc.stderr:  # until the sweep says it waits (EOF if it ended without waiting: then the asserts say)
+        seen.append(line)
+        if "waiting for a signal" in line:
+            proc.send_signal(signal.SIGINT)
             break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=120)
+    stderr = "".join(seen) + stderr
     assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
+    assert "5 rows written; waiting for a signal" in stderr and "Traceback" not in stderr
     assert "partial results kept in" in stdout
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert 4 <= len(rows) < total_rows  # some, not all
+    assert len(rows) == 5  # exactly the rows before the signal, of 12
     assert all(len(r) == len(FIELDS) and None not in r.values() for r in rows)  # no half-written row
+    assert [r["method"] for r in rows] == ["backprop", "auto", "sklansky", "backprop", "auto"]
     meta = json.loads((out / "results.json").read_text())
     assert meta["interrupted"] and meta["rows"] == len(rows)
     assert not (out / "plots").exists()
+    assert "Interrupted" in (out / "report.md").read_text()
+
+
+def test_wait_hook_refuses_a_bad_value(tmp_path, monkeypatch):
+    monkeypatch.setenv(WAIT_ENV, "soon")
+    assert main(["bench", *TINY, "--out", str(tmp_path), "--no-plots", "--quiet"]) == 2
 
 
 def test_open_prints_the_path_without_a_browser(tmp_path, calibrated_here, monkeypatch, capsys):

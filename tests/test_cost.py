@@ -176,9 +176,42 @@ def test_compiled_auto_predicts_the_faster_of_backprop_and_the_scan(backend, P):
         got = cost.predict_grad(structure, L, w, method="auto", kernels="numba", **kw)
         assert got["backward"] == pytest.approx(min(bp["backward"], ref["backward"]))
         assert got["schedule"] == ("backprop" if bp["backward"] < ref["backward"] else ref["schedule"])
-    # on an engine the model's pick runs, whatever the kernels
+    # on an engine the choice is between the cluster's best plan and backprop on the driver, whatever the kernels
     r = cost.predict_grad("dense", 2048, 8, method="auto", backend="ray", workers=2, kernels="numba")
     assert r == cost.predict_grad("dense", 2048, 8, method="auto", backend="ray", workers=2, kernels="numpy")
+
+
+def _remote_model(cluster_free: bool):
+    """A model where the cluster costs nothing and local backprop a lot, or the defaults (latencies of ms)."""
+    if not cluster_free:
+        return cost.CostModel()
+    slow = {s: {**t, "backprop": [[1.0] * len(t["w"])] * len(t["batch"]),
+                "prep": [[0.0] * len(t["w"])] * len(t["batch"])} for s, t in cost.CostModel().layers.items()}
+    zero = {"ray": 0.0, "dask": 0.0}
+    return cost.CostModel(layers=slow, round_latency=zero, task_latency=zero, run_latency=zero, remote_layer={},
+                          serial_op_latency=0.0)
+
+
+@pytest.mark.parametrize("backend", ["ray", "dask"])
+@pytest.mark.parametrize("cluster_free", [False, True])
+def test_auto_on_an_engine_runs_locally_unless_the_cluster_is_predicted_faster(backend, cluster_free):
+    m = _remote_model(cluster_free)
+    for structure, L, w in (("dense", 64, 8), ("diagonal", 512, 4)):
+        pick = cost.remote_auto(structure, L, w, backend=backend, workers=2, batch=3, model=m)
+        pred = cost.predict_grad(structure, L, w, method="auto", backend=backend, workers=2, batch=3, model=m)
+        bp = cost.predict_grad(structure, L, w, method="backprop", batch=3, model=m)
+        assert pick.local == pytest.approx(bp["backward"])
+        if cluster_free:  # every plan on the cluster beats a second per layer here
+            assert isinstance(pick.schedule, cp.Schedule) and pick.cluster < pick.local
+            assert pred["schedule"] == pick.schedule.name and pred["backward"] == pytest.approx(pick.cluster)
+            assert "on the cluster" in pick.note
+        else:  # a small chain: the engine's latencies alone exceed the whole local backward pass
+            assert pick.schedule is None and pick.cluster > pick.local
+            assert pred == bp  # grad runs backprop on the driver, and the prediction says so
+            assert pick.note.startswith("auto ran locally: the cluster's predicted time")
+        # an explicit schedule is costed on the cluster as asked
+        sk = cost.predict_grad(structure, L, w, method="sklansky", backend=backend, workers=2, batch=3, model=m)
+        assert sk["schedule"] == "sklansky" and sk["backward"] != bp["backward"]
 
 
 def test_line_through_two_timings():

@@ -146,6 +146,52 @@ def test_a_registered_local_executor_never_takes_the_remote_path():
         cp.executors._instances.pop(name, None)
 
 
+# -- method="auto" on a cluster: the cluster's best plan, or backprop on the driver ------------------
+def test_auto_runs_locally_when_the_cluster_cannot_win_and_says_so(engine):
+    chain = cp.mlp([4] * 8 + [1], seed=3)  # microseconds locally; a cluster round trip takes milliseconds
+    x = np.random.default_rng(3).standard_normal((3, 4))
+    ref = cp.grad(chain, x, method="backprop")
+    g, tr = cp.grad(chain, x, method="auto", backend=engine, workers=P, return_trace=True)
+    assert tr.schedule == "backprop"
+    assert tr.note.startswith("auto ran locally: the cluster's predicted time") and "exceeds the local" in tr.note
+    assert not tr.events and not tr.other_events  # not one task went to the cluster
+    assert max_err(g, ref) == 0.0  # the same compiled backprop
+    # the cost model's prediction says what grad did
+    pred = cp.cost.predict_grad("dense", len(chain), 4, method="auto", backend=engine, workers=P, batch=3)
+    assert pred["schedule"] == "backprop"
+    # a plan held for the cluster learns the same on its first batch
+    p = cp.plan(chain, backend=engine, workers=P)
+    assert p.schedule is None and max_err(p.grad(x), ref) == 0.0 and p.schedule == "backprop"
+
+
+def test_an_explicit_schedule_still_runs_on_the_cluster(engine):
+    chain = cp.mlp([4] * 8 + [1], seed=3)
+    x = np.random.default_rng(3).standard_normal((3, 4))
+    ref = cp.grad(chain, x, method="backprop")
+    for method in ("sklansky", "sequential"):
+        g, tr = cp.grad(chain, x, method=method, backend=engine, workers=P, return_trace=True)
+        assert tr.schedule.name == method and tr.note == ""
+        assert _task_kinds(tr) == {"vjp"}  # Jacobians, scan and VJPs ran on the workers
+        assert max_err(g, ref) < 1e-12
+
+
+def test_auto_runs_on_the_cluster_where_the_model_predicts_it_wins(engine, monkeypatch):
+    from chainprod.cost import auto as cost_auto
+
+    # a model where the cluster costs nothing and a local layer a second: every plan there wins
+    base = cp.cost.CostModel()
+    slow = {s: {**t, "backprop": [[1.0] * len(t["w"])] * len(t["batch"])} for s, t in base.layers.items()}
+    zero = {engine: 0.0}
+    model = cp.cost.CostModel(layers=slow, round_latency=zero, task_latency=zero, run_latency=zero, remote_layer={})
+    monkeypatch.setattr(cost_auto, "load_model", lambda: model)
+    chain = random_chain(14, 4, kind="mixed", seed=4)
+    x = np.random.default_rng(4).standard_normal((2, chain.d_in))
+    g, tr = cp.grad(chain, x, method="auto", backend=engine, workers=P, return_trace=True)
+    assert isinstance(tr.schedule, cp.Schedule) and "on the cluster" in tr.note
+    assert _task_kinds(tr) == {"vjp"}
+    assert max_err(g, cp.grad(chain, x, method="backprop")) < 1e-12
+
+
 def test_grad_mse_and_float32(engine):
     chain = cp.mlp([4, 6, 6, 2], seed=1, dtype=np.float32)
     x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)

@@ -10,7 +10,8 @@ pytest.importorskip("matplotlib")
 import chainprod as cp  # noqa: E402
 import chainprod.testing  # noqa: E402, F401
 from chainprod import cost, plots  # noqa: E402
-from chainprod.bench import Sweep, run_sweep  # noqa: E402
+from chainprod.bench import TORCH_STRUCTURE, Sweep, read_results, run_sweep  # noqa: E402
+from chainprod.calibrate import _fingerprint  # noqa: E402
 from chainprod.schedules import build  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,11 +31,24 @@ def _check(paths):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+    """A real sweep, on a cost model and an auto cache of its own (nothing the user's cache directory holds)."""
     out = tmp_path_factory.mktemp("res")
+    model = out / "model" / "cost_model.json"
+    cost.save_model(cost.CostModel(machine={"fingerprint": _fingerprint(), "engines": ["threads"]}, source="t"),
+                    str(model))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHAINPROD_COST_MODEL", str(model))
+        mp.delenv("CHAINPROD_AUTO_CACHE", raising=False)
+        cp.clear_caches()
+        _sweep(out)
+    cp.clear_caches()
+    return out
+
+
+def _sweep(out):
     run_sweep(Sweep(depths=[16, 128], widths=[4, 8], workers=[1, 2], backends=["vectorized", "threads"],
                     methods=["auto", "sklansky"], baselines=["backprop", "torch"], structures=["dense", "diagonal"],
                     repeats=1), str(out), progress=False, command="t", log=lambda *a: None)
-    return out
 
 
 def test_plot_results_writes_every_figure(results, tmp_path):
@@ -83,8 +97,6 @@ def test_schedule_diagram(tmp_path):
 
 
 def test_predicted_vs_measured_draws_the_band(results, tmp_path):
-    from chainprod.bench import read_results
-
     rows = read_results(str(results))
     assert any(r.get("predicted_total") for r in rows)
     _check(plots.predicted_vs_measured(rows, str(tmp_path / "pvm")))
@@ -124,3 +136,30 @@ def test_gantt_of_a_sharded_step(tmp_path, P):
     # drawn by shard and by kind of call, not by round and process
     assert "shard 0" in svg and f"shard {P - 1}" in svg and "forward pass ends" in svg
     assert "backprop of the chunk" in svg and "combine of the scan" in svg and "calls on" in svg
+
+
+def test_every_batch_gets_its_panels_and_markers(results, tmp_path):
+    rows = read_results(str(results))
+    rows += [{**r, "batch": 64} for r in rows]  # the same rows as a second batch size
+    for fig, title in (("speedup_vs_depth", "{} w=8, N=64"), ("speedup_heatmap", "{} N=64:")):
+        _check(getattr(plots, fig)(rows, str(tmp_path / fig)))
+        svg = open(tmp_path / f"{fig}.svg").read()
+        assert title.format("dense") in svg and title.format("diagonal") in svg, fig
+    _check(plots.speedup_vs_workers(rows, str(tmp_path / "w")))
+    assert "L=128 N=64" in open(tmp_path / "w.svg").read()
+    _check(plots.predicted_vs_measured(rows, str(tmp_path / "p")))
+    assert "threads N=64" in open(tmp_path / "p.svg").read()
+
+
+def test_torch_models_figure(tmp_path):
+    rows = []
+    for P in (1, 2):
+        for i, (m, b) in enumerate([("torch", "torch"), ("blas", "numpy"), ("torch_backward", "numba"),
+                                    ("value_and_grad", "numba"), ("value_and_grad", "numpy")]):
+            rows.append({"structure": TORCH_STRUCTURE, "depth": 3, "width": 8, "batch": 4, "dtype": "float32",
+                         "method": m, "backend": b, "workers": P, "status": "ok", "total_median": 1e-3 * (i + 1) / P})
+    rows.append({**rows[0], "method": "jax", "backend": "jax", "workers": 2})
+    paths = plots.torch_models(rows, str(tmp_path / "tm"))
+    _check(paths)
+    svg = open(paths[1]).read()
+    assert "w=8 depth=3 N=4 float32" in svg and "cp.torch_backward" in svg and "BLAS floor" in svg

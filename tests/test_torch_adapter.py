@@ -452,3 +452,183 @@ def test_from_torch_refuses_too(make, pattern):
     with pytest.raises(UnsupportedModuleError, match=pattern) as info:
         from_torch(make())
     assert isinstance(info.value, ValueError)
+
+
+# -- the kept conversion: converted once, current values every call ----------------------
+def _mlp(seed, widths, dtype=torch.float64, act=nn.Tanh):
+    rng = np.random.default_rng(seed)
+    mods = []
+    for i in range(len(widths) - 1):
+        mods.append(_linear(rng, widths[i], widths[i + 1], gain=1.2))
+        if i < len(widths) - 2:
+            mods.append(act())
+    return nn.Sequential(*mods).to(dtype)
+
+
+def _autograd(model, x, y):
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.grad = None
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    return [p.grad for p in ref.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+def test_training_steps_see_the_optimizers_in_place_updates(opt, dtype, kernels):
+    # optimizers update parameters in place: the kept conversion must read them afresh every call
+    model = _mlp(21, [5, 9, 9, 9, 2], dtype)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    make = {"sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5), "adam": lambda ps: torch.optim.Adam(ps, 1e-2)}
+    opt_a, opt_b = make[opt](a.parameters()), make[opt](b.parameters())
+    gen = torch.Generator().manual_seed(1)
+    for step in range(6):
+        x, y = torch.randn(7, 5, generator=gen, dtype=dtype), torch.randn(7, 2, generator=gen, dtype=dtype)
+        opt_a.zero_grad()
+        loss_a = torch.nn.functional.mse_loss(a(x), y)
+        loss_a.backward()
+        opt_b.zero_grad()
+        loss_b = torch_backward(b, x, y, loss="mse", method="backprop", kernels=kernels)
+        assert loss_b == pytest.approx(loss_a.item(), rel=RTOL[dtype])
+        assert_grads_close(b.parameters(), [p.grad for p in a.parameters()], RTOL[dtype], f"step {step}")
+        opt_a.step()
+        opt_b.step()
+    assert b[0].weight.grad.dtype == dtype
+    assert cp.torch._kept(b).buffer.dtype == np.dtype(str(dtype)[6:])  # float32 stays float32
+
+
+def _replace_linear(m):
+    m[2] = _linear(np.random.default_rng(5), 6, 6, gain=1.2)
+
+
+def _replace_weight(m):
+    m[0].weight = nn.Parameter(m[0].weight.detach() * 1.5)
+
+
+def _replace_data(m):
+    m[0].weight.data = m[0].weight.detach() * 1.5  # the same Parameter object, new memory
+
+
+def _transpose_square(m):
+    m[2].weight.data = m[2].weight.data.t()  # same memory, other strides: the values read differently
+
+
+def _copy_in_place(m):
+    with torch.no_grad():
+        m[2].bias.copy_(torch.linspace(-1, 1, 6, dtype=torch.float64))
+
+
+def _swap_activation(m):
+    m[1] = nn.ReLU()
+
+
+def _append(m):
+    m.append(nn.Sigmoid())
+
+
+def _nested_change(m):
+    m[3] = nn.Sequential(nn.Tanh(), nn.Identity())
+
+
+def _remove_bias(m):
+    m[4].bias = None
+
+
+def _non_contiguous_weight(m):
+    m[2].weight = nn.Parameter(m[2].weight.detach().t().contiguous().t())
+
+
+@pytest.mark.parametrize("change", [_replace_linear, _replace_weight, _replace_data, _transpose_square, _copy_in_place,
+                                    _swap_activation, _append, _nested_change, _remove_bias, _non_contiguous_weight])
+def test_a_changed_model_is_converted_again(change):
+    model = nn.Sequential(_linear(np.random.default_rng(3), 4, 6), nn.Tanh(), _linear(np.random.default_rng(4), 6, 6),
+                          nn.Sequential(nn.Tanh()), _linear(np.random.default_rng(6), 6, 1))
+    x = torch.from_numpy(np.random.default_rng(7).standard_normal((5, 4)))
+    y = torch.from_numpy(np.random.default_rng(8).standard_normal((5, 1)))
+    torch_backward(model, x, y, loss="mse")  # converted and kept
+    change(model)
+    want = _autograd(model, x, y)
+    model.zero_grad()
+    torch_backward(model, x, y, loss="mse", method="sklansky")
+    assert_grads_close(model.parameters(), want, 1e-10, change.__name__)
+    model.zero_grad()
+    torch_backward(model, x, y, loss="mse", method="backprop")  # and kept again
+    assert_grads_close(model.parameters(), want, 1e-10, change.__name__)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda m: m[0].weight.requires_grad_(False), r"module 0 \(Linear\): parameter 'weight' has requires_grad=False"),
+    (lambda m: m.train().append(nn.Dropout(0.5)), r"module 3 \(Dropout\) is in training mode"),
+    (lambda m: setattr(m[1], "beta", 2.0), r"module 1 \(Softplus\) has beta=2"),
+    (lambda m: m.insert(1, nn.GELU()), r"module 1 \(GELU\) is not supported"),
+    (lambda m: m[2].float(), r"mixed dtypes"),
+], ids=["frozen", "dropout-train", "softplus-beta", "gelu", "mixed-dtype"])
+def test_a_change_to_something_unsupported_is_refused_after_the_model_was_kept(change, pattern):
+    model = _f64(nn.Linear(4, 3), nn.Softplus(), nn.Linear(3, 1)).eval()
+    torch_backward(model, X4)
+    change(model)
+    before = [p.grad.clone() for p in model.parameters()]  # model.float() converts them too
+    with pytest.raises(UnsupportedModuleError, match=pattern):
+        torch_backward(model, X4)
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+
+
+def test_dropout_toggling_between_train_and_eval_is_seen():
+    model = _f64(nn.Linear(4, 3), nn.Dropout(0.3), nn.Tanh(), nn.Linear(3, 1)).eval()
+    torch_backward(model, X4)
+    model.train()
+    with pytest.raises(UnsupportedModuleError, match="training mode"):
+        torch_backward(model, X4)
+    model.eval()
+    torch_backward(model, X4)
+
+
+def test_accumulation_and_grad_identity_across_calls_and_steps():
+    model = _mlp(31, [3, 8, 8, 1])
+    x = torch.from_numpy(np.random.default_rng(2).standard_normal((4, 3)))
+    y = torch.zeros(4, 1, dtype=torch.float64)
+    one = _autograd(model, x, y)
+    torch_backward(model, x, y, loss="mse")
+    held = [p.grad for p in model.parameters()]
+    torch_backward(model, x, y, loss="mse")  # accumulates in place, like autograd
+    assert all(h is p.grad for h, p in zip(held, model.parameters()))
+    assert_grads_close(model.parameters(), [2 * g for g in one], 1e-10)
+    model.zero_grad(set_to_none=False)  # zeroed in place: the next call adds to the same tensors
+    torch_backward(model, x, y, loss="mse")
+    assert all(h is p.grad for h, p in zip(held, model.parameters()))
+    assert_grads_close(model.parameters(), one, 1e-10)
+    # gradients of different parameters never share memory a write could reach
+    model[0].weight.grad.add_(1.0)
+    assert_grads_close(list(model.parameters())[1:], one[1:], 1e-10)
+
+
+def test_the_kept_conversion_is_weak_and_cleared_with_the_caches():
+    import gc
+    import weakref
+
+    model = _mlp(41, [3, 4, 1])
+    torch_backward(model, torch.ones(2, 3, dtype=torch.float64))
+    kept = cp.torch._kept
+    assert kept(model) is kept(model)
+    cp.clear_caches()
+    assert len(cp.torch._KEPT) == 0
+    torch_backward(model, torch.ones(2, 3, dtype=torch.float64))
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None and len(cp.torch._KEPT) == 0
+
+
+def test_a_buffer_in_use_is_not_shared():
+    model = _mlp(51, [3, 4, 1])
+    torch_backward(model, torch.ones(2, 3, dtype=torch.float64))
+    kept = cp.torch._kept(model)
+    a, release_a = kept.packed()
+    b, release_b = kept.packed()  # as another thread would find it
+    assert not np.shares_memory(a.theta, b.theta) and np.array_equal(a.theta, b.theta)
+    release_b()
+    release_a()
+    c, release_c = kept.packed()
+    assert c is a and not c.theta.flags.writeable
+    release_c()

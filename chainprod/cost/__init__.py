@@ -37,7 +37,9 @@ compiled scan kernel (one call for every round, on ``P`` threads) is
 costed apart, from its own calibrated costs per position and per square op,
 as Brent's ``W/P + D`` (:func:`compiled_scan_time`). On the compiled
 kernels ``auto`` measures backprop beside the scans
-(:mod:`chainprod.autotune`), so its prediction is the lesser of the two.
+(:mod:`chainprod.autotune`), so its prediction is the lesser of the two; on
+Ray and Dask :func:`remote_auto` weighs the cluster's best plan against
+backprop on the driver, and ``grad`` runs what it picks.
 :func:`predict_grad` puts these together; :func:`simulate` answers Q4 for many more workers than this
 machine has; :func:`crossover` gives the smallest depth where the scan wins.
 
@@ -61,9 +63,11 @@ from __future__ import annotations
 from .auto import (
     AUTO,
     LOCAL_BACKENDS,
+    RemoteAuto,
     auto_runs_backprop,
     choose_schedule,
     predict_grad,
+    remote_auto,
     resolve_schedule,
     valid_schedules,
 )
@@ -75,5 +79,5 @@ __all__ = [
     "CostModel", "DEFAULT_MODEL", "load_model", "save_model", "model_path", "predict",
     "predict_backprop", "predict_grad", "choose_schedule", "round_stats", "simulate", "crossover",
     "OP_CLASSES", "STRUCTURES", "LOCAL_BACKENDS", "auto_runs_backprop", "chain_blocks", "layer_bytes",
-    "compiled_scan_time", "AUTO", "resolve_schedule", "valid_schedules",
+    "compiled_scan_time", "AUTO", "resolve_schedule", "valid_schedules", "remote_auto", "RemoteAuto",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,8 +23,8 @@ from ..schedules import Schedule, build, schedule, valid_methods
 from .model import CostModel, load_model
 from .scan import chain_blocks, predict, predict_backprop, signature
 
-__all__ = ["AUTO", "LOCAL_BACKENDS", "auto_runs_backprop", "choose_schedule", "predict_grad", "resolve_schedule",
-           "valid_schedules"]
+__all__ = ["AUTO", "LOCAL_BACKENDS", "RemoteAuto", "auto_runs_backprop", "choose_schedule", "predict_grad",
+           "remote_auto", "resolve_schedule", "valid_schedules"]
 
 #: the method name the cost model resolves (not a builder in the schedule registry)
 AUTO = "auto"
@@ -149,17 +150,83 @@ def resolve_schedule(method, L: int, *, workers: int | None = None, blocks=None,
     return schedule(method, L, workers=workers, blocks=blocks, backend=backend, **options)
 
 
+class RemoteAuto(NamedTuple):
+    """What ``method="auto"`` runs on Ray or Dask (:func:`remote_auto`), and why."""
+
+    #: the plan for the cluster, or None: backprop on the driver is predicted faster
+    schedule: Schedule | None
+    #: predicted seconds of the backward pass with that plan on the cluster
+    cluster: float
+    #: predicted seconds of the local (compiled) backprop backward pass
+    local: float
+
+    @property
+    def note(self) -> str:
+        """One line for a trace: where auto ran and the two predictions behind it."""
+        if self.schedule is None:
+            return (f"auto ran locally: the cluster's predicted time {self.cluster:.3g} s exceeds the local "
+                    f"backprop's {self.local:.3g} s")
+        return (f"auto ran {self.schedule.name} on the cluster: predicted {self.cluster:.3g} s, the local "
+                f"backprop's {self.local:.3g} s")
+
+
+def remote_auto(structure: str, L: int, width: int, *, backend: str, workers=None, batch=1, kernels="numba",
+                model: CostModel | None = None) -> RemoteAuto:
+    """``method="auto"`` on a distributed backend: the best plan on the cluster, unless backprop here wins.
+
+    The cluster's time of a plan is the scan preparation (Jacobians and
+    parameter VJPs), the cost of shipping the layers
+    (:meth:`CostModel.remote_time`) and the plan's makespan on ``workers``
+    (:func:`~chainprod.cost.predict`), for the candidate with the least
+    makespan. The local time is the compiled backprop's
+    (:func:`~chainprod.cost.predict_backprop`). The forward pass runs on
+    the driver either way, so it is left out of both. :func:`predict_grad`
+    and :func:`chainprod.grad` both decide here.
+
+    Returns
+    -------
+    RemoteAuto
+        ``schedule`` None when the local backprop is predicted faster. Kept
+        per arguments and model: costing a plan on a cluster partitions it.
+    """
+    model = model or load_model()
+    key = (structure, int(L), width, backend, workers, batch, kernels, model.key)
+    return _REMOTE.get(key, lambda: _remote_auto(structure, L, width, backend, workers, batch, kernels, model))
+
+
+_REMOTE = PlanCache(maxsize=256)
+
+
+def _remote_auto(structure, L, width, backend, workers, batch, kernels, model):
+    blocks = chain_blocks(structure, L, width)
+    sched = _choose(L - 1, blocks, workers, backend, batch, model)
+    cluster = (model.run_time(structure, "prep", width, L, batch)
+               + model.remote_time(backend, structure, width, L, batch)
+               + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model, kernels=kernels))
+    local = predict_backprop(L, width, batch, model, structure)
+    return RemoteAuto(None if local < cluster else sched, cluster, local)
+
+
+#: the backends where ``auto`` on the compiled kernels measures backprop beside the scans
+#: (``chainprod.autotune.COMPILED_BACKENDS``, which sits above this package)
+_MEASURED = ("vectorized", "threads")
+
+
 def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="vectorized",
                  workers=None, batch=1, kernels="numba", model: CostModel | None = None) -> dict:
     """Predicted seconds of ``grad`` on a depth-``L`` chain: forward, backward and end-to-end.
 
     ``method`` is ``"backprop"``, a schedule name, ``"auto"`` or a Schedule
-    for ``L - 1`` factors. ``kernels`` matters for ``"auto"`` on a local
-    backend: the compiled kernels measure backprop beside the scans and run
-    the faster (:mod:`chainprod.autotune`), so the prediction is the lesser
-    of the two; the numpy reference runs the model's pick. On Ray and Dask
-    the backward pass also pays :meth:`CostModel.remote_time` per layer.
-    Returns ``{"forward", "backward", "total", "schedule"}``.
+    for ``L - 1`` factors. ``kernels`` matters for ``"auto"`` on the
+    vectorized and threads backends: the compiled kernels measure backprop
+    beside the scans and run the faster (:mod:`chainprod.autotune`), so the
+    prediction is the lesser of the two; the numpy reference (and any
+    kernels on ``serial``) runs the model's pick. On Ray and Dask
+    the backward pass also pays :meth:`CostModel.remote_time` per layer, and
+    ``"auto"`` runs backprop on the driver where that is predicted faster
+    than every plan on the cluster (:func:`remote_auto`, which ``grad``
+    follows). Returns ``{"forward", "backward", "total", "schedule"}``;
+    ``"schedule"`` is ``"backprop"`` where backprop runs.
     """
     model = model or load_model()
     fwd = model.run_time(structure, "forward", width, L, batch)
@@ -169,6 +236,12 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
     blocks = chain_blocks(structure, L, width)
     if isinstance(method, Schedule):
         sched = method
+    elif method == AUTO and backend not in LOCAL_BACKENDS:
+        pick = remote_auto(structure, L, width, backend=backend, workers=workers, batch=batch, kernels=kernels,
+                           model=model)
+        if pick.schedule is None:
+            return {"forward": fwd, "backward": bp, "total": fwd + bp, "schedule": "backprop"}
+        return {"forward": fwd, "backward": pick.cluster, "total": fwd + pick.cluster, "schedule": pick.schedule.name}
     elif method == AUTO:
         sched = _choose(L - 1, blocks, workers, backend, batch, model)
         if auto_runs_backprop(sched, backend):
@@ -178,6 +251,6 @@ def predict_grad(structure: str, L: int, width: int, *, method="auto", backend="
         sched = schedule(method, L - 1, workers=workers, backend=backend)
     bwd = (model.run_time(structure, "prep", width, L, batch) + model.remote_time(backend, structure, width, L, batch)
            + predict(sched, blocks, backend=backend, workers=workers, batch=batch, model=model, kernels=kernels))
-    if method == AUTO and kernels != "numpy" and backend in LOCAL_BACKENDS and bp < bwd:
+    if method == AUTO and kernels != "numpy" and backend in _MEASURED and bp < bwd:
         return {"forward": fwd, "backward": bp, "total": fwd + bp, "schedule": "backprop"}
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "schedule": sched.name}

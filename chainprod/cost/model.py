@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .._caches import clear_caches, register_cache
+from ..kernels.crossover import calibration_path
 
 __all__ = ["CostModel", "DEFAULT_MODEL", "OP_CLASSES", "STRUCTURES", "layer_bytes", "load_model", "save_model",
            "model_path"]
@@ -96,6 +97,12 @@ class CostModel:
         layer of a run on that engine beyond the local model (shipping the
         layer, forming its Jacobian in a worker's Python), as
         ``layer + byte x bytes of the layer``.
+    kernel_crossover : dict
+        ``{dtype name: {form: multiply-adds}}``: from how many multiply-adds
+        a dense product of the compiled kernels goes to BLAS instead of a
+        fused loop (forms ``"rows"``, ``"blocks"``), as measured by
+        calibration. The kernels read it from the saved file
+        (:mod:`chainprod.kernels.crossover`); empty until calibrated.
     """
 
     call_latency: float = 4e-6
@@ -113,6 +120,7 @@ class CostModel:
     # ray measured from the sweep's rows on the development machine; dask assumed alike until calibrated
     remote_layer: dict = field(default_factory=lambda: {
         "ray": {"layer": 4.3e-5, "byte": 1.2e-9}, "dask": {"layer": 4.3e-5, "byte": 1.2e-9}})
+    kernel_crossover: dict = field(default_factory=dict)
     machine: dict = field(default_factory=dict)
     source: str = "defaults"
 
@@ -228,12 +236,12 @@ DEFAULT_MODEL = CostModel()
 
 
 def model_path() -> str:
-    """Where ``chainprod calibrate`` saves the model (``$CHAINPROD_COST_MODEL`` overrides)."""
-    env = os.environ.get("CHAINPROD_COST_MODEL")
-    if env:
-        return env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "chainprod", "cost_model.json")
+    """Where ``chainprod calibrate`` saves the model (``$CHAINPROD_COST_MODEL`` overrides).
+
+    The compiled kernels read their loop/BLAS crossover from the same file
+    (:func:`chainprod.kernels.crossover.calibration_path`, the one definition).
+    """
+    return calibration_path()
 
 
 @register_cache

@@ -177,6 +177,9 @@ class Trace:
     workers: int | None = None
     #: the Schedule that ran (set by the planner: says what ``method="auto"`` chose)
     schedule: object = None
+    #: why the run took the path it took, when a choice was made for the user (e.g. ``method="auto"``
+    #: on a cluster running locally because the cluster's predicted time exceeds local backprop's)
+    note: str = ""
     events: list = field(default_factory=list)
     #: work of a run outside the combine rounds (Jacobians, VJPs, collection on Ray/Dask workers)
     other_events: list = field(default_factory=list)

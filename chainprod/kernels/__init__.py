@@ -7,7 +7,11 @@ implementations of exactly the same functions are registered by name:
 
 ``"numba"``
     Compiled (``numba.njit``, cached on disk): a fraction of a microsecond
-    per layer. Needs ``pip install numba``.
+    per layer of a narrow chain. Each dense product runs as a fused loop
+    or in BLAS by its size in multiply-adds, from a crossover measured by
+    ``chainprod calibrate`` (:mod:`chainprod.kernels.crossover`); float32
+    chains are computed in float32. Needs ``pip install numba`` (and scipy,
+    whose BLAS numba calls; without it every product is a loop).
 ``"numpy"``
     The plain reference: numpy calls, one layer at a time. The compiled set
     is tested against it, and it is the fallback without numba.
@@ -62,12 +66,16 @@ from .pack import (
     unpack_rows,
 )
 
-__all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KIND_CODES", "KIND_NAMES", "LayerGrads", "PackedChain",
-           "default_kernels", "first_nonfinite_layer", "get_kernels", "layer_rows", "pack", "unpack_grads",
-           "unpack_rows"]
+__all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KERNEL_REVISION", "KIND_CODES", "KIND_NAMES", "LayerGrads",
+           "PackedChain", "default_kernels", "first_nonfinite_layer", "get_kernels", "layer_rows", "pack",
+           "unpack_grads", "unpack_rows"]
 
 #: Registered kernel sets, in order of preference.
 KERNELS = ("numba", "numpy")
+
+#: Raised whenever the compiled kernels' costs change (2: loops or BLAS by size, vectorised
+#: activations), so that what was measured with older kernels (``auto``'s choices) is measured again.
+KERNEL_REVISION = 2
 
 # name -> (module, the package it needs or None)
 _MODULES = {"numba": ("chainprod.kernels.numba_kernels", "numba"),

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -90,6 +91,16 @@ class PackedChain:
     def max_width(self) -> int:
         """The widest layer input or output (kernels size their work buffers by it)."""
         return int(max(self.d_in.max(), self.d_out.max()))
+
+    @cached_property
+    def max_product(self) -> int:
+        """``max(d_in * d_out)`` over the dense layers (0 without one): a dense step's multiply-adds per row.
+
+        The compiled kernels compare it with the loop/BLAS crossover
+        (:mod:`chainprod.kernels.crossover`); computed once per packing.
+        """
+        dense = self.kind == KIND_CODES["dense"]
+        return int((self.d_in[dense] * self.d_out[dense]).max()) if dense.any() else 0
 
     def tape_size(self, N: int) -> int:
         """Length of a flat tape ``Y`` (or ``V``) for a batch of ``N``."""

@@ -26,16 +26,19 @@ How the compiled path works
    (``prange`` over positions; diagonal positions stay ``O(w)``), run the
    stages (``prange`` over groups of lanes split by flops when a stage is
    worth a parallel region, else a plain loop), copy the prefixes into ``V``
-   and find the first non-finite one.
+   and find the first non-finite one. A dense op is a loop below the
+   crossover of its form (thin or square, :mod:`chainprod.kernels.crossover`)
+   and one BLAS ``gemm`` per batch element from it on; the square op is
+   never slower than ``np.matmul`` on the same stacked blocks.
 
-numba is imported only when the compiled kernels are first used
-(:func:`_compiled`); ``import chainprod.kernels.scan`` needs numpy alone. The
-kernel bodies below are plain Python functions that numba compiles
-(``njit(cache=True)``, on disk) at that point.
+numba is imported only when the compiled kernels are first used: the kernel
+is in :mod:`chainprod.kernels.scan_compiled`, imported at that point;
+``import chainprod.kernels.scan`` needs numpy alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import numpy as np
@@ -193,9 +196,17 @@ def scan_rows(pc, Y, cotangent, schedule, *, workers=None, kernels="numba"):
 
 
 def run_scan_compiled(pc, Y, cotangent, plan, workers=None):
-    """Run a bound flat plan with the numba kernel (inputs already checked)."""
-    k = _compiled()
+    """Run a bound flat plan with the numba kernel (inputs already checked).
+
+    Dense products go to BLAS from the crossovers of
+    :mod:`chainprod.kernels.crossover`, BLAS limited to one thread for the
+    call (the kernel runs on ``workers`` threads of its own); where it
+    cannot be limited, a kernel on more than one thread keeps to its loops.
+    """
+    kernel = _compiled()
     import numba
+
+    from . import crossover, numba_blas
 
     N = cotangent.shape[0]
     L = pc.L
@@ -205,209 +216,42 @@ def run_scan_compiled(pc, Y, cotangent, plan, workers=None):
         return V, -1
     nmax = numba.config.NUMBA_NUM_THREADS
     threads = nmax if workers is None else max(1, min(int(workers), nmax))
+    if numba_blas.blas_available():
+        rows, blocks = (crossover.blas_crossover(pc.dtype, form) for form in ("rows", "blocks"))
+    else:
+        rows = blocks = crossover.NEVER
+    biggest = max(N, pc.max_width) * pc.max_width ** 2  # the head over the batch, or a square op
+    blas_inside = min(rows, blocks) <= biggest and biggest >= numba_blas.BLAS_THREADS_MIN
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        form_elems = plan.buf_size  # an upper bound on what the forming writes
-        bad = k["scan"](pc.theta, pc.p_off, pc.kind, pc.act, pc.d_in, pc.d_out, pc.y_off, Y, cotangent,
-                        plan.slot_off, plan.op_left, plan.op_right, plan.op_out, plan.op_code, plan.op_m,
-                        plan.op_k, plan.op_n, plan.op_tmp, plan.lane_ptr, plan.lane_cum, plan.lane_mid,
-                        plan.stage_ptr, plan.stage_parallel, plan.out_off, plan.buf_size, plan.max_tmp,
-                        threads, form_elems >= _PARALLEL_MIN_ELEMENTS, V)
+        with numba_blas.one_blas_thread() if blas_inside else contextlib.nullcontext(True) as limited:
+            if not limited and threads > 1:
+                rows = blocks = crossover.NEVER
+            form_elems = plan.buf_size  # an upper bound on what the forming writes
+            bad = kernel(pc.theta, pc.p_off, pc.kind, pc.act, pc.d_in, pc.d_out, pc.y_off, Y, cotangent,
+                         plan.slot_off, plan.op_left, plan.op_right, plan.op_out, plan.op_code, plan.op_m,
+                         plan.op_k, plan.op_n, plan.op_tmp, plan.lane_ptr, plan.lane_cum, plan.lane_mid,
+                         plan.stage_ptr, plan.stage_parallel, plan.out_off, plan.buf_size, plan.max_tmp,
+                         threads, form_elems >= _PARALLEL_MIN_ELEMENTS, rows, blocks, V)
     finally:
         numba.set_num_threads(before)
     return V, int(bad)
 
 
-_KERNELS = None
-
-
 def _compiled():
-    """Compile (or load from the on-disk cache) the numba kernels; imports numba."""
-    global _KERNELS, prange
-    if _KERNELS is None:
-        if importlib.util.find_spec("numba") is None:
-            raise ImportError("kernels='numba' needs numba, which is not installed: pip install numba "
-                              "(or use kernels='numpy')")
-        import numba
+    """The compiled scan kernel (:mod:`.scan_compiled`), compiled or loaded from numba's disk cache."""
+    if importlib.util.find_spec("numba") is None:
+        raise ImportError("kernels='numba' needs numba, which is not installed: pip install numba "
+                          "(or use kernels='numpy')")
+    from .scan_compiled import scan_kernel
 
-        # The bodies below call each other by their global names; rebinding
-        # those names to the compiled dispatchers before the first compile is
-        # what lets numba resolve them (and prange) inside the kernels.
-        from .numba_rules import derivative as compiled_derivative  # the one compiled set of rules
-
-        prange = numba.prange
-        g = globals()
-        g["_deriv"] = compiled_derivative
-        for name in ("_form_position", "_combine", "_run_op", "_run_lanes"):
-            g[name] = numba.njit(cache=True)(g[name])
-        g["_scan_kernel"] = numba.njit(cache=True, parallel=True)(g["_scan_kernel"])
-        _KERNELS = {"scan": g["_scan_kernel"]}
-    return _KERNELS
+    return scan_kernel
 
 
 def compiled_scan_kernel():
-    """The compiled scan kernel itself, for benchmarks that time its stages apart (imports numba)."""
-    return _compiled()["scan"]
+    """The compiled scan kernel itself, for benchmarks that time its stages apart (imports numba).
 
-
-# -- kernel bodies (compiled by numba in _compiled) ---------------------------------
-prange = range  # replaced by numba.prange before compiling
-_deriv = None  # bound to numba_rules.derivative (act' from y, by code) before compiling
-
-
-def _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent, off, buf):
-    """Position ``p``'s block into ``buf[off:]``: the head (p = 0) or layer ``L-1-p``'s Jacobian."""
-    j = L - 1 - p
-    r = d_out[j]
-    c = d_in[j]
-    yb = N * y_off[j]
-    t0 = p_off[j]
-    a = act[j]
-    if p == 0:  # thin head: cotangent . diag(act') W, or cotangent * act' * a
-        if kind[j] == 0:
-            for b in range(N):
-                ob = off + b * c
-                for cc in range(c):
-                    buf[ob + cc] = 0.0
-                for i in range(r):
-                    g = cotangent[b, i] * _deriv(a, Y[yb + b * r + i])
-                    row = t0 + i * c
-                    for cc in range(c):
-                        buf[ob + cc] += g * theta[row + cc]
-        else:
-            for b in range(N):
-                for i in range(r):
-                    buf[off + b * r + i] = cotangent[b, i] * _deriv(a, Y[yb + b * r + i]) * theta[t0 + i]
-    elif kind[j] == 0:
-        for b in range(N):
-            for i in range(r):
-                s = _deriv(a, Y[yb + b * r + i])
-                ob = off + (b * r + i) * c
-                row = t0 + i * c
-                for cc in range(c):
-                    buf[ob + cc] = s * theta[row + cc]
-    else:
-        for b in range(N):
-            for i in range(r):
-                buf[off + b * r + i] = _deriv(a, Y[yb + b * r + i]) * theta[t0 + i]
-
-
-def _combine(buf, code, lo, ro, m, k, n, N, dst, do):
-    """``dst[do:] <- left (x) right`` for one op, every batch element (kinds by ``code``)."""
-    if code == 0:  # dense (m x k) @ dense (k x n)
-        for b in range(N):
-            lb = lo + b * m * k
-            rb = ro + b * k * n
-            ob = do + b * m * n
-            for i in range(m):
-                orow = ob + i * n
-                for jj in range(n):
-                    dst[orow + jj] = 0.0
-                for kk in range(k):
-                    x = buf[lb + i * k + kk]
-                    rrow = rb + kk * n
-                    for jj in range(n):  # contiguous axpy: vectorises
-                        dst[orow + jj] += x * buf[rrow + jj]
-    elif code == 1:  # dense @ diag: scale the columns
-        for b in range(N):
-            lb = lo + b * m * n
-            rb = ro + b * n
-            ob = do + b * m * n
-            for i in range(m):
-                for jj in range(n):
-                    dst[ob + i * n + jj] = buf[lb + i * n + jj] * buf[rb + jj]
-    elif code == 2:  # diag @ dense: scale the rows
-        for b in range(N):
-            lb = lo + b * m
-            rb = ro + b * m * n
-            ob = do + b * m * n
-            for i in range(m):
-                x = buf[lb + i]
-                for jj in range(n):
-                    dst[ob + i * n + jj] = x * buf[rb + i * n + jj]
-    else:  # diag * diag: elementwise, O(w)
-        for b in range(N):
-            lb = lo + b * m
-            rb = ro + b * m
-            ob = do + b * m
-            for i in range(m):
-                dst[ob + i] = buf[lb + i] * buf[rb + i]
-
-
-def _run_op(o, N, buf, tmp, op_left, op_right, op_out, op_code, op_m, op_k, op_n, op_tmp):
-    code = op_code[o]
-    m = op_m[o]
-    n = op_n[o]
-    if op_tmp[o] == 0:
-        _combine(buf, code, op_left[o], op_right[o], m, op_k[o], n, N, buf, op_out[o])
-    else:  # the output overlaps an operand: form it aside, then copy
-        _combine(buf, code, op_left[o], op_right[o], m, op_k[o], n, N, tmp, 0)
-        size = N * m if code == 3 else N * m * n
-        oo = op_out[o]
-        for e in range(size):
-            buf[oo + e] = tmp[e]
-
-
-def _run_lanes(a, b, N, buf, tmp, lane_ptr, op_left, op_right, op_out, op_code, op_m, op_k, op_n, op_tmp):
-    """Lanes ``a .. b-1`` in order (their ops are contiguous in the plan)."""
-    for o in range(lane_ptr[a], lane_ptr[b]):
-        _run_op(o, N, buf, tmp, op_left, op_right, op_out, op_code, op_m, op_k, op_n, op_tmp)
-
-
-def _scan_kernel(theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent,
-                 slot_off, op_left, op_right, op_out, op_code, op_m, op_k, op_n, op_tmp,
-                 lane_ptr, lane_cum, lane_mid, stage_ptr, stage_parallel, out_off, buf_size, max_tmp,
-                 threads, form_parallel, V):
-    """Form the blocks, run every stage, write the rows into ``V``; returns the first bad prefix or -1."""
-    L = kind.shape[0]
-    M = L - 1
-    N = cotangent.shape[0]
-    buf = np.empty(buf_size, dtype=V.dtype)
-    if form_parallel and threads > 1:
-        for p in prange(M):
-            _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent, slot_off[p], buf)
-    else:
-        for p in range(M):
-            _form_position(p, L, N, theta, p_off, kind, act, d_in, d_out, y_off, Y, cotangent, slot_off[p], buf)
-
-    T = max(threads, 1)
-    tmps = np.empty((T, max(max_tmp, 1)), dtype=V.dtype)  # one temporary per group of lanes
-    bounds = np.empty(T + 1, dtype=np.int64)
-    n_stages = stage_ptr.shape[0] - 1
-    for s in range(n_stages):
-        a = stage_ptr[s]
-        b = stage_ptr[s + 1]
-        if stage_parallel[s] == 1 and threads > 1:
-            # Contiguous groups of lanes with about equal flops, one per thread
-            # (a lane goes to the group its middle falls in).
-            G = min(T, b - a)
-            base = lane_cum[a]
-            F = lane_cum[b] - base
-            bounds[0] = a
-            bounds[G] = b
-            for g in range(1, G):
-                bounds[g] = a + np.searchsorted(lane_mid[a:b], base + F * g / G)
-            for g in prange(G):
-                _run_lanes(bounds[g], bounds[g + 1], N, buf, tmps[g], lane_ptr, op_left, op_right, op_out,
-                           op_code, op_m, op_k, op_n, op_tmp)
-        else:
-            _run_lanes(a, b, N, buf, tmps[0], lane_ptr, op_left, op_right, op_out, op_code, op_m, op_k, op_n,
-                       op_tmp)
-
-    # Rows out: prefix k is v_{L-2-k}, a thin (N, 1, d) block.
-    bad = -1
-    for k in range(M):
-        l = L - 2 - k
-        d = d_out[l]
-        src = out_off[k]
-        dst = N * y_off[l]
-        ok = True
-        for e in range(N * d):
-            x = buf[src + e]
-            V[dst + e] = x
-            if not np.isfinite(x):
-                ok = False
-        if not ok and bad < 0:
-            bad = k
-    return bad
+    Its arguments are those :func:`run_scan_compiled` passes.
+    """
+    return _compiled()

@@ -1,0 +1,164 @@
+"""Where the compiled kernels stop forming a dense product in a fused loop and call BLAS.
+
+Every dense product of the compiled kernels (a layer's step over ``N`` rows,
+a parameter VJP, a scan's combine op) has ``m x k x n`` multiply-adds.
+Below the *crossover* the kernels run it as a plain loop (no call: at batch
+1 and width 8 a BLAS call costs more than the arithmetic); from it on as
+one BLAS ``gemm``. The crossover is a number of multiply-adds per dtype and
+per *form* of product:
+
+``"rows"``
+    a batch of rows times a layer's matrix: the forward step, backprop's
+    next row and parameter VJP, a step of a chunk's Jacobian product, a
+    scan's thin ops (one row per sample times a Jacobian);
+``"blocks"``
+    a scan's square ops, a ``m x k`` Jacobian block times a ``k x n`` one
+    per sample (the loop over a block is slower per multiply-add than over
+    rows, so BLAS takes over earlier).
+
+Both are measured by ``chainprod calibrate`` on the machine
+(:func:`chainprod.calibrate.calibrate` times both ways over a grid of
+products and keeps the size from which BLAS wins) and saved with the
+calibration, in its ``kernel_crossover`` field. The kernels read it from
+there (:func:`blas_crossover`); without a saved calibration they use
+:data:`DEFAULT_CROSSOVER`.
+
+This module needs numpy only (the cost model reads :func:`calibration_path`
+from here, and ``import chainprod`` must not import numba).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+
+import numpy as np
+
+from .._caches import register_cache
+
+__all__ = ["DEFAULT_CROSSOVER", "FORMS", "NEVER", "blas_crossover", "calibration_path", "force_path", "saved_crossover",
+           "using_crossover"]
+
+#: Multiply-adds from which a product goes to BLAS when no calibration is
+#: saved, per dtype and form: what ``chainprod calibrate`` measured on the
+#: development machine (2 cores, OpenBLAS through scipy), the same in both
+#: dtypes. There a row product is faster as a loop below about 256
+#: multiply-adds (8 wide up to 2-4 rows, one row up to 16 wide; at batch 1
+#: an 8-wide step is 1.5-2x faster as a loop) and a square block product
+#: below 3 x 3 x 3.
+DEFAULT_CROSSOVER = {"float32": {"rows": 256, "blocks": 27}, "float64": {"rows": 256, "blocks": 27}}
+#: the forms of product (see the module docstring)
+FORMS = ("rows", "blocks")
+
+#: a crossover no product reaches: the loops only
+NEVER = 1 << 62
+
+_FORCED = {"loop": NEVER, "blas": 0}
+_forced = None  # a value of _FORCED while force_path is in effect
+_table = None  # a parsed table while using_crossover is in effect
+
+
+def calibration_path() -> str:
+    """The file ``chainprod calibrate`` saves to (``$CHAINPROD_COST_MODEL`` overrides).
+
+    The one definition of the path: :func:`chainprod.cost.model_path` returns it.
+    """
+    env = os.environ.get("CHAINPROD_COST_MODEL")
+    if env:
+        return env
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "chainprod", "cost_model.json")
+
+
+@register_cache
+@functools.lru_cache(maxsize=1)
+def saved_crossover() -> dict:
+    """``{(dtype name, form): multiply-adds}`` from the saved calibration, or ``{}``.
+
+    Read once per process; :func:`chainprod.clear_caches` (which saving a
+    calibration calls) makes the next call read the file again.
+    """
+    try:
+        with open(calibration_path()) as f:
+            saved = json.load(f).get("kernel_crossover") or {}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    return _parse(saved)
+
+
+def _parse(saved):
+    """``{(dtype name, form): multiply-adds}`` of a ``kernel_crossover`` table; malformed entries are left out."""
+    out = {}
+    for name in DEFAULT_CROSSOVER:
+        forms = saved.get(name) if isinstance(saved, dict) else None
+        for form in FORMS:
+            v = forms.get(form) if isinstance(forms, dict) else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+                out[name, form] = int(min(v, NEVER))
+    return out
+
+
+#: (dtype, form) -> crossover now in effect (the kernels ask on every call: a dict hit, not a file or a parse)
+_active: dict = {}
+register_cache(_active.clear)
+
+
+def blas_crossover(dtype, form="rows") -> int:
+    """Multiply-adds from which a product of ``dtype`` and ``form`` goes to BLAS: forced, calibrated or default."""
+    if _forced is not None:
+        return _forced
+    hit = _active.get((dtype, form))
+    if hit is None:
+        key = (np.dtype(dtype).name, form)
+        saved = saved_crossover() if _table is None else _table
+        hit = _active[dtype, form] = saved[key] if key in saved else DEFAULT_CROSSOVER[key[0]][form]
+    return hit
+
+
+@contextlib.contextmanager
+def force_path(path):
+    """Make every compiled kernel in this process take one path inside the block.
+
+    Parameters
+    ----------
+    path : {"loop", "blas"} or None
+        ``"loop"``: every product as a fused loop; ``"blas"``: every dense
+        product in BLAS (where numba finds BLAS; else the loops run);
+        ``None``: by the crossover. Meant for tests and benchmarks that
+        compare the two ways.
+
+    >>> from chainprod.kernels.crossover import blas_crossover, force_path
+    >>> with force_path("blas"):
+    ...     blas_crossover("float64")
+    0
+    """
+    global _forced
+    if path is not None and path not in _FORCED:
+        raise ValueError(f"path must be 'loop', 'blas' or None, got {path!r}")
+    before = _forced
+    _forced = None if path is None else _FORCED[path]
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+@contextlib.contextmanager
+def using_crossover(table):
+    """Make the kernels use ``table`` (a ``kernel_crossover`` dict) instead of the saved one inside the block.
+
+    The calibration measures the other costs with the crossover it has just
+    measured, before anything is saved. Forms or dtypes missing from
+    ``table`` take :data:`DEFAULT_CROSSOVER`.
+    """
+    global _table
+    before = _table
+    _table = _parse(table or {})
+    _active.clear()
+    try:
+        yield
+    finally:
+        _table = before
+        _active.clear()
