@@ -33,13 +33,14 @@ import contextlib
 import functools
 import json
 import os
+import time
 
 import numpy as np
 
 from .._caches import register_cache
 
-__all__ = ["DEFAULT_CROSSOVER", "FORMS", "NEVER", "blas_crossover", "calibration_path", "force_path", "saved_crossover",
-           "using_crossover"]
+__all__ = ["DEFAULT_CROSSOVER", "FORMS", "NEVER", "best_seconds_per_rep", "blas_crossover", "calibration_path",
+           "force_path", "saved_crossover", "using_crossover"]
 
 #: Multiply-adds from which a product goes to BLAS when no calibration is
 #: saved, per dtype and form: what ``chainprod calibrate`` measured on the
@@ -162,3 +163,27 @@ def using_crossover(table):
     finally:
         _table = before
         _active.clear()
+
+
+def best_seconds_per_rep(run, repeats=5, min_seconds=2e-4) -> float:
+    """Best seconds per repetition of ``run(reps)``, a compiled loop that repeats its work ``reps`` times.
+
+    ``reps`` grows by 4x until one call lasts ``min_seconds`` (so the Python
+    call is not in the figure); the best of ``repeats`` such calls. The first
+    call, ``run(1)``, compiles or loads the loop and is not timed.
+    """
+    run(1)
+    reps = 1
+    while True:
+        t0 = time.perf_counter()
+        run(reps)
+        t = time.perf_counter() - t0
+        if t >= min_seconds:
+            break
+        reps *= 4
+    best = t / reps
+    for _ in range(repeats - 1):
+        t0 = time.perf_counter()
+        run(reps)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best

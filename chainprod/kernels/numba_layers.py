@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .crossover import best_seconds_per_rep
 from .numba_blas import NOTRANS, TRANS, gemm
 from .numba_rules import bias_act, deriv_rows
 
@@ -177,25 +178,9 @@ def row_step_seconds(nr, w, dtype, cross, repeats=5, min_seconds=2e-4):
     ``min_seconds``, so no Python call is in the figure; the best of
     ``repeats`` such loops.
     """
-    import time
-
     rng = np.random.default_rng(0)
     th = (rng.standard_normal(w * w + w) / np.sqrt(w)).astype(dtype)
     xs, delta = (rng.standard_normal(nr * w).astype(dtype) for _ in range(2))
     ys, vn, g = np.empty(nr * w, dtype), np.empty(nr * w, dtype), np.empty(w * w + w, dtype)
     args = (nr, w, cross, th, xs, ys, delta, g, vn)
-    _row_steps(*args, 1)
-    reps = 1
-    while True:
-        t0 = time.perf_counter()
-        _row_steps(*args, reps)
-        t = time.perf_counter() - t0
-        if t >= min_seconds:
-            break
-        reps *= 4
-    best = t / reps
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        _row_steps(*args, reps)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+    return best_seconds_per_rep(lambda reps: _row_steps(*args, reps), repeats, min_seconds)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .crossover import best_seconds_per_rep
 from .numba_blas import NOTRANS, gemm
 from .numba_rules import deriv_rows
 
@@ -228,21 +229,5 @@ def block_op_seconds(w, dtype, cross, batch=64, repeats=5, min_seconds=2e-4):
     compiled loop of enough repeats to last ``min_seconds``; the best of
     ``repeats`` such loops.
     """
-    import time
-
     buf = (np.random.default_rng(0).standard_normal(3 * batch * w * w) / np.sqrt(w)).astype(dtype)
-    _block_ops(buf, w, batch, cross, 1)
-    reps = 1
-    while True:
-        t0 = time.perf_counter()
-        _block_ops(buf, w, batch, cross, reps)
-        t = time.perf_counter() - t0
-        if t >= min_seconds:
-            break
-        reps *= 4
-    best = t / reps
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        _block_ops(buf, w, batch, cross, reps)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best / batch
+    return best_seconds_per_rep(lambda reps: _block_ops(buf, w, batch, cross, reps), repeats, min_seconds) / batch
