@@ -166,7 +166,8 @@ def measure_job(job, chain, x, repeats, clusters=None, torch_problem=None, budge
             if k != "forward":
                 row[f"prediction_error_{k}"] = job.prediction[k] / row[f"{k}_median"] - 1
     trace = t.trace
-    note = trace.note or None  # auto on a cluster says why it ran (or did not run) there
+    # baselines have no trace; auto on a cluster says why it ran (or did not run) there
+    note = getattr(trace, "note", "") or None
     if note:
         row["note"] = str(note)
     if job.baseline or L < 2 or trace.schedule == "backprop":  # "backprop": auto chose it
