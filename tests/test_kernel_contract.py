@@ -195,20 +195,31 @@ def test_product_row_and_derivatives_match_the_layer_math(name, structure, dtype
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_parallel_backprop_keeps_one_loop(dtype, monkeypatch):
     """On the chunked-batch path too, the row rides the backprop loop: same grads, same rows as serial."""
+    from chainprod.kernels.crossover import force_path
+
     nb = get_kernels("numba")
     chain = make_chain("mixed", dtype)
     pc = pack(chain)
     x, cotangent = inputs(chain, 9, dtype)
     Y, _ = nb.forward(pc, x)
-    _, row_serial, _ = nb.backprop_with_row(pc, x, Y, cotangent)
-    g_serial, _ = nb.backprop(pc, x, Y, cotangent)
-    monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
-    g, bad = nb.backprop(pc, x, Y, cotangent)
-    g_r, row, bad_r = nb.backprop_with_row(pc, x, Y, cotangent)
+    # The fused loops: a sample's row is computed from that sample alone, so
+    # cutting the batch cannot change it by one bit. (Whether a chunk of rows
+    # takes BLAS depends on its size and on this machine's calibrated
+    # crossover, and BLAS may block rows differently: compared to rounding below.)
+    with force_path("loop"):
+        _, row_serial, _ = nb.backprop_with_row(pc, x, Y, cotangent)
+        g_serial, _ = nb.backprop(pc, x, Y, cotangent)
+        monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
+        g, bad = nb.backprop(pc, x, Y, cotangent)
+        g_r, row, bad_r = nb.backprop_with_row(pc, x, Y, cotangent)
     assert bad == bad_r == -1
     assert np.array_equal(g_r, g)
     assert np.array_equal(row, row_serial)  # a sample's row never depends on the other samples
     assert_close(g, g_serial.astype(np.float64), dtype, "chunked vs serial grads")
+    g_x, bad_x = nb.backprop(pc, x, Y, cotangent)  # by the crossover, whatever it is here
+    g_xr, row_x, _ = nb.backprop_with_row(pc, x, Y, cotangent)
+    assert bad_x == -1 and np.array_equal(g_xr, g_x)
+    assert_close(row_x, row_serial.astype(np.float64), dtype, "rows by the crossover vs the loops")
 
 
 @pytest.mark.parametrize("name", _kernel_params())
