@@ -58,7 +58,7 @@ __all__ = [
 def __getattr__(name):
     # The torch adapter loads torch: only on first use, so ``import chainprod`` never does.
     if name in ("from_torch", "torch_backward"):
-        from . import torch as _torch_adapter
+        from . import torch as torch_adapter
 
-        return getattr(_torch_adapter, name)
+        return getattr(torch_adapter, name)
     raise AttributeError(f"module 'chainprod' has no attribute {name!r}")

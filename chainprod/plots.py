@@ -22,9 +22,7 @@ import os
 import numpy as np
 
 from .bench import BASELINES, PER_CALL, SHARDED, TORCH_STRUCTURE, read_meta, read_results, read_traces
-from .gantt import DPI, gantt, telling_trace
-from .gantt import pyplot as _plt
-from .gantt import save_figure as _save
+from .gantt import DPI, gantt, pyplot, save_figure, telling_trace
 from .report import baseline_name
 from .schedules import build
 
@@ -119,7 +117,7 @@ def speedup_vs_depth(rows, stem, *, machine=None, metric="backward"):
     best backprop (the 1x line; the panel says which baseline that is).
     Panels of one structure share their y axis.
     """
-    plt = _plt()
+    plt = pyplot()
     rows = _ok(rows, metric)
     scans = [r for r in rows if r["method"] not in BASELINES]
     configs = sorted({(r["backend"], r["workers"], r["method"]) for r in scans})
@@ -180,7 +178,7 @@ def speedup_vs_depth(rows, stem, *, machine=None, metric="backward"):
                frameon=False)
     legend_inches = 0.25 + 0.2 * math.ceil(len(handles) / 4)  # the legend's height, whatever the figure's
     fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def speedup_vs_workers(rows, stem, *, machine=None, metric="backward"):
@@ -188,7 +186,7 @@ def speedup_vs_workers(rows, stem, *, machine=None, metric="backward"):
 
     Batch sizes are told apart by marker (and dash): ``o`` solid for the first, ``s`` dashed for the next.
     """
-    plt = _plt()
+    plt = pyplot()
     rows = [r for r in _ok(rows, metric) if r["method"] not in BASELINES and r["backend"] not in ("vectorized",
                                                                                                    "serial")]
     panels = _groups(rows, ("structure", "width", "dtype", "backend"))
@@ -219,7 +217,7 @@ def speedup_vs_workers(rows, stem, *, machine=None, metric="backward"):
             ax.axis("off")
     fig.suptitle(f"Scan vs the best backprop by worker count - {_machine(rows, machine)}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def speedup_heatmap(rows, stem, *, machine=None, metric="backward"):
@@ -229,7 +227,7 @@ def speedup_heatmap(rows, stem, *, machine=None, metric="backward"):
     achieved it; red: the scan loses, blue: it wins; blank: not measured.
     A row of panels per (batch, dtype), a column per structure.
     """
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.colors import Normalize
 
     rows = [r for r in _ok(rows, metric) if r["method"] not in BASELINES]
@@ -271,12 +269,12 @@ def speedup_heatmap(rows, stem, *, machine=None, metric="backward"):
                      f"cell, {_METRICS[metric]}", fontsize=9)
     fig.suptitle(f"Where the scan beats the best backprop - {_machine(rows, machine)}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def schedule_diagram(sched, stem, *, max_positions=64):
     """Classic prefix-circuit drawing: positions across, rounds down, one dot-and-line per combine op."""
-    plt = _plt()
+    plt = pyplot()
     L = sched.length
     if L > max_positions:
         raise ValueError(f"schedule over L={L} positions is too wide to draw (max {max_positions}); "
@@ -300,12 +298,12 @@ def schedule_diagram(sched, stem, *, max_positions=64):
     ax.set_title(f"{sched.name}, L={L}: {sched.rounds} rounds, peak width {sched.peak_width}, "
                  f"{sched.num_ops} ops (red = result contains A_L: thin)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def predicted_vs_measured(rows, stem, *, machine=None, column="total"):
     """Model prediction vs measured median time, log-log, with the exact line and the +-25% band."""
-    plt = _plt()
+    plt = pyplot()
     rows = [r for r in rows if r.get("status") == "ok" and r.get(f"predicted_{column}")]
     fig, ax = plt.subplots(figsize=(5.5, 5))
     marker = _batch_marker(rows)  # colour: the backend; marker: the batch size
@@ -328,12 +326,12 @@ def predicted_vs_measured(rows, stem, *, machine=None, column="total"):
     ax.set_ylabel(f"predicted {column} time (s)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def simulation(results, stem, *, machine=None):
     """Simulated speedup over backprop vs depth, a line per worker count (from :func:`cost.simulate`)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for (P,), rs in sorted(_groups(results, ("workers",)).items()):
         rs = sorted(rs, key=lambda r: r["L"])
@@ -348,7 +346,7 @@ def simulation(results, stem, *, machine=None):
                  f"{r0.get('backend')} latencies - model of {machine or 'this machine'}", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def sharded_step_gantt(record, key, stem, *, machine=None):
@@ -374,7 +372,7 @@ def torch_models(rows, stem, *, machine=None):
     floor is the step's matrix products alone. Each bar is labelled with its
     time; bars of one implementation share a colour, hatched for P > 1.
     """
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     rows = [r for r in rows if r.get("status") == "ok" and r.get("structure") == TORCH_STRUCTURE]
@@ -414,7 +412,7 @@ def torch_models(rows, stem, *, machine=None):
                  f"\nbars left to right: P = {', '.join(map(str, Ps))} threads (hatched: P > 1); JAX on XLA's own "
                  "pool", fontsize=9.5)
     fig.tight_layout()
-    return _save(fig, stem)
+    return save_figure(fig, stem)
 
 
 def plot_results(results_dir, out_dir=None, *, log=print):

@@ -204,7 +204,7 @@ def _private_crossings(name, tree, path):
     Three ways to cross: ``from m import _x``; ``m._x`` on a module bound by an
     import; ``obj._x`` where ``_x`` is a private attribute or method that only
     other chainprod modules define. A private *module* (``_validate``,
-    ``kernels/_check``) is its package's own and may be imported within that
+    ``_caches``) is its package's own and may be imported within that
     package.
     """
     package = _package_of(name)
@@ -249,7 +249,9 @@ def test_no_private_name_crosses_modules(name):
         "\n".join(bad)
 
 
-def test_the_private_check_sees_each_way_to_cross(tmp_path):
+def test_the_private_check_sees_each_way_to_cross(tmp_path, monkeypatch):
+    # a private module inside a subpackage (none is left in the tree: a made-up one)
+    monkeypatch.setitem(MODULES, "chainprod.kernels._check", str(tmp_path / "_check.py"))
     src = tmp_path / "m.py"
     src.write_text("from .kernels.numba_kernels import _deriv\nfrom .kernels import _check\n"
                    "from . import grad as g\n\ndef f(t):\n    g._sum_value\n    return t._rows\n")

@@ -66,7 +66,7 @@ def test_speedup_ticks_are_plain(v, label):
 
 
 def test_speedup_axis_ticks_cover_the_data():
-    plt = plots._plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots()
     plots._speedup_axis(ax, [0.3, 5.0])
     labels = [t.get_text() for t in ax.get_yticklabels()]

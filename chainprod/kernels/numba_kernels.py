@@ -68,7 +68,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._caches import register_cache
-from . import _check, crossover, numba_blas
+from . import checks, crossover, numba_blas
 from .numba_layers import layer_forward, layer_vjp, next_row, product_step
 from .numba_rules import delta_rows, deriv_rows
 
@@ -307,8 +307,8 @@ def _blas_threads(pc, rows, cross):
 
 def forward(pc, x):
     """Compiled :func:`chainprod.kernels.numpy_kernels.forward`: ``(Y, bad)``."""
-    pc = _check.packed(pc)
-    x = _check.batch_input(pc, x)
+    pc = checks.packed(pc)
+    x = checks.batch_input(pc, x)
     N = x.shape[0]
     Y = np.empty(pc.tape_size(N), pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y, N)
@@ -323,7 +323,7 @@ def forward(pc, x):
 
 
 def _backprop(pc, x, Y, cotangent, keep_row):
-    pc, x, N, Y, cotangent = _check.backward_args(pc, x, Y, cotangent)
+    pc, x, N, Y, cotangent = checks.backward_args(pc, x, Y, cotangent)
     grads = np.empty(pc.n_params, pc.dtype)
     row_in = np.empty(N * pc.width_in if keep_row else 0, pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y,
@@ -377,9 +377,9 @@ def backprop_with_row(pc, x, Y, cotangent):
 
 def chunk_product(pc, Y, N):
     """Compiled :func:`chainprod.kernels.numpy_kernels.chunk_product`: ``T``, ``(N, d_out[L-1], d_in[0])``."""
-    pc = _check.packed(pc)
-    N = _check.batch_size(N)
-    Y = _check.tape(pc, Y, N)
+    pc = checks.packed(pc)
+    N = checks.batch_size(N)
+    Y = checks.tape(pc, Y, N)
     T = np.empty(N * pc.width_out * pc.width_in, pc.dtype)
     cross = _crossover(pc)
     with _blas_threads(pc, pc.width_out, cross):
@@ -389,7 +389,7 @@ def chunk_product(pc, Y, N):
 
 def param_grads(pc, x, Y, V):
     """Compiled :func:`chainprod.kernels.numpy_kernels.param_grads` (``prange`` over layers)."""
-    pc, x, N, Y, V = _check.backward_args(pc, x, Y, V, rows_are="V")
+    pc, x, N, Y, V = checks.backward_args(pc, x, Y, V, rows_are="V")
     grads = np.empty(pc.n_params, pc.dtype)
     cross = _crossover(pc)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, x.reshape(-1), Y, V, N, grads, pc.max_width,
@@ -406,9 +406,9 @@ def param_grads(pc, x, Y, V):
 
 def derivatives(pc, Y):
     """Compiled :func:`chainprod.kernels.numpy_kernels.derivatives`: ``S = act'(y)`` in ``Y``'s layout."""
-    pc = _check.packed(pc)
-    N = _check.batch_of_tape(pc, Y)
-    Y = _check.tape(pc, Y, N)
+    pc = checks.packed(pc)
+    N = checks.batch_of_tape(pc, Y)
+    Y = checks.tape(pc, Y, N)
     S = np.empty(Y.shape, pc.dtype)
     _derivatives(pc.act, pc.d_out, pc.y_off, Y, N, S)
     return S

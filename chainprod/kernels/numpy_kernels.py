@@ -51,7 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..activations import apply_activation, derivative_from_output
-from . import _check
+from . import checks
 from .pack import ACT_NAMES, KIND_CODES
 
 __all__ = ["forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives"]
@@ -109,8 +109,8 @@ def forward(pc, x):
         The first (lowest-index) layer whose output holds NaN or infinity,
         or -1. Every layer is computed either way.
     """
-    pc = _check.packed(pc)
-    x = _check.batch_input(pc, x)
+    pc = checks.packed(pc)
+    x = checks.batch_input(pc, x)
     N = x.shape[0]
     Y = np.empty(pc.tape_size(N), pc.dtype)
     bad = -1
@@ -133,7 +133,7 @@ def forward(pc, x):
 
 def _backprop(pc, x, Y, cotangent, keep_row):
     """The one backprop loop: ``(grads, v_{-1} or None, bad)``."""
-    pc, x, N, Y, cotangent = _check.backward_args(pc, x, Y, cotangent)
+    pc, x, N, Y, cotangent = checks.backward_args(pc, x, Y, cotangent)
     grads = np.empty(pc.n_params, pc.dtype)
     bad = -1
     v = cotangent
@@ -235,9 +235,9 @@ def chunk_product(pc, Y, N):
         C-contiguous. Non-finite entries are returned as they are (nothing is
         raised).
     """
-    pc = _check.packed(pc)
-    N = _check.batch_size(N)
-    Y = _check.tape(pc, Y, N)
+    pc = checks.packed(pc)
+    N = checks.batch_size(N)
+    Y = checks.tape(pc, Y, N)
     T = np.broadcast_to(np.eye(pc.width_out, dtype=pc.dtype), (N, pc.width_out, pc.width_out))
     with np.errstate(over="ignore", invalid="ignore"):
         for l in range(pc.L - 1, -1, -1):
@@ -272,7 +272,7 @@ def param_grads(pc, x, Y, V):
         -1 (a non-finite ``delta_l`` always makes ``db_l`` non-finite, so this
         covers non-finite rows ``V_l`` too).
     """
-    pc, x, N, Y, V = _check.backward_args(pc, x, Y, V, rows_are="V")
+    pc, x, N, Y, V = checks.backward_args(pc, x, Y, V, rows_are="V")
     grads = np.empty(pc.n_params, pc.dtype)
     bad = -1
     with np.errstate(over="ignore", invalid="ignore"):
@@ -287,8 +287,8 @@ def param_grads(pc, x, Y, V):
 
 def derivatives(pc, Y):
     """``S = act'(y)`` for every layer, in the layout of ``Y`` (the batch is read from ``Y``'s length)."""
-    pc = _check.packed(pc)
-    N = _check.batch_of_tape(pc, Y)
+    pc = checks.packed(pc)
+    N = checks.batch_of_tape(pc, Y)
     S = np.empty_like(Y)
     with np.errstate(over="ignore", invalid="ignore"):
         for l in range(pc.L):
