@@ -135,6 +135,27 @@ def orthogonal_mats(L, width, *, kind="dense", batch=None, seed=0, dtype=np.floa
     return mats
 
 
+def layer_makers(rng, dtype):
+    """``(dense(din, dout, act), diag(d, act))``: random layers of one dtype, drawn from ``rng`` in call order."""
+
+    def dense(din, dout, act):
+        W = rng.standard_normal((dout, din)) / np.sqrt(din)
+        return cp.Dense(W.astype(dtype), (0.1 * rng.standard_normal(dout)).astype(dtype), act)
+
+    def diag(d, act):
+        return cp.Diagonal(rng.uniform(0.6, 1.3, d).astype(dtype), (0.1 * rng.standard_normal(d)).astype(dtype), act)
+
+    return dense, diag
+
+
+def chain_inputs(chain, N, dtype, seed=1):
+    """A random input ``(N, d_in)`` and cotangent ``(N, d_out)`` for ``chain``."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, chain.d_in)).astype(dtype)
+    cotangent = rng.standard_normal((N, chain.d_out)).astype(dtype)
+    return x, cotangent
+
+
 def random_widths(L, seed, lo=1, hi=6):
     return [int(w) for w in np.random.default_rng(seed).integers(lo, hi, L + 1)]
 

@@ -13,6 +13,7 @@ pre-activations ``z``, not from the outputs the kernels use).
 
 import numpy as np
 import pytest
+from conftest import chain_inputs, layer_makers
 
 import chainprod as cp
 from chainprod.kernels import KERNELS, default_kernels, get_kernels, pack, unpack_rows
@@ -42,14 +43,7 @@ LAYER_MATH = {
 
 def make_chain(structure, dtype, seed=0):
     """Chains for the contract: every activation, both layer kinds, widths that change."""
-    rng = np.random.default_rng(seed)
-
-    def dense(din, dout, act):
-        W = rng.standard_normal((dout, din)) / np.sqrt(din)
-        return cp.Dense(W.astype(dtype), (0.1 * rng.standard_normal(dout)).astype(dtype), act)
-
-    def diag(d, act):
-        return cp.Diagonal(rng.uniform(0.6, 1.3, d).astype(dtype), (0.1 * rng.standard_normal(d)).astype(dtype), act)
+    dense, diag = layer_makers(np.random.default_rng(seed), dtype)
 
     if structure == "mixed":  # layer 0 dense
         layers = [dense(3, 5, "tanh"), diag(5, "relu"), dense(5, 4, "sigmoid"), diag(4, "softplus"),
@@ -67,11 +61,7 @@ def make_chain(structure, dtype, seed=0):
 STRUCTURES = ("mixed", "diag_first", "one_dense", "one_diag")
 
 
-def inputs(chain, N, dtype, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((N, chain.d_in)).astype(dtype)
-    cotangent = rng.standard_normal((N, chain.d_out)).astype(dtype)
-    return x, cotangent
+inputs = chain_inputs
 
 
 def reference_jacobians(chain, x):

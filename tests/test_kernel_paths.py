@@ -21,6 +21,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import chain_inputs, layer_makers
 
 import chainprod as cp
 from chainprod.kernels import crossover, default_kernels, get_kernels, pack
@@ -36,14 +37,7 @@ ACTS = ("tanh", "relu", "sigmoid", "softplus", "identity")
 
 def make_chain(name, dtype, seed=0):
     """Chains whose products fall on both sides of any crossover (3 x 5 up to 40 x 40 per row)."""
-    rng = np.random.default_rng(seed)
-
-    def dense(din, dout, act):
-        W = rng.standard_normal((dout, din)) / np.sqrt(din)
-        return cp.Dense(W.astype(dtype), (0.1 * rng.standard_normal(dout)).astype(dtype), act)
-
-    def diag(d, act):
-        return cp.Diagonal(rng.uniform(0.6, 1.3, d).astype(dtype), (0.1 * rng.standard_normal(d)).astype(dtype), act)
+    dense, diag = layer_makers(np.random.default_rng(seed), dtype)
 
     if name == "mixed":
         layers = [dense(3, 5, "tanh"), diag(5, "relu"), dense(5, 24, "sigmoid"), dense(24, 40, "softplus"),
@@ -61,9 +55,7 @@ def make_chain(name, dtype, seed=0):
 CHAINS = ("mixed", "wide", "diag_first", "one_dense")
 
 
-def inputs(chain, N, dtype, seed=1):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((N, chain.d_in)).astype(dtype), rng.standard_normal((N, chain.d_out)).astype(dtype))
+inputs = chain_inputs
 
 
 def assert_close(actual, expected, dtype, what):

@@ -139,22 +139,11 @@ def product_step(kind, code, din, dout, th, y, M, Mn, s, scratch, dtop, cross):
     """
     deriv_rows(code, y, s, dout)
     if kind == 0:
-        if dtop * dout * din >= cross:
-            for i in range(dtop):
-                for k in range(dout):
-                    scratch[i * dout + k] = M[i * dout + k] * s[k]
-            gemm(NOTRANS, NOTRANS, dtop, din, dout, scratch, 0, dout, th, 0, din, 0.0, Mn, 0, din)
-            return
-        zero = Mn.dtype.type(0.0)
+        # (M diag(s)) W: the rows M diag(s) times W is next_row's product, by loop or BLAS alike
         for i in range(dtop):
-            mr = Mn[i * din:(i + 1) * din]
-            for j in range(din):
-                mr[j] = zero
             for k in range(dout):
-                c = M[i * dout + k] * s[k]
-                w = th[k * din:(k + 1) * din]
-                for j in range(din):
-                    mr[j] += c * w[j]
+                scratch[i * dout + k] = M[i * dout + k] * s[k]
+        next_row(0, din, dout, th, scratch, Mn, dtop, cross)
     else:
         for i in range(dtop):
             for k in range(dout):

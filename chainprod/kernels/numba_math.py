@@ -69,14 +69,10 @@ def _pow2(typingctx, x, e):
 
 
 @njit(inline="always", error_model="numpy")
-def exp(x):
-    """``e^x`` in ``x``'s type, vectorisable (see the module docstring)."""
-    T = type(x)
-    # clamp (NaN passes through: both comparisons are false) so k stays an int64 of a few bits
-    x = T(-746.0) if x < T(-746.0) else (T(710.0) if x > T(710.0) else x)
-    k = np.floor(x * T(1.4426950408889634) + T(0.5))  # a float (math.floor would give an int)
-    r = (x - k * T(0.693359375)) - k * T(-2.121944400546905827679e-4)  # ln2 in two parts: k * 0.693359375 exact
-    p = T(1.6059043836821613e-10)  # Taylor polynomial of e^r, 1/13! .. 1/0!
+def _series(r):
+    """``(e^r - 1 - r) / r^2`` as its Taylor polynomial to ``r^11 / 13!`` (Horner, in ``r``'s type)."""
+    T = type(r)
+    p = T(1.6059043836821613e-10)
     p = p * r + T(2.08767569878681e-09)
     p = p * r + T(2.505210838544172e-08)
     p = p * r + T(2.755731922398589e-07)
@@ -88,6 +84,18 @@ def exp(x):
     p = p * r + T(0.041666666666666664)
     p = p * r + T(0.16666666666666666)
     p = p * r + T(0.5)
+    return p
+
+
+@njit(inline="always", error_model="numpy")
+def exp(x):
+    """``e^x`` in ``x``'s type, vectorisable (see the module docstring)."""
+    T = type(x)
+    # clamp (NaN passes through: both comparisons are false) so k stays an int64 of a few bits
+    x = T(-746.0) if x < T(-746.0) else (T(710.0) if x > T(710.0) else x)
+    k = np.floor(x * T(1.4426950408889634) + T(0.5))  # a float (math.floor would give an int)
+    r = (x - k * T(0.693359375)) - k * T(-2.121944400546905827679e-4)  # ln2 in two parts: k * 0.693359375 exact
+    p = _series(r)  # Taylor polynomial of e^r, 1/13! .. 1/0!
     p = p * r + T(1.0)
     p = p * r + T(1.0)
     ki = np.int64(k) if k == k else np.int64(0)  # NaN: any k (the result is NaN), but a defined one
@@ -102,18 +110,7 @@ def exp(x):
 def expm1(x):
     """``e^x - 1`` in ``x``'s type, accurate near 0, vectorisable."""
     T = type(x)
-    p = T(1.6059043836821613e-10)  # x + x^2/2! + ... + x^13/13!: no cancellation near 0
-    p = p * x + T(2.08767569878681e-09)
-    p = p * x + T(2.505210838544172e-08)
-    p = p * x + T(2.755731922398589e-07)
-    p = p * x + T(2.7557319223985893e-06)
-    p = p * x + T(2.48015873015873e-05)
-    p = p * x + T(0.0001984126984126984)
-    p = p * x + T(0.001388888888888889)
-    p = p * x + T(0.008333333333333333)
-    p = p * x + T(0.041666666666666664)
-    p = p * x + T(0.16666666666666666)
-    p = p * x + T(0.5)
+    p = _series(x)  # x + x^2/2! + ... + x^13/13!: no cancellation near 0
     small = (p * x) * x + x
     big = exp(x) - T(1.0)
     return small if abs(x) <= T(0.34657359027997264) else big
