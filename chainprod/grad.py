@@ -178,15 +178,7 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
     compiled = kernels != "numpy"
     if compiled and not engine_options and backend.__class__ is str and backend in COMPILED_BACKENDS:
         # the common case: compiled kernels on this machine, no executor, no numpy warnings to silence
-        choice = choose_method(tape, cotangent, method, backend, workers, kernels)
-        if trace is not None and L > 1:
-            trace.schedule = choice
-        if choice.__class__ is str:  # "backprop"
-            return backward_compiled.backprop_grads(tape, cotangent, kernels)
-        if not choice.is_scan:
-            raise ValueError(f"schedule {choice.name!r} does not produce every prefix; grad needs a scan")
-        return backward_compiled.scan_grads(tape, cotangent, choice, workers or COMPILED_BACKENDS[backend](),
-                                            trace, kernels)
+        return _run_local(tape, cotangent, method, backend, workers, trace, kernels, compiled, None)
     executor = get_executor(backend)
     remote = executor.runs_task_graphs  # a declared capability (chainprod.executors.Executor)
     engine_options = dict(engine_options or {})
@@ -203,22 +195,27 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
                 # task graph; only per-layer gradients come back.
                 return backward_remote.backward(layer_tape(tape), cotangent, executor, method=method,
                                                 workers=workers, trace=trace, **engine_options)
-        # a Schedule, or the string "backprop" (asked for, or what auto chose)
-        choice = choose_method(tape, cotangent, method, backend, workers, kernels)
-        if trace is not None and L > 1:
-            trace.schedule = choice
-        if isinstance(choice, str):  # "backprop"
-            if compiled or tape.packed is not None:
-                # the kernel set by name: the compiled one, or the numpy reference on the packed layout
-                return backward_compiled.backprop_grads(tape, cotangent, kernels)
-            return backward_numpy.backprop_grads(tape, cotangent)
-        if not choice.is_scan:
-            raise ValueError(f"schedule {choice.name!r} does not produce every prefix; grad needs a scan")
-        if compiled and backend in COMPILED_BACKENDS:
-            threads = workers or COMPILED_BACKENDS[backend]()
-            return backward_compiled.scan_grads(tape, cotangent, choice, threads, trace, kernels)
-        return backward_numpy.scan_grads(layer_tape(tape), cotangent, choice, backend, workers, trace,
-                                         engine_options)
+        return _run_local(tape, cotangent, method, backend, workers, trace, kernels, compiled, engine_options)
+
+
+def _run_local(tape, cotangent, method, backend, workers, trace, kernels, compiled, engine_options):
+    """The backward pass on this machine: what ``method`` resolves to, compiled or on the numpy reference."""
+    # a Schedule, or the string "backprop" (asked for, or what auto chose)
+    choice = choose_method(tape, cotangent, method, backend, workers, kernels)
+    if trace is not None and len(tape.chain) > 1:
+        trace.schedule = choice
+    if choice.__class__ is str:  # "backprop"
+        if compiled or tape.packed is not None:
+            # the kernel set by name: the compiled one, or the numpy reference on the packed layout
+            return backward_compiled.backprop_grads(tape, cotangent, kernels)
+        return backward_numpy.backprop_grads(tape, cotangent)
+    if not choice.is_scan:
+        raise ValueError(f"schedule {choice.name!r} does not produce every prefix; grad needs a scan")
+    if compiled and backend in COMPILED_BACKENDS:
+        threads = workers or COMPILED_BACKENDS[backend]()
+        return backward_compiled.scan_grads(tape, cotangent, choice, threads, trace, kernels)
+    return backward_numpy.scan_grads(layer_tape(tape), cotangent, choice, backend, workers, trace,
+                                     engine_options)
 
 
 def _remote_or_local(tape, executor, workers, kernels, trace):
