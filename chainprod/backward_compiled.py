@@ -17,9 +17,9 @@ import numpy as np
 
 from .errors import NonFiniteError
 from .executors import TraceEvent
-from .kernels import LayerGrads, first_nonfinite_layer
+from .kernels import LayerGrads, first_nonfinite_layer, get_kernels
 from .kernels.scan import scan_rows
-from .tape import Tape, flat_tape, kernel_set
+from .tape import Tape, flat_tape
 
 __all__ = ["backprop_grads", "scan_grads"]
 
@@ -27,7 +27,7 @@ __all__ = ["backprop_grads", "scan_grads"]
 def backprop_grads(tape: Tape, cotangent, kernels="numba") -> list[tuple]:
     """Per-layer gradients by the compiled sequential backprop loop."""
     pc, x, Y = flat_tape(tape)
-    grads, bad = kernel_set(kernels).backprop(pc, x, Y, np.ascontiguousarray(cotangent))
+    grads, bad = get_kernels(kernels).backprop(pc, x, Y, np.ascontiguousarray(cotangent))
     L = pc.L
     if bad >= 0:
         # delta_bad = v_bad * act' and v_bad = cotangent . A_{L-1} ... A_{bad+1}
@@ -54,7 +54,7 @@ def scan_grads(tape: Tape, cotangent, sched, workers, trace, kernels="numba") ->
             f"(0-based): the chain product overflowed; scale the weights down or shorten the chain",
             (lo + 1, L - 1))
     with _threads(kernels, workers):
-        grads, bad = kernel_set(kernels).param_grads(pc, x, Y, V)
+        grads, bad = get_kernels(kernels).param_grads(pc, x, Y, V)
     return _checked(pc, grads)
 
 

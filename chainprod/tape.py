@@ -28,7 +28,7 @@ from .errors import NonFiniteError
 from .kernels import KERNELS, PackedChain, default_kernels, get_kernels, pack, unpack_grads
 from .layers import Chain, run_forward
 
-__all__ = ["Tape", "forward", "resolve_kernels", "flat_tape", "kernel_set", "packed_with", "layer_tape"]
+__all__ = ["Tape", "forward", "resolve_kernels", "flat_tape", "packed_with", "layer_tape"]
 
 
 @register_cache
@@ -56,23 +56,6 @@ def resolve_kernels(kernels) -> str:
     return kernels
 
 
-_KERNEL_SETS: dict = {}
-
-
-def kernel_set(name: str):
-    """:func:`chainprod.kernels.get_kernels`, kept per name after the first call.
-
-    ``get_kernels`` asks importlib whether the set's package is installed on
-    every call (a few microseconds); a backward pass on a short chain takes
-    not much more than that.
-    """
-    k = _KERNEL_SETS.get(name)
-    if k is None:
-        k = _KERNEL_SETS[name] = get_kernels(name)
-    return k
-
-
-register_cache(_KERNEL_SETS.clear)
 
 
 def packed_with(chain: Chain, theta) -> PackedChain:
@@ -242,9 +225,9 @@ def forward(chain: Chain, x, *, kernels=None, packed=None) -> Tape:
         x2 = np.ascontiguousarray(x2)
         if kernels == "numpy":
             with np.errstate(over="ignore", invalid="ignore"):  # numpy's warnings; reported below with the layer
-                Y, bad = kernel_set(kernels).forward(pc, x2)
+                Y, bad = get_kernels(kernels).forward(pc, x2)
         else:
-            Y, bad = kernel_set(kernels).forward(pc, x2)
+            Y, bad = get_kernels(kernels).forward(pc, x2)
         tape = Tape(chain, x2, one, kernels=kernels, flat=Y, packed=packed)
     if bad >= 0:
         raise NonFiniteError(f"the forward pass overflowed: the output of layer {bad} is NaN or "

@@ -364,6 +364,8 @@ def test_registry():
 def test_missing_numba_says_what_to_install(monkeypatch):
     import importlib.util
 
+    cp.clear_caches()  # kernel sets are looked up once per process: look again
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else real(name, *a))
     with pytest.raises(ImportError, match="pip install numba"):

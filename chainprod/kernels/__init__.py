@@ -52,6 +52,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
+from .._caches import register_cache
 from .pack import (
     ACT_CODES,
     ACT_NAMES,
@@ -93,13 +94,24 @@ def get_kernels(name: str = "numba"):
         The set needs a package that is not installed (the message says what
         to ``pip install``).
     """
+    loaded = _LOADED.get(name) if name.__class__ is str else None
+    if loaded is not None:
+        # asking importlib whether the package is installed costs microseconds: as much as a
+        # backward pass on a short chain, so a set is looked up once per process
+        return loaded
     if not isinstance(name, str) or name not in _MODULES:
         raise ValueError(f"unknown kernels {name!r}; valid kernels: {', '.join(KERNELS)}")
     module, needs = _MODULES[name]
     if needs is not None and importlib.util.find_spec(needs) is None:
         raise ImportError(f"kernels={name!r} needs {needs}, which is not installed: pip install {needs} "
                           f"(or use kernels='numpy')")
-    return importlib.import_module(module)
+    loaded = _LOADED[name] = importlib.import_module(module)
+    return loaded
+
+
+#: kernel sets already loaded, by name (emptied by ``chainprod.clear_caches()``)
+_LOADED: dict = {}
+register_cache(_LOADED.clear)
 
 
 def default_kernels() -> str:
