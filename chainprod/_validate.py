@@ -90,3 +90,21 @@ def renamed_argument(where: str, new_name: str, new, old_name: str, old):
     warnings.warn(f"{where}({old_name}=...) is deprecated; the argument is now called {new_name}=",
                   DeprecationWarning, stacklevel=3)
     return old
+
+
+def check_learning_rate(lr):
+    """``lr`` as a finite Python float: the one check of every ``sgd_step(..., lr)``.
+
+    Any real number type is accepted (``1``, ``np.int64(1)``, ``np.float32``);
+    an int too large for a float, NaN or infinity is a ``ValueError``.
+    """
+    if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, (int, float, np.integer, np.floating)):
+        raise TypeError(f"lr must be a real number, got {lr!r} ({type(lr).__name__})")
+    try:
+        value = float(lr)
+    except OverflowError:
+        raise ValueError(f"lr must be a finite number, got an int of {len(str(abs(int(lr))))} digits, too "
+                         "large for a float") from None
+    if not math.isfinite(value):
+        raise ValueError(f"lr must be a finite number, got {lr!r}")
+    return value
