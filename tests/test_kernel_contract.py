@@ -51,6 +51,11 @@ def make_chain(structure, dtype, seed=0):
     elif structure == "diag_first":  # the row leaves through a diagonal layer
         layers = [diag(4, "softplus"), dense(4, 6, "sigmoid"), diag(6, "identity"), dense(6, 3, "relu"),
                   diag(3, "tanh"), dense(3, 1, "identity")]
+    elif structure == "diag_runs":  # runs of diagonal layers: split by activation, width and a dense layer
+        layers = [diag(4, "tanh"), diag(4, "tanh"), diag(4, "tanh"), diag(4, "relu"), diag(4, "relu"),
+                  dense(4, 5, "sigmoid"), diag(5, "sigmoid"), diag(5, "sigmoid"), diag(5, "softplus"),
+                  diag(5, "identity"), diag(5, "identity"), dense(5, 3, "tanh"), diag(3, "tanh"), diag(3, "tanh"),
+                  dense(3, 1, "identity")]
     elif structure == "one_dense":
         layers = [dense(5, 3, "sigmoid")]
     else:  # one_diag
@@ -58,7 +63,7 @@ def make_chain(structure, dtype, seed=0):
     return cp.Chain(layers)
 
 
-STRUCTURES = ("mixed", "diag_first", "one_dense", "one_diag")
+STRUCTURES = ("mixed", "diag_first", "diag_runs", "one_dense", "one_diag")
 
 
 inputs = chain_inputs
@@ -224,6 +229,40 @@ def test_non_finite_cotangent_is_reported_alike(name):
     _, row, bad_r = k.backprop_with_row(pc, x, Y, cotangent)
     assert bad == bad_r == pc.L - 1
     assert np.isfinite(row[0]).all() and not np.isfinite(row[1]).all()
+
+
+@pytest.mark.parametrize("name", _kernel_params())
+@pytest.mark.parametrize("where", [0, 2, 7, 11])
+def test_overflow_inside_a_run_of_diagonal_layers_names_its_layer(name, where):
+    """Two diagonal layers of gain 1e200 after layer ``where``: the forward pass names the second, as numpy does."""
+    chain = make_chain("diag_runs", np.float64)
+    d = chain.layers[where].d_out
+    big = [cp.Diagonal(np.full(d, 1e200), np.zeros(d), "identity") for _ in range(2)]
+    chain = cp.Chain(list(chain.layers[:where + 1]) + big + list(chain.layers[where + 1:]))
+    pc = pack(chain)
+    x, _ = inputs(chain, 3, np.float64)
+    with np.errstate(all="ignore"):
+        _, bad = get_kernels(name).forward(pc, x)
+    assert bad == where + 2
+
+
+@pytest.mark.parametrize("name", _kernel_params())
+def test_backward_overflow_inside_a_run_of_diagonal_layers_names_its_layer(name):
+    """Gains 1e-150, 1e-150, 1e200, 1e200: a finite forward pass, and the row overflows entering layer 2."""
+    d = 4
+    gains = [1e-150, 1e-150, 1e200, 1e200]
+    layers = [cp.Diagonal(np.full(d, 0.5), np.zeros(d), "tanh")]
+    layers += [cp.Diagonal(np.full(d, g), np.zeros(d), "identity") for g in gains]
+    chain = cp.Chain(layers + [cp.Dense(np.ones((1, d)), np.zeros(1), "identity")])
+    pc = pack(chain)
+    x, cotangent = inputs(chain, 2, np.float64)
+    k = get_kernels(name)
+    with np.errstate(all="ignore"):
+        Y, bad_f = k.forward(pc, x)
+        _, bad = k.backprop(pc, x, Y, cotangent)
+        _, _, bad_r = k.backprop_with_row(pc, x, Y, cotangent)
+    assert bad_f == -1
+    assert bad == bad_r == 2
 
 
 # -- bad input: the same error, word for word, in every set ------------------------------------------

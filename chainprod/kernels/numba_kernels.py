@@ -69,6 +69,7 @@ from numba import njit, prange
 
 from .._caches import register_cache
 from . import checks, crossover, numba_blas
+from .numba_diag import DIAG, diag_backprop_run, diag_forward_run, diag_run_start, diag_run_stop
 from .numba_layers import layer_forward, layer_vjp, next_row, product_step
 from .numba_rules import delta_rows, deriv_rows
 
@@ -93,8 +94,17 @@ def _forward_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, N, n0, n1, 
     """Samples ``n0..n1-1`` through every layer; returns the first non-finite layer or -1."""
     bad = -1
     nr = n1 - n0
-    for l in range(kind.shape[0]):
+    L = kind.shape[0]
+    l = 0
+    while l < L:
         din, dout = d_in[l], d_out[l]
+        if l > 0 and kind[l] == DIAG:  # a run of diagonal layers: one loop, no call per layer
+            l1 = diag_run_stop(kind, act, d_out, l)
+            k = diag_forward_run(act[l], dout, l1 - l, theta, p_off[l], Y, N * y_off[l] + n0 * dout, N, nr)
+            if bad < 0 and k >= 0:
+                bad = l + k
+            l = l1
+            continue
         th = theta[p_off[l]:p_off[l + 1]]
         y = Y[N * y_off[l] + n0 * dout:N * y_off[l] + n1 * dout]
         if l == 0:  # two calls: x (read-only) and Y have different array types
@@ -104,6 +114,7 @@ def _forward_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, N, n0, n1, 
                                                                   + n1 * din], y, nr, cross)
         if bad < 0 and chk != 0:
             bad = l
+        l += 1
     return bad
 
 
@@ -140,8 +151,17 @@ def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent,
     dL = d_out[L - 1]
     v[:nr * dL] = cotangent[n0 * dL:n1 * dL]
     bad = -1
-    for l in range(L - 1, -1, -1):
+    l = L - 1
+    while l >= 0:
         din, dout = d_in[l], d_out[l]
+        if l > 0 and kind[l] == DIAG:  # a run of diagonal layers (above layer 0): one loop, v updated in place
+            l0 = diag_run_start(kind, act, d_out, l, 1)
+            k = diag_backprop_run(act[l], dout, l - l0 + 1, theta, p_off[l0], Y, N * y_off[l0] + n0 * dout, N, nr,
+                                  v, grads)
+            if bad < 0 and k >= 0:
+                bad = l0 + k
+            l = l0 - 1
+            continue
         y = Y[N * y_off[l] + n0 * dout:N * y_off[l] + n1 * dout]
         chk = delta_rows(act[l], v, y, delta, nr * dout)
         if bad < 0 and chk != 0:
@@ -157,6 +177,7 @@ def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent,
                   cross)
         next_row(kind[l], din, dout, th, delta, vn, nr, cross)
         v, vn = vn, v
+        l -= 1
     return bad
 
 
