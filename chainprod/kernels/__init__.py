@@ -75,8 +75,9 @@ __all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KERNEL_REVISION", "KIND_CODES",
 KERNELS = ("numba", "numpy")
 
 #: Raised whenever the compiled kernels' costs change (2: loops or BLAS by size, vectorised
-#: activations), so that what was measured with older kernels (``auto``'s choices) is measured again.
-KERNEL_REVISION = 2
+#: activations; 3: runs of diagonal layers in one loop), so that what was measured with older
+#: kernels (``auto``'s choices) is measured again.
+KERNEL_REVISION = 3
 
 # name -> (module, the package it needs or None)
 _MODULES = {"numba": ("chainprod.kernels.numba_kernels", "numba"),

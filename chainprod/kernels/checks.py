@@ -20,6 +20,8 @@ def packed(pc):
 
 
 def _readonly_view(a):
+    if not a.flags.writeable and a.flags.c_contiguous:
+        return a  # already what a kernel may see (e.g. the tape's own arrays): no new view per call
     v = np.ascontiguousarray(a).view()
     v.flags.writeable = False
     return v
