@@ -38,7 +38,15 @@ import time
 
 import numpy as np
 import pytest
-from bench_kernels import mixed_acts, mixed_widths, plain_backward, plain_forward, uniform_mlp
+from bench_kernels import (
+    mixed_acts,
+    mixed_widths,
+    plain_backward,
+    plain_diag_backward,
+    plain_diag_forward,
+    plain_forward,
+    uniform_mlp,
+)
 
 import chainprod as cp
 from chainprod._timing import measure_jax, measure_torch
@@ -83,6 +91,27 @@ def test_forward_and_backprop_vs_plain_loop(benchmark, L):
           f"cp.backward(backprop) {t_b * 1e3:.3f} ms vs plain {t_plain_b * 1e3:.3f} ms")
     say(f"forward / plain @njit, L={L}", t_f / t_plain_f, "<= 1.5x", t_f / t_plain_f <= 1.5)
     say(f"backprop backward / plain @njit, L={L}", t_b / t_plain_b, "<= 1.5x", t_b / t_plain_b <= 1.5)
+
+
+@pytest.mark.parametrize("L", [256, 4096, 65536])
+def test_diagonal_forward_and_backprop_vs_plain_loop(benchmark, L):
+    """The same for a diagonal tanh chain (``y = tanh(a * x + b)``, ``w = 8``), whose layers the kernels run as one loop."""
+    rng = np.random.default_rng(0)
+    A, B = rng.uniform(0.6, 1.3, (L, W)), 0.1 * rng.standard_normal((L, W))
+    chain = cp.Chain([cp.Diagonal(A[l], B[l], "tanh") for l in range(L)])
+    x = np.ones((1, W))
+    Yp = plain_diag_forward(A, B, x[0])
+    t_plain_f = best(lambda: plain_diag_forward(A, B, x[0]))
+    t_plain_b = best(lambda: plain_diag_backward(A, x[0], Yp, np.ones(W)))
+    tape = cp.forward(chain, x)
+    cotangent = np.ones((1, W))
+    t_f = best(lambda: cp.forward(chain, x))
+    benchmark.pedantic(lambda: cp.backward(tape, cotangent, method="backprop"), rounds=7, warmup_rounds=1)
+    t_b = best(lambda: cp.backward(tape, cotangent, method="backprop"))
+    print(f"\n  diagonal L={L}: cp.forward {t_f * 1e3:.4f} ms vs plain {t_plain_f * 1e3:.4f} ms; "
+          f"cp.backward(backprop) {t_b * 1e3:.4f} ms vs plain {t_plain_b * 1e3:.4f} ms")
+    say(f"diagonal forward / plain @njit, L={L}", t_f / t_plain_f, "<= 1.5x", t_f / t_plain_f <= 1.5)
+    say(f"diagonal backprop / plain @njit, L={L}", t_b / t_plain_b, "<= 1.5x", t_b / t_plain_b <= 1.5)
 
 
 # -- 2. end to end against JAX and torch ------------------------------------------------------

@@ -79,6 +79,34 @@ def plain_backward(Wt, x, Y, cotangent):
     return dW, db
 
 
+# -- the yardstick of a diagonal chain: a plain loop of ``y_l = tanh(a_l * y_{l-1} + b_l)`` -------------
+@njit(cache=True)
+def plain_diag_forward(A, B, x):
+    L, w = A.shape
+    Y = np.empty((L, w))
+    h = x
+    for l in range(L):
+        for i in range(w):
+            Y[l, i] = math.tanh(A[l, i] * h[i] + B[l, i])
+        h = Y[l]
+    return Y
+
+
+@njit(cache=True)
+def plain_diag_backward(A, x, Y, cotangent):
+    L, w = Y.shape
+    da = np.empty_like(A)
+    db = np.empty_like(A)
+    g = cotangent.copy()
+    for l in range(L - 1, -1, -1):
+        for i in range(w):
+            d = g[i] * (1.0 - Y[l, i] * Y[l, i])
+            da[l, i] = d * (Y[l - 1, i] if l > 0 else x[i])
+            db[l, i] = d
+            g[i] = d * A[l, i]
+    return da, db
+
+
 # -- chains ---------------------------------------------------------------------------------------
 def uniform_mlp(L, seed=0):
     rng = np.random.default_rng(seed)
