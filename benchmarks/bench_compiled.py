@@ -95,7 +95,7 @@ def test_forward_and_backprop_vs_plain_loop(benchmark, L):
 
 @pytest.mark.parametrize("L", [256, 4096, 65536])
 def test_diagonal_forward_and_backprop_vs_plain_loop(benchmark, L):
-    """The same for a diagonal tanh chain (``y = tanh(a * x + b)``, ``w = 8``), whose layers the kernels run as one loop."""
+    """The same for a diagonal tanh chain (``tanh(a * x + b)``, ``w = 8``): the kernels run its layers as one loop."""
     rng = np.random.default_rng(0)
     A, B = rng.uniform(0.6, 1.3, (L, W)), 0.1 * rng.standard_normal((L, W))
     chain = cp.Chain([cp.Diagonal(A[l], B[l], "tanh") for l in range(L)])
