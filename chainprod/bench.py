@@ -36,13 +36,18 @@ compiled loop, ``kernels="numba"``), ``backprop-numpy`` (the numpy loop),
 ``jax`` (``jit(grad)`` of the chain as a ``lax.scan``) and ``torch``
 (autograd, eager). No pickle anywhere.
 
-For tests of Ctrl-C, ``$CHAINPROD_BENCH_WAIT_AFTER_ROWS=n`` makes the sweep
-wait (up to a minute, saying so on stderr) once ``n`` rows are written, so
-a test interrupts it at a known point however fast the sweep runs.
+Ctrl-C ends the sweep at any moment, keeping the rows measured so far: an
+:class:`~chainprod.results.Interrupts` guard is checked before each problem
+and after each measurement, so an interrupt that a gc or weakref callback
+swallowed still ends it. For tests of Ctrl-C,
+``$CHAINPROD_BENCH_WAIT_AFTER_ROWS=n`` makes the sweep wait (up to a minute,
+saying so on stderr) once ``n`` rows are written, so a test interrupts it at
+a known point however fast the sweep runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -74,7 +79,7 @@ from .bench_rows import (
     torch_problems,
 )
 from .executors import EXECUTORS, get_executor
-from .results import FIELDS, ResultsWriter, read_meta, read_results, read_traces
+from .results import FIELDS, Interrupts, ResultsWriter, read_meta, read_results, read_traces
 
 __all__ = ["Sweep", "PRESETS", "BASELINES", "BOUNDS", "PER_CALL", "FIELDS", "Job", "problems", "torch_problems",
            "configurations", "plan_sweep", "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain",
@@ -300,13 +305,11 @@ class _Progress:
 
 
 def _progress_mode(progress) -> str:
-    if progress in (False, None, "none"):
-        return "none"
+    if progress not in (False, None, True, "none", "auto", "bar", "lines"):
+        raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'none', got {progress!r}")
     if progress in (True, "auto"):
         return "bar" if sys.stderr.isatty() else "lines"
-    if progress not in ("bar", "lines"):
-        raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'none', got {progress!r}")
-    return progress
+    return "none" if progress in (False, None, "none") else progress
 
 
 class _WaitHook:
@@ -331,7 +334,8 @@ class _WaitHook:
 
 
 # -- the sweep ---------------------------------------------------------------------------------------
-def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=print, model=None) -> dict:
+def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=print, model=None,
+              interrupts=None) -> dict:
     """Run ``sweep``; write ``results.csv``, ``results.json`` and ``traces.json.gz`` to ``out_dir``.
 
     Parameters
@@ -345,6 +349,9 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
         Receives the sweep's messages (skips, the plan, per-problem lines).
     model : CostModel, optional
         For predictions and estimates (default: the saved calibration).
+    interrupts : Interrupts, optional
+        An installed Ctrl-C guard to check between measurements (default:
+        one installed for the sweep).
 
     Returns
     -------
@@ -354,6 +361,11 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
         measured so far are kept and the files are valid.
     """
     wait = _WaitHook()
+    with Interrupts() if interrupts is None else contextlib.nullcontext(interrupts) as interrupts:
+        return _sweep(sweep, out_dir, progress, command, log, model, wait, interrupts)
+
+
+def _sweep(sweep, out_dir, progress, command, log, model, wait, interrupts):
     model = model or cost.load_model()
     info = machine_info()
     label = machine_label(info)
@@ -375,24 +387,27 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
     clusters = Clusters(max((j.workers for j in jobs if sharded_engine(j.backend)), default=2))
     try:
         for prob, prob_jobs in itertools.groupby(jobs, key=lambda j: j.problem):
-            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label, clusters, wait)
+            interrupts.check()
+            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label, clusters, wait, interrupts.check)
     except KeyboardInterrupt:
         meta["interrupted"] = True
     finally:
         bar.close()
         clusters.close()
-        meta.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), rows=len(writer.rows))
+        meta.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), rows=len(writer.rows),
+                    interrupted=meta["interrupted"] or interrupts.interrupted)  # one a callback swallowed too
         writer.close(meta)
     if meta["interrupted"]:
         log(f"interrupted: kept the {len(writer.rows)} measurements made so far")
     return {**meta, "csv": writer.csv, "json": writer.json, "traces": writer.traces_path}
 
 
-def _run_problem(problem, jobs, sweep, rng, writer, bar, label, clusters=None, wait=None):
+def _run_problem(problem, jobs, sweep, rng, writer, bar, label, clusters=None, wait=None, check=None):
     """Measure one problem: its baselines (written together, compared among themselves), then the rest.
 
     A torch-models problem compares each row with the peers measured at its
-    own thread count.
+    own thread count. ``check`` runs after each measurement (a Ctrl-C lost
+    during it drops that row and ends the sweep).
     """
     t0 = time.perf_counter()
     s, L, w, N, dt = problem
@@ -405,6 +420,8 @@ def _run_problem(problem, jobs, sweep, rng, writer, bar, label, clusters=None, w
     def run(job):
         bar.job(job)
         row, trace = measure_job(job, chain, x, sweep.repeats, clusters, tp, sweep.torch_row_seconds)
+        if check is not None:
+            check()
         row["machine"] = label
         bar.job_done(job)
         return row, trace

@@ -9,24 +9,29 @@ users' MLPs against torch autograd, with results and figures written to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import shlex
 import sys
+import tempfile
 import time
 from importlib.metadata import version
 
 import numpy as np
 
 from . import cost
-from .bench import PRESETS, SHARDED, Sweep, read_results, run_sweep
+from ._validate import FLOAT_DTYPES
+from .bench import BASELINES, PRESETS, SHARDED, Sweep, read_results, run_sweep
 from .calibrate import calibrate, calibration_status
+from .executors import valid_backends
 from .grad import grad
 from .layers import diagonal_chain, mlp
 from .plots import plot_results, schedule_diagram, simulation
 from .report import summary_lines, write_report
-from .schedules import schedule
+from .results import Interrupts, write_text_atomic
+from .schedules import build, schedule
 
 __all__ = ["main", "build_parser"]
 
@@ -36,7 +41,10 @@ def _ints(s):
     for part in s.split(","):
         part = part.strip()
         if part.startswith("2^") or part.startswith("2**"):
-            out.append(2 ** int(part.split("^")[-1].split("**")[-1]))
+            k = int(part.split("^")[-1].split("**")[-1])
+            if k < 0:
+                raise ValueError(f"2^{k} is not an integer")
+            out.append(2 ** k)
         elif part:
             out.append(int(part))
     return out
@@ -44,6 +52,81 @@ def _ints(s):
 
 def _strs(s):
     return [p.strip() for p in s.split(",") if p.strip()]
+
+
+# -- option checks, while parsing (before anything runs): "chainprod bench: error: argument --backends: ...", exit 2
+def _at_least(minimum, why="", one=False):
+    """A comma list of ints (``2^k`` allowed), each ``>= minimum``; ``one=True``: one int."""
+    def ints(s):
+        try:
+            values = [int(s)] if one else _ints(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected " + ("an integer" if one else "a comma list of integers "
+                                             "(e.g. 16,64,2^10)") + f", got {s!r}") from None
+        bad = [v for v in values if v < minimum]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}{why}, got {bad[0] if bad else 'none'}")
+        return values[0] if one else values
+    return ints
+
+
+def _positive_number(s):
+    with contextlib.suppress(ValueError):
+        if 0 < float(s) < float("inf"):
+            return float(s)
+    raise argparse.ArgumentTypeError(f"must be a positive finite number, got {s!r}")
+
+
+def _names(what, valid):
+    """A comma list of names, each one of ``valid()`` (read from the registries when parsing)."""
+    def names(s):
+        got, ok = _strs(s), list(valid())
+        bad = [n for n in got if n not in ok]
+        if bad or not got:
+            said = f"invalid {what} {bad[0]!r}" if bad else f"no {what} given"
+            raise argparse.ArgumentTypeError(f"{said}; valid {what}s: {', '.join(ok)}")
+        return got
+    return names
+
+
+def _scan_methods():
+    """The methods a sweep can measure: backprop, auto and every registered schedule that is a scan."""
+    def scan(m):
+        try:
+            return build(m, 8).is_scan
+        except (ValueError, TypeError):  # a builder that needs options the sweep gives it: kept
+            return True
+    return ["backprop", *(m for m in cost.valid_schedules() if m == cost.AUTO or scan(m))]
+
+
+_DEPTHS = _at_least(2, " (a chain of one layer has no product to scan)")
+
+
+def _check_out(parser, option, path, file=False):
+    """Refuse an output directory (``file``: a file's) that cannot be written, naming the option: exit 2.
+
+    A missing directory is created (it would be anyway), before the command starts.
+    """
+    path = os.path.abspath(path)
+    if file:
+        if os.path.isdir(path):
+            parser.error(f"argument {option}: {path!r} is a directory; give a file name")
+        path = os.path.dirname(path)
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent == path and not os.path.isdir(path):
+        parser.error(f"argument {option}: {path!r} is a file, not a directory")
+    if not os.path.isdir(parent):
+        parser.error(f"argument {option}: cannot create {path!r}: {parent!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"argument {option}: cannot write in {parent!r}: permission denied")
+    try:  # what access() cannot see (a read-only file system, a full disk): try it
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        parser.error(f"argument {option}: cannot write in {path!r}: {e.strerror or e}")
 
 
 def _torch_models(s):
@@ -86,27 +169,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "none. Writes results.csv, results.json, traces.json.gz, figures and report.md "
                                    "to --out. Ctrl-C keeps what was measured (exit status 130). Defaults: a few "
                                    "minutes on 2 cores.")
-    b.add_argument("--depths", type=_ints, help="comma list of depths L, e.g. 256,2048,2^14")
-    b.add_argument("--workers", type=_ints, help="comma list of worker counts P")
-    b.add_argument("--widths", type=_ints, help="comma list of widths w")
-    b.add_argument("--backends", type=_strs, help="comma list: vectorized,threads,serial,ray,dask, and "
+    b.set_defaults(_parser=b)
+    b.add_argument("--depths", type=_DEPTHS, help="comma list of depths L >= 2, e.g. 256,2048,2^14")
+    b.add_argument("--workers", type=_at_least(1), help="comma list of worker counts P")
+    b.add_argument("--widths", type=_at_least(1), help="comma list of widths w")
+    b.add_argument("--backends", type=_names("backend", lambda: [*valid_backends(), *SHARDED]),
+                   help="comma list: vectorized,threads,serial,ray,dask, and "
                                                   "ray-sharded,dask-sharded (a training step of a model resident "
                                                   "on P >= 2 workers)")
     b.add_argument("--sharded", action="store_true", help="add ray-sharded and dask-sharded to the backends")
-    b.add_argument("--methods", type=_strs, help="comma list of scans: auto,sklansky,brent_kung,chunked,...")
-    b.add_argument("--baselines", type=_strs, help="comma list: backprop,backprop-numpy,jax,torch (default: all "
-                                                   "installed; backprop is always measured)")
-    b.add_argument("--structure", type=_strs, help="comma list: dense,diagonal")
-    b.add_argument("--batches", "--batch", dest="batch", type=_ints,
+    b.add_argument("--methods", type=_names("method", _scan_methods),
+                   help="comma list of scans: auto,sklansky,brent_kung,chunked,...")
+    b.add_argument("--baselines", type=_names("baseline", lambda: BASELINES),
+                   help="comma list: backprop,backprop-numpy,jax,torch (default: all installed; backprop is "
+                        "always measured)")
+    b.add_argument("--structure", type=_names("structure", lambda: cost.STRUCTURES), help="comma list: dense,diagonal")
+    b.add_argument("--batches", "--batch", dest="batch", type=_at_least(1),
                    help="comma list of batch sizes N (default: 1,64; --quick: 1,64)")
     b.add_argument("--torch-models", type=_torch_models, metavar="MODELS",
                    help="the torch-models section: comma list of WIDTHxDEPTHxBATCH[:DTYPE] (nn.Linear + nn.Tanh, "
                         "DEPTH linear layers; dtype float32 unless given), or none (default: 256x8x128, 64x64x32, "
                         "1024x4x256, 32x256x16:float64, 128x16x64:float64; --quick: 32x4x16)")
-    b.add_argument("--dtype", type=_strs, help="comma list: float64,float32")
-    b.add_argument("--repeats", type=int, help="timed repeats per configuration (median and spread)")
-    b.add_argument("--max-config-seconds", type=float, help="skip configurations predicted to take longer")
-    b.add_argument("--max-activations", type=float, help="skip problems whose forward pass stores more than this "
+    b.add_argument("--dtype", type=_names("dtype", lambda: [str(d) for d in FLOAT_DTYPES]),
+                   help="comma list: float64,float32")
+    b.add_argument("--repeats", type=_at_least(1, one=True), help="timed repeats per configuration (median and "
+                                                                  "spread)")
+    b.add_argument("--max-config-seconds", type=_positive_number,
+                   help="skip configurations predicted to take longer")
+    b.add_argument("--max-activations", type=_positive_number,
+                   help="skip problems whose forward pass stores more than this "
                                                          "many activations, L x N x w (default: 2^22 = 4194304)")
     b.add_argument("--out", default="chainprod-results", help="output directory (default: %(default)s)")
     b.add_argument("--quick", action="store_true", help="a seconds-long sweep (smoke test)")
@@ -119,16 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw the figures of a saved sweep",
                         description="Read RESULTS (a directory with results.csv/results.json, or the CSV) "
                                     "and write every figure as PNG and SVG.")
+    pl.set_defaults(_parser=pl)
     pl.add_argument("results", metavar="RESULTS")
     pl.add_argument("--out", help="figure directory (default: RESULTS/plots)")
 
     s = sub.add_parser("schedule", help="print a plan (and draw it with --draw FILE)",
                        description="Build schedule NAME over L factors from sizes alone and print its "
                                    "summary: rounds, peak width, ops, flops, Brent bound, one row per round.")
+    s.set_defaults(_parser=s)
     s.add_argument("name", help="sequential, tree, independent, hillis_steele, sklansky, brent_kung, chunked, auto")
-    s.add_argument("L", type=int, help="number of factors")
-    s.add_argument("--width", type=int, default=64, help="w for flops (1 x w head, w x w blocks)")
-    s.add_argument("--workers", type=int, help="P for chunked/auto and the Brent bound")
+    s.add_argument("L", type=_at_least(1, one=True), help="number of factors")
+    s.add_argument("--width", type=_at_least(1, one=True), default=64, help="w for flops (1 x w head, w x w blocks)")
+    s.add_argument("--workers", type=_at_least(1, one=True), help="P for chunked/auto and the Brent bound")
     s.add_argument("--draw", metavar="FILE", help="draw the circuit to FILE (.png/.svg; both are written)")
     s.add_argument("--validate", action="store_true", help="prove the plan by symbolic replay")
 
@@ -137,12 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "scan and of backprop for worker counts and depths far beyond this "
                                     "machine; print the Q4 crossover (smallest depth where the scan wins) "
                                     "per worker count and plot speedup vs depth.")
-    sm.add_argument("--width", type=int, default=64)
-    sm.add_argument("--workers", type=_ints, default=[1, 2, 4, 16, 64, 256, 1024, 4096])
-    sm.add_argument("--depths", type=_ints, default=[2 ** k for k in range(4, 21, 2)])
-    sm.add_argument("--structure", default="dense", choices=["dense", "diagonal"])
-    sm.add_argument("--batch", type=int, default=1)
-    sm.add_argument("--backend", default="ray", help="whose latencies to use (ray, dask, threads, ideal)")
+    sm.set_defaults(_parser=sm)
+    sm.add_argument("--width", type=_at_least(1, one=True), default=64)
+    sm.add_argument("--workers", type=_at_least(1), default=[1, 2, 4, 16, 64, 256, 1024, 4096])
+    sm.add_argument("--depths", type=_DEPTHS, default=[2 ** k for k in range(4, 21, 2)])
+    sm.add_argument("--structure", default="dense", choices=cost.STRUCTURES)
+    sm.add_argument("--batch", type=_at_least(1, one=True), default=1)
+    sm.add_argument("--backend", default="ray", choices=sorted({*cost.CostModel().round_latency, "ideal"}),
+                    help="whose latencies to use (ray, dask, threads, ideal: none)")
     sm.add_argument("--out", default="chainprod-simulation", help="figure directory")
 
     c = sub.add_parser("calibrate", help="measure this machine's per-op costs for the model",
@@ -150,16 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per-layer forward/backprop/Jacobian costs and the task/hop/run latency "
                                    "of each installed engine; save JSON where method='auto' finds it.")
     c.add_argument("--quick", action="store_true", help="fewer repeats")
-    c.add_argument("--engines", type=_strs, default=["threads", "ray", "dask"],
+    c.set_defaults(_parser=c)
+    c.add_argument("--engines", type=_names("engine", valid_backends), default=["threads", "ray", "dask"],
                    help="engines to time (default: %(default)s)")
     c.add_argument("--output", help="where to save (default: $CHAINPROD_COST_MODEL or ~/.cache/chainprod)")
 
     d = sub.add_parser("demo", help="per-layer gradient agreement with backprop and a schedule summary",
                        description="A few seconds: gradients of a small MLP and a diagonal chain by every "
                                    "scan, compared layer by layer with backprop, then a schedule summary.")
-    d.add_argument("--depth", type=int, default=64)
-    d.add_argument("--width", type=int, default=16)
-    d.add_argument("--backend", default="vectorized")
+    d.set_defaults(_parser=d)
+    d.add_argument("--depth", type=_at_least(2, " (one layer has no product to scan)", one=True), default=64)
+    d.add_argument("--width", type=_at_least(1, one=True), default=16)
+    d.add_argument("--backend", default="vectorized", choices=valid_backends())
     return p
 
 
@@ -195,11 +292,18 @@ def _calibrate_if_needed(sweep, quick, say) -> str:
 
 
 def _cmd_bench(a):
+    with Interrupts() as interrupts:  # Ctrl-C ends the command at any moment, even where a callback swallows it
+        return _bench(a, interrupts)
+
+
+def _bench(a, interrupts):
     say = (lambda *args, **kw: None) if a.quiet else print
     sweep = _sweep_from_args(a)
     cmd = "chainprod " + " ".join(shlex.quote(x) for x in a._argv)
     notes = [] if a.no_calibrate else [_calibrate_if_needed(sweep, a.quick, say)]
-    meta = run_sweep(sweep, a.out, progress="none" if (a.quiet or a.no_progress) else "auto", command=cmd, log=say)
+    interrupts.check()
+    meta = run_sweep(sweep, a.out, progress="none" if (a.quiet or a.no_progress) else "auto", command=cmd, log=say,
+                     interrupts=interrupts)
     rows = read_results(meta["csv"])
     figures, status = [], 0
     if meta["interrupted"]:
@@ -207,7 +311,9 @@ def _cmd_bench(a):
         notes.append("interrupted during the sweep: no figures drawn")
     elif not a.no_plots:
         try:
-            figures = plot_results(a.out, log=lambda p: None)
+            interrupts.check()
+            figures = plot_results(a.out, log=lambda p: None, check=interrupts.check)
+            interrupts.check()
         except ImportError as e:
             notes.append(f"no figures: {e} (pip install 'chainprod[plot]')")
         except KeyboardInterrupt:
@@ -215,9 +321,9 @@ def _cmd_bench(a):
             notes.append("interrupted while drawing the figures: some are missing")
     report = write_report(a.out, rows, meta, [p for p in figures if p.endswith(".png")], notes=notes)
     print("\n".join(summary_lines(rows, meta)))
-    if status:
+    if status or interrupts.interrupted:
         print(f"interrupted: partial results kept in {meta['csv']} and {meta['json']}; report {report}")
-        return status
+        return 130
     print(f"results: {meta['csv']}, {meta['json']}, {meta['traces']}")
     if figures:
         print(f"figures: {os.path.join(a.out, 'plots')}/ (headline: speedup_vs_depth.png)")
@@ -246,7 +352,9 @@ def _cmd_plot(a):
     if not os.path.exists(os.path.join(path, "results.csv")):
         print(f"chainprod plot: no results.csv in {path!r}", file=sys.stderr)
         return 2
-    plot_results(path, a.out)
+    with Interrupts() as interrupts:  # a Ctrl-C that a callback swallowed still stops the drawing
+        plot_results(path, a.out, check=interrupts.check)
+        interrupts.check()
     return 0
 
 
@@ -286,8 +394,7 @@ def _cmd_simulate(a):
     except ImportError as e:
         print(f"no figure: {e}")
     os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, f"simulate_{a.structure}_w{a.width}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_text_atomic(os.path.join(a.out, f"simulate_{a.structure}_w{a.width}.json"), json.dumps(results, indent=1))
     return 0
 
 
@@ -325,6 +432,9 @@ def main(argv=None) -> int:
     if not a.command:
         parser.print_help()
         return 0
+    for option, attr, file in (("--out", "out", False), ("--draw", "draw", True), ("--output", "output", True)):
+        if getattr(a, attr, None):  # the output paths, before the command starts
+            _check_out(a._parser, option, getattr(a, attr), file)
     try:
         return _COMMANDS[a.command](a) or 0
     except (ValueError, TypeError, ImportError) as e:

@@ -10,7 +10,9 @@ marked. :func:`telling_trace` picks the traces of a sweep worth drawing.
 
 :func:`save_figure` writes ``<stem>.png`` (re-saved with a 256-colour
 palette: plots have few colours, and it is a third of the size) and
-``<stem>.svg`` (text as text), 100 dpi, each well under 200 KB.
+``<stem>.svg`` (text as text), 100 dpi, each well under 200 KB, each to a
+temporary name renamed when complete, so an interrupted plot never leaves a
+half-written figure.
 :func:`pyplot` imports matplotlib (Agg) on first use, so ``import
 chainprod`` stays light.
 """
@@ -20,7 +22,9 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["DPI", "pyplot", "save_figure", "gantt", "telling_trace"]
+from .results import atomic_path
+
+__all__ = ["DPI", "pyplot", "save_figure", "gantt", "sharded_step_gantt", "telling_trace"]
 
 DPI = 100
 #: above this many tasks a Gantt chart's bars are rasterised in the SVG (one path per bar is too heavy)
@@ -48,12 +52,15 @@ def save_figure(fig, stem):
     os.makedirs(os.path.dirname(os.path.abspath(stem)) or ".", exist_ok=True)
     plt = pyplot()
     paths = [f"{stem}.png", f"{stem}.svg"]
-    fig.savefig(paths[0], dpi=DPI, bbox_inches="tight")
-    _palette_png(paths[0])
-    # SVG text as text (not one path per glyph): a third of the size, and searchable
-    with plt.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
+    try:
+        with atomic_path(paths[0]) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+            _palette_png(tmp)
+        # SVG text as text (not one path per glyph): a third of the size, and searchable
+        with plt.rc_context({"svg.fonttype": "none"}), atomic_path(paths[1]) as tmp:
+            fig.savefig(tmp, format="svg", bbox_inches="tight", metadata={"Date": None})
+    finally:  # closed after an error or Ctrl-C too: pyplot keeps every open figure alive
+        plt.close(fig)
     return paths
 
 
@@ -63,7 +70,7 @@ def _palette_png(path):
 
     with Image.open(path) as img:
         small = img.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT)
-    small.save(path, optimize=True)
+    small.save(path, format="PNG", optimize=True)
 
 
 def gantt(events, stem, *, title="", machine=None, forward_seconds=None):
@@ -148,6 +155,16 @@ def _sharded_gantt(events, stem, *, title, machine, forward_seconds):
     ax.set_title(f"{title} - {machine or 'this machine'}: {len(events)} calls on {len(shards)} shards", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, stem)
+
+
+def sharded_step_gantt(record, key, stem, *, machine=None):
+    """The Gantt chart of one traced sharded training step of a sweep (a ``traces.json.gz`` record)."""
+    s, L, w, N, dt, backend, P, method = key.split("/")
+    step = (f"forward {record['forward_seconds'] * 1e3:.3g} ms + backward and SGD "
+            f"{record['backward_seconds'] * 1e3:.3g} ms, {record['bytes_moved']:,} bytes moved")
+    title = (f"One training step, {backend} {P} shards, {method} ran {record['schedule']} across them: "
+             f"{s} {L} {w} {N} {dt}\n{step}")
+    return gantt(record["events"], stem, title=title, machine=machine, forward_seconds=record["forward_seconds"])
 
 
 def telling_trace(traces, kind=None):

@@ -20,7 +20,7 @@ from . import backward_compiled, backward_numpy, backward_remote
 from ._validate import as_float_array, check_workers, renamed_argument
 from .autotune import COMPILED_BACKENDS, choose_method
 from .cost import AUTO, remote_auto, valid_schedules
-from .errors import NonFiniteError  # noqa: F401  (re-exported for users of chainprod.grad)
+from .errors import NonFiniteError  # also re-exported for users of chainprod.grad
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .layers import Chain
 from .schedules import Schedule
@@ -116,7 +116,16 @@ def _loss(tape, y, loss, want_value):
     if not want_value and loss == "sum":
         return None, _ones(out.shape, out.dtype)
     value_fn, cotangent_fn = LOSSES[loss]
-    return (float(value_fn(out, y)) if want_value else None), cotangent_fn(out, y)
+    # Finite outputs far from y can overflow the squares (the value is then inf, the correctly rounded
+    # answer) or the difference (an infinite cotangent, which the backward pass reports as a NonFiniteError
+    # naming the layers): numpy's RuntimeWarning would only repeat that, without the layers.
+    with np.errstate(over="ignore", invalid="ignore"):
+        value, cotangent = (float(value_fn(out, y)) if want_value else None), cotangent_fn(out, y)
+    if not np.isfinite(cotangent).all():
+        L = len(tape.chain)
+        raise NonFiniteError(f"the cotangent of the {loss} loss overflowed: the model output (layer {L - 1}) and "
+                             f"the targets y are too far apart for {out.dtype}", (L - 1, L - 1))
+    return value, cotangent
 
 
 _ONES: dict = {}

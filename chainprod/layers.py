@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validate import as_float_array
+from ._validate import as_float_array, check_learning_rate
 from .activations import ACTIVATIONS, activation_name, apply_activation, derivative_from_output
 from .errors import NonFiniteError
 
@@ -267,6 +267,8 @@ class Chain:
         self.layers = tuple(layers)
         self.dtype = layers[0].dtype
         self.runs = tuple(self._make_runs())
+        #: True once :meth:`sgd_step` made a successor: a plan still holding this chain says so when used
+        self.superseded = False
 
     def _make_runs(self):
         start = 0
@@ -344,7 +346,12 @@ class Chain:
         return Chain(type(ly)(*p, activation=ly.activation) for ly, p in zip(self.layers, params))
 
     def sgd_step(self, grads, lr: float) -> Chain:
-        """``theta - lr * grad`` for every parameter: one step of plain gradient descent."""
+        """``theta - lr * grad`` for every parameter: one step of plain gradient descent.
+
+        Returns a new chain (this one is unchanged, and marked
+        :attr:`superseded`); ``lr`` is any finite real number.
+        """
+        lr = check_learning_rate(lr)
         grads = list(grads)
         if len(grads) != len(self):
             raise ValueError(f"expected {len(self)} gradient tuples (one per layer), got {len(grads)}")
@@ -362,7 +369,9 @@ class Chain:
                                          f"(theta - lr * grad with lr={lr!r} overflowed, or the gradient is "
                                          "not finite)", (l, l))
                 new.append(step)
-        return self.with_params(new)
+        successor = self.with_params(new)
+        self.superseded = True
+        return successor
 
 
 def run_forward(run, x, Y):

@@ -10,6 +10,13 @@ compiled kernels) are cached by value, so a held plan also holds warm caches.
 ``method="auto"`` on the compiled kernels is decided on the first call, from
 that call's real data (:mod:`chainprod.autotune`), and kept.
 
+A plan holds the chain it was made from, and a :class:`~chainprod.Chain` is
+immutable: after ``chain = chain.sgd_step(g, lr)`` give the plan the new
+parameters, per call (``p.grad(x, params=chain)``) or once
+(``p = p.with_params(chain)``, no re-planning). A plan whose chain was
+superseded by ``sgd_step`` and is given no parameters warns that it computes
+at the old ones.
+
 >>> import numpy as np, chainprod as cp
 >>> p = cp.plan(cp.mlp([4, 8, 8, 1]), method="sklansky")
 >>> p.schedule.name, p.schedule.length
@@ -23,6 +30,10 @@ that call's real data (:mod:`chainprod.autotune`), and kept.
 """
 
 from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -51,13 +62,21 @@ class Plan:
         plan on the compiled kernels, or on Ray or Dask, has seen its first batch.
     backend, workers, kernels
         As in :func:`chainprod.grad`.
+    chain : Chain or None
+        The chain whose parameters :meth:`grad` uses when given none (see
+        :meth:`with_params`).
     """
 
     def __init__(self, target, *, method="auto", backend="vectorized", workers=None, kernels=None, batch=1,
                  engine_options=None):
         self.workers = check_workers(workers)
-        if not isinstance(backend, Executor):
-            get_executor(backend)  # an unknown name fails here, not on the first call
+        if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive int (the batch size to plan for), got {batch!r}")
+        executor = backend if isinstance(backend, Executor) else get_executor(backend)  # unknown: fails here
+        if not isinstance(engine_options, (Mapping, type(None))):
+            raise TypeError(f"engine_options must be a dict (e.g. {{'timeout': 30}}) or None, got {engine_options!r}")
+        if engine_options:
+            executor.check_options(dict(engine_options))  # names and values, here rather than on the first call
         self.backend = backend
         self.kernels = resolve_kernels(kernels)
         self.engine_options = dict(engine_options or {})
@@ -65,7 +84,7 @@ class Plan:
         self.chain = target if isinstance(target, Chain) else None
         if self.chain is not None:
             self.length = len(self.chain) - 1
-            self.schedule = self._resolve_for_chain(method, batch)
+            self.schedule = self._resolve_for_chain(method, int(batch))
         else:
             self.length, blocks = _product_shapes(target)
             self.schedule = resolve_schedule(method, self.length, workers=self.workers, blocks=blocks,
@@ -83,21 +102,79 @@ class Plan:
                                 blocks=jacobian_shapes(self.chain, batch), backend=self.backend)
 
     # -- gradients ---------------------------------------------------------
-    def grad(self, x, y=None, *, loss=None, return_trace=False):
-        """Per-layer gradients of the held chain at ``x`` (see :func:`chainprod.grad`)."""
-        value, g, trace = self._value_and_grad(x, y, loss, return_trace)
+    def grad(self, x, y=None, *, loss=None, params=None, return_trace=False):
+        """Per-layer gradients at ``x`` (see :func:`chainprod.grad`).
+
+        Parameters
+        ----------
+        params : Chain or sequence of tuples, optional
+            The parameters to use: a chain of the same structure as the
+            plan's (e.g. ``chain.sgd_step(...)``'s result) or one tuple of
+            arrays per layer, shaped like ``chain.params``. Default: the
+            plan's chain (see :meth:`with_params`).
+        """
+        value, g, trace = self._value_and_grad(x, y, loss, params, return_trace)
         return (g, trace) if return_trace else g
 
-    def value_and_grad(self, x, y=None, *, loss=None, return_trace=False):
-        """Loss value and per-layer gradients (see :func:`chainprod.value_and_grad`)."""
-        value, g, trace = self._value_and_grad(x, y, loss, return_trace)
+    def value_and_grad(self, x, y=None, *, loss=None, params=None, return_trace=False):
+        """Loss value and per-layer gradients (see :func:`chainprod.value_and_grad`; ``params`` as in :meth:`grad`)."""
+        value, g, trace = self._value_and_grad(x, y, loss, params, return_trace)
         return (value, g, trace) if return_trace else (value, g)
 
-    def _value_and_grad(self, x, y, loss, return_trace):
+    def with_params(self, params) -> Plan:
+        """The same plan (schedule, kernels, backend) for other parameters of the same structure, at no planning cost.
+
+        ``params`` is a :class:`~chainprod.Chain` of the same structure (e.g.
+        ``chain.sgd_step(...)``'s result) or one tuple of arrays per layer.
+        A chain of another structure is a ``ValueError`` naming the first
+        layer that differs (a new structure needs ``cp.plan``).
+        """
+        if params is None:
+            raise TypeError("with_params() needs the parameters: a Chain of the same structure or one tuple per layer")
+        new = copy.copy(self)
+        new.chain = self._chain_for(params)
+        new.engine_options = dict(self.engine_options)
+        return new
+
+    def _chain_for(self, params):
+        """The chain to compute with: the plan's own, or one with ``params`` after checking their structure."""
         if self.chain is None:
             raise TypeError("this plan is for products of matrices (made from a length or shapes); "
                             "use plan.suffix_products(mats), or make a plan from a Chain for gradients")
-        tape = forward(self.chain, x, kernels=self.kernels)
+        if params is None:
+            if self.chain.superseded:
+                warnings.warn("this plan's chain was replaced by Chain.sgd_step: the gradient is at the old "
+                              "parameters; pass params=new_chain, or use plan.with_params(new_chain)",
+                              UserWarning, stacklevel=4)
+            return self.chain
+        if isinstance(params, Chain):
+            other = params
+        else:
+            if isinstance(params, np.ndarray) or not hasattr(params, "__iter__"):
+                raise TypeError(f"params must be a Chain or one tuple of arrays per layer, got "
+                                f"{type(params).__name__}")
+            params = [tuple(ps) for ps in params]
+            if len(params) != len(self.chain):
+                raise ValueError(f"params has {len(params)} layers but this plan's chain has {len(self.chain)}")
+            for l, (ps, layer) in enumerate(zip(params, self.chain)):
+                shapes = tuple(np.shape(p) for p in ps)
+                if shapes != tuple(p.shape for p in layer.params):
+                    raise ValueError(f"params of layer {l} have shapes {shapes}, but layer {l} of this plan's "
+                                     f"chain ({layer!r}) has {tuple(p.shape for p in layer.params)}")
+            other = self.chain.with_params(params)
+        if len(other) != len(self.chain):
+            raise ValueError(f"params is a chain of {len(other)} layers but this plan's chain has {len(self.chain)}; "
+                             "make a new plan with cp.plan for another structure")
+        for l, (mine, theirs) in enumerate(zip(self.chain, other)):
+            if mine.run_key() != theirs.run_key():
+                raise ValueError(f"params differ in structure from this plan's chain at layer {l}: "
+                                 f"{_describe(theirs)} where the plan has {_describe(mine)}; make a new plan "
+                                 "with cp.plan for another structure")
+        return other
+
+    def _value_and_grad(self, x, y, loss, params, return_trace):
+        chain = self._chain_for(params)
+        tape = forward(chain, x, kernels=self.kernels)
         value, cotangent = loss_cotangent(tape, y, loss)
         trace = make_trace(return_trace, self.backend, self.workers)
         if trace is None and self.schedule is None:
@@ -145,6 +222,11 @@ class Plan:
         return repr(self)
 
 
+def _describe(layer) -> str:
+    shapes = ", ".join(str(tuple(p.shape)) for p in layer.params)
+    return f"{layer!r} with parameters of shapes {shapes} in {layer.dtype}"
+
+
 def _product_shapes(target):
     """``(L, blocks)`` for a product plan: an int ``L``, a list of ``(kind, rows, cols)`` or of matrices."""
     if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
@@ -175,7 +257,14 @@ def plan(target, *, method="auto", backend="vectorized", workers=None, kernels=N
         As in :func:`chainprod.grad`.
     batch : int
         The batch size the cost model plans for (a chain's ``auto`` on the
-        numpy reference).
+        numpy reference), >= 1.
+
+    Returns
+    -------
+    Plan
+        ``p.grad(x)`` computes with the chain's parameters;
+        ``p.grad(x, params=new_chain)`` or ``p.with_params(new_chain)`` with
+        those of a chain of the same structure (after ``sgd_step``).
     """
     return Plan(target, method=method, backend=backend, workers=workers, kernels=kernels, batch=batch,
                 engine_options=engine_options)

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from .bench import BASELINES, PER_CALL, SHARDED, TORCH_STRUCTURE, read_meta, read_results, read_traces
-from .gantt import DPI, gantt, pyplot, save_figure, telling_trace
+from .gantt import DPI, gantt, pyplot, save_figure, sharded_step_gantt, telling_trace
 from .report import baseline_name
 from .schedules import build
 
@@ -349,16 +349,6 @@ def simulation(results, stem, *, machine=None):
     return save_figure(fig, stem)
 
 
-def sharded_step_gantt(record, key, stem, *, machine=None):
-    """The Gantt chart of one traced sharded training step of a sweep (a ``traces.json.gz`` record)."""
-    s, L, w, N, dt, backend, P, method = key.split("/")
-    step = (f"forward {record['forward_seconds'] * 1e3:.3g} ms + backward and SGD "
-            f"{record['backward_seconds'] * 1e3:.3g} ms, {record['bytes_moved']:,} bytes moved")
-    title = (f"One training step, {backend} {P} shards, {method} ran {record['schedule']} across them: "
-             f"{s} {L} {w} {N} {dt}\n{step}")
-    return gantt(record["events"], stem, title=title, machine=machine, forward_seconds=record["forward_seconds"])
-
-
 _TORCH_BARS = (("torch", "torch", "torch autograd", "#e377c2"), ("jax", "jax", "JAX jit(grad), every core", "#8c564b"),
                ("torch_backward", "numba", "cp.torch_backward", "C0"), ("value_and_grad", "numba",
                "cp.value_and_grad (numba)", "C2"), ("value_and_grad", "numpy", "cp.value_and_grad (numpy)", "C1"),
@@ -415,31 +405,40 @@ def torch_models(rows, stem, *, machine=None):
     return save_figure(fig, stem)
 
 
-def plot_results(results_dir, out_dir=None, *, log=print):
-    """Redraw every figure of a saved sweep (``results.csv``, ``results.json``, ``traces.json.gz``)."""
+def plot_results(results_dir, out_dir=None, *, log=print, check=None):
+    """Redraw every figure of a saved sweep (``results.csv``, ``results.json``, ``traces.json.gz``).
+
+    ``check``, if given, is called before each figure (e.g.
+    :meth:`chainprod.results.Interrupts.check`, so a Ctrl-C that a callback
+    swallowed still stops the drawing); each figure is complete or absent.
+    """
     rows = read_results(results_dir)
     out_dir = out_dir or os.path.join(results_dir, "plots")
     machine = read_meta(results_dir).get("machine_label")
-    paths = []
-    paths += speedup_vs_depth(rows, os.path.join(out_dir, "speedup_vs_depth"), machine=machine)
-    paths += speedup_vs_depth(rows, os.path.join(out_dir, "speedup_vs_depth_end_to_end"), machine=machine,
-                              metric="total")
-    paths += speedup_vs_workers(rows, os.path.join(out_dir, "speedup_vs_workers"), machine=machine)
-    paths += speedup_heatmap(rows, os.path.join(out_dir, "speedup_heatmap"), machine=machine)
-    paths += predicted_vs_measured(rows, os.path.join(out_dir, "predicted_vs_measured"), machine=machine)
-    if any(r.get("structure") == TORCH_STRUCTURE for r in rows):
-        paths += torch_models(rows, os.path.join(out_dir, "torch_models"), machine=machine)
     traces = read_traces(results_dir)
-    key = telling_trace(traces)
+    key, sharded = telling_trace(traces), telling_trace(traces, kind="sharded")
+    figures = [(speedup_vs_depth, rows, "speedup_vs_depth", {}),
+               (speedup_vs_depth, rows, "speedup_vs_depth_end_to_end", {"metric": "total"}),
+               (speedup_vs_workers, rows, "speedup_vs_workers", {}), (speedup_heatmap, rows, "speedup_heatmap", {}),
+               (predicted_vs_measured, rows, "predicted_vs_measured", {})]
+    if any(r.get("structure") == TORCH_STRUCTURE for r in rows):
+        figures.append((torch_models, rows, "torch_models", {}))
     if key is not None:
         s, L, w, N, dt, backend, P, method = key.split("/")
         title = f"{backend} {P}, {method} ran {traces[key]['schedule']}: {s} {L} {w} {N} {dt}"
-        paths += gantt(traces[key]["events"], os.path.join(out_dir, "gantt"), title=title, machine=machine)
-    key = telling_trace(traces, kind="sharded")
-    if key is not None:
-        paths += sharded_step_gantt(traces[key], key, os.path.join(out_dir, "gantt_sharded"), machine=machine)
-    paths += schedule_diagram(build("sklansky", 16), os.path.join(out_dir, "schedule_sklansky_16"))
-    paths += schedule_diagram(build("brent_kung", 16), os.path.join(out_dir, "schedule_brent_kung_16"))
+        figures.append((gantt, traces[key]["events"], "gantt", {"title": title}))
+    if sharded is not None:
+        figures.append((lambda r, stem, **kw: sharded_step_gantt(r, sharded, stem, **kw), traces[sharded],
+                        "gantt_sharded", {}))
+    paths = []
+    for draw, data, name, kw in figures:
+        if check is not None:
+            check()
+        paths += draw(data, os.path.join(out_dir, name), machine=machine, **kw)
+    for name in ("sklansky", "brent_kung"):
+        if check is not None:
+            check()
+        paths += schedule_diagram(build(name, 16), os.path.join(out_dir, f"schedule_{name}_16"))
     for p in paths:
         log(p)
     return paths

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from .bench import BASELINES, BOUNDS, PER_CALL, SHARDED, TORCH_STRUCTURE
-from .results import markdown_page
+from .results import markdown_page, write_text_atomic
 
 __all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary", "wins_and_losses", "sharded_lines",
            "summary_lines", "results_table", "write_report", "SHARDED_NOTE", "PER_CALL_NOTE", "losses",
@@ -440,8 +440,8 @@ def write_report(out_dir, rows, meta, figures=(), *, notes=()) -> str:
                   + (f" {s['backend']} P={s['workers']} {s['method']}" if "problem" in s and "backend" in s else "")
                   + f": {s['reason']}" for s in skipped]
     parts += ["", "## Results", "", results_table(rows), ""]
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
-    with open(os.path.splitext(path)[0] + ".html", "w") as f:
-        f.write(markdown_page("\n".join(parts), "chainprod benchmark report"))
+    # whole or not at all: a Ctrl-C while writing leaves the previous report, never half of one
+    text = "\n".join(parts)
+    write_text_atomic(path, text)
+    write_text_atomic(os.path.splitext(path)[0] + ".html", markdown_page(text, "chainprod benchmark report"))
     return path

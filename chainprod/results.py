@@ -16,11 +16,16 @@
   ``bytes_moved`` and ``rounds``, and one event per call on a shard;
 * ``report.html``: :func:`markdown_page` renders ``report.md`` as a page.
 
-No pickle anywhere.
+Every whole file (``results.json``, ``traces.json.gz``, the figures, the
+report) is written to a temporary name in its directory and renamed
+(:func:`atomic_path`), so an interrupted job never leaves a half-written
+file; :class:`Interrupts` makes Ctrl-C end a long job at any moment. No
+pickle anywhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import html
@@ -28,12 +33,14 @@ import json
 import os
 import re
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["FIELDS", "ResultsWriter", "read_results", "read_meta", "read_traces", "markdown_page"]
+__all__ = ["FIELDS", "ResultsWriter", "read_results", "read_meta", "read_traces", "markdown_page", "Interrupts",
+           "atomic_path", "write_text_atomic"]
 
 #: CSV columns, in order
 FIELDS = [
@@ -56,6 +63,84 @@ _TEXT_FIELDS = {"structure", "dtype", "backend", "method", "schedule", "note", "
 
 # -- writing ---------------------------------------------------------------------------------------
 @contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside ``path``; rename it to ``path`` when the block ends well, else remove it.
+
+    The name is in the same directory, so :func:`os.replace` is atomic:
+    ``path`` is either its old contents or the complete new file, never a
+    part of one (a Ctrl-C, an error or a kill while writing).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path, text):
+    """Write ``text`` to ``path`` whole or not at all (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
+class Interrupts:
+    """Ctrl-C as an interrupt at every moment of a long job (a sweep, its figures), as a context manager.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread is when
+    SIGINT arrives. Inside a gc callback, a weakref callback or a
+    ``__del__`` (JAX's ``_xla_gc_callback`` and ``WeakSet._remove`` run
+    often) the exception is printed as "Exception ignored" and lost, and the
+    job would run on to the end. While installed, this handler counts every
+    Ctrl-C before raising, so :meth:`check`, called between steps, raises
+    again where the first was lost; a ``KeyboardInterrupt`` lost that way is
+    not printed (the next check honours it). Outside the main thread it
+    installs nothing and :meth:`check` never raises.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self._previous = self._hook = None
+        self._installed = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._hook
+            self._installed = False
+        return False
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable):
+        if not (self.count and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+            self._hook(unraisable)
+
+    @property
+    def interrupted(self) -> bool:
+        """True once Ctrl-C was pressed while installed (whether or not the exception was lost)."""
+        return self.count > 0
+
+    def check(self):
+        """Raise ``KeyboardInterrupt`` if Ctrl-C was pressed: a safe point between two steps of the job."""
+        if self.count:
+            raise KeyboardInterrupt
+
+
+@contextmanager
 def _no_interrupt():
     """Hold Ctrl-C until the block is done, so a row or a file is never half written."""
     if threading.current_thread() is not threading.main_thread():
@@ -68,7 +153,11 @@ def _no_interrupt():
     finally:
         signal.signal(signal.SIGINT, previous)
         if caught:
-            raise KeyboardInterrupt
+            # delivered now to whoever handles Ctrl-C here, so an Interrupts guard counts it too
+            if callable(previous):
+                previous(*caught[0])
+            elif previous != signal.SIG_IGN:
+                raise KeyboardInterrupt
 
 
 def _json_default(o):
@@ -109,9 +198,8 @@ class ResultsWriter:
     def close(self, meta):
         with _no_interrupt():
             self._file.close()
-            with open(self.json, "w") as f:
-                json.dump(meta, f, indent=2, default=_json_default)
-            with gzip.open(self.traces_path, "wt") as f:
+            write_text_atomic(self.json, json.dumps(meta, indent=2, default=_json_default))
+            with atomic_path(self.traces_path) as tmp, gzip.open(tmp, "wt") as f:
                 json.dump(self.traces, f, default=_json_default)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import warnings
 
 import numpy as np
 import pytest
@@ -309,6 +310,44 @@ def test_sgd_step_is_theta_minus_lr_grad():
         for p, q, gg in zip(ps, qs, gs):
             np.testing.assert_allclose(q, p - 0.25 * gg, rtol=0, atol=0)
     assert [ly.activation for ly in new] == [ly.activation for ly in chain]
+
+
+def test_sgd_step_takes_any_real_lr_and_refuses_one_too_large_for_a_float():
+    chain = random_chain(3, 3, kind="mixed", seed=2)
+    g = cp.grad(chain, inputs(chain, 2))
+    want = chain.sgd_step(g, 1)
+    for lr in (np.int64(1), np.float32(1.0), 1.0, np.int8(1)):
+        for a, b in zip(want.params, chain.sgd_step(g, lr).params):
+            for p, q in zip(a, b):
+                np.testing.assert_array_equal(p, q)
+    with pytest.raises(ValueError, match="too large for a float"):
+        chain.sgd_step(g, 10**400)
+    with pytest.raises(ValueError, match="finite"):
+        chain.sgd_step(g, float("nan"))
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        chain.sgd_step(g, "0.1")
+    fresh = random_chain(3, 3, kind="mixed", seed=2)
+    with pytest.raises(ValueError):
+        fresh.sgd_step(g, 10**400)
+    assert not fresh.superseded  # a refused step replaces nothing
+
+
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+def test_an_overflowing_loss_raises_no_runtime_warning(kernels):
+    """Outputs too large to square: numpy's overflow warning never leaks beside chainprod's own answer."""
+    one = cp.Chain([cp.Dense(np.array([[1e200]]), np.zeros(1), "identity")])
+    two = cp.Chain([one[0], cp.Dense(np.array([[1.0]]), np.zeros(1), "identity")])
+    small = cp.Chain([cp.Dense(np.array([[1.0]]), np.zeros(1), "identity")])
+    x, y = np.ones((2, 1)), np.zeros((2, 1))
+    with warnings.catch_warnings():  # every warning an error here (conftest silences RuntimeWarnings elsewhere)
+        warnings.simplefilter("error")
+        value, g = cp.value_and_grad(one, x, y, kernels=kernels, method="backprop")  # the square overflows
+        assert value == np.inf and g[0][0].tolist() == [[2e200]] and g[0][1].tolist() == [2e200]
+        with pytest.raises(cp.NonFiniteError, match="layer 1"):  # then the gradient overflows: said with the layer
+            cp.value_and_grad(two, x, y, kernels=kernels, method="backprop")
+        with pytest.raises(cp.NonFiniteError, match="cotangent of the mse loss overflowed") as e:
+            cp.value_and_grad(small, x, np.full((2, 1), -1.7e308), kernels=kernels)
+    assert e.value.layers == (0, 0)
 
 
 def test_backprop_does_not_fail_on_unneeded_input_jacobian():

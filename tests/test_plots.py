@@ -163,3 +163,31 @@ def test_torch_models_figure(tmp_path):
     _check(paths)
     svg = open(paths[1]).read()
     assert "w=8 depth=3 N=4 float32" in svg and "cp.torch_backward" in svg and "BLAS floor" in svg
+
+
+@pytest.mark.parametrize("fail_on", ["png", "svg"])
+def test_an_interrupted_save_keeps_the_previous_figure_whole(tmp_path, monkeypatch, fail_on):
+    """A Ctrl-C while a figure is half written: the file is the previous figure, whole; no temporary is left."""
+    from matplotlib.figure import Figure
+
+    stem = str(tmp_path / "s")
+    before = plots.schedule_diagram(build("sklansky", 8), stem)
+    _check(before)
+    old = {p: open(p, "rb").read() for p in before}
+    real = Figure.savefig
+
+    def half_then_interrupt(self, fname, *args, **kwargs):
+        if (kwargs.get("format") or str(fname).rsplit(".", 1)[-1]) == fail_on:
+            with open(fname, "wb") as f:
+                f.write(b"\x89PNG\r\n\x1a\n" if fail_on == "png" else b"<svg><text>unclosed")
+            raise KeyboardInterrupt
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        plots.schedule_diagram(build("brent_kung", 8), stem)
+    assert sorted(os.listdir(tmp_path)) == ["s.png", "s.svg"]
+    assert open(stem + ".svg", "rb").read() == old[stem + ".svg"]
+    if fail_on == "png":
+        assert open(stem + ".png", "rb").read() == old[stem + ".png"]
+    _check(before)
