@@ -35,7 +35,7 @@ def backprop_grads(tape: Tape, cotangent, kernels="numba") -> list[tuple]:
         raise NonFiniteError(
             f"backprop produced a non-finite gradient: the product of the input Jacobians of "
             f"layers {min(first, L - 1)}..{L - 1} (0-based) overflowed", (min(first, L - 1), L - 1))
-    return _checked(pc, grads)
+    return _checked(pc, grads, kernels)
 
 
 def scan_grads(tape: Tape, cotangent, sched, workers, trace, kernels="numba") -> list[tuple]:
@@ -55,7 +55,7 @@ def scan_grads(tape: Tape, cotangent, sched, workers, trace, kernels="numba") ->
             (lo + 1, L - 1))
     with _threads(kernels, workers):
         grads, bad = get_kernels(kernels).param_grads(pc, x, Y, V)
-    return _checked(pc, grads)
+    return _checked(pc, grads, kernels)
 
 
 @contextlib.contextmanager
@@ -74,8 +74,8 @@ def _threads(kernels, workers):
         numba.set_num_threads(before)
 
 
-def _checked(pc, grads):
-    if np.isfinite(grads).all():  # the common case: one pass, no per-layer search
+def _checked(pc, grads, kernels):
+    if get_kernels(kernels).all_finite(grads):  # the common case: one pass, no per-layer search
         return LayerGrads(pc, grads)
     l = first_nonfinite_layer(pc, grads)
     if l >= 0:

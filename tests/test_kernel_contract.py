@@ -18,7 +18,7 @@ from conftest import chain_inputs, layer_makers
 import chainprod as cp
 from chainprod.kernels import KERNELS, default_kernels, get_kernels, pack, unpack_rows
 
-CONTRACT = ("forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives")
+CONTRACT = ("forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives", "all_finite")
 #: relative to the largest entry of the reference
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 DTYPES = (np.float64, np.float32)
@@ -263,6 +263,21 @@ def test_backward_overflow_inside_a_run_of_diagonal_layers_names_its_layer(name)
         _, _, bad_r = k.backprop_with_row(pc, x, Y, cotangent)
     assert bad_f == -1
     assert bad == bad_r == 2
+
+
+@pytest.mark.parametrize("name", _kernel_params())
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_finite_finds_any_nan_or_infinity(name, dtype):
+    k = get_kernels(name)
+    a = np.linspace(-3, 3, 1001).astype(dtype)
+    assert k.all_finite(a) is True
+    for i in (0, 500, 1000):
+        for bad in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[i] = bad
+            assert k.all_finite(b) is False, (i, bad)
+    with pytest.raises(TypeError, match="1-D float32 or float64"):
+        k.all_finite(a.reshape(7, 143))
 
 
 # -- bad input: the same error, word for word, in every set ------------------------------------------

@@ -32,6 +32,7 @@ nothing else:
 - ``param_grads(pc, x, Y, V) -> (grads, bad)``: parameter gradients from
   given rows ``V``
 - ``derivatives(pc, Y) -> S``: ``act'(y)`` of every layer
+- ``all_finite(a) -> bool``: no NaN or infinity in a flat gradient or tape
 
 >>> import numpy as np, chainprod as cp
 >>> from chainprod.kernels import get_kernels, pack, unpack_grads

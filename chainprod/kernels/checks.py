@@ -63,6 +63,14 @@ def cotangent_rows(pc, cotangent, N, what="cotangent"):
     return _readonly_view(cotangent)
 
 
+def flat_array(a, what="a"):
+    """A 1-D float32/float64 numpy array (any length), as given."""
+    if not isinstance(a, np.ndarray) or a.ndim != 1 or a.dtype not in (np.float32, np.float64):
+        raise TypeError(f"{what} must be a 1-D float32 or float64 numpy array, got "
+                        f"{type(a).__name__}{getattr(a, 'shape', '')} {getattr(a, 'dtype', '')}".rstrip())
+    return a
+
+
 def batch_size(N):
     """A batch size: an int ``>= 1`` (numpy integers too; never a bool or a float)."""
     if isinstance(N, (bool, np.bool_)) or not isinstance(N, (int, np.integer)) or N < 1:

@@ -19,6 +19,8 @@ an executor reaches either set by name, ``get_kernels(name)``
     Parameter gradients from given rows ``V`` (every layer independently).
 ``derivatives(pc, Y) -> S``
     ``act'(y)`` of every layer, in the layout of ``Y``.
+``all_finite(a) -> bool``
+    Whether a 1-D array (a flat gradient, a tape) holds no NaN or infinity.
 
 ``cotangent`` is ``dloss/dy_{L-1}``, one row per sample: what the backward
 pass starts from. A chunk of a longer chain (a shard) is a packed chain of its
@@ -54,7 +56,7 @@ from ..activations import apply_activation, derivative_from_output
 from . import checks
 from .pack import ACT_NAMES, KIND_CODES
 
-__all__ = ["forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives"]
+__all__ = ["forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives", "all_finite"]
 
 NAME = "numpy"
 _DENSE = KIND_CODES["dense"]
@@ -294,3 +296,9 @@ def derivatives(pc, Y):
         for l in range(pc.L):
             _rows(pc, S, N, l)[...] = _deriv(pc, l, _rows(pc, Y, N, l))
     return S
+
+
+def all_finite(a) -> bool:
+    """Whether the 1-D array ``a`` holds no NaN or infinity."""
+    a = checks.flat_array(a)
+    return bool(np.isfinite(a).all())
