@@ -22,7 +22,12 @@ Cluster lifecycle
   at interpreter exit. Worker processes are spawned, so scripts need the
   usual ``if __name__ == "__main__":`` guard.
 * ``address="tcp://host:port"`` or a ``distributed.Client`` joins; never
-  closed by chainprod (only the client chainprod opened is).
+  closed by chainprod (only the client chainprod opened is). Joining is
+  bounded by ``timeout`` (default :data:`CONNECT_TIMEOUT`): a TCP probe, one
+  ``identity`` request, then ``Client(...)`` in a thread of its own. Every
+  wait of a run (futures, gathering the results, the worker count) takes
+  the run's ``timeout``; cancelling and closing take :data:`CANCEL_TIMEOUT`,
+  :data:`CLIENT_CLOSE_TIMEOUT` and :data:`CLUSTER_CLOSE_TIMEOUT`.
 * ``retries`` maps to the scheduler's ``allowed_failures`` (how often a task
   may be on a worker that dies) on clusters chainprod started; a joined
   cluster keeps its own ``distributed.scheduler.allowed-failures``.
@@ -52,6 +57,7 @@ from .distributed import (
     embedded_size,
     make_temp_dir,
     remove_temp_dir,
+    run_bounded,
 )
 
 __all__ = ["DaskExecutor", "cluster", "shutdown", "BLAS_ENV"]
@@ -127,6 +133,10 @@ def start_local(workers=None, retries=3, **cluster_kwargs):
 
 #: seconds a join may take when no timeout= is given
 CONNECT_TIMEOUT = 10.0
+#: seconds a cancel (after a failed or timed-out run) may take
+CANCEL_TIMEOUT = 5.0
+#: seconds closing a client, and closing the embedded cluster, may take
+CLIENT_CLOSE_TIMEOUT, CLUSTER_CLOSE_TIMEOUT = 5.0, 10.0
 
 
 def _probe(address, timeout):
@@ -183,8 +193,13 @@ def _join(address, timeout):
         t0 = time.monotonic()
         check_reachable(address, "dask", timeout=min(t, 3.0))
         _probe(address if "://" in address else f"tcp://{address}", max(0.05, t - (time.monotonic() - t0)))
-        try:
-            c = Client(address, timeout=t, set_as_default=False)
+        left = max(0.05, t - (time.monotonic() - t0))
+        try:  # Client(timeout=) bounds the connect, not what follows it: bound the whole call
+            c = run_bounded(lambda: Client(address, timeout=left, set_as_default=False), left,
+                            name="chainprod-dask-join", late=lambda c: c.close(timeout=CLIENT_CLOSE_TIMEOUT))
+        except TimeoutError:
+            raise ClusterConnectionError(f"dask: joining the scheduler at {address!r} did not complete within "
+                                         f"{t:g}s", "dask") from None
         except Exception as e:
             raise ClusterConnectionError(f"dask: could not join the scheduler at {address!r}: {e}",
                                          "dask") from e
@@ -199,13 +214,13 @@ def shutdown():
         emb, _EMBEDDED = _EMBEDDED, None
         for c in list(_JOINED.values()):
             with contextlib.suppress(Exception):
-                c.close(timeout=5)
+                c.close(timeout=CLIENT_CLOSE_TIMEOUT)
         _JOINED.clear()
         if emb is not None:
             with contextlib.suppress(Exception):
-                emb["client"].close(timeout=5)
+                emb["client"].close(timeout=CLIENT_CLOSE_TIMEOUT)
             with contextlib.suppress(Exception):
-                emb["cluster"].close(timeout=10)
+                emb["cluster"].close(timeout=CLUSTER_CLOSE_TIMEOUT)
             remove_temp_dir(emb["temp"])
 
 
@@ -258,9 +273,16 @@ class DaskExecutor(DistributedExecutor):
                 sched.allowed_failures = retries
 
     def _default_workers(self):
-        if self._client is not None:
-            return max(1, len(self._client.scheduler_info().get("workers", {})))
-        return 2
+        if self._client is None:
+            return 2
+        # one identity request, bounded like a join (scheduler_info() would wait as long as it takes)
+        t = CONNECT_TIMEOUT if self.timeout is None else min(self.timeout, 3600.0)
+        try:
+            info = self._client.sync(self._client.scheduler.identity, n_workers=-1, callback_timeout=t)
+        except (TimeoutError, OSError) as e:
+            raise ClusterConnectionError(f"dask: the scheduler did not list its workers within {t:g}s "
+                                         f"({type(e).__name__}); pass workers= or check it", "dask") from None
+        return max(1, len(info.get("workers", {})))
 
     def _token(self, *parts):
         # The input's token, then the run's number: keys are never shared between
@@ -286,12 +308,14 @@ class DaskExecutor(DistributedExecutor):
                 try:
                     self._client.sync(distributed.client._wait, [f], timeout=deadline.left())
                     if f.status != "finished":
-                        f.result()  # raises the task's error (KilledWorker, an error of the numbers, ...)
+                        # raises the task's error (KilledWorker, an error of the numbers, ...)
+                        f.result(timeout=deadline.left())
                     # all finished: fetch every result at once, straight from the workers
                     # (not through the scheduler, which runs in this process for
                     # embedded clusters), on the last iteration
                     if len(out) == len(handles) - 1:
-                        out = self._client.gather(list(handles), direct=True)
+                        out = self._client.sync(self._client._gather, list(handles), direct=True,
+                                                callback_timeout=deadline.left())
                     else:
                         out.append(None)
                 except (TimeoutError, distributed.TimeoutError):
@@ -313,8 +337,8 @@ class DaskExecutor(DistributedExecutor):
                                                f"{first_line(e)}", "dask", name) from e
                     raise  # an error of the numbers, raised by the task: surface it as it is
         except BaseException:
-            with contextlib.suppress(Exception):
-                self._client.cancel(handles, force=True)
+            with contextlib.suppress(Exception):  # one message to the scheduler; bounded all the same
+                self._client.sync(self._client._cancel, handles, force=True, callback_timeout=CANCEL_TIMEOUT)
             raise
         return out
 

@@ -34,7 +34,7 @@ from . import remote_tasks
 from .base import Executor, ListResult, TraceEvent
 
 __all__ = ["DistributedExecutor", "GroupResult", "Deadline", "check_reachable", "embedded_size", "make_temp_dir",
-           "remove_temp_dir"]
+           "remove_temp_dir", "run_bounded", "answers_grpc"]
 
 
 # -- lifecycle helpers -----------------------------------------------------------
@@ -79,6 +79,83 @@ def check_reachable(address: str, backend: str, timeout: float = 3.0):
             f"{backend}: no cluster reachable at {address!r} ({e.strerror or e}); start one "
             f"(e.g. `ray start --head` / `dask scheduler`) or pass address=None for an embedded "
             "local cluster", backend) from None
+
+
+def run_bounded(fn, seconds, *, name, late=None):
+    """``fn()`` in a daemon thread, waited for at most ``seconds``; its result, or its exception.
+
+    For an engine call that has no timeout of its own and can block in native
+    code (``ray.init`` retrying a head for minutes, ``ray.shutdown`` on a dead
+    head): the caller gets control back in time whatever the engine does.
+
+    Parameters
+    ----------
+    fn : callable
+        Called with no arguments, in a new daemon thread named ``name``.
+    seconds : float or None
+        How long to wait (``None``: as long as it takes).
+    name : str
+        Names the thread and the timeout's message.
+    late : callable, optional
+        ``late(result)`` runs in that thread if ``fn`` returns after the
+        caller gave up (to undo what it did, e.g. disconnect a late join).
+
+    Raises
+    ------
+    TimeoutError
+        ``fn`` did not return in time; ``.thread`` is the thread, still running.
+    """
+    box, lock = {}, threading.Lock()
+
+    def run():
+        try:
+            result, error = fn(), None
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            result, error = None, e
+        with lock:
+            box.update(done=True, result=result, error=error)
+            abandoned = box.get("abandoned", False)
+        if abandoned and error is None and late is not None:
+            with contextlib.suppress(Exception):
+                late(result)
+
+    th = threading.Thread(target=run, daemon=True, name=name)
+    try:
+        th.start()
+    except RuntimeError:  # no new threads at interpreter exit: call it here, unbounded
+        return fn()
+    try:
+        th.join(seconds)
+    finally:
+        with lock:
+            finished = box.get("done", False)
+            if not finished:  # also on Ctrl-C while waiting
+                box["abandoned"] = True
+    if not finished:
+        e = TimeoutError(f"{name} did not finish within {seconds:g}s")
+        e.thread = th
+        raise e
+    if box["error"] is not None:
+        raise box["error"]
+    return box["result"]
+
+
+def answers_grpc(address: str, timeout: float) -> bool:
+    """True when ``host:port`` completes a gRPC (HTTP/2) handshake within ``timeout`` seconds.
+
+    A head that speaks gRPC (Ray's GCS and client server) completes it;
+    another service (a Dask scheduler, a silent socket) never does.
+    """
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
 
 
 class Deadline:
