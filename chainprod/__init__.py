@@ -37,6 +37,7 @@ from .kernels import LayerGrads
 from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
 from .plan import Plan, plan
 from .products import product, suffix_products
+from .recurrence import linear_recurrence
 from .schedules import SCHEDULES, Schedule, ScheduleError, ScheduleInfo, register_schedule
 from .shard import ShardedGrads, ShardedModel, ShardTrace, shard
 from .tape import Tape
@@ -49,7 +50,8 @@ __all__ = [
     "NonFiniteError", "Plan", "Schedule", "ScheduleError", "ScheduleInfo", "Segment", "ShardTrace",
     "ShardedGrads", "ShardedModel", "Tape", "Trace", "UnsupportedModuleError", "__version__", "backward",
     "check_grad", "clear_caches", "cluster", "cost", "diagonal_chain", "errors", "forward", "from_torch",
-    "get_executor", "grad", "loss_cotangent", "loss_seed", "mlp", "numerical_grad", "plan", "product",
+    "get_executor", "grad", "linear_recurrence", "loss_cotangent", "loss_seed", "mlp", "numerical_grad", "plan",
+    "product",
     "register_executor", "register_schedule", "schedule", "shard", "suffix_products", "torch_backward",
     "valid_backends", "valid_schedules", "value_and_grad",
 ]

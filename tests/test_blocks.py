@@ -25,7 +25,15 @@ def expand(kind, a):
     return a
 
 
-@pytest.mark.parametrize("lk,rk", list(itertools.product(KINDS, KINDS)))
+LINEAR = ["dense", "diag"]
+AFFINE = ["affine", "affine_diag"]
+
+
+def test_the_kinds_are_the_linear_and_the_affine_ones():
+    assert sorted(KINDS) == sorted(LINEAR + AFFINE)
+
+
+@pytest.mark.parametrize("lk,rk", list(itertools.product(LINEAR, LINEAR)))
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["one", "batch", "stack"])
 def test_combine_equals_dense_matmul(lk, rk, lead):
     rng = np.random.default_rng(0)
@@ -145,3 +153,138 @@ def test_blockseq_rejects_bad_groups():
         BlockSeq([Segment("dense", np.ones((1, 2, 3, 3))), Segment("dense", np.ones((1, 3, 3, 3)))])
     with pytest.raises(TypeError, match="dtype"):
         BlockSeq([Segment("dense", np.ones((1, 2, 3, 3))), Segment("diag", np.ones((1, 2, 3), np.float32))])
+
+
+# -- affine blocks ---------------------------------------------------------------------
+def affine_matrix(kind, a):
+    """The logical matrix of a stored affine block, by hand: ``[[A^T, 0], [b^T, 1]]``."""
+    if kind == "affine_diag":
+        d = a.shape[-1] // 2
+        A = np.zeros(a.shape[:-1] + (d, d))
+        i = np.arange(d)
+        A[..., i, i] = a[..., :d]
+        b = a[..., d:]
+    else:
+        A, b = a[..., :-1], a[..., -1]
+    m, n = A.shape[-2:]
+    out = np.zeros(a.shape[: a.ndim - KINDS[kind].block_ndim] + (n + 1, m + 1))
+    out[..., :n, :m] = np.swapaxes(A, -1, -2)
+    out[..., n, :m] = b
+    out[..., n, m] = 1.0
+    return out
+
+
+def random_affine(kind, lead, d, rng, n_in=None):
+    if kind == "affine_diag":
+        return rng.standard_normal(lead + (2 * d,))
+    return rng.standard_normal(lead + (d, (d if n_in is None else n_in) + 1))
+
+
+def apply_affine(kind, a, h):
+    """``A h + b`` for one stored block and a vector ``h``."""
+    if kind == "affine_diag":
+        d = a.shape[-1] // 2
+        return a[:d] * h + a[d:]
+    return a[:, :-1] @ h + a[:, -1]
+
+
+@pytest.mark.parametrize("lk,rk", list(itertools.product(AFFINE, AFFINE)))
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)], ids=["one", "batch", "stack"])
+def test_affine_combine_is_the_matrix_product_and_the_composition(lk, rk, lead):
+    rng = np.random.default_rng(5)
+    d = 4
+    left, right = random_affine(lk, lead, d, rng), random_affine(rk, lead, d, rng)
+    got = combine(lk, left, rk, right)
+    out_kind = COMBINE[(lk, rk)].out
+    assert out_kind == ("affine_diag" if lk == rk == "affine_diag" else "affine")
+    np.testing.assert_allclose(affine_matrix(out_kind, got), affine_matrix(lk, left) @ affine_matrix(rk, right),
+                               rtol=1e-13, atol=1e-14)
+    # left is the earlier step: the product is the map ``right o left``
+    h = rng.standard_normal(d)
+    first = (0,) * len(lead)
+    np.testing.assert_allclose(apply_affine(out_kind, got[first], h),
+                               apply_affine(rk, right[first], apply_affine(lk, left[first], h)), rtol=1e-13)
+    # with out=, into a fresh buffer and over either operand (the in-place circuits of a schedule)
+    buf = np.empty_like(got)
+    assert combine(lk, left, rk, right, out=buf) is buf
+    np.testing.assert_array_equal(buf, got)
+    if KINDS[lk].shape(d + 1, d + 1) == got.shape[len(lead):]:
+        over = left.copy()
+        combine(lk, over, rk, right, out=over)
+        np.testing.assert_allclose(over, got, rtol=1e-15, atol=1e-15)
+    if KINDS[rk].shape(d + 1, d + 1) == got.shape[len(lead):]:
+        over = right.copy()
+        combine(lk, left, rk, over, out=over)
+        np.testing.assert_allclose(over, got, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("rk", AFFINE)
+def test_a_state_times_an_affine_block_is_the_next_state(rk):
+    # the state h is the constant map R^0 -> R^d, stored (d, 1): a thin 1 x (d + 1) row
+    rng = np.random.default_rng(6)
+    d = 5
+    h = rng.standard_normal((2, d, 1))
+    right = random_affine(rk, (2,), d, rng)
+    got = combine("affine", h, rk, right)
+    assert got.shape == (2, d, 1)
+    for n in range(2):
+        np.testing.assert_allclose(got[n, :, 0], apply_affine(rk, right[n], h[n, :, 0]), rtol=1e-13)
+    np.testing.assert_allclose(affine_matrix("affine", got), affine_matrix("affine", h) @ affine_matrix(rk, right),
+                               rtol=1e-13)
+
+
+def test_affine_combine_of_rectangular_maps():
+    rng = np.random.default_rng(7)
+    first = random_affine("affine", (), 3, rng, n_in=5)  # R^5 -> R^3
+    second = random_affine("affine", (), 2, rng, n_in=3)  # R^3 -> R^2
+    got = combine("affine", first, "affine", second)
+    assert got.shape == (2, 6)
+    x = rng.standard_normal(5)
+    np.testing.assert_allclose(apply_affine("affine", got, x),
+                               apply_affine("affine", second, apply_affine("affine", first, x)), rtol=1e-13)
+
+
+def test_affine_layout_and_flops():
+    d = 6
+    assert KINDS["affine"].shape(d + 1, d + 1) == (d, d + 1)
+    assert KINDS["affine"].shape(1, d + 1) == (d, 1)  # a state
+    assert KINDS["affine_diag"].shape(d + 1, d + 1) == (2 * d,)
+    for kind, trailing in [("affine", (d, d + 1)), ("affine", (d, 1)), ("affine_diag", (2 * d,)),
+                           ("dense", (3, 4)), ("diag", (d,))]:
+        rows, cols = KINDS[kind].spec(trailing)
+        assert KINDS[kind].shape(rows, cols) == trailing
+    r = k = c = d + 1
+    assert op_flops("affine", "affine", r, k, c) == 2 * d * d * (d + 1) + d
+    assert op_flops("affine", "affine", 1, k, c) == 2 * d * d + d  # state: a matrix-vector product
+    assert op_flops("affine", "affine_diag", 1, k, c) == 2 * d
+    assert op_flops("affine_diag", "affine_diag", r, k, c) == 3 * d
+    assert op_flops("affine_diag", "affine", r, k, c) == 3 * d * d + d
+    assert COMBINE[("affine", "affine")].cost == "matmul"
+    assert {COMBINE[p].cost for p in itertools.product(AFFINE, AFFINE) if p != ("affine", "affine")} == \
+        {"elementwise"}
+
+
+def test_affine_segments_and_flops_through_a_schedule():
+    d, T = 3, 6
+    head = Segment("affine", np.zeros((1, 2, d, 1)))
+    body = Segment("affine", np.zeros((T, 2, d, d + 1)))
+    assert head.spec == BlockSpec("affine", 1, d + 1) and body.spec == BlockSpec("affine", d + 1, d + 1)
+    assert Segment("affine_diag", np.zeros((T, 2, 2 * d))).spec == BlockSpec("affine_diag", d + 1, d + 1)
+    seq = BlockSeq([head, body])
+    assert seq.rows.tolist() == [1] + [d + 1] * T and seq.cols.tolist() == [d + 1] * (T + 1)
+    # the sequential order is the plain loop: a matrix-vector product and an add per step
+    assert cp.schedule("sequential", T + 1).flops(seq) == T * (2 * d * d + d)
+    assert cp.schedule("sklansky", T + 1).flops(seq) > T * (2 * d * d + d)
+
+
+def test_affine_and_linear_kinds_do_not_mix():
+    with pytest.raises(ValueError, match="do not combine"):
+        combine("dense", np.ones((2, 2)), "affine", np.ones((2, 3)))
+    with pytest.raises(ValueError, match="do not combine"):
+        product_kind(["affine", "diag"])
+    with pytest.raises(ValueError, match="do not combine"):
+        BlockSeq([Segment("affine", np.ones((1, 1, 2, 1))), Segment("dense", np.ones((1, 1, 3, 3)))])
+    with pytest.raises(ValueError, match="unknown block kind"):
+        BlockSeq([Segment("banded", np.ones((1, 1, 2, 2)))])
+    assert product_kind(["affine", "affine_diag", "affine_diag"]) == "affine"
+    assert product_kind(["affine_diag", "affine_diag"]) == "affine_diag"

@@ -41,6 +41,7 @@ def test_what_the_public_functions_return_is_exported():
         "describe": cp.schedule("sklansky", 5).describe(),
         "get_executor": cp.get_executor("vectorized"),
         "trace": cp.grad(chain, x, method="sklansky", kernels="numpy", return_trace=True)[1],
+        "linear_recurrence": cp.linear_recurrence(np.ones((3, 2, 2)), np.ones((3, 2)), return_trace=True)[1],
     }
     missing = {what: type(v).__name__ for what, v in made.items()
                if not any(_exported(t) for t in type(v).__mro__ if t is not object)}

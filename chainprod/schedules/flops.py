@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..blocks import COMBINE, BlockSeq, BlockSpec, kind_table
+from ..blocks import COMBINE, BlockSeq, BlockSpec, check_kinds, kind_table
 
 __all__ = ["BlockSpecArrays", "ScheduleInfo", "block_spec", "kinded_rounds", "prefix_kind_ids", "round_flops",
            "sequential_flops"]
@@ -68,9 +68,7 @@ def block_spec(blocks, length) -> BlockSpecArrays:
     if len(kinds) != length:
         raise ValueError(f"blocks describe {len(kinds)} factors, the schedule has {length}")
     names, _ = kind_table()
-    unknown = set(np.unique(kinds).tolist()) - set(names)
-    if unknown:
-        raise ValueError(f"unknown block kind(s) {sorted(unknown)}; known kinds: {', '.join(names)}")
+    check_kinds(set(np.unique(kinds).tolist()))  # unknown kinds, and kinds with no product (dense beside affine)
     kind_ids = np.searchsorted(np.array(names, dtype=object), kinds).astype(np.int64)
     return BlockSpecArrays(kinds, rows, cols, kind_ids)
 
