@@ -15,45 +15,39 @@ pinned Dask worker: :mod:`chainprod.executors.sharded_ray`,
 
 How a step works
 ----------------
-*Forward*: shard ``b`` runs its chunk with the compiled kernels and passes
-only its boundary activation ``(N, w)`` to shard ``b+1``; the tape stays on
-the worker. The top shard computes the loss and its seed and backprops its
-own chunk at once (the thin row ``seed . T_top`` is just backprop).
-
-*Backward*, two ways to give every shard the row ``u_b = dloss/dy`` entering
-its chunk from above:
-
-``method="backprop"`` (the baseline, pipeline order)
-    the top shard hands the row leaving its bottom to the shard below, which
-    backprops its chunk from it and hands its own bottom row down: ``P-1``
-    dependent hops, ``O(w^2)`` per layer.
-scan (``"sklansky"``, ``"brent_kung"``, ``"chunked"``, ...)
-    every shard ``1 .. P-2`` forms its chunk's Jacobian product
-    ``T_b = A_end ... A_start`` (per sample, ``w x w``, ``O(w^3)`` per layer)
-    while the others do the same; then a prefix scan over the ``P-1``
-    elements ``[row of the top shard, T_{P-2}, ..., T_1]`` (the plan is
-    :func:`chainprod.schedule` of that length, ``ceil(log2(P-1))`` rounds)
-    gives prefix ``k = u_{P-2-k}``. Each op ``[i,k] (x) [k+1,j]`` runs on the
-    shard that needs prefix ``j`` (shard ``P-2-j``), so the last op of every
-    chain lands where its result is used. Then every shard backprops its
-    chunk from its row, all at once.
-
-``method="auto"`` picks the one with fewer flops on its critical path
-(:mod:`chainprod.shard_plan`); with ``P <= 2`` the two are the same plan.
+Shard ``b`` runs its chunk forward with the compiled kernels and passes only
+its boundary activation ``(N, w)`` to shard ``b+1``; the tape stays on the
+worker. The top shard computes the loss and its cotangent and backprops its
+own chunk at once. Every shard then receives the row entering its chunk from
+above, in pipeline order (``method="backprop"``) or by a prefix scan over the
+shards' Jacobian products (:mod:`chainprod.shard_plan` says how, and which
+``method="auto"`` picks), and backprops its chunk from it.
 
 Gradients stay on the workers; ``grads.gather()`` fetches them. SGD updates
 are sent with the next call each shard receives (the next step's forward,
 or a gather), so an update costs no call of its own and is applied before
 anything reads the parameters.
 
-Faults
-------
-A shard whose process dies is rebuilt on a live worker from a checkpoint and
-a replay log kept by the driver, exactly, and the step in flight is run
-again. With ``retries=0`` a lost shard raises
-:class:`~chainprod.errors.DistributedError` naming it;
-:meth:`ShardedModel.gather` still returns the last completed step (replayed
-in this process) and :meth:`ShardedModel.restore` replaces the shard.
+Faults and timeouts
+-------------------
+A shard whose process dies, at any moment, is rebuilt on a live worker from a
+checkpoint and a replay log kept by the driver, exactly, and the call in
+flight (a step, a gather, an update's check) runs again, up to ``retries``
+times per call (:mod:`chainprod.shard_recovery`). With the retries spent, a
+step raises :class:`~chainprod.errors.DistributedError` naming exactly the
+lost shards; :meth:`ShardedModel.gather` still returns the last completed
+step (replayed in this process); the next call, or
+:meth:`ShardedModel.restore`, replaces them. Only chainprod's errors leave
+this module.
+
+A step that fails (:class:`~chainprod.errors.DistributedTimeoutError`, a lost
+shard with the retries spent, an interrupt) did not happen: the parameters
+are those before it. Its calls may still run on the workers, so the
+gradients of the step before it are no longer trusted: ``sgd_step`` and
+``gather`` with them raise ``ValueError`` (run ``value_and_grad`` again);
+:meth:`ShardedModel.gather`, ``value_and_grad`` and ``restore`` go on
+working, and calls of the failed step that run late change nothing (each call
+carries the attempt it belongs to).
 
 Where things live
 -----------------
@@ -69,26 +63,41 @@ a step's reports fill it. The worker's side is
 
 from __future__ import annotations
 
-import math
+import functools
 import statistics
 import time
 import weakref
 
 import numpy as np
 
-from ._validate import as_float_array, check_retries, check_timeout
-from .errors import NonFiniteError
+from ._validate import check_learning_rate, check_retries, check_timeout
+from .errors import DistributedError, NonFiniteError
 from .executors.distributed import Deadline, DistributedExecutor
-from .executors.sharded_worker import payload_bytes, shard_tables
+from .executors.sharded_worker import ShardLost, payload_bytes, shard_tables
 from .grad import LOSSES
 from .kernels import pack, unpack_grads
 from .layers import Chain
-from .shard_plan import resolve_plan
+from .shard_plan import check_batch, resolve_plan, submit_step
 from .shard_recovery import ShardRecovery
 from .shard_trace import ShardTrace, fill_trace
 from .tape import resolve_kernels
 
 __all__ = ["shard", "ShardedModel", "ShardedGrads", "ShardTrace", "measure_sharded_step"]
+
+
+def _chainprod_errors_only(method):
+    # recovery turns every lost shard into a replacement or a DistributedError; this keeps the
+    # engines' internal signal off the public API even if a path were ever missed
+    @functools.wraps(method)
+    def public(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except ShardLost as e:
+            name = self._executor.name
+            raise DistributedError(f"{name}: shards {e.shards} of this sharded model were lost ({e.cause})",
+                                   name, f"shards {e.shards}") from None
+
+    return public
 
 
 class ShardedGrads:
@@ -133,9 +142,9 @@ class ShardedModel:
     pids : list
         Process id of each shard (a replaced shard gets a new one).
     retries : int
-        Shard replacements per step after a worker died.
+        Replacements of lost shards one call (a step, a gather) may make.
     timeout : float or None
-        Seconds per step.
+        Seconds per call.
     checkpoint_every : int
         Steps between checkpoints of the parameters to the driver.
     """
@@ -216,6 +225,7 @@ class ShardedModel:
         self._recovery.retries = value
 
     # -- public API ---------------------------------------------------------------
+    @_chainprod_errors_only
     def value_and_grad(self, x, y=None, *, loss=None, method="auto", return_trace=False, timeout=None):
         """Loss and per-layer gradients of one step; gradients stay on the workers.
 
@@ -231,16 +241,27 @@ class ShardedModel:
         return_trace : bool
             Also return the step's :class:`ShardTrace`.
         timeout : float, optional
-            Seconds for this step (default: the model's).
+            Seconds for this step (default: the model's), replacing lost shards included.
 
         Returns
         -------
         loss : float
         grads : ShardedGrads
         trace : ShardTrace, with ``return_trace=True``
+
+        Raises
+        ------
+        DistributedTimeoutError
+            The step did not finish in time. It did not happen: the parameters
+            are those before it, and the previous step's gradients are no
+            longer usable (see the module docstring); call again.
+        DistributedError
+            A shard was lost and the retries are spent; names exactly the lost shards.
+        NonFiniteError
+            The forward or backward pass overflowed (names the layers).
         """
         self._check_open()
-        x2, y2, loss = self._check_batch(x, y, loss)
+        x2, y2, loss = check_batch(self._template, x, y, loss)
         plan = resolve_plan(method, self._tables, x2.shape[0])
         deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
         trace = ShardTrace(backend=f"{self._executor.name}-sharded", workers=self.shards,
@@ -249,13 +270,14 @@ class ShardedModel:
             trace.schedule = plan
         t_start = time.perf_counter()
         rec = self._recovery
-        if rec.lost:
-            rec.raise_lost()
+        replaced = ()
         if rec.steps_logged >= self.checkpoint_every:
-            trace.bytes_moved += rec.checkpoint(deadline)
+            moved, replaced = rec.checkpoint(deadline)
+            trace.bytes_moved += moved
             trace.checkpoint = True
-        (reports, wall0, clock0, sent), trace.replaced = rec.retrying(
+        (reports, wall0, clock0, sent), more = rec.guarded(
             lambda: self._run_step(x2, y2, loss, plan, deadline, trace), deadline)
+        trace.replaced = replaced + more
         trace.total_seconds = time.perf_counter() - t_start
         step = self.step + 1
         rec.complete(step, x2, reports)
@@ -275,107 +297,90 @@ class ShardedModel:
         grads = ShardedGrads(self, step)
         return (value, grads, trace) if return_trace else (value, grads)
 
+    @_chainprod_errors_only
     def sgd_step(self, grads, lr):
-        """``theta -= lr * grads`` on every shard, in place (sent with each shard's next call)."""
+        """``theta -= lr * grads`` on every shard, in place (sent with each shard's next call).
+
+        An update whose result would not be finite is refused before it is
+        applied or logged, and the model stays as it was. The driver bounds
+        ``|theta| + |lr| |grads|`` per shard from each step's report, so an
+        ordinary update costs no call; only a shard whose bound reaches half
+        the largest float is asked to try the update exactly.
+
+        Raises
+        ------
+        NonFiniteError
+            The new parameters of a layer (named, 0-based) would be NaN or infinite.
+        ValueError
+            ``lr`` is not a finite number (``chainprod._validate.check_learning_rate``),
+            or ``grads`` are not the last step's, or a later step failed
+            (timed out, was interrupted) after them: its calls may have
+            replaced them on the workers; run ``value_and_grad`` again.
+        """
         self._check_open()
         if not isinstance(grads, ShardedGrads) or grads._model is not self:
             raise TypeError(f"sgd_step needs the ShardedGrads this model's value_and_grad returned, got {grads!r}")
-        if grads.step != self.step:
-            raise ValueError(f"these gradients are of step {grads.step}, but the shards hold those of step "
-                             f"{self.step} (only the last step's gradients stay on the workers)")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr):
-            raise ValueError(f"lr must be a finite number, got {lr!r}")
+        lr = check_learning_rate(lr)
+        self._check_grads_held(grads.step)
+        layer = self._recovery.bad_update_layer(grads.step, lr, Deadline(self.timeout))
+        if layer is not None:
+            raise NonFiniteError(f"sgd_step: the new parameters of layer {layer} would be NaN or infinite "
+                                 f"(theta - lr * grad with lr={lr!r} overflowed, or the gradient is not "
+                                 "finite); the update was not applied", (layer, layer))
         self._recovery.add_update(grads.step, lr)
 
+    @_chainprod_errors_only
     def gather(self) -> Chain:
         """A local :class:`~chainprod.layers.Chain` with the current parameters (pending updates applied).
 
-        A lost shard (with retries off) is rebuilt in this process from its
-        checkpoint and log: the result is the last completed step either way.
+        A lost shard is replaced if the retries allow; otherwise it is rebuilt
+        in this process from its checkpoint and log (the next call replaces
+        it): the result is the last completed step either way.
         """
         self._check_open()
         flat = np.concatenate(self._recovery.params(Deadline(self.timeout)))
         params = unpack_grads(self._pc, flat)  # the layout of theta and of a flat gradient is one
         return self._template.with_params(params)
 
+    @_chainprod_errors_only
     def restore(self, timeout=None):
-        """Replace lost shards (after a :class:`DistributedError` with retries off) on live workers."""
+        """Replace lost shards on live workers now (the next call would, if its retries allow)."""
         self._check_open()
         self._recovery.restore(Deadline(self.timeout if timeout is None else check_timeout(timeout)))
 
     # -- a step ---------------------------------------------------------------------
     def _run_step(self, x2, y2, loss, plan, deadline, trace):
-        eng, P = self._engine, self.shards
-        step = self.step + 1
-        upd = list(self._recovery.pending)
+        eng, upd = self._engine, list(self._recovery.pending)
+        self._recovery.start_step()
         wall0, clock0 = time.time(), trace.clock()
         sent = x2.nbytes + (0 if y2 is None else y2.nbytes)
-        finals = {}
-        prev = x2
-        for b in range(P - 1):
-            prev, _ = eng.call(b, "forward", step, prev, upd)
-        top_row, finals[P - 1] = eng.call(P - 1, "forward_top", step, prev, upd, y2, loss)
-        consumed = set() if P == 1 else {P - 1}
-        if P > 1 and (isinstance(plan, str) or P == 2):
-            row = top_row
-            for b in range(P - 2, -1, -1):
-                row, finals[b] = eng.call(b, "backward", step, row, b > 0)
-                if b > 0:
-                    consumed.add(b)
-        elif P > 1:
-            n = P - 1
-            slots = [top_row] + [eng.call(P - 1 - p, "product")[0] for p in range(1, n)]
-            slots += [None] * (plan.n_slots - n)
-            for r, (st, (_, _, j)) in enumerate(zip(plan.steps, plan.intervals())):
-                new = {}
-                for left, right, out, jj in zip(st.left.tolist(), st.right.tolist(), st.out.tolist(), j.tolist()):
-                    new[out] = eng.call(P - 2 - jj, "combine", slots[left], slots[right], r)[0]
-                for out, h in new.items():  # every op of a round reads before any writes
-                    slots[out] = h
-            for b in range(P - 1):
-                _, finals[b] = eng.call(b, "backward", step, slots[int(plan.outputs[P - 2 - b])], False)
+        finals, consumed = submit_step(eng, plan, self.step + 1, x2, y2, loss, upd)
         reports = eng.reports(finals, deadline)
         if eng.reports_travel_with_values:
             sent += sum(payload_bytes(reports[b]) for b in consumed)
         return reports, wall0, clock0, sent
 
-    # -- gradients ----------------------------------------------------------------------
+    @_chainprod_errors_only
     def _gather_grads(self, step):
         self._check_open()
-        if step != self.step:
-            raise ValueError(f"these gradients are of step {step}; the shards now hold those of step {self.step} "
-                             "(gather() a step's gradients before the next value_and_grad)")
+        self._check_grads_held(step)
         flats = self._recovery.gradients(step, Deadline(self.timeout))
         return unpack_grads(self._pc, np.concatenate(flats))
 
     # -- checks -----------------------------------------------------------------------
+    def _check_grads_held(self, step):
+        if step != self.step:
+            raise ValueError(f"these gradients are of step {step}, but the shards hold those of step {self.step} "
+                             "(only the last step's gradients stay on the workers)")
+        if self._recovery.grads_step != step:
+            raise ValueError(f"the gradients of step {step} are no longer on the workers: a value_and_grad after "
+                             "them did not finish (it timed out, failed or was interrupted) and its calls may "
+                             "have replaced them; the parameters are those of step "
+                             f"{step} with the updates accepted so far. Run value_and_grad again.")
+
     def _check_open(self):
         if self._closed:
             raise RuntimeError("this sharded model was closed")
-
-    def _check_batch(self, x, y, loss):
-        chain = self._template
-        x2, one = chain.check_input(x)
-        x2 = np.ascontiguousarray(x2)
-        if loss is None:
-            loss = "sum" if y is None else "mse"
-        if not isinstance(loss, str) or loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(sorted(LOSSES))}")
-        N, d_out = x2.shape[0], chain.d_out
-        if loss == "sum":
-            if y is not None:
-                raise ValueError("loss='sum' takes no targets y; use loss='mse' for targets")
-            if d_out != 1:
-                raise ValueError(f"grad of the model output needs output width 1, but the last layer has width "
-                                 f"{d_out}; pass targets y= with loss='mse' for a vector output")
-            return x2, None, loss
-        y = as_float_array(y, "y", ndim=(1, 2))
-        expect = (d_out,) if one else (N, d_out)
-        if not (y.shape == expect or (d_out == 1 and y.shape == (N,) and not one)):
-            raise ValueError(f"y has shape {y.shape} but the model output has shape {expect}")
-        if y.dtype != chain.dtype:
-            raise TypeError(f"y is {y.dtype} but the chain is {chain.dtype}")
-        return x2, np.ascontiguousarray(y.reshape(N, d_out)), loss
 
 
 def shard(chain: Chain, executor, *, shards=None, kernels=None, retries=None, timeout=None,
@@ -394,10 +399,10 @@ def shard(chain: Chain, executor, *, shards=None, kernels=None, retries=None, ti
     kernels : {"numba", "numpy"}, optional
         Kernels the shards run (default: compiled when numba is installed).
     retries : int, optional
-        Shard replacements per step after a worker died (default: the executor's).
-        ``0``: a lost shard raises :class:`~chainprod.errors.DistributedError`.
+        Replacements of lost shards one call may make (default: the executor's).
+        ``0``: a lost shard makes a step raise :class:`~chainprod.errors.DistributedError`.
     timeout : float, optional
-        Seconds per step (default: the executor's).
+        Seconds per call, replacements included (default: the executor's).
     checkpoint_every : int
         Steps between checkpoints of the parameters to the driver (each costs
         one transfer of the parameters; between them, recovery replays the log).

@@ -188,7 +188,8 @@ DEAD_HEAD_SCRIPT = textwrap.dedent("""
     print("READY", flush=True)
     sys.stdin.readline()  # the test has killed the head now
     t_kill = time.monotonic()
-    calls = {"step": lambda: model.value_and_grad(x), "gather": model.gather,
+    big = np.ones((6000, 3))  # 144 KB: over Ray's inline limit, so the step would ray.put it first
+    calls = {"step": lambda: model.value_and_grad(big), "gather": model.gather,
              "grad": lambda: cp.grad(chain, x, method="sklansky", backend=ex, workers=2),
              "join": lambda: cp.cluster("ray", address=addr, timeout=5).__enter__()}
     for what, call in calls.items():

@@ -13,7 +13,14 @@ applied. Every call returns ``(value, report)``: ``value`` is what the next
 shard or the driver consumes (a boundary activation, a row, a Jacobian
 product); ``report`` is ``None`` except on a shard's last call of a step,
 where it carries that step's trace events, the rows the shard consumed (the
-driver logs them so a lost shard can be rebuilt by replay) and the loss.
+driver logs them so a lost shard can be rebuilt by replay), the loss and the
+largest gradient magnitude (the driver bounds an SGD update's result with it).
+
+The engines send every call through :meth:`ShardState.run`, which carries
+the driver's *epoch*: one number per attempt of a step or fetch. A call of an
+abandoned attempt (a step that timed out or lost a shard) that reaches the
+shard after a call of a newer attempt does nothing, so abandoned calls still
+queued on a worker can never overwrite the state a newer attempt built.
 
 Replay is exact: a step replayed on a fresh process runs the same kernels on
 the same inputs in the same order, so the rebuilt parameters equal the lost
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from dataclasses import replace
 
@@ -33,11 +41,21 @@ import numpy as np
 from ..kernels import get_kernels
 from ..kernels.pack import PackedChain
 
-__all__ = ["ShardState", "ShardLost", "Reply", "payload_bytes", "shard_tables"]
+__all__ = ["ShardState", "ShardLost", "Reply", "CALLS", "payload_bytes", "shard_tables"]
+
+
+#: the calls :meth:`ShardState.run` accepts (everything a step, a fetch or a check sends)
+CALLS = frozenset({"forward", "forward_top", "product", "combine", "backward", "params", "gradients",
+                   "check_update"})
 
 
 class ShardLost(Exception):
-    """Shards whose process died; raised by an engine's wait, caught by the driver (which replaces them)."""
+    """Shards whose process died: raised by an engine's wait, never by the public API.
+
+    :class:`chainprod.shard_recovery.ShardRecovery` catches every one and
+    replaces the shards, or raises :class:`~chainprod.errors.DistributedError`
+    naming them.
+    """
 
     def __init__(self, shards, cause):
         super().__init__(f"shards {sorted(shards)} lost: {cause}")
@@ -114,6 +132,10 @@ class ShardState:
         self.applied = int(applied)
         self.x_in = self.Y = self.grads = None
         self.grad_step = -1
+        self.epoch = 0
+        # one call at a time, even on a worker with several threads (a call of an abandoned
+        # attempt may still be running when a newer one arrives)
+        self._lock = threading.Lock()
         self._events: list = []
         self._sent = 0
         self._u_in = None
@@ -130,6 +152,25 @@ class ShardState:
     def pid(self):
         return os.getpid()
 
+    def run(self, epoch, method, *args):
+        """``method(*args)`` for the driver's attempt ``epoch``; ``(None, None)`` if a newer attempt came first.
+
+        Parameters
+        ----------
+        epoch : int
+            The attempt this call belongs to (the driver counts up, one per
+            attempt of a step, a fetch or a check).
+        method : str
+            One of :data:`CALLS`.
+        """
+        if method not in CALLS:
+            raise ValueError(f"shard {self.index}: unknown call {method!r}")
+        with self._lock:
+            if epoch < self.epoch:
+                return None, None  # abandoned by the driver; a newer attempt already touched this shard
+            self.epoch = epoch
+            return getattr(self, method)(*args)
+
     def _event(self, name, t0, rnd=-1):
         self._events.append((rnd, _where(), t0, time.time(), 0, f"s{self.index}.{name}"))
 
@@ -139,7 +180,8 @@ class ShardState:
             return value, None
         report = {"shard": self.index, "events": self._events, "u_in": self._u_in,
                   "x_in": self.x_in if self.index > 0 else None, "loss": self._loss,
-                  "bad_forward": self._bad[0], "bad_backward": self._bad[1], "step": self.grad_step}
+                  "bad_forward": self._bad[0], "bad_backward": self._bad[1], "step": self.grad_step,
+                  "grad_max": self.grad_max()}
         report["sent"] = self._sent + payload_bytes(report)
         return value, report
 
@@ -213,11 +255,37 @@ class ShardState:
         return self._theta.copy(), None
 
     def gradients(self, step):
-        if self.grad_step != step or self.grads is None:
-            raise RuntimeError(f"shard {self.index} holds the gradients of step {self.grad_step}, not {step}")
+        """``(copy of the gradients of step, None)``."""
+        self._check_grads(step)
         return self.grads.copy(), None
 
+    def check_update(self, updates, step, lr):
+        """Apply pending updates, then try ``theta - lr * grads of step`` without keeping it.
+
+        Returns ``(layer, None)``: the global index of the first layer whose
+        new parameters would be NaN or infinite, or ``-1`` when all are finite.
+        The same expression as :meth:`apply`, so the answer is exact.
+        """
+        self.apply(updates)
+        self._check_grads(step)
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(self._theta - lr * self.grads))
+        if not bad.size:
+            return -1, None
+        return self.first + int(np.searchsorted(self.pc.p_off, bad[0], side="right")) - 1, None
+
+    def grad_max(self) -> float:
+        """Largest magnitude of the gradients held (NaN if one is NaN; 0 with none)."""
+        if self.grads is None or not self.grads.size:
+            return 0.0
+        with np.errstate(invalid="ignore"):
+            return float(max(self.grads.max(), -self.grads.min()))
+
     # -- internals ----------------------------------------------------------------
+    def _check_grads(self, step):
+        if self.grad_step != step or self.grads is None:
+            raise RuntimeError(f"shard {self.index} holds the gradients of step {self.grad_step}, not {step}")
+
     def _forward(self, x_in):
         self.x_in = np.ascontiguousarray(x_in)
         with np.errstate(over="ignore", invalid="ignore"):
