@@ -33,6 +33,7 @@ import psutil
 
 import chainprod as cp
 from chainprod.shard import shard
+from chainprod.testing import kill_and_wait
 
 MiB = 1024 * 1024
 
@@ -88,16 +89,8 @@ def _arm_kill(model, moment):
     p, kill_at, wait = psutil.Process(model.pids[1]), [], model._engine.reports
 
     def kill():
-        p.kill()
         kill_at.append(time.perf_counter())
-        t_end = time.monotonic() + 60
-        while time.monotonic() < t_end:  # dead, but not reaped: a Dask nanny in this process reads its exit
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    return
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(0.005)
+        kill_and_wait(p)
 
     def kill_then_wait(finals, deadline):  # every call of the step is submitted, none waited for
         model._engine.reports = wait

@@ -15,7 +15,8 @@ from .errors import GradientCheckError
 from .grad import grad
 from .layers import Chain, Dense, Diagonal, mlp
 
-__all__ = ["random_chain", "random_mats", "left_fold_suffix", "reference_grads", "dense", "assert_grads_close"]
+__all__ = ["random_chain", "random_mats", "left_fold_suffix", "reference_grads", "dense", "assert_grads_close",
+           "kill_and_wait"]
 
 
 def dense(m) -> np.ndarray:
@@ -161,3 +162,32 @@ def assert_grads_close(chain: Chain, x, y=None, *, loss=None, method="auto", bac
             f"gradients of {len(bad)} layer direction(s) disagree with central differences beyond rtol={rtol:g} "
             f"(method={method!r}, backend={backend!r}):\n" + "\n".join(lines) + more)
     return grads
+
+
+def kill_and_wait(process, timeout=60.0) -> bool:
+    """SIGKILL ``process`` (a pid or a ``psutil.Process``) and return once it is dead: True, or False if gone already.
+
+    Dead means a zombie or gone: the process is polled, never reaped, because a
+    Dask worker is the child of a nanny in the same process as the caller, and
+    the nanny must read its exit itself to start a new one (``wait()`` here
+    took the exit status from it, and the worker was never replaced). Needs
+    ``psutil`` (the ``test`` extra).
+    """
+    import time
+
+    import psutil
+
+    try:
+        p = process if isinstance(process, psutil.Process) else psutil.Process(process)
+        p.kill()
+    except psutil.NoSuchProcess:
+        return False
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.005)
+    raise TimeoutError(f"process {p.pid} still runs {timeout} s after SIGKILL")

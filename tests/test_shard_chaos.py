@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 
 import numpy as np
 import pytest
 
 import chainprod as cp
 from chainprod.shard import shard
-from chainprod.testing import random_chain, random_mats
+from chainprod.testing import kill_and_wait, random_chain, random_mats
 
 pytest.importorskip("ray")
 pytest.importorskip("distributed")
-psutil = pytest.importorskip("psutil")
+pytest.importorskip("psutil")
 
 STEPS = 50
 SHARDS = 3
@@ -96,22 +95,9 @@ class Killer:
         self.engine.call, self.engine.fetch, self.engine.start = hooked_call, hooked_fetch, hooked_start
 
     def now(self, b):
-        """SIGKILL shard ``b``'s process; return once it is dead (polling, without reaping it: a Dask
-        worker is a child of its nanny in this process, which must read its exit to restart it)."""
-        try:
-            p = psutil.Process(self.model.pids[b])
-            p.kill()
-        except psutil.NoSuchProcess:  # already gone (it shared a process with a shard killed before)
-            return
-        self.kills += 1
-        t_end = time.monotonic() + 60
-        while time.monotonic() < t_end:
-            try:
-                if p.status() == psutil.STATUS_ZOMBIE:
-                    return
-            except psutil.NoSuchProcess:
-                return
-            time.sleep(0.005)
+        """SIGKILL shard ``b``'s process; return once it is dead (:func:`chainprod.testing.kill_and_wait`)."""
+        if kill_and_wait(self.model.pids[b]):  # False: gone already (it shared a process with a killed shard)
+            self.kills += 1
 
 
 def run(chain, engine, xs, plan, kill=True):

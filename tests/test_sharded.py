@@ -23,7 +23,7 @@ from chainprod.errors import DistributedError, DistributedTimeoutError, NonFinit
 from chainprod.executors.distributed import Deadline
 from chainprod.executors.sharded_worker import ShardLost
 from chainprod.shard import ShardedGrads, ShardTrace, shard
-from chainprod.testing import random_chain, random_mats
+from chainprod.testing import kill_and_wait, random_chain, random_mats
 
 pytest.importorskip("ray")
 pytest.importorskip("distributed")
@@ -72,18 +72,8 @@ def same_params(c1, c2):
 
 
 def kill(pid):
-    """SIGKILL a shard's process by PID; return once it is dead (polling, without reaping it: a Dask
-    worker is a child of its nanny in this process, which must read its exit itself to restart it)."""
-    p = psutil.Process(pid)
-    p.kill()
-    t_end = time.monotonic() + 60
-    while time.monotonic() < t_end:
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                return
-        except psutil.NoSuchProcess:
-            return
-        time.sleep(0.005)
+    """SIGKILL a shard's process by PID; return once it is dead (:func:`chainprod.testing.kill_and_wait`)."""
+    kill_and_wait(pid)
 
 
 def two_processes(engine):
