@@ -38,6 +38,7 @@ from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
 from .plan import Plan, plan
 from .products import product, suffix_products
 from .recurrence import linear_recurrence
+from .rnn import ElmanRNN, rnn_value_and_grad
 from .schedules import SCHEDULES, Schedule, ScheduleError, ScheduleInfo, register_schedule
 from .shard import ShardedGrads, ShardedModel, ShardTrace, shard
 from .tape import Tape
@@ -46,12 +47,12 @@ from .tape import Tape
 #: name them in annotations and ``except`` clauses without knowing the module.
 __all__ = [
     "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "ClusterConnectionError", "Dense", "Diag", "Diagonal",
-    "DistributedError", "DistributedTimeoutError", "Executor", "GradientCheckError", "LayerGrads",
+    "DistributedError", "DistributedTimeoutError", "ElmanRNN", "Executor", "GradientCheckError", "LayerGrads",
     "NonFiniteError", "Plan", "Schedule", "ScheduleError", "ScheduleInfo", "Segment", "ShardTrace",
     "ShardedGrads", "ShardedModel", "Tape", "Trace", "UnsupportedModuleError", "__version__", "backward",
     "check_grad", "clear_caches", "cluster", "cost", "diagonal_chain", "errors", "forward", "from_torch",
     "get_executor", "grad", "linear_recurrence", "loss_cotangent", "loss_seed", "mlp", "numerical_grad", "plan",
-    "product",
+    "product", "rnn_value_and_grad",
     "register_executor", "register_schedule", "schedule", "shard", "suffix_products", "torch_backward",
     "valid_backends", "valid_schedules", "value_and_grad",
 ]

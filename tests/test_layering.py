@@ -44,7 +44,7 @@ STACK = [
     ["chainprod.backward_numpy", "chainprod.backward_compiled", "chainprod.backward_remote"],
     ["chainprod.autotune"],
     ["chainprod.grad"],
-    ["chainprod.products", "chainprod.recurrence"],
+    ["chainprod.products", "chainprod.recurrence", "chainprod.rnn"],
     ["chainprod.plan"],
     ["chainprod.shard_trace", "chainprod.shard_plan", "chainprod.shard_recovery"],
     ["chainprod.shard"],

@@ -69,9 +69,18 @@ from numba import njit, prange
 
 from .._caches import register_cache
 from . import checks, crossover, numba_blas
-from .numba_diag import DIAG, diag_backprop_run, diag_forward_run, diag_run_start, diag_run_stop
 from .numba_layers import layer_forward, layer_vjp, next_row, product_step
 from .numba_rules import delta_rows, deriv_rows
+from .numba_runs import (
+    DENSE,
+    DIAG,
+    dense_backprop_run,
+    dense_run_start,
+    diag_backprop_run,
+    diag_forward_run,
+    diag_run_start,
+    diag_run_stop,
+)
 
 __all__ = ["forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives", "all_finite",
            "precompile", "PARALLEL_MIN_WORK", "BLAS_SPEEDUP"]
@@ -158,6 +167,15 @@ def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent,
             l0 = diag_run_start(kind, act, d_out, l, 1)
             k = diag_backprop_run(act[l], dout, l - l0 + 1, theta, p_off[l0], Y, N * y_off[l0] + n0 * dout, N, nr,
                                   v, grads)
+            if bad < 0 and k >= 0:
+                bad = l0 + k
+            l = l0 - 1
+            continue
+        if l > 0 and kind[l] == DENSE and din == dout and nr * din * dout < cross:
+            # a run of square dense layers on the loops: one call, delta and v reused in place
+            l0 = dense_run_start(kind, act, d_in, d_out, l, 1)  # one width: every product in the run is this small
+            k = dense_backprop_run(act[l], dout, l - l0 + 1, theta, p_off[l0], Y, N * y_off[l0] + n0 * dout, N, nr,
+                                   v, delta, grads)
             if bad < 0 and k >= 0:
                 bad = l0 + k
             l = l0 - 1
