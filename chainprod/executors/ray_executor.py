@@ -416,8 +416,7 @@ class RayExecutor(DistributedExecutor):
                         f"{first_line(e)}. A worker process died or its data was lost and Ray could not "
                         f"recover it with retries={retries} (max_retries per task).",
                         "ray", name) from e
-                except rex.RayTaskError as e:
-                    # An exception raised by the numbers: surface it as its own type.
+                except rex.RayTaskError as e:  # an exception raised by the numbers: surface it as its own type
                     if isinstance(getattr(e, "cause", None), Exception):
                         raise e.cause from None
                     raise DistributedError(f"ray: task {name!r} failed: {first_line(e)}", "ray", name) from None
@@ -426,10 +425,11 @@ class RayExecutor(DistributedExecutor):
                                            "ray", name) from e
         except ClusterConnectionError:
             raise  # the head is gone: nothing left to cancel, and Ray calls would block on it
-        except BaseException:
-            for h in handles:
-                with contextlib.suppress(Exception):
-                    ray.cancel(h, force=True, recursive=True)
+        except BaseException:  # cancel what is unfinished, unforced: a forced cancel racing a task's
+            # completion aborted the Ray 2.60 driver ("Tried to complete task that was not pending")
+            with contextlib.suppress(Exception):
+                for h in ray.wait(list(handles), num_returns=len(handles), timeout=0)[1]:
+                    ray.cancel(h, force=False, recursive=True)
             raise
         return out
 
