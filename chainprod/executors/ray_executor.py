@@ -425,11 +425,11 @@ class RayExecutor(DistributedExecutor):
                                            "ray", name) from e
         except ClusterConnectionError:
             raise  # the head is gone: nothing left to cancel, and Ray calls would block on it
-        except BaseException:  # cancel what is unfinished, unforced: a forced cancel racing a task's
+        except BaseException:  # cancel only what is unfinished: a forced cancel racing a task's
             # completion aborted the Ray 2.60 driver ("Tried to complete task that was not pending")
             with contextlib.suppress(Exception):
                 for h in ray.wait(list(handles), num_returns=len(handles), timeout=0)[1]:
-                    ray.cancel(h, force=False, recursive=True)
+                    ray.cancel(h, force=True, recursive=True)
             raise
         return out
 
