@@ -73,7 +73,7 @@ def _relu(z):
     return z if not (z < zero) else zero  # `not (z < 0)` keeps NaN a NaN, as np.maximum does
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def activate(code, z):
     """``f(z)`` for the activation with code ``code``."""
     if code == 1:
@@ -87,7 +87,7 @@ def activate(code, z):
     return z
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, inline="always", error_model="numpy")
 def derivative(code, y):
     """``f'(z)`` from the output ``y = f(z)``, for the activation with code ``code``."""
     one = type(y)(1.0)

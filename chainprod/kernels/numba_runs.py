@@ -27,8 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import numba_math
-from .numba_rules import sigmoid, softplus
+from .numba_rules import activate, derivative
 
 __all__ = ["diag_run_start", "diag_run_stop", "diag_forward_run", "diag_backprop_run", "dense_run_start",
            "dense_backprop_run", "DENSE", "DIAG"]
@@ -36,37 +35,6 @@ __all__ = ["diag_run_start", "diag_run_stop", "diag_forward_run", "diag_backprop
 #: Kind codes of a dense and a diagonal layer (``chainprod.kernels.KIND_CODES``).
 DENSE = 0
 DIAG = 1
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _act(code, z):
-    """``f(z)`` by activation code, the same expressions as :func:`.numba_rules.bias_act`."""
-    zero = type(z)(0.0)
-    if code == 1:
-        return numba_math.tanh(z)
-    if code == 2:
-        return z if not (z < zero) else zero
-    if code == 3:
-        return sigmoid(z)
-    if code == 4:
-        return softplus(z)
-    return z
-
-
-@njit(cache=True, inline="always", error_model="numpy")
-def _delta(code, v, y):
-    """``v * f'(y)``, the same expressions as :func:`.numba_rules.delta_rows`."""
-    zero = type(y)(0.0)
-    one = type(y)(1.0)
-    if code == 1:
-        return v * (one - y * y)
-    if code == 2:
-        return v * (one if y > zero else zero)
-    if code == 3:
-        return v * (y * (one - y))
-    if code == 4:
-        return v * -numba_math.expm1(-y)
-    return v * one
 
 
 @njit(cache=True, error_model="numpy")
@@ -128,7 +96,7 @@ def _forward_loop(code, d, count, theta, po, Y, yo, N, nr):
             for i in range(d):
                 r = u(n * d + i)
                 z = theta[p + u(i)] * Y[src + r]  # a * x rounded first, as the general step
-                v = _act(code, z + theta[p + u(d + i)])
+                v = activate(code, z + theta[p + u(d + i)])
                 Y[o + r] = v
                 chk += 1 if v - v != zero else 0
         if bad < 0 and chk != 0:
@@ -171,7 +139,7 @@ def _backprop_loop(code, d, count, theta, po, Y, yo, N, nr, v, grads):
         chk = 0
         for i in range(d):  # row 0 assigns the sums
             ui, uj = u(i), u(d + i)
-            dl = _delta(code, v[i], Y[o + ui])
+            dl = v[i] * derivative(code, Y[o + ui])
             chk += 1 if dl - dl != zero else 0
             grads[p + ui] = dl * Y[src + ui]
             grads[p + uj] = dl
@@ -179,7 +147,7 @@ def _backprop_loop(code, d, count, theta, po, Y, yo, N, nr, v, grads):
         for n in range(1, nr):
             for i in range(d):
                 ui, uj, r = u(i), u(d + i), u(n * d + i)
-                dl = _delta(code, v[r], Y[o + r])
+                dl = v[r] * derivative(code, Y[o + r])
                 chk += 1 if dl - dl != zero else 0
                 grads[p + ui] += dl * Y[src + r]
                 grads[p + uj] += dl
@@ -237,7 +205,7 @@ def _dense_backprop_loop(code, d, count, theta, po, Y, yo, N, nr, v, delta, grad
         src = u(yo + N * d * (k - 1))
         chk = 0
         for r in range(nr * d):
-            dl = _delta(code, v[r], Y[o + u(r)])
+            dl = v[r] * derivative(code, Y[o + u(r)])
             delta[r] = dl
             chk += 1 if dl - dl != zero else 0
         if bad < 0 and chk != 0:
