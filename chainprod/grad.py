@@ -282,9 +282,35 @@ def make_trace(return_trace, backend, workers):
     raise TypeError(f"return_trace must be True, False or a chainprod.Trace, got {return_trace!r}")
 
 
+#: the method a model other than a :class:`~chainprod.layers.Chain` defines to take ``grad``/``value_and_grad``
+MODEL_HOOK = "__chainprod_value_and_grad__"
+
+
+def _model_hook(model, h0, with_inputs):
+    """The model's own gradient method, or ``None`` for a :class:`~chainprod.layers.Chain`.
+
+    Recurrent models (:mod:`chainprod.recurrent`, :mod:`chainprod.ssm`) sit
+    above this module and define ``MODEL_HOOK``; asking for the hook instead
+    of importing their classes keeps the imports one-way, as
+    ``__array_function__`` does for numpy.
+    """
+    hook = getattr(type(model), MODEL_HOOK, None)
+    if hook is None and (h0 is not None or with_inputs):
+        what = "h0" if h0 is not None else "with_inputs=True"
+        raise ValueError(f"{what}: only recurrent models take an initial state or return input gradients; "
+                         f"got a {type(model).__name__}")
+    return hook
+
+
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",
-                   workers=None, return_trace=False, engine_options=None, kernels=None):
+                   workers=None, return_trace=False, engine_options=None, kernels=None, h0=None,
+                   with_inputs=False):
     """Loss value and per-layer gradients (see :func:`grad`)."""
+    hook = _model_hook(chain, h0, with_inputs)
+    if hook is not None:
+        return hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
+                    return_trace=return_trace, engine_options=engine_options, kernels=kernels, h0=h0,
+                    with_inputs=with_inputs)
     tape = forward(chain, x, kernels=kernels)
     value, cotangent = _loss(tape, y, loss, True)
     trace = make_trace(return_trace, backend, workers)
@@ -294,12 +320,17 @@ def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend
 
 
 def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized", workers=None,
-         return_trace=False, engine_options=None, kernels=None):
+         return_trace=False, engine_options=None, kernels=None, h0=None, with_inputs=False):
     """Per-layer parameter gradients of a sequential model.
 
     Parameters
     ----------
-    chain : Chain
+    chain : Chain, or a recurrent model
+        A :class:`~chainprod.layers.Chain`; or a model over time
+        (:class:`chainprod.RNN`, :class:`chainprod.GRU`,
+        :class:`chainprod.LSTM`, :class:`chainprod.DiagonalRecurrence`),
+        which then takes its input sequence as ``x`` and returns a dict of
+        gradients named like its parameters (``docs/recurrences.md``).
     x : array, shape ``(N, d_0)`` or ``(d_0,)``
     y : array, optional
         Targets; with ``y`` the default loss is ``"mse"``.
@@ -334,6 +365,12 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         (threads = ``workers``; ``vectorized`` alone uses one). ``"numpy"``:
         the reference implementation through the executors.
 
+    h0 : array, optional
+        Recurrent models only: the initial state (zeros by default).
+    with_inputs : bool
+        Recurrent models only: also return the gradients for the inputs and
+        the initial state.
+
     Returns
     -------
     sequence of tuples
@@ -343,6 +380,12 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         flat array (``grads.flat``) made when first read, so a backward pass
         does not pay for ``2 L`` array objects nobody reads.
     """
+    hook = _model_hook(chain, h0, with_inputs)
+    if hook is not None:
+        out = hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
+                   return_trace=return_trace, engine_options=engine_options, kernels=kernels, h0=h0,
+                   with_inputs=with_inputs)
+        return out[1:] if return_trace else out[1]
     tape = forward(chain, x, kernels=kernels)
     _, cotangent = _loss(tape, y, loss, False)
     trace = make_trace(return_trace, backend, workers)

@@ -411,3 +411,12 @@ def test_compiled_auto_keeps_backprop_for_dense_chains_on_one_thread():
     chain = cp.mlp([8] * 30 + [1], seed=1)
     _, trace = cp.grad(chain, np.ones((1, 8)), return_trace=True)
     assert trace.schedule == "backprop"
+
+
+@pytest.mark.parametrize("option", [{"h0": np.zeros(3)}, {"with_inputs": True}])
+@pytest.mark.parametrize("fn", [cp.grad, cp.value_and_grad])
+def test_a_chain_refuses_the_options_of_models_over_time(fn, option):
+    chain = cp.mlp([3, 4, 1], seed=0)
+    with pytest.raises(ValueError, match="only recurrent models") as info:
+        fn(chain, np.ones((2, 3)), **option)
+    assert "Chain" in str(info.value)
