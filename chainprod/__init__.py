@@ -25,6 +25,7 @@ from .cost import resolve_schedule as schedule
 from .cost import valid_schedules
 from .errors import (
     ClusterConnectionError,
+    ConvergenceError,
     DistributedError,
     DistributedTimeoutError,
     GradientCheckError,
@@ -32,29 +33,34 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .executors import Executor, Trace, cluster, get_executor, register_executor, valid_backends
-from .grad import backward, forward, grad, loss_cotangent, loss_seed, value_and_grad
+from .grad import backward, grad, loss_cotangent, loss_seed, value_and_grad
 from .kernels import LayerGrads
 from .layers import ACTIVATIONS, Chain, Dense, Diagonal, diagonal_chain, mlp
+from .newton import NewtonTrace, forward  # forward(model, x, method="sequential" | Newton methods)
 from .plan import Plan, plan
 from .products import product, suffix_products
 from .recurrence import linear_recurrence
+from .recurrent import GRU, LSTM, RNN
 from .rnn import ElmanRNN, rnn_value_and_grad
 from .schedules import SCHEDULES, Schedule, ScheduleError, ScheduleInfo, register_schedule
 from .shard import ShardedGrads, ShardedModel, ShardTrace, shard
+from .shard_time import ShardedSequence, TimeTrace, shard_sequence
+from .ssm import DiagonalRecurrence
 from .tape import Tape
 
 #: Every public function's return and error types are here too, so users can
 #: name them in annotations and ``except`` clauses without knowing the module.
 __all__ = [
-    "ACTIVATIONS", "SCHEDULES", "BlockSeq", "Chain", "ClusterConnectionError", "Dense", "Diag", "Diagonal",
-    "DistributedError", "DistributedTimeoutError", "ElmanRNN", "Executor", "GradientCheckError", "LayerGrads",
-    "NonFiniteError", "Plan", "Schedule", "ScheduleError", "ScheduleInfo", "Segment", "ShardTrace",
-    "ShardedGrads", "ShardedModel", "Tape", "Trace", "UnsupportedModuleError", "__version__", "backward",
-    "check_grad", "clear_caches", "cluster", "cost", "diagonal_chain", "errors", "forward", "from_torch",
-    "get_executor", "grad", "linear_recurrence", "loss_cotangent", "loss_seed", "mlp", "numerical_grad", "plan",
-    "product", "rnn_value_and_grad",
-    "register_executor", "register_schedule", "schedule", "shard", "suffix_products", "torch_backward",
-    "valid_backends", "valid_schedules", "value_and_grad",
+    "ACTIVATIONS", "BlockSeq", "Chain", "ClusterConnectionError", "ConvergenceError", "Dense", "Diag",
+    "Diagonal", "DiagonalRecurrence", "DistributedError", "DistributedTimeoutError", "ElmanRNN", "Executor",
+    "GRU", "GradientCheckError", "LSTM", "LayerGrads", "NewtonTrace", "NonFiniteError", "Plan", "RNN",
+    "SCHEDULES", "Schedule", "ScheduleError", "ScheduleInfo", "Segment", "ShardTrace", "ShardedGrads",
+    "ShardedModel", "ShardedSequence", "Tape", "TimeTrace", "Trace", "UnsupportedModuleError", "__version__",
+    "backward", "check_grad", "clear_caches", "cluster", "cost", "diagonal_chain", "errors", "forward",
+    "from_torch", "get_executor", "grad", "linear_recurrence", "loss_cotangent", "loss_seed", "mlp",
+    "numerical_grad", "plan", "product", "register_executor", "register_schedule", "rnn_value_and_grad",
+    "schedule", "shard", "shard_sequence", "suffix_products", "torch_backward", "valid_backends",
+    "valid_schedules", "value_and_grad",
 ]
 
 

@@ -13,24 +13,19 @@ measure the same way:
   time one gradient of the same chain (the sum of its scalar outputs over the
   batch, or the mean squared error against targets ``y``) by chainprod, by
   JAX ``jit(grad)`` of a ``lax.scan`` and by torch autograd (eager);
-* :func:`measure_torch_step` times a torch model's training step
-  (``mse_loss`` then ``loss.backward()``), :func:`measure_call` any call as
-  a whole, and :func:`measure_matmuls` the matrix products of a dense chain's
-  forward and backward pass in BLAS alone (the machine's lower bound);
-* :func:`thread_limit` runs a block on ``P`` threads of torch and of BLAS.
+* a torch model's training step, any call as a whole, the BLAS floor and
+  the thread limit of a row are in :mod:`chainprod._timing_steps`.
 
 JAX, torch and threadpoolctl are imported only when asked for.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import inspect
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
@@ -42,7 +37,7 @@ from .layers import Dense, Diagonal
 
 __all__ = ["Timing", "machine_info", "library_versions", "machine_label", "median_time", "summarize",
            "time_passes", "backprop_kernels", "measure_chainprod", "measure_jax", "measure_torch",
-           "jax_model", "torch_model", "thread_limit", "measure_call", "measure_matmuls", "measure_torch_step"]
+           "jax_model", "torch_model"]
 
 
 # -- where ---------------------------------------------------------------------------------------
@@ -307,7 +302,7 @@ def measure_jax(chain, x, repeats=3, y=None) -> Timing:
     passes with ``jax.vjp`` instead measures them apart but runs both several
     times slower than the fused gradient: a weaker baseline. With targets
     ``y`` the loss is the mean squared error. XLA runs on its own thread pool
-    (all cores): :func:`thread_limit` does not reach it.
+    (all cores): :func:`chainprod._timing_steps.thread_limit` does not reach it.
     """
     import jax
 
@@ -363,94 +358,3 @@ def measure_torch(chain, x, repeats=3) -> Timing:
 
     loss_fn(xt).backward()
     return time_passes(lambda: loss_fn(xt), lambda loss: loss.backward(), repeats, setup=clear)
-
-
-# -- a torch model's training step, any call, and the BLAS floor --------------------------------------
-@contextlib.contextmanager
-def thread_limit(P):
-    """Run the block on ``P`` threads: torch's intra-op threads (if torch is loaded) and BLAS (threadpoolctl).
-
-    Both are restored afterwards. Without threadpoolctl, BLAS keeps its own
-    thread count (``pip install threadpoolctl``). XLA's pool is not reached.
-    """
-    torch = sys.modules.get("torch")
-    before = torch.get_num_threads() if torch is not None else None
-    with contextlib.ExitStack() as stack:
-        try:
-            from threadpoolctl import threadpool_limits
-
-            stack.enter_context(threadpool_limits(int(P), user_api="blas"))
-        except ImportError:  # pragma: no cover - threadpoolctl is in the bench and test extras
-            pass
-        if torch is not None:
-            torch.set_num_threads(int(P))
-            stack.callback(torch.set_num_threads, before)
-        yield
-
-
-def measure_call(fn, repeats=3, warmup=2) -> Timing:
-    """Time ``fn()`` as a whole, ``repeats`` times after ``warmup`` untimed calls: end-to-end only.
-
-    For a call that does both passes at once (``chainprod.torch_backward``):
-    :attr:`Timing.forward` and :attr:`Timing.backward` stay empty.
-    """
-    for _ in range(warmup):
-        fn()
-    total = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        total.append(time.perf_counter() - t0)
-    return Timing([], [], total)
-
-
-def measure_torch_step(model, x, y, repeats=3) -> Timing:
-    """Time a training step of a torch ``model``: ``mse_loss(model(x), y)`` (forward), ``loss.backward()``.
-
-    ``.grad`` is cleared, untimed, before each repeat (as ``optimizer.zero_grad(set_to_none=True)``).
-    """
-    import torch.nn.functional as F
-
-    params = list(model.parameters())
-
-    def clear():
-        for p in params:
-            p.grad = None
-
-    clear()
-    F.mse_loss(model(x), y).backward()
-    return time_passes(lambda: F.mse_loss(model(x), y), lambda loss: loss.backward(), repeats, setup=clear)
-
-
-def measure_matmuls(chain, x, repeats=3) -> Timing:
-    """The matrix products of a dense chain's training step in BLAS alone: the machine's lower bound.
-
-    Forward: ``h_l = h_{l-1} @ W_l.T`` per layer; backward: ``dW_l = g_l.T @ h_{l-1}``
-    per layer and ``g_{l-1} = g_l @ W_l`` for every layer but the first, into
-    preallocated outputs (no activations, no bias, no allocation, no checks):
-    what any implementation of the same step has to compute at least.
-    """
-    Ws = [np.asarray(layer.params[0]) for layer in chain.layers]
-    if not all(isinstance(layer, Dense) for layer in chain.layers):
-        raise ValueError("the BLAS floor is defined for chains of Dense layers")
-    N = x.shape[0]
-    hs = [np.ascontiguousarray(x)] + [np.empty((N, W.shape[0]), W.dtype) for W in Ws]
-    dWs = [np.empty_like(W) for W in Ws]
-    gs = [np.empty((N, W.shape[1]), W.dtype) for W in Ws]
-    g_top = np.ones((N, Ws[-1].shape[0]), Ws[-1].dtype)
-
-    def run_forward():
-        for l, W in enumerate(Ws):
-            np.matmul(hs[l], W.T, out=hs[l + 1])
-
-    def run_backward(_):
-        g = g_top
-        for l in range(len(Ws) - 1, -1, -1):
-            np.matmul(g.T, hs[l], out=dWs[l])
-            if l:
-                np.matmul(g, Ws[l], out=gs[l])
-                g = gs[l]
-
-    for _ in range(2):
-        run_backward(run_forward())
-    return time_passes(run_forward, run_backward, repeats)

@@ -9,7 +9,7 @@
    listed), so the progress bar's ETA is the model's estimate. Then the
    *torch-models* section (:attr:`Sweep.torch_models`): per model and
    thread count ``P``, torch autograd, JAX, the BLAS floor and chainprod's
-   entry points for torch users;
+   entry points for torch users; the *sequences* section: :mod:`chainprod.bench_sequences`;
 2. **measure** (:func:`chainprod.bench_rows.measure_job`): one untimed
    warm-up run (it binds the plan, lets ``auto`` choose, compiles, starts
    engines, and carries the :class:`~chainprod.Trace`), then ``repeats``
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -78,8 +77,9 @@ from .bench_rows import (
     torch_jobs,
     torch_problems,
 )
+from .bench_sequences import SEQUENCES_DEFAULT, SEQUENCES_GRID, is_sequence, run_sequence_problem, sequence_jobs
 from .executors import EXECUTORS, get_executor
-from .results import FIELDS, Interrupts, ResultsWriter, read_meta, read_results, read_traces
+from .results import FIELDS, WAIT_ENV, Interrupts, ResultsWriter, WaitHook, read_meta, read_results, read_traces
 
 __all__ = ["Sweep", "PRESETS", "BASELINES", "BOUNDS", "PER_CALL", "FIELDS", "Job", "problems", "torch_problems",
            "configurations", "plan_sweep", "measure_job", "compare_to_best_backprop", "run_sweep", "build_chain",
@@ -88,7 +88,6 @@ __all__ = ["Sweep", "PRESETS", "BASELINES", "BOUNDS", "PER_CALL", "FIELDS", "Job
            "ResultsWriter", "read_results", "read_meta", "read_traces"]
 
 #: for tests of Ctrl-C: once this many rows are written the sweep waits for a signal (see the module docstring)
-WAIT_ENV = "CHAINPROD_BENCH_WAIT_AFTER_ROWS"
 
 
 @dataclass
@@ -111,6 +110,7 @@ class Sweep:
     torch_models: list = field(default_factory=list)
     #: seconds a torch-models row should take: fewer timed repeats (at least 1) where a step is slow
     torch_row_seconds: float = 1.5
+    sequences: list = field(default_factory=list)  #: (cell, T, hidden, batch, dtype): chainprod.bench_sequences
     repeats: int = 3
     #: skip a scan configuration whose predicted time x (repeats + 1) exceeds this (seconds)
     max_config_seconds: float = 6.0
@@ -134,11 +134,12 @@ PRESETS = {
     # a few minutes on a 2-core machine: wins (long thin / diagonal chains), losses (wide dense, short), one
     # sample and a batch of 64, and the torch users' MLPs (ray-sharded runs at P=2 only: a single shard is
     # no scan over shards)
-    "default": Sweep(batches=[1, 64], torch_models=list(TORCH_MODELS)),
+    "default": Sweep(batches=[1, 64], torch_models=list(TORCH_MODELS), sequences=list(SEQUENCES_DEFAULT)),
     # under a minute: every section of the default, tiny (a smoke test)
     "quick": Sweep(depths=[64, 1024], widths=[8, 32], workers=[1, 2], backends=["vectorized", "threads"],
                    structures=["dense", "diagonal"], batches=[1, 64], torch_models=[(32, 4, 16, "float32")],
-                   repeats=2),
+                   repeats=2, sequences=[("gru", 200, 8, 4, "float64")]),
+    "sequences": Sweep(depths=[], backends=["threads"], sequences=list(SEQUENCES_GRID), max_config_seconds=30.0),
 }
 
 # -- 1. plan -----------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
     if sharded:  # trace the first sharded backend's most expensive problem at its largest P
         first = [j for j in sharded if j.backend == sharded[0].backend]
         max(reversed(first), key=lambda j: j.workers).trace = True
-    return jobs + torch_jobs(sweep, skipped), skipped
+    return jobs + torch_jobs(sweep, skipped) + sequence_jobs(sweep, skipped, model), skipped
 
 
 # -- 3. compare --------------------------------------------------------------------------------------
@@ -312,27 +313,6 @@ def _progress_mode(progress) -> str:
     return "none" if progress in (False, None, "none") else progress
 
 
-class _WaitHook:
-    """``$CHAINPROD_BENCH_WAIT_AFTER_ROWS``: once that many rows are written, wait up to a minute for a signal.
-
-    A test that sends SIGINT then interrupts the sweep between two rows,
-    however fast the rows come (warm caches) or slow (a cold compile).
-    """
-
-    def __init__(self):
-        value = os.environ.get(WAIT_ENV, "").strip()
-        if value and not (value.isdigit() and int(value) > 0):
-            raise ValueError(f"${WAIT_ENV} must be a positive number of rows, got {value!r}")
-        self.after = int(value) if value else None
-
-    def __call__(self, writer):
-        if self.after is not None and len(writer.rows) >= self.after:
-            self.after = None
-            print(f"chainprod bench: {len(writer.rows)} rows written; waiting for a signal (${WAIT_ENV})",
-                  file=sys.stderr, flush=True)
-            time.sleep(60)  # SIGINT ends the sleep with KeyboardInterrupt
-
-
 # -- the sweep ---------------------------------------------------------------------------------------
 def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=print, model=None,
               interrupts=None) -> dict:
@@ -360,7 +340,7 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
         (paths). ``meta["interrupted"]`` is True after Ctrl-C: the rows
         measured so far are kept and the files are valid.
     """
-    wait = _WaitHook()
+    wait = WaitHook()
     with Interrupts() if interrupts is None else contextlib.nullcontext(interrupts) as interrupts:
         return _sweep(sweep, out_dir, progress, command, log, model, wait, interrupts)
 
@@ -388,7 +368,8 @@ def _sweep(sweep, out_dir, progress, command, log, model, wait, interrupts):
     try:
         for prob, prob_jobs in itertools.groupby(jobs, key=lambda j: j.problem):
             interrupts.check()
-            _run_problem(prob, list(prob_jobs), sweep, rng, writer, bar, label, clusters, wait, interrupts.check)
+            run = run_sequence_problem if is_sequence(prob) else _run_problem
+            run(prob, list(prob_jobs), sweep, rng, writer, bar, label, clusters, wait, interrupts.check)
     except KeyboardInterrupt:
         meta["interrupted"] = True
     finally:

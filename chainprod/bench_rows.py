@@ -35,17 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import cost
-from ._timing import (
-    backprop_kernels,
-    measure_call,
-    measure_chainprod,
-    measure_jax,
-    measure_matmuls,
-    measure_torch,
-    measure_torch_step,
-    summarize,
-    thread_limit,
-)
+from ._timing import backprop_kernels, measure_chainprod, measure_jax, measure_torch, summarize
+from ._timing_steps import measure_call, measure_matmuls, measure_torch_step, thread_limit
 from .executors import cluster
 from .layers import diagonal_chain, mlp
 from .results import FIELDS

@@ -24,6 +24,7 @@ import numpy as np
 from . import cost
 from ._validate import FLOAT_DTYPES
 from .bench import BASELINES, PRESETS, SHARDED, Sweep, read_results, run_sweep
+from .bench_sequences import add_sequence_arguments
 from .calibrate import calibrate, calibration_status
 from .executors import valid_backends
 from .grad import grad
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "none. Writes results.csv, results.json, traces.json.gz, figures and report.md "
                                    "to --out. Ctrl-C keeps what was measured (exit status 130). Defaults: a few "
                                    "minutes on 2 cores.")
-    b.set_defaults(_parser=b)
+    b.set_defaults(_parser=add_sequence_arguments(b, PRESETS))
     b.add_argument("--depths", type=_DEPTHS, help="comma list of depths L >= 2, e.g. 256,2048,2^14")
     b.add_argument("--workers", type=_at_least(1), help="comma list of worker counts P")
     b.add_argument("--widths", type=_at_least(1), help="comma list of widths w")
@@ -264,11 +265,11 @@ _SWEEP_ARGS = (("depths", "depths"), ("workers", "workers"), ("widths", "widths"
                ("methods", "methods"), ("baselines", "baselines"), ("structure", "structures"),
                ("batch", "batches"), ("dtype", "dtypes"), ("repeats", "repeats"),
                ("max_config_seconds", "max_config_seconds"), ("max_activations", "max_activations"),
-               ("torch_models", "torch_models"))
+               ("torch_models", "torch_models"), ("sequences", "sequences"))
 
 
 def _sweep_from_args(a):
-    fields = dict(PRESETS["quick" if a.quick else "default"].__dict__)
+    fields = dict(PRESETS[a.preset or ("quick" if a.quick else "default")].__dict__)
     fields.update({fld: getattr(a, arg) for arg, fld in _SWEEP_ARGS if getattr(a, arg) is not None})
     if a.sharded:
         fields["backends"] = [*fields["backends"], *(b for b in SHARDED if b not in fields["backends"])]

@@ -11,7 +11,7 @@ True
 from __future__ import annotations
 
 __all__ = ["first_line", "NonFiniteError", "ScheduleError", "DistributedError", "DistributedTimeoutError",
-           "ClusterConnectionError", "GradientCheckError", "UnsupportedModuleError"]
+           "ClusterConnectionError", "GradientCheckError", "UnsupportedModuleError", "ConvergenceError"]
 
 
 class NonFiniteError(FloatingPointError, ValueError):
@@ -62,6 +62,22 @@ class UnsupportedModuleError(ValueError):
         super().__init__(message)
         self.where = where
         self.module = module
+
+
+class ConvergenceError(ArithmeticError):
+    """An iterative solve (a Newton forward pass) did not reach its tolerance within ``max_iter`` iterations.
+
+    ``residual`` is the last scaled residual, ``iterations`` the number of
+    iterations run, ``tol`` the tolerance and ``trace`` the solver's trace
+    (iterations and residuals so far).
+    """
+
+    def __init__(self, message, residual=None, iterations=None, tol=None, trace=None):
+        super().__init__(message)
+        self.residual = residual
+        self.iterations = iterations
+        self.tol = tol
+        self.trace = trace
 
 
 def first_line(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ from .autotune import COMPILED_BACKENDS, choose_method
 from .cost import AUTO, remote_auto, valid_schedules
 from .errors import NonFiniteError  # also re-exported for users of chainprod.grad
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
+from .forward_methods import add_forward_note, chain_tape
 from .layers import Chain
 from .schedules import Schedule
 from .tape import Tape, forward, layer_tape, resolve_kernels
@@ -302,25 +303,34 @@ def _model_hook(model, h0, with_inputs):
     return hook
 
 
+def _forward_kw(forward, forward_options):
+    """The hook's ``forward=`` keywords: none for the default, so a hook that predates them still works."""
+    if forward.__class__ is str and forward == "sequential" and forward_options is None:
+        return {}
+    return {"forward": forward, "forward_options": forward_options}
+
+
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",
                    workers=None, return_trace=False, engine_options=None, kernels=None, h0=None,
-                   with_inputs=False):
+                   with_inputs=False, forward="sequential", forward_options=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
     hook = _model_hook(chain, h0, with_inputs)
     if hook is not None:
         return hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
                     return_trace=return_trace, engine_options=engine_options, kernels=kernels, h0=h0,
-                    with_inputs=with_inputs)
-    tape = forward(chain, x, kernels=kernels)
+                    with_inputs=with_inputs, **_forward_kw(forward, forward_options))
+    tape, ftrace = chain_tape(chain, x, kernels=kernels, forward=forward, forward_options=forward_options,
+                              backend=backend, workers=workers)
     value, cotangent = _loss(tape, y, loss, True)
     trace = make_trace(return_trace, backend, workers)
     g = backward(tape, cotangent, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options, kernels=kernels)
-    return (value, g, trace) if return_trace else (value, g)
+    return (value, g, add_forward_note(trace, ftrace)) if return_trace else (value, g)
 
 
 def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized", workers=None,
-         return_trace=False, engine_options=None, kernels=None, h0=None, with_inputs=False):
+         return_trace=False, engine_options=None, kernels=None, h0=None, with_inputs=False,
+         forward="sequential", forward_options=None):
     """Per-layer parameter gradients of a sequential model.
 
     Parameters
@@ -370,6 +380,20 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
     with_inputs : bool
         Recurrent models only: also return the gradients for the inputs and
         the initial state.
+    forward : str
+        The forward pass the gradients are taken after: ``"sequential"``
+        (the default, the plain pass) or a parallel one, ``"deer"``,
+        ``"quasi_deer"``, ``"elk"``, ``"quasi_elk"`` (Newton iterations on
+        the whole trajectory, ``docs/newton.md``); any backward ``method``.
+        The gradients equal the sequential forward's within the solve's
+        tolerance; with ``return_trace`` the trace's note gives the Newton
+        iterations and the final residual.
+    forward_options : dict, optional
+        For a parallel ``forward`` only: ``tol``, ``max_iter``,
+        ``schedule``, ``damping``, ``fallback``, ``init``, ``backend``,
+        ``workers``, ``engine_options`` as in
+        :func:`chainprod.newton.newton_forward` (``backend`` and
+        ``workers`` default to the gradient's).
 
     Returns
     -------
@@ -384,11 +408,12 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
     if hook is not None:
         out = hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
                    return_trace=return_trace, engine_options=engine_options, kernels=kernels, h0=h0,
-                   with_inputs=with_inputs)
+                   with_inputs=with_inputs, **_forward_kw(forward, forward_options))
         return out[1:] if return_trace else out[1]
-    tape = forward(chain, x, kernels=kernels)
+    tape, ftrace = chain_tape(chain, x, kernels=kernels, forward=forward, forward_options=forward_options,
+                              backend=backend, workers=workers)
     _, cotangent = _loss(tape, y, loss, False)
     trace = make_trace(return_trace, backend, workers)
     g = backward(tape, cotangent, method=method, backend=backend, workers=workers, trace=trace,
                  engine_options=engine_options, kernels=kernels)
-    return (g, trace) if return_trace else g
+    return (g, add_forward_note(trace, ftrace)) if return_trace else g

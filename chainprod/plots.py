@@ -22,7 +22,9 @@ import os
 import numpy as np
 
 from .bench import BASELINES, PER_CALL, SHARDED, TORCH_STRUCTURE, read_meta, read_results, read_traces
+from .bench_sequences import SEQUENCE_CELLS, is_sequence
 from .gantt import DPI, gantt, pyplot, save_figure, sharded_step_gantt, telling_trace
+from .plots_sequences import sequences_figure
 from .report import baseline_name
 from .schedules import build
 
@@ -71,7 +73,7 @@ _BATCH_MARKERS = "os^Dv<>p"
 def _ok(rows, metric="backward"):
     """The ok rows of the sweep proper (not the torch-models section) with a speedup on ``metric``."""
     return [r for r in rows if r.get("status") == "ok" and r.get(f"speedup_{metric}") is not None
-            and r.get("structure") != TORCH_STRUCTURE]
+            and r.get("structure") not in (TORCH_STRUCTURE, *SEQUENCE_CELLS)]
 
 
 def _batch_marker(rows):
@@ -417,12 +419,14 @@ def plot_results(results_dir, out_dir=None, *, log=print, check=None):
     machine = read_meta(results_dir).get("machine_label")
     traces = read_traces(results_dir)
     key, sharded = telling_trace(traces), telling_trace(traces, kind="sharded")
-    figures = [(speedup_vs_depth, rows, "speedup_vs_depth", {}),
+    figures = [] if rows and all(map(is_sequence, rows)) else [(speedup_vs_depth, rows, "speedup_vs_depth", {}),
                (speedup_vs_depth, rows, "speedup_vs_depth_end_to_end", {"metric": "total"}),
                (speedup_vs_workers, rows, "speedup_vs_workers", {}), (speedup_heatmap, rows, "speedup_heatmap", {}),
                (predicted_vs_measured, rows, "predicted_vs_measured", {})]
     if any(r.get("structure") == TORCH_STRUCTURE for r in rows):
         figures.append((torch_models, rows, "torch_models", {}))
+    if any(is_sequence(r) for r in rows):
+        figures.append((sequences_figure, rows, "sequences", {}))
     if key is not None:
         s, L, w, N, dt, backend, P, method = key.split("/")
         title = f"{backend} {P}, {method} ran {traces[key]['schedule']}: {s} {L} {w} {N} {dt}"

@@ -16,6 +16,8 @@ like any other; ``docs/recurrences.md`` has the math and the costs.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ._validate import as_float_array, check_workers
@@ -25,7 +27,7 @@ from .errors import NonFiniteError
 from .executors import TraceEvent, get_executor
 from .grad import make_trace
 
-__all__ = ["linear_recurrence"]
+__all__ = ["linear_recurrence", "best_seconds"]
 
 _EXPECTED_A = "an array (T, d, d) or (T, N, d, d), or chainprod.Diag(a) with a of shape (T, d) or (T, N, d)"
 
@@ -283,3 +285,18 @@ def _check_states(states, sched):
         "states do: method='sequential' forms none")
     raise NonFiniteError(f"state h_t at step t={t} is not finite: the recurrence overflowed (inputs are finite)"
                          + hint, (0, t))
+
+
+def best_seconds(fn, repeats):
+    """The fastest of ``repeats`` runs of ``fn()``, in seconds.
+
+    How ``method="auto"`` of the models over time settles a scan against
+    their loop where the cost model cannot: the minimum, since on a shared
+    machine every other run is the same work plus interference.
+    """
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from .bench import BASELINES, BOUNDS, PER_CALL, SHARDED, TORCH_STRUCTURE
+from .report_sequences import comparable, sequence_problem, sequence_section, sequence_summary
 from .results import markdown_page, write_text_atomic
 
 __all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary", "wins_and_losses", "sharded_lines",
@@ -64,7 +65,7 @@ def _where(r) -> str:
     """``"auto on threads P=2 (sklansky)"``: a row in words."""
     p = f" P={r['workers']}" if r["backend"] not in ("vectorized", "serial") else ""
     if _torch(r) or r["method"] in BASELINES:
-        return baseline_name(r["method"], [r]) + (f" P={r['workers']}" if _torch(r) else "")
+        return baseline_name(r["method"], [r]) + (f" P={r['workers']}" if _torch(r) or sequence_problem(r) else "")
     if r["backend"] in SHARDED:
         return f"a training step by {r['method']} on {r['backend']}{p} (ran {r['schedule']} across the shards)"
     ran = "" if str(r["schedule"]).startswith("backprop") else f" ({r['schedule']})"  # said apart where it matters
@@ -77,8 +78,8 @@ def _where(r) -> str:
 def _problem(r) -> str:
     if _torch(r):
         return f"torch MLP w={r['width']} depth={r['depth']} N={r['batch']} {r['dtype']}"
-    return f"{r['structure']} L={r['depth']} w={r['width']}" + (f" N={r['batch']}" if r["batch"] != 1 else "") + (
-        f" {r['dtype']}" if r["dtype"] != "float64" else "")
+    return sequence_problem(r) or (f"{r['structure']} L={r['depth']} w={r['width']}" + (f" N={r['batch']}" if
+            r["batch"] != 1 else "") + (f" {r['dtype']}" if r["dtype"] != "float64" else ""))
 
 
 def baseline_name(method, rows=()) -> str:
@@ -237,7 +238,7 @@ def losses(rows) -> list[dict]:
             if r["method"] in PEERS or r["method"] in BOUNDS:
                 continue
             rivals = [b for b in rs if b is not r and b["method"] in (PEERS if r["method"] in BASELINES else BASELINES)
-                      and (not _torch(r) or b["workers"] == r["workers"])]
+                      and (not _torch(r) or b["workers"] == r["workers"]) and comparable(r, b)]
             entry = {}
             for metric in ("backward", "total"):
                 found = [(x, b) for b in rivals if (x := _slower(r, b, metric)) and x[0] > 1]
@@ -345,6 +346,7 @@ def summary_lines(rows, meta=None) -> list[str]:
     if torch_lines:
         lines.append("torch models (nn.Linear + nn.Tanh, mse loss; ratios to torch autograd at the same threads):")
         lines += [f"  {s}" for s in torch_lines]
+    lines += sequence_summary(rows)
     lost = [(max(e.get(m, (0,))[0] for m in _METRICS), e) for e in losses(rows)]
     lines.append(f"where chainprod loses: {len(lost)} chainprod rows are slower than a baseline "
                  f"({sum(any(e.get(m, (0, 0, 0))[2] for m in _METRICS) for _, e in lost)} beyond their IQRs); "
@@ -423,6 +425,7 @@ def write_report(out_dir, rows, meta, figures=(), *, notes=()) -> str:
                   "and backward), in brackets the ratio to torch autograd at the same thread count P. JAX runs on "
                   "XLA's own pool (every core); the BLAS floor is the step's matrix products alone, a bound no "
                   "row can beat, not a competitor.", "", torch_model_table(rows)]
+    parts += sequence_section(rows)
     parts += ["", "## Where chainprod loses", "", "Every chainprod row slower than a baseline it is compared "
               "with (scan, `auto`, sharded and per-call rows: every baseline of the problem; chainprod's own "
               "backprop: JAX and torch; torch models: the peers at the same P), against the fastest such baseline, "

@@ -35,12 +35,13 @@ import re
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["FIELDS", "ResultsWriter", "read_results", "read_meta", "read_traces", "markdown_page", "Interrupts",
-           "atomic_path", "write_text_atomic"]
+__all__ = ["WAIT_ENV", "WaitHook", "FIELDS", "ResultsWriter", "read_results", "read_meta", "read_traces",
+           "markdown_page", "Interrupts", "atomic_path", "write_text_atomic"]
 
 #: CSV columns, in order
 FIELDS = [
@@ -204,6 +205,31 @@ class ResultsWriter:
 
 
 # -- reading back ------------------------------------------------------------------------------------
+#: the environment variable of :class:`WaitHook`
+WAIT_ENV = "CHAINPROD_BENCH_WAIT_AFTER_ROWS"
+
+
+class WaitHook:
+    """``$CHAINPROD_BENCH_WAIT_AFTER_ROWS``: once that many rows are written, wait up to a minute for a signal.
+
+    A test that sends SIGINT then interrupts the sweep between two rows,
+    however fast the rows come (warm caches) or slow (a cold compile).
+    """
+
+    def __init__(self):
+        value = os.environ.get(WAIT_ENV, "").strip()
+        if value and not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"${WAIT_ENV} must be a positive number of rows, got {value!r}")
+        self.after = int(value) if value else None
+
+    def __call__(self, writer):
+        if self.after is not None and len(writer.rows) >= self.after:
+            self.after = None
+            print(f"chainprod bench: {len(writer.rows)} rows written; waiting for a signal (${WAIT_ENV})",
+                  file=sys.stderr, flush=True)
+            time.sleep(60)  # SIGINT ends the sleep with KeyboardInterrupt
+
+
 def _results_file(path, name):
     return os.path.join(path, name) if os.path.isdir(path) else os.path.join(os.path.dirname(path) or ".", name)
 

@@ -9,31 +9,26 @@ accumulating every parameter's ``.grad`` as autograd would::
     loss = cp.torch_backward(model, x, y, loss="mse")   # instead of loss.backward(); returns a float
     chain = cp.from_torch(model)                        # a Chain (a copy), for cp.grad & co.
 
-:func:`torch_backward` converts a model once per structure and keeps it
-(weakly, per module object). Each call checks the structure (submodules,
-their order and types, every parameter object, its memory, shape,
-strides, dtype and ``requires_grad``, Softplus and Dropout settings),
-copies the parameters' *current* values into one flat array (the kernels
-read one array, the parameters are separate tensors) and writes the
-gradients: optimizer steps are seen, changes converted again (or refused).
+:func:`torch_backward` converts a model once per structure and keeps it (weakly, per module object). Each
+call checks the structure (submodules, their order and types, every parameter object, its memory, shape,
+strides, dtype and ``requires_grad``, Softplus and Dropout settings), copies the parameters' *current*
+values into one flat array (the kernels read one array, the parameters are separate tensors) and writes
+the gradients: optimizer steps are seen, changes converted again (or refused).
 
-Supported: ``nn.Linear`` (with or without bias), ``nn.Tanh``, ``nn.ReLU``,
-``nn.Sigmoid``, ``nn.Softplus`` (``beta=1``, ``threshold=20``),
-``nn.Identity``, ``nn.Dropout`` in eval mode or with ``p=0``, nested
-``nn.Sequential``; float32 or float64 CPU parameters. Anything else is
-refused, naming the module's position (``module 1.2 (Conv1d)`` = ``model[1][2]``).
-An activation folds into the ``nn.Linear`` before it; one that starts the
-model or follows another becomes ``cp.Diagonal(ones, zeros, activation)``.
+Supported: ``nn.Linear`` (with or without bias), ``nn.Tanh``, ``nn.ReLU``, ``nn.Sigmoid``,
+``nn.Softplus`` (``beta=1``, ``threshold=20``), ``nn.Identity``, ``nn.Dropout`` in eval mode or with
+``p=0``, nested ``nn.Sequential``; float32 or float64 CPU parameters; and ``nn.RNN``, ``nn.GRU``,
+``nn.LSTM``, handed to :mod:`chainprod.torch_recurrent`. Anything else is refused, naming the module's
+position (``module 1.2 (Conv1d)`` = ``model[1][2]``). An activation folds into the ``nn.Linear`` before
+it; one that starts the model or follows another becomes ``cp.Diagonal(ones, zeros, activation)``.
 
-Softplus: torch's ``nn.Softplus()`` is ``z`` itself where ``z > 20``,
-chainprod's ``log(1 + exp(z))``: they differ there by at most ``exp(-20)``
-in value and derivative (float64 gradients then agree with autograd to
-about ``1e-9``). Other ``beta``/``threshold`` values are refused.
+Softplus: torch's ``nn.Softplus()`` is ``z`` itself where ``z > 20``, chainprod's ``log(1 + exp(z))``:
+they differ there by at most ``exp(-20)`` in value and derivative (float64 gradients then agree with
+autograd to about ``1e-9``). Other ``beta``/``threshold`` values are refused.
 
-Differences on purpose: chainprod refuses NaN or infinite inputs and
-raises :class:`chainprod.errors.NonFiniteError` where autograd would write
-``inf``/``NaN`` gradients; it computes parameter gradients only (inputs
-that require a gradient are refused).
+Differences on purpose: chainprod refuses NaN or infinite inputs and raises
+:class:`chainprod.errors.NonFiniteError` where autograd would write ``inf``/``NaN`` gradients; it
+computes parameter gradients only (inputs that require a gradient are refused).
 """
 
 from __future__ import annotations
@@ -54,12 +49,13 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
         "`pip install torch==2.13.0` (a CPU build; an unpinned torch may pull a multi-GB GPU build)"
     ) from e
 
+from . import forward_methods, torch_recurrent
 from ._caches import register_cache
 from .errors import UnsupportedModuleError
 from .grad import backward, loss_cotangent
 from .kernels import LayerGrads
 from .layers import Chain, Dense, Diagonal
-from .tape import forward, packed_with
+from .tape import packed_with
 
 __all__ = ["from_torch", "torch_backward", "UnsupportedModuleError", "SUPPORTED_MODULES"]
 
@@ -229,6 +225,8 @@ def from_torch(module) -> Chain:
         A module or parameter chainprod cannot represent, named with its
         position (``module 1.2 (Conv1d)`` is ``model[1][2]``).
     """
+    if isinstance(module, nn.RNNBase):
+        return torch_recurrent.from_torch(module)
     return _convert(module).chain
 
 
@@ -381,7 +379,7 @@ def _write_grads(kept, grads):
 
 
 def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vectorized", workers=None,
-                   kernels=None) -> float:
+                   kernels=None, h0=None, **newton) -> float:
     """``loss.backward()`` for a torch ``nn.Sequential``, by chainprod's scan; returns the loss.
 
     Computes the loss of ``module(x)`` and its gradient with respect to every
@@ -402,8 +400,10 @@ def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vector
     loss : {"sum", "mse"}
         ``module(x).sum()`` (one output), or
         ``torch.nn.functional.mse_loss(module(x), y)``.
-    method, backend, workers, kernels
-        As in :func:`chainprod.grad`.
+    method, backend, workers, kernels, forward, forward_options (keywords)
+        As in :func:`chainprod.grad` (``forward="deer"``: a Newton forward pass).
+    h0 : optional
+        The initial state of an nn.RNN, nn.GRU or nn.LSTM (:func:`chainprod.torch_recurrent.torch_backward`).
 
     Returns
     -------
@@ -414,6 +414,8 @@ def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vector
     UnsupportedModuleError, TypeError, ValueError, NonFiniteError
         Before any ``.grad`` is touched.
     """
+    if h0 is not None or isinstance(module, nn.RNNBase):  # recurrent modules, the only ones taking h0
+        return torch_recurrent.torch_backward(module, x, y, loss, h0, method, backend, workers, kernels, **newton)
     kept = _kept(module)
     chain, dtype = kept.conv.chain, kept.dtype
     if not isinstance(loss, str) or loss not in ("sum", "mse"):
@@ -439,7 +441,7 @@ def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vector
     # the structure converted once, the values of this call
     pc, release = kept.packed()
     try:
-        tape = forward(chain, x2, kernels=kernels, packed=pc)
+        tape = forward_methods.chain_tape(chain, x2, kernels, pc, backend, workers, **newton)[0]
         value, cotangent = loss_cotangent(tape, y2, loss)
         grads = backward(tape, cotangent, method=method, backend=backend, workers=workers, kernels=kernels)
     finally:

@@ -633,6 +633,116 @@ else:
 '''
 
 
+SEQ_MD = r"""
+## Sequences: recurrences over time
+
+An RNN run over $T$ steps is a chain of $T$ Jacobians with *shared* weights and an input at every step:
+$h_t = f(W_{ih} u_t + b_{ih} + W_{hh} h_{t-1} + b_{hh})$. With a loss term at every step, the adjoints
+obey the same kind of recurrence run backwards, $\lambda_{t-1} = J_t^\top \lambda_t + \partial\ell/\partial h_{t-1}$,
+so backprop through time is a product of Jacobians like the ones above, and a scan can form it
+(`docs/recurrences.md`). `cp.from_torch` reads `nn.RNN`, `nn.GRU` and `nn.LSTM` with torch's parameter
+names and gate order; `cp.value_and_grad` takes the model with `loss="sum"` (or `"mse"` against targets)
+and returns gradients named like torch's. Below: a GRU's gradients against torch autograd, by compiled
+backprop through time and by a Sklansky scan of the state Jacobians, then one gradient's time by
+chainprod, torch and (in the full run) JAX, as the `sequences` section of `chainprod bench` measures it.
+A scan's ops multiply dense $S\times S$ state Jacobians ($S^3$ flops against backprop's $S^2$ per step),
+so the simulator's crossover needs many workers; `chainprod bench --preset sequences` measures the grid.
+"""
+
+SEQ_CODE = r'''
+if importlib.util.find_spec("torch") is not None:
+    from chainprod.bench_sequences import SequenceProblem, crossover_workers, sequence_step
+
+    torch.manual_seed(0)
+    gru_t = torch.nn.GRU(4, 8, num_layers=2).double()
+    u_t = torch.randn(50, 3, 4, dtype=torch.float64)
+    gru_t.zero_grad()
+    out_t, _ = gru_t(u_t)
+    out_t.sum().backward()                                 # torch autograd: the reference
+    gru = cp.from_torch(gru_t)
+    for method in ("backprop", "sklansky"):
+        value, g = cp.value_and_grad(gru, u_t.numpy(), loss="sum", method=method)
+        diff = max(float(np.abs(g[n] - p.grad.numpy()).max()) for n, p in gru_t.named_parameters())
+        print(f"GRU (2 layers, T=50, N=3), method={method!r}: loss {value:.12g} (torch {out_t.sum().item():.12g}), "
+              f"max |grad - torch's| = {diff:.1e}")
+        assert diff < 1e-10
+
+    T_s, H_s, N_s = (200 if QUICK else 1000), 20, 4
+    peers = [("backprop", "numba"), ("torch", "torch")] + ([] if QUICK or importlib.util.find_spec("jax") is None
+                                                            else [("jax", "jax")])
+    seq_rows, threads_before = [], torch.get_num_threads()
+    torch.set_num_threads(1)                               # chainprod's loop runs on one thread: so does torch
+    for cell in ("rnn_tanh", "gru", "lstm"):
+        prob = SequenceProblem(cell, T_s, H_s, N_s, "float64")
+        times = {}
+        for method, backend in peers:
+            step = sequence_step(method, backend, 1, prob)
+            step()                                         # compiles (numba's cache, XLA)
+            times[method] = best_of(step, reps=3 if QUICK else 5)[1]
+        P_x = crossover_workers(cell, T_s, H_s, N_s, times["backprop"])["P"]
+        seq_rows.append({"cell": cell, "T": T_s, "H": H_s, "N": N_s,
+                         **{f"{m} ms": t * 1e3 for m, t in times.items()},
+                         "torch / chainprod": times["torch"] / times["backprop"],
+                         "scan wins from P": P_x or f"> {2 ** 16}"})
+    torch.set_num_threads(threads_before)
+    print("one gradient through time (loss = sum of outputs), median wall time, 1 thread (JAX: its own pool):")
+    table(seq_rows, list(seq_rows[0]))
+else:
+    print("sequences cell skipped: torch is not installed (pip install torch)")
+'''
+
+
+NEWTON_MD = r"""
+## Newton forward: the forward pass in log depth too
+
+A log-depth backward pass leaves a training step as deep as its forward pass. DEER writes the whole
+trajectory $x_1..x_L$ of $x_l = f_l(x_{l-1})$ as one system of equations and solves it by Newton's method:
+each iteration is the *linear* recurrence $x_l = J_l x_{l-1} + (f_l(\bar x_{l-1}) - J_l \bar x_{l-1})$ around
+the current guess $\bar x$, one affine scan of $\lceil\log_2 L\rceil$ rounds on the same engine
+(`cp.linear_recurrence`). `cp.forward(model, x, method="deer")` (also `"quasi_deer"`: diagonal Jacobians;
+`"elk"`, `"quasi_elk"`: damped) returns what the sequential pass returns; `cp.grad(..., forward="deer")`
+takes the gradients after it. A contractive model (largest Lyapunov exponent $\lambda < 0$, estimated by
+`chainprod.newton.model_lyapunov`) needs a handful of iterations. Each iteration does about
+$S\log_2 L$ times the sequential pass's work, so on two cores it is far slower than the compiled
+sequential pass (`docs/benchmarks.md` section 12 has iterations, work and the simulator's crossover).
+"""
+
+NEWTON_CODE = r'''
+from chainprod.newton import model_lyapunov
+
+L_n, w_n = (256 if QUICK else 1024), 8
+chain_n = cp.Chain([cp.Dense(0.5 * rng.standard_normal((w_n, w_n)) / np.sqrt(w_n), 0.1 * rng.standard_normal(w_n),
+                             "tanh") for _ in range(L_n)] + [cp.Dense(rng.standard_normal((1, w_n)), np.zeros(1))])
+x_n = rng.standard_normal((4, w_n))
+ref_n = cp.forward(chain_n, x_n)
+tape_n, tr_n = cp.forward(chain_n, x_n, method="deer", schedule="sklansky", return_trace=True)
+print(f"tanh chain, L={L_n}, w={w_n}, N=4: lambda = {model_lyapunov(chain_n, x_n):+.2f} per layer")
+print(f"deer: {tr_n.iterations} iterations of {tr_n.rounds[0]} scan rounds; scaled residual after each:",
+      ", ".join(f"{r:.1e}" for r in tr_n.residuals))
+print(f"max |deer - sequential| over every layer output: {np.abs(tape_n.flat - ref_n.flat).max():.1e}")
+g_seq = cp.grad(chain_n, x_n, method="sklansky")
+g_deer, tr_g = cp.grad(chain_n, x_n, method="sklansky", forward="deer",
+                       forward_options={"tol": 1e-13, "schedule": "sklansky"},
+                       return_trace=True)
+print("grads after deer vs after the sequential pass: max |diff| =",
+      f"{max(float(np.abs(a - b).max()) for la, lb in zip(g_deer, g_seq) for a, b in zip(la, lb)):.1e};",
+      tr_g.note.split("; ")[-1])
+
+rnn_n = cp.RNN(4, 8, seed=0)
+u_n = rng.standard_normal(((200 if QUICK else 1000), 2, 4))
+(out_n, _), tr_r = cp.forward(rnn_n, u_n, method="deer", return_trace=True)
+print(f"RNN, T={len(u_n)}, H=8: deer in {tr_r.iterations} iterations, max |out - sequential| = "
+      f"{np.abs(out_n - rnn_n.forward(u_n)[0]).max():.1e}")
+newton_rows = []
+for name, fn in [("sequential (compiled)", lambda: cp.forward(chain_n, x_n)),
+                 ("deer", lambda: cp.forward(chain_n, x_n, method="deer", schedule="sklansky")),
+                 ("quasi_deer", lambda: cp.forward(chain_n, x_n, method="quasi_deer", schedule="sklansky"))]:
+    fn()
+    newton_rows.append({"forward pass of the chain": name, "ms (median of 3)": best_of(fn, reps=3)[1] * 1e3})
+table(newton_rows, list(newton_rows[0]))
+'''
+
+
 SUMMARY_MD = r"""
 ## Summary
 
@@ -645,6 +755,8 @@ SUMMARY_MD = r"""
 | Q5 | $\approx L^2/4$ workers | `Schedule.peak_width` |
 | Q6 | prefix scan: $O(\log L)$ rounds, $L/2$ (or $P$) workers, $O(L)$–$O(L\log L)$ work | `sklansky`, `brent_kung`, `chunked` |
 | torch | an `nn.Sequential` of `nn.Linear` + activations is such a chain: its `.grad` by a scan | `from_torch`, `torch_backward` |
+| sequences | an RNN/GRU/LSTM over $T$ steps is a chain of $T$ shared-weight Jacobians: BPTT or a reverse scan | `from_torch`, `value_and_grad`, `bench --preset sequences` |
+| Newton forward | the forward pass as a few affine scans (DEER, quasi-DEER, ELK): few iterations when contractive | `forward(method="deer")`, `grad(forward="deer")` |
 
 The measured figures of this run:
 """
@@ -693,6 +805,10 @@ def cells(quick: bool = False, ray: bool = True):
         ("code", DIST_RAY, []),
         ("markdown", TORCH_MD, []),
         ("code", TORCH_CODE, []),
+        ("markdown", SEQ_MD, []),
+        ("code", SEQ_CODE, []),
+        ("markdown", NEWTON_MD, []),
+        ("code", NEWTON_CODE, []),
         ("markdown", SUMMARY_MD, []),
         ("code", SUMMARY, []),
     ]

@@ -31,7 +31,7 @@ SUBCOMMANDS = ["bench", "plot", "schedule", "simulate", "calibrate", "demo"]
 #: baseline, no torch models; per depth 1 baseline + 2 methods x (vectorized, threads P=2) = 5 rows
 TINY = ["--depths", "16,64", "--widths", "4", "--workers", "2", "--backends", "vectorized,threads",
         "--methods", "auto,sklansky", "--baselines", "backprop", "--structure", "dense", "--batches", "1",
-        "--torch-models", "none", "--repeats", "1"]
+        "--torch-models", "none", "--sequences", "none", "--repeats", "1"]
 TINY_ROWS = 10
 
 

@@ -24,7 +24,7 @@ def _exported(obj_type):
 
 def test_every_error_chainprod_raises_is_exported():
     classes = [getattr(errors, n) for n in errors.__all__ if inspect.isclass(getattr(errors, n))]
-    assert len(classes) == 7
+    assert len(classes) == 8
     missing = [c.__name__ for c in classes if not _exported(c)]
     assert not missing, f"errors not exported from chainprod: {missing}"
 
@@ -42,6 +42,7 @@ def test_what_the_public_functions_return_is_exported():
         "get_executor": cp.get_executor("vectorized"),
         "trace": cp.grad(chain, x, method="sklansky", kernels="numpy", return_trace=True)[1],
         "linear_recurrence": cp.linear_recurrence(np.ones((3, 2, 2)), np.ones((3, 2)), return_trace=True)[1],
+        "RNN.from_params": cp.RNN.from_params({"weight_ih_l0": np.ones((2, 3)), "weight_hh_l0": np.eye(2)}),
     }
     missing = {what: type(v).__name__ for what, v in made.items()
                if not any(_exported(t) for t in type(v).__mro__ if t is not object)}

@@ -1,4 +1,7 @@
-"""The Elman RNN: gradients through time against torch autograd, finite differences, and bad input.
+"""The deprecated Elman RNN aliases (``cp.ElmanRNN``, ``cp.rnn_value_and_grad``): still exact, and they warn.
+
+They now run on :class:`chainprod.RNN` (``tests/test_recurrent.py`` tests the
+models themselves); these tests keep the old names and shapes working.
 
 Every method is checked: ``"backprop"`` (backprop through time), every scan
 schedule that gives every prefix (the adjoints by ``cp.linear_recurrence``
@@ -17,6 +20,8 @@ import chainprod as cp
 from chainprod.errors import NonFiniteError, UnsupportedModuleError
 
 torch = pytest.importorskip("torch")
+# the aliases under test are deprecated (test_deprecated_aliases_warn checks that they say so)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 METHODS = ["backprop"] + [n for n in cp.valid_schedules() if n not in ("tree", "auto")] + ["auto"]
 D_IN, D_H = 3, 4
@@ -155,7 +160,7 @@ def _small():
 
 def test_bad_input_says_what_and_where():
     rnn, u = _small()
-    with pytest.raises(ValueError, match=r"d_in = 3.*\(6, 2, 5\)"):
+    with pytest.raises(ValueError, match=r"d_in = input_size = 3.*\(6, 2, 5\)"):
         rnn.forward(np.ones((6, 2, 5)))
     with pytest.raises(ValueError, match="T=0"):
         cp.rnn_value_and_grad(rnn, np.ones((0, 2, 3)))
@@ -165,7 +170,7 @@ def test_bad_input_says_what_and_where():
     bad[4, 1, 2] = np.nan
     with pytest.raises(ValueError, match=r"step t=4 \(sample n=1, feature 2\)"):
         cp.rnn_value_and_grad(rnn, bad)
-    with pytest.raises(ValueError, match=r"h0: expected shape \(N, d_h\) = \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"h0: expected shape .*\(N, H\) = \(2, 4\)"):
         rnn.forward(u, np.zeros((3, 4)))
     h0 = np.zeros((2, 4))
     h0[1, 0] = np.inf
@@ -173,8 +178,8 @@ def test_bad_input_says_what_and_where():
         rnn.forward(u, h0)
     with pytest.raises(ValueError, match="nonlinearity"):
         cp.ElmanRNN(np.ones((4, 3)), np.ones((4, 4)), nonlinearity="sigmoid")
-    with pytest.raises(ValueError, match="W_hh: expected shape"):
-        cp.ElmanRNN(np.ones((4, 3)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match="weight_hh_l0: expected shape"):
+        cp.ElmanRNN(np.ones((4, 3)), np.ones((3, 3)))  # W_hh, torch's weight_hh_l0
     with pytest.raises(ValueError, match="both biases or neither"):
         cp.ElmanRNN(np.ones((4, 3)), np.ones((4, 4)), np.ones(4))
     with pytest.raises(ValueError, match="loss: unknown 'l1'"):
@@ -191,7 +196,7 @@ def test_bad_input_says_what_and_where():
         cp.rnn_value_and_grad(rnn, u, np.zeros((6, 2, 3)), loss="mse")
     with pytest.raises(TypeError, match="float32"):
         rnn.forward(u.astype(np.float32))
-    with pytest.raises(TypeError, match="ElmanRNN"):
+    with pytest.raises(TypeError, match="one-layer chainprod.RNN"):
         cp.rnn_value_and_grad("rnn", u)
 
 
@@ -202,14 +207,14 @@ def test_relu_overflow_names_the_step():
 
 
 def test_from_torch_refuses_what_it_cannot_represent():
-    with pytest.raises(UnsupportedModuleError, match="num_layers=2"):
-        cp.ElmanRNN.from_torch(torch.nn.RNN(3, 4, num_layers=2))
+    with pytest.raises(TypeError, match="one-layer"):  # stacked layers: cp.RNN and cp.value_and_grad
+        cp.rnn_value_and_grad(cp.ElmanRNN.from_torch(torch.nn.RNN(3, 4, num_layers=2)), np.ones((2, 1, 3)))
     with pytest.raises(UnsupportedModuleError, match="bidirectional=True"):
         cp.ElmanRNN.from_torch(torch.nn.RNN(3, 4, bidirectional=True))
     with pytest.raises(UnsupportedModuleError, match="GRU"):
         cp.ElmanRNN.from_torch(torch.nn.GRU(3, 4))
     rnn = cp.ElmanRNN.from_torch(torch.nn.RNN(3, 4, bias=False, nonlinearity="relu"))
-    assert (rnn.bias, rnn.nonlinearity, rnn.d_in, rnn.d_h) == (False, "relu", 3, 4)
+    assert (rnn.bias, rnn.nonlinearity, rnn.input_size, rnn.hidden_size) == (False, "relu", 3, 4)
 
 
 def test_nothing_passed_in_is_modified_and_the_model_is_a_copy():
@@ -228,4 +233,14 @@ def test_nothing_passed_in_is_modified_and_the_model_is_a_copy():
     out = rnn.forward(u, h0)
     W_hh[:] = 0  # the model keeps its own copy
     np.testing.assert_array_equal(rnn.forward(u, h0), out)
-    assert not rnn.params["W_hh"].flags.writeable
+    assert not rnn.params["weight_hh_l0"].flags.writeable
+
+
+def test_deprecated_aliases_warn_and_say_what_replaces_them():
+    with pytest.warns(DeprecationWarning, match="cp.RNN.from_params"):
+        rnn = cp.ElmanRNN(np.ones((4, 3)), 0.5 * np.eye(4))
+    with pytest.warns(DeprecationWarning, match="cp.value_and_grad"):
+        _, g = cp.rnn_value_and_grad(rnn, np.ones((2, 1, 3)))
+    assert isinstance(rnn, cp.RNN) and sorted(g) == ["W_hh", "W_ih", "h0", "u"]
+    _, g_new = cp.value_and_grad(rnn, np.ones((2, 1, 3)), method="backprop", with_inputs=True)
+    np.testing.assert_array_equal(g["W_hh"], g_new["weight_hh_l0"])

@@ -179,7 +179,7 @@ class DaskShards:
     def _workers(self):
         return sorted(self.client.scheduler_info(n_workers=-1).get("workers", {}))
 
-    def _pick(self, b, deadline):
+    def pick_worker(self, b, deadline):
         """A live worker for shard ``b``: the one of its slot, else the least used."""
         t_end = None if deadline.left() is None else time.monotonic() + deadline.left()
         while True:
@@ -212,7 +212,7 @@ class DaskShards:
     def start(self, b, spec, theta, applied, log, deadline):
         """Create (or replace) shard ``b`` on a live worker; returns its process id."""
         self.forget(b)
-        addr = self._pick(b, deadline)
+        addr = self.pick_worker(b, deadline)
         self.addr[b] = addr
         self._last[b] = None
         with warnings.catch_warnings():

@@ -67,10 +67,11 @@ from .pack import (
     unpack_grads,
     unpack_rows,
 )
+from .recurrent import get_recurrent_kernels
 
 __all__ = ["ACT_CODES", "ACT_NAMES", "KERNELS", "KERNEL_REVISION", "KIND_CODES", "KIND_NAMES", "LayerGrads",
-           "PackedChain", "default_kernels", "first_nonfinite_layer", "get_kernels", "layer_rows", "pack",
-           "unpack_grads", "unpack_rows"]
+           "PackedChain", "default_kernels", "first_nonfinite_layer", "get_kernels", "get_recurrent_kernels",
+           "layer_rows", "pack", "unpack_grads", "unpack_rows"]
 
 #: Registered kernel sets, in order of preference.
 KERNELS = ("numba", "numpy")

@@ -1,0 +1,124 @@
+"""How chainprod measures a whole training step: torch's, any call's, the BLAS floor's, on ``P`` threads.
+
+The rest of the measuring (the machine, the timing loops, chainprod's and
+the peers' gradients of a chain) is in :mod:`chainprod._timing`:
+
+* :func:`measure_torch_step` times a torch model's training step
+  (``mse_loss`` then ``loss.backward()``), :func:`measure_call` any call as
+  a whole, and :func:`measure_matmuls` the matrix products of a dense chain's
+  forward and backward pass in BLAS alone (the machine's lower bound);
+* :func:`thread_limit` runs a block on ``P`` threads of torch, numba and BLAS.
+
+torch and threadpoolctl are imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import numpy as np
+
+from ._timing import Timing, time_passes
+from .layers import Dense
+
+__all__ = ["thread_limit", "measure_call", "measure_matmuls", "measure_torch_step"]
+
+
+# -- a torch model's training step, any call, and the BLAS floor --------------------------------------
+@contextlib.contextmanager
+def thread_limit(P):
+    """Run the block on ``P`` threads: torch's intra-op threads (if torch is loaded), numba's (if loaded) and BLAS.
+
+    All are restored afterwards. numba's count matters even on the
+    ``vectorized`` backend: the compiled kernels cut a large batch over
+    numba's threads, so a row said to run on one thread must not find two.
+    Without threadpoolctl, BLAS keeps its own thread count (``pip install
+    threadpoolctl``). XLA's pool is not reached.
+    """
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    with contextlib.ExitStack() as stack:
+        numba = sys.modules.get("numba")
+        if numba is not None and hasattr(numba, "set_num_threads"):
+            stack.callback(numba.set_num_threads, numba.get_num_threads())
+            numba.set_num_threads(max(1, min(int(P), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(int(P), user_api="blas"))
+        except ImportError:  # pragma: no cover - threadpoolctl is in the bench and test extras
+            pass
+        if torch is not None:
+            torch.set_num_threads(int(P))
+            stack.callback(torch.set_num_threads, before)
+        yield
+
+
+def measure_call(fn, repeats=3, warmup=2) -> Timing:
+    """Time ``fn()`` as a whole, ``repeats`` times after ``warmup`` untimed calls: end-to-end only.
+
+    For a call that does both passes at once (``chainprod.torch_backward``):
+    :attr:`Timing.forward` and :attr:`Timing.backward` stay empty.
+    """
+    for _ in range(warmup):
+        fn()
+    total = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        total.append(time.perf_counter() - t0)
+    return Timing([], [], total)
+
+
+def measure_torch_step(model, x, y, repeats=3) -> Timing:
+    """Time a training step of a torch ``model``: ``mse_loss(model(x), y)`` (forward), ``loss.backward()``.
+
+    ``.grad`` is cleared, untimed, before each repeat (as ``optimizer.zero_grad(set_to_none=True)``).
+    """
+    import torch.nn.functional as F
+
+    params = list(model.parameters())
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    clear()
+    F.mse_loss(model(x), y).backward()
+    return time_passes(lambda: F.mse_loss(model(x), y), lambda loss: loss.backward(), repeats, setup=clear)
+
+
+def measure_matmuls(chain, x, repeats=3) -> Timing:
+    """The matrix products of a dense chain's training step in BLAS alone: the machine's lower bound.
+
+    Forward: ``h_l = h_{l-1} @ W_l.T`` per layer; backward: ``dW_l = g_l.T @ h_{l-1}``
+    per layer and ``g_{l-1} = g_l @ W_l`` for every layer but the first, into
+    preallocated outputs (no activations, no bias, no allocation, no checks):
+    what any implementation of the same step has to compute at least.
+    """
+    Ws = [np.asarray(layer.params[0]) for layer in chain.layers]
+    if not all(isinstance(layer, Dense) for layer in chain.layers):
+        raise ValueError("the BLAS floor is defined for chains of Dense layers")
+    N = x.shape[0]
+    hs = [np.ascontiguousarray(x)] + [np.empty((N, W.shape[0]), W.dtype) for W in Ws]
+    dWs = [np.empty_like(W) for W in Ws]
+    gs = [np.empty((N, W.shape[1]), W.dtype) for W in Ws]
+    g_top = np.ones((N, Ws[-1].shape[0]), Ws[-1].dtype)
+
+    def run_forward():
+        for l, W in enumerate(Ws):
+            np.matmul(hs[l], W.T, out=hs[l + 1])
+
+    def run_backward(_):
+        g = g_top
+        for l in range(len(Ws) - 1, -1, -1):
+            np.matmul(g.T, hs[l], out=dWs[l])
+            if l:
+                np.matmul(g, Ws[l], out=gs[l])
+                g = gs[l]
+
+    for _ in range(2):
+        run_backward(run_forward())
+    return time_passes(run_forward, run_backward, repeats)

@@ -1,0 +1,212 @@
+"""The Newton iteration itself: a problem's trajectory by repeated affine scans, and its trace.
+
+:func:`solve` runs DEER, quasi-DEER, ELK or quasi-ELK on any problem of
+:mod:`chainprod.newton_models`; :mod:`chainprod.newton` checks the
+arguments, builds the problems from a model and returns what the model's
+sequential pass returns. ``docs/newton.md`` has the math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .blocks import Diag
+from .errors import ConvergenceError, NonFiniteError
+from .newton_models import previous
+from .recurrence import linear_recurrence
+
+__all__ = ["METHODS", "DEFAULT_TOL", "MAX_ITER_CAP", "NewtonTrace", "SolveOptions", "residual", "solve"]
+
+#: the Newton methods (``"sequential"`` is the plain pass)
+METHODS = ("deer", "quasi_deer", "elk", "quasi_elk")
+#: default tolerance on the scaled residual, per dtype: about 1e6 float64 roundings (what a scan of
+#: thousands of steps keeps), and about 100 float32 ones
+DEFAULT_TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+#: default ``max_iter`` is ``min(n, MAX_ITER_CAP)``: ``n`` undamped steps reach the exact answer
+MAX_ITER_CAP = 100
+#: adaptive damping (``damping=None`` for the ELK methods): the first ``lam``; its divisor after a step
+#: that lowers the residual (to 0 below 1e-3); after one that raises it, ``lam`` doubles up to ELK_MAX
+#: (a causal damped step with a large ``lam`` stalls on an expansive model: docs/newton.md)
+ELK_START, ELK_FACTOR, ELK_MAX = 1.0, 4.0, 2.0
+
+
+@dataclass
+class NewtonTrace:
+    """What a Newton forward pass did, iteration by iteration.
+
+    Attributes
+    ----------
+    method, schedule, backend, workers, tol, max_iter
+        As run (``schedule`` the name of the scan that ran, ``"loop"`` for
+        the plain loop ``"auto"`` may pick on a local backend).
+    iterations : int
+        Linear solves run, over every solve (a stacked recurrent model
+        solves one layer after another).
+    residuals : list of float
+        The scaled residual of the kept iterate after each iteration.
+    rounds : list of int
+        Scan rounds of each iteration (steps, for the plain loop).
+    damping : list of float
+        ``lam`` used by each iteration (0 for DEER).
+    accepted : list of bool
+        Whether each iteration's step was kept (adaptive ELK rejects steps
+        that raise the residual or overflow, and raises ``lam``).
+    solve : list of int
+        Which solve each iteration belongs to (the layer of a stacked model).
+    initial_residuals : list of float
+        The residual of the initial guess, per solve.
+    converged : bool
+    fallback : bool
+        True when the sequential pass finished the run (``fallback="sequential"``).
+    note : str
+    """
+
+    method: str
+    schedule: str = ""
+    backend: str = ""
+    workers: int | None = None
+    tol: float = 0.0
+    max_iter: int = 0
+    iterations: int = 0
+    residuals: list = field(default_factory=list)
+    rounds: list = field(default_factory=list)
+    damping: list = field(default_factory=list)
+    accepted: list = field(default_factory=list)
+    solve: list = field(default_factory=list)
+    initial_residuals: list = field(default_factory=list)
+    converged: bool = False
+    fallback: bool = False
+    note: str = ""
+
+    def record(self, solve, res, rounds, lam, accepted):
+        self.iterations += 1
+        self.residuals.append(float(res))
+        self.rounds.append(int(rounds))
+        self.damping.append(float(lam))
+        self.accepted.append(bool(accepted))
+        self.solve.append(int(solve))
+
+
+@dataclass
+class SolveOptions:
+    """The checked options of one Newton forward pass (see :func:`chainprod.newton.newton_forward`)."""
+
+    method: str
+    schedule: str
+    backend: object
+    workers: int | None
+    tol: float | None
+    max_iter: int | None
+    damping: float | None
+    engine_options: dict | None
+
+
+def residual(x, F):
+    """``max |x - F| / max(1, max |x|)``: absolute for small states, relative for large ones."""
+    scale = max(1.0, float(np.max(np.abs(x))))
+    return float(np.max(np.abs(x - F))) / scale
+
+
+def _first_bad(a):
+    ok = np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
+    return -1 if ok.all() else int(np.flatnonzero(~ok)[0])
+
+
+def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0):
+    """The trajectory ``(n, N, S)`` of ``problem`` (:mod:`chainprod.newton_models`) by Newton iterations.
+
+    Raises
+    ------
+    chainprod.errors.ConvergenceError
+        The scaled residual is above ``tol`` after ``max_iter`` iterations.
+    chainprod.errors.NonFiniteError
+        An iterate is NaN or infinite (undamped methods; adaptive ELK rejects
+        such a step and raises its damping instead).
+    """
+    n, N, S, h0 = problem.n, problem.N, problem.S, problem.h0
+    dtype = h0.dtype
+    x = np.zeros((n, N, S), dtype) if init is None else np.array(init, dtype, copy=True)
+    if n == 0:
+        return x
+    method = opts.method
+    quasi, elk = method.startswith("quasi"), method.endswith("elk")
+    diag = quasi or problem.diagonal
+    tol = DEFAULT_TOL[np.dtype(dtype)] if opts.tol is None else opts.tol
+    max_iter = min(n, MAX_ITER_CAP) if opts.max_iter is None else opts.max_iter
+    if elk and opts.max_iter is None:
+        max_iter = MAX_ITER_CAP  # damped steps do not reach the exact answer in n steps: no n bound
+    trace.tol, trace.max_iter = tol, max_iter
+    adaptive = elk and opts.damping is None
+    # an affine problem is solved exactly by one undamped step: adaptive damping starts there at 0
+    lam = ((0.0 if problem.linear else ELK_START) if adaptive else opts.damping) if elk else 0.0
+    with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are reported with their step
+        prev = previous(h0, x)
+        F, point = problem.evaluate(prev)
+        t = _first_bad(F)
+        if t >= 0:
+            raise NonFiniteError(f"{method}: f at the initial guess is not finite at {problem.where(t)}",
+                                 (t, t))
+        res = residual(x, F)
+        trace.initial_residuals.append(res)
+        k = 0
+        while not res <= tol:
+            if k == max_iter:
+                trace.note = trace.note or f"{method}: not converged"
+                hint = ("raise max_iter, or start the damping higher (damping=...)" if elk else
+                        "try method='elk' or 'quasi_elk' (damping), a better init, or a larger max_iter")
+                raise ConvergenceError(
+                    f"{method} did not converge in {max_iter} iteration(s): the scaled residual max|x - f(x)| / "
+                    f"max(1, max|x|) is {res:.3g} > tol = {tol:.3g} ({n} steps, {N} lanes, state {S}); {hint}; "
+                    "or pass fallback='sequential' to finish by the sequential pass", res, k, tol, trace)
+            k += 1
+            J = problem.jacobian(point, diag)
+            Jx = J * prev if J.ndim == 3 else np.matmul(J, prev[..., None])[..., 0]
+            b = F - Jx  # f(s̄_{t-1}) - J s̄_{t-1}
+            if lam:
+                # Levenberg-Marquardt, causal form: s_t = (J s_{t-1} + b_t + lam s̄_t) / (1 + lam)
+                b += lam * x
+                b /= 1 + lam
+                J = J / (1 + lam)
+            A = Diag(J) if J.ndim == 3 else J
+            try:
+                xn, tr = linear_recurrence(A, b, h0, method=opts.schedule, backend=opts.backend,
+                                           workers=opts.workers, return_trace=True,
+                                           engine_options=opts.engine_options)
+            except NonFiniteError as err:
+                t = err.layers[1] if err.layers else 0
+                if adaptive:
+                    trace.record(solve_id, res, 0, lam, False)
+                    lam = max(lam * ELK_FACTOR, ELK_START)
+                    continue
+                raise NonFiniteError(
+                    f"{method} iteration {k}: the linearised recurrence overflowed at {problem.where(t)} (a "
+                    "product of many Jacobians grows without bound: the model is not contractive along this "
+                    "guess); try method='elk' or 'quasi_elk' (damping) or fallback='sequential'",
+                    (t, t)) from err
+            trace.schedule = tr.schedule.name if tr.schedule is not None else "loop"
+            rounds = tr.schedule.rounds if tr.schedule is not None else n
+            prev_n = previous(h0, xn)
+            F_n, point_n = problem.evaluate(prev_n)
+            t = _first_bad(F_n)
+            res_n = residual(xn, F_n) if t < 0 else np.inf
+            if adaptive and t >= 0:
+                trace.record(solve_id, res, rounds, lam, False)  # rejected: the guess stays
+                lam = max(lam * ELK_FACTOR, ELK_START)
+                continue
+            if t >= 0:
+                raise NonFiniteError(f"{method} iteration {k}: f is not finite at {problem.where(t)} (the iterate "
+                                     "there grew too large); try method='elk' or fallback='sequential'", (t, t))
+            res_prev = res
+            x, prev, F, point, res = xn, prev_n, F_n, point_n, res_n
+            trace.record(solve_id, res, rounds, lam, True)
+            if adaptive:
+                if res_n < res_prev:
+                    lam = lam / ELK_FACTOR if lam > 1e-3 else 0.0  # towards plain Newton as steps succeed
+                else:
+                    lam = min(max(lam * 2, ELK_START), ELK_MAX)
+    trace.converged = True
+    return x
+
+
