@@ -41,11 +41,12 @@ from ._validate import check_workers
 from .backward_numpy import jacobian_shapes
 from .cost import AUTO, resolve_schedule
 from .executors import Executor, get_executor
+from .forward_methods import add_forward_note, chain_tape, check_forward
 from .grad import backward, loss_cotangent, make_trace
 from .layers import Chain
 from .products import product, read_blocks, suffix_products
 from .schedules import Schedule
-from .tape import forward, resolve_kernels
+from .tape import resolve_kernels
 
 __all__ = ["Plan", "plan"]
 
@@ -65,11 +66,15 @@ class Plan:
     chain : Chain or None
         The chain whose parameters :meth:`grad` uses when given none (see
         :meth:`with_params`).
+    forward, forward_options
+        The forward pass every gradient runs on (``"sequential"``, or a
+        Newton method such as ``"deer"``), as in :func:`chainprod.grad`.
     """
 
     def __init__(self, target, *, method="auto", backend="vectorized", workers=None, kernels=None, batch=1,
-                 engine_options=None):
+                 engine_options=None, forward="sequential", forward_options=None):
         self.workers = check_workers(workers)
+        self.forward, self.forward_options = check_forward(forward, forward_options)
         if isinstance(batch, (bool, np.bool_)) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise ValueError(f"batch must be a positive int (the batch size to plan for), got {batch!r}")
         executor = backend if isinstance(backend, Executor) else get_executor(backend)  # unknown: fails here
@@ -82,6 +87,9 @@ class Plan:
         self.engine_options = dict(engine_options or {})
         self.method = method
         self.chain = target if isinstance(target, Chain) else None
+        if self.chain is None and self.forward != "sequential":
+            raise ValueError(f"forward={self.forward!r}: a forward pass is for a plan of a Chain's gradients, "
+                             "not of a product of matrices")
         if self.chain is not None:
             self.length = len(self.chain) - 1
             self.schedule = self._resolve_for_chain(method, int(batch))
@@ -174,7 +182,8 @@ class Plan:
 
     def _value_and_grad(self, x, y, loss, params, return_trace):
         chain = self._chain_for(params)
-        tape = forward(chain, x, kernels=self.kernels)
+        tape, forward_trace = chain_tape(chain, x, self.kernels, backend=self.backend, workers=self.workers,
+                                         forward=self.forward, forward_options=self.forward_options)
         value, cotangent = loss_cotangent(tape, y, loss)
         trace = make_trace(return_trace, self.backend, self.workers)
         if trace is None and self.schedule is None:
@@ -184,7 +193,7 @@ class Plan:
                      engine_options=self.engine_options, kernels=self.kernels)
         if self.schedule is None and trace is not None and trace.schedule is not None:
             self.schedule = trace.schedule
-        return value, g, trace
+        return value, g, add_forward_note(trace, forward_trace)
 
     # -- products ----------------------------------------------------------
     def suffix_products(self, mats, *, return_trace=False):
@@ -245,7 +254,7 @@ def _product_shapes(target):
 
 
 def plan(target, *, method="auto", backend="vectorized", workers=None, kernels=None, batch=1,
-         engine_options=None) -> Plan:
+         engine_options=None, forward="sequential", forward_options=None) -> Plan:
     """Decide once what runs, and hold it: see :class:`Plan`.
 
     Parameters
@@ -253,8 +262,9 @@ def plan(target, *, method="auto", backend="vectorized", workers=None, kernels=N
     target : Chain, int, list of (kind, rows, cols), or list of matrices
         A chain (for ``plan.grad``) or the factors of a product (for
         ``plan.suffix_products`` / ``plan.product``).
-    method, backend, workers, kernels, engine_options
-        As in :func:`chainprod.grad`.
+    method, backend, workers, kernels, engine_options, forward, forward_options
+        As in :func:`chainprod.grad`; the forward pass (e.g. ``forward="deer"``)
+        is held like the method and runs on every gradient of the plan.
     batch : int
         The batch size the cost model plans for (a chain's ``auto`` on the
         numpy reference), >= 1.
@@ -267,4 +277,4 @@ def plan(target, *, method="auto", backend="vectorized", workers=None, kernels=N
         those of a chain of the same structure (after ``sgd_step``).
     """
     return Plan(target, method=method, backend=backend, workers=workers, kernels=kernels, batch=batch,
-                engine_options=engine_options)
+                engine_options=engine_options, forward=forward, forward_options=forward_options)
