@@ -8,7 +8,7 @@ GB)::
 
 Every cell is one training step's gradient of ``mse(y, target)`` for
 ``h_t = a * h_{t-1} + B u_t``, ``y_t = C h_t + D u_t`` with
-``d_in = d_out = d`` (the issue's "hidden d": square projections), float64:
+``d_in = d_out = d`` ("hidden d": square projections), float64:
 the forward pass, the loss and the gradients of ``a, B, C, D``. Rows:
 
 * ``chainprod``: ``cp.value_and_grad(layer, u, y, method="backprop")`` (the
