@@ -33,7 +33,7 @@ from .layers import Chain
 from .newton_models import CellLayer, ChainBody, DiagonalStates, lyapunov_exponent, split_chain
 from .newton_solve import METHODS, NewtonTrace, SolveOptions, solve
 from .recurrent import Recurrent
-from .recurrent_io import check_finite_states, read_sequence, read_state
+from .recurrent_io import check_finite_states, read_sequence
 from .ssm import DiagonalRecurrence
 from .ssm_grad import outputs, read_h0, read_u, to_layout
 from .tape import Tape, resolve_kernels
@@ -119,21 +119,6 @@ def _chain_newton(chain, x, opts, trace, init, kernels):
     return Tape(chain, x2, one, outputs, kernels=kernels, flat=flat)
 
 
-def _initial_states(model, h0, N):
-    """``(h0, c0)`` as ``(num_layers, N, H)`` (``c0`` None but for an LSTM), as the model's forward reads them."""
-    kw = dict(num_layers=model.num_layers, N=N, H=model.hidden_size, dtype=model.dtype)
-    if model.mode != "LSTM":
-        if isinstance(h0, tuple):
-            raise TypeError(f"h0: {model.mode} takes one initial state array, got a tuple (only an LSTM takes "
-                            "(h0, c0))")
-        return read_state(h0, name="h0", **kw)[0], None
-    if h0 is None:
-        h0 = (None, None)
-    if not (isinstance(h0, tuple) and len(h0) == 2):
-        raise TypeError("h0: an LSTM takes its initial state as a pair (h0, c0), as torch does, or None")
-    return read_state(h0[0], name="h0", **kw)[0], read_state(h0[1], name="c0", **kw)[0]
-
-
 def _recurrent_layers(model, u, h0, c0, opts, trace, init):
     """Per layer ``(u, X, Hs, Z)`` as the model's own pass keeps them (``(Hs, Z)`` a kernel set's), and ``c_T``."""
     T, N = u.shape[:2]
@@ -164,7 +149,7 @@ def _recurrent_layers(model, u, h0, c0, opts, trace, init):
 
 def _recurrent_newton(model, x, opts, trace, init, h0):
     u = read_sequence(x, input_size=model.input_size, batch_first=model.batch_first, dtype=model.dtype)
-    h0, c0 = _initial_states(model, h0, u.shape[1])
+    h0, _, c0, _ = model.initial_states(h0, u.shape[1])
     tape, last_c = _recurrent_layers(model, u, h0, c0, opts, trace, init)
     u = tape[-1][2]
     out = u.transpose(1, 0, 2).copy() if model.batch_first else u
@@ -406,7 +391,7 @@ def model_lyapunov(model, x, *, h0=None, seed=0):
         raise TypeError(f"model_lyapunov takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
                         f"{type(model).__name__}")
     u = read_sequence(x, input_size=model.input_size, batch_first=model.batch_first, dtype=model.dtype)
-    h0, c0 = _initial_states(model, h0, u.shape[1])
+    h0, _, c0, _ = model.initial_states(h0, u.shape[1])
     kern, H, p, best = get_recurrent_kernels("numpy"), model.hidden_size, model.params, -np.inf
     for layer in range(model.num_layers):
         W_hh = p[f"weight_hh_l{layer}"]

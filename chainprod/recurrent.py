@@ -209,7 +209,7 @@ class Recurrent:
         b = self._zero_bias if not self.bias else p[f"bias_hh_l{layer}"]
         return p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"], (p.get(f"bias_ih_l{layer}"), b)
 
-    def _states(self, h0, N):
+    def initial_states(self, h0, N):
         """``(h0, c0, h0's shape, c0's shape)``: each ``(num_layers, N, H)``, ``c0`` None but for the LSTM."""
         kw = dict(num_layers=self.num_layers, N=N, H=self.hidden_size, dtype=self.dtype)
         if self.mode != "LSTM":
@@ -273,7 +273,7 @@ class Recurrent:
         """
         kern = get_recurrent_kernels(resolve_kernels(kernels))
         u = read_sequence(x, input_size=self.input_size, batch_first=self.batch_first, dtype=self.dtype)
-        h0, _, c0, _ = self._states(h0, u.shape[1])
+        h0, _, c0, _ = self.initial_states(h0, u.shape[1])
         tape = self._run(u, h0, c0, kern)
         out = tape[-1][2]
         h_n = np.stack([t[2][-1] for t in tape])
@@ -307,7 +307,7 @@ class Recurrent:
         kern = get_recurrent_kernels(kern_name)
         u = read_sequence(x, input_size=self.input_size, batch_first=self.batch_first, dtype=self.dtype)
         T, N = u.shape[:2]
-        h0, h_shape, c0, c_shape = self._states(h0, N)
+        h0, h_shape, c0, c_shape = self.initial_states(h0, N)
         trace = make_trace(return_trace, backend, workers)
         tape, ftrace = gradient_tape(self, u, forward=forward, forward_options=forward_options, h0=(h0, c0),
                                      kernels=kern_name, backend=backend, workers=workers)
