@@ -237,33 +237,49 @@ def newton_forward(model, x, *, method="deer", schedule="auto", backend="vectori
         Within ``tol`` of the sequential pass; with ``return_trace`` a pair
         ``(result, trace)``.
     """
-    workers, tol, max_iter, damping = _check_args(method, schedule, backend, workers, tol, max_iter, damping,
-                                                  fallback)
     if method == "sequential":
         raise ValueError("newton_forward runs a Newton method; use chainprod.forward(..., method='sequential') "
                          f"for the sequential pass (methods: {', '.join(METHODS)})")
-    opts = SolveOptions(method, schedule, backend, workers, tol, max_iter, damping, engine_options)
-    trace = NewtonTrace(method, backend=getattr(backend, "name", backend), workers=workers)
-    try:
+
+    def run(opts, trace):
         if isinstance(model, Chain):
             if h0 is not None:
                 raise TypeError("h0 is for recurrent models; a Chain's input is x")
-            result = _chain_newton(model, x, opts, trace, init, kernels)
-        elif isinstance(model, Recurrent):
-            result = _recurrent_newton(model, x, opts, trace, init, h0)
-        elif isinstance(model, DiagonalRecurrence):
-            result = _ssm_newton(model, x, opts, trace, init, h0)
-        else:
-            raise TypeError(f"a Newton forward pass takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
-                            f"{type(model).__name__}")
+            return _chain_newton(model, x, opts, trace, init, kernels)
+        if isinstance(model, Recurrent):
+            return _recurrent_newton(model, x, opts, trace, init, h0)
+        if isinstance(model, DiagonalRecurrence):
+            return _ssm_newton(model, x, opts, trace, init, h0)
+        raise TypeError(f"a Newton forward pass takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
+                        f"{type(model).__name__}")
+
+    result, trace = _run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback,
+                                 engine_options)
+    if result is None:  # fell back: the trace says why
+        result = _sequential(model, x, h0, kernels, None)
+    return (result, trace) if return_trace else result
+
+
+def _run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options):
+    """``(run(opts, trace), trace)`` with the options checked; ``(None, trace)`` where ``fallback`` takes over.
+
+    The one place that says what ``fallback="sequential"`` means: a run that
+    does not converge, or meets a NaN or infinity, is marked in the trace
+    and handed back for the model's own sequential pass to finish.
+    """
+    workers, tol, max_iter, damping = _check_args(method, schedule, backend, workers, tol, max_iter, damping,
+                                                  fallback)
+    opts = SolveOptions(method, schedule, backend, workers, tol, max_iter, damping, engine_options)
+    trace = NewtonTrace(method, backend=getattr(backend, "name", backend), workers=workers)
+    try:
+        return run(opts, trace), trace
     except (ConvergenceError, NonFiniteError) as err:
         if fallback != "sequential":
             raise
         trace.fallback, trace.converged = True, False
         trace.note = (f"{method} stopped after {trace.iterations} iteration(s) ({first_line(err)}); the "
-                      "sequential pass finished the run (fallback='sequential')")
-        result = _sequential(model, x, h0, kernels, None)
-    return (result, trace) if return_trace else result
+                      "sequential pass ran instead (fallback='sequential')")
+        return None, trace
 
 
 def forward(model, x, *, method="sequential", kernels=None, packed=None, h0=None, return_trace=False, **newton):
@@ -340,29 +356,18 @@ def gradient_tape(model, x, *, method, h0=None, kernels=None, schedule="auto", b
     ``fallback="sequential"`` hands it to the model's own sequential pass
     (the trace says so); other options as in :func:`newton_forward`.
     """
-    workers, tol, max_iter, damping = _check_args(method, schedule, backend, workers, tol, max_iter, damping,
-                                                  fallback)
-    opts = SolveOptions(method, schedule, backend, workers, tol, max_iter, damping, engine_options)
-    trace = NewtonTrace(method, backend=getattr(backend, "name", backend), workers=workers)
-    try:
+    def run(opts, trace):
         if isinstance(model, Chain):
-            tape = _chain_newton(model, x, opts, trace, init, kernels)
-        elif isinstance(model, Recurrent):
-            tape = _recurrent_layers(model, x, h0[0], h0[1], opts, trace, init)[0]
-        elif isinstance(model, DiagonalRecurrence):
-            tape = solve(DiagonalStates(model.params["a"], (x @ model.params["B"].T), h0), opts, trace,
+            return _chain_newton(model, x, opts, trace, init, kernels)
+        if isinstance(model, Recurrent):
+            return _recurrent_layers(model, x, h0[0], h0[1], opts, trace, init)[0]
+        if isinstance(model, DiagonalRecurrence):
+            return solve(DiagonalStates(model.params["a"], (x @ model.params["B"].T), h0), opts, trace,
                          _read_init(init, x.shape[:2] + (model.d,), model.dtype, "time first: T, N, state d"))
-        else:
-            raise TypeError(f"a Newton forward pass takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
-                            f"{type(model).__name__}")
-    except (ConvergenceError, NonFiniteError) as err:
-        if fallback != "sequential":
-            raise
-        trace.fallback, trace.converged = True, False
-        trace.note = (f"{method} stopped after {trace.iterations} iteration(s) ({first_line(err)}); the "
-                      "sequential pass ran instead (fallback='sequential')")
-        return None, trace
-    return tape, trace
+        raise TypeError(f"a Newton forward pass takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
+                        f"{type(model).__name__}")
+
+    return _run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options)
 
 
 def model_lyapunov(model, x, *, h0=None, seed=0):

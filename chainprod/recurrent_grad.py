@@ -203,18 +203,20 @@ def scan_backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, *
     lstm = cell == "lstm"
     S = 2 * H if lstm else H
     J = state_jacobians(cell, W_hh, Hs, Z, h0, c0)
-    # reversed time: mu_s = lambda_{T-1-s} = J_{T-s}^T mu_{s-1} + g_{T-1-s}; A_0 meets the zero start, unused
-    A = np.zeros((T, N, S, S), Hs.dtype)
-    A[1:] = np.swapaxes(J[:0:-1], -1, -2)
+    # reversed time: mu_s = lambda_{T-1-s} = J_{T-s}^T mu_{s-1} + g_{T-1-s}, from mu_0 = g_{T-1} (+ the adjoint
+    # arriving from later): the transposes are views of J, which linear_recurrence copies into its blocks once
     G = np.zeros((T, N, S), Hs.dtype)
     G[:, :, :H] = dHs[::-1]
     if dhT is not None:
         G[0, :, :H] += dhT
     if lstm and dcT is not None:
         G[0, :, H:] += dcT
-    out = linear_recurrence(A, G, method=method, backend=backend, workers=workers,
-                            return_trace=trace if trace is not None else False, engine_options=engine_options)
-    lam = (out[0] if trace is not None else out)[::-1]
+    if T > 1:
+        out = linear_recurrence(np.swapaxes(J[:0:-1], -1, -2), G[1:], G[0], method=method, backend=backend,
+                                workers=workers, return_trace=trace if trace is not None else False,
+                                engine_options=engine_options)
+        G[1:] = out[0] if trace is not None else out
+    lam = G[::-1]
     lam_h, lam_c = lam[..., :H], (lam[..., H:] if lstm else None)
     dX, dgh = step_grads(cell, Hs, Z, h0, c0, lam_h, lam_c)
     GH = dgh.shape[2]
