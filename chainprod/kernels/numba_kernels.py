@@ -65,22 +65,11 @@ import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .._caches import register_cache
 from . import checks, crossover, numba_blas
-from .numba_layers import layer_forward, layer_vjp, next_row, product_step
-from .numba_rules import delta_rows, deriv_rows
-from .numba_runs import (
-    DENSE,
-    DIAG,
-    dense_backprop_run,
-    dense_run_start,
-    diag_backprop_run,
-    diag_forward_run,
-    diag_run_start,
-    diag_run_stop,
-)
+from . import numba_chain as loops
 
 __all__ = ["forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives", "all_finite",
            "precompile", "PARALLEL_MIN_WORK", "BLAS_SPEEDUP"]
@@ -92,220 +81,6 @@ PARALLEL_MIN_WORK = 1 << 18
 #: About how much faster a multiply-add is in BLAS than in the loops at the sizes where BLAS is
 #: chosen (measured 5-15x): a call in BLAS needs this many times ``PARALLEL_MIN_WORK`` to go parallel
 BLAS_SPEEDUP = 8
-
-# Kernels work on per-layer slices (views) of the flat arrays: a view carries its
-# length, which lets LLVM drop index arithmetic and vectorize the short inner
-# loops (measured ~2x faster than offset arithmetic on the flat arrays).
-
-# -- forward -------------------------------------------------------------------------------------
-@njit(cache=True, error_model="numpy")
-def _forward_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, N, n0, n1, cross):
-    """Samples ``n0..n1-1`` through every layer; returns the first non-finite layer or -1."""
-    bad = -1
-    nr = n1 - n0
-    L = kind.shape[0]
-    l = 0
-    while l < L:
-        din, dout = d_in[l], d_out[l]
-        if l > 0 and kind[l] == DIAG:  # a run of diagonal layers: one loop, no call per layer
-            l1 = diag_run_stop(kind, act, d_out, l)
-            k = diag_forward_run(act[l], dout, l1 - l, theta, p_off[l], Y, N * y_off[l] + n0 * dout, N, nr)
-            if bad < 0 and k >= 0:
-                bad = l + k
-            l = l1
-            continue
-        th = theta[p_off[l]:p_off[l + 1]]
-        y = Y[N * y_off[l] + n0 * dout:N * y_off[l] + n1 * dout]
-        if l == 0:  # two calls: x (read-only) and Y have different array types
-            chk = layer_forward(kind[0], act[0], din, dout, th, x[n0 * din:n1 * din], y, nr, cross)
-        else:
-            chk = layer_forward(kind[l], act[l], din, dout, th, Y[N * y_off[l - 1] + n0 * din:N * y_off[l - 1]
-                                                                  + n1 * din], y, nr, cross)
-        if bad < 0 and chk != 0:
-            bad = l
-        l += 1
-    return bad
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _forward_chunks(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, N, cross, nchunks):
-    bads = np.empty(nchunks, np.int64)
-    for c in prange(nchunks):
-        bads[c] = _forward_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, N,
-                                c * N // nchunks, (c + 1) * N // nchunks, cross)
-    bad = -1
-    for c in range(nchunks):
-        if bads[c] >= 0 and (bad < 0 or bads[c] < bad):
-            bad = bads[c]
-    return bad
-
-
-# -- backprop ------------------------------------------------------------------------------------
-@njit(cache=True, error_model="numpy")
-def _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, n0, n1, grads, row_in, width,
-                   cross):
-    """Backprop of samples ``n0..n1-1`` into ``grads``; returns the first bad layer (backward order).
-
-    The one backprop loop of both :func:`backprop` and :func:`backprop_with_row`. When
-    ``row_in`` is not empty (it is then ``(N, d_in[0])``, flat) its rows ``n0..n1-1``
-    receive ``v_{-1} = dloss/dx``: the step the loop would take after layer 0, with the
-    same helper as every other step, so the arithmetic of the gradients does not depend
-    on whether the row is kept.
-    """
-    L = kind.shape[0]
-    nr = n1 - n0
-    v = np.empty(nr * width, Y.dtype)  # v_l, then v_{l-1} in `vn` (ping-pong)
-    vn = np.empty(nr * width, Y.dtype)
-    delta = np.empty(nr * width, Y.dtype)
-    dL = d_out[L - 1]
-    v[:nr * dL] = cotangent[n0 * dL:n1 * dL]
-    bad = -1
-    l = L - 1
-    while l >= 0:
-        din, dout = d_in[l], d_out[l]
-        if l > 0 and kind[l] == DIAG:  # a run of diagonal layers (above layer 0): one loop, v updated in place
-            l0 = diag_run_start(kind, act, d_out, l, 1)
-            k = diag_backprop_run(act[l], dout, l - l0 + 1, theta, p_off[l0], Y, N * y_off[l0] + n0 * dout, N, nr,
-                                  v, grads)
-            if bad < 0 and k >= 0:
-                bad = l0 + k
-            l = l0 - 1
-            continue
-        if l > 0 and kind[l] == DENSE and din == dout and nr * din * dout < cross:
-            # a run of square dense layers on the loops: one call, delta and v reused in place
-            l0 = dense_run_start(kind, act, d_in, d_out, l, 1)  # one width: every product in the run is this small
-            k = dense_backprop_run(act[l], dout, l - l0 + 1, theta, p_off[l0], Y, N * y_off[l0] + n0 * dout, N, nr,
-                                   v, delta, grads)
-            if bad < 0 and k >= 0:
-                bad = l0 + k
-            l = l0 - 1
-            continue
-        y = Y[N * y_off[l] + n0 * dout:N * y_off[l] + n1 * dout]
-        chk = delta_rows(act[l], v, y, delta, nr * dout)
-        if bad < 0 and chk != 0:
-            bad = l
-        g = grads[p_off[l]:p_off[l + 1]]
-        th = theta[p_off[l]:p_off[l + 1]]
-        if l == 0:
-            layer_vjp(kind[0], din, dout, delta, x[n0 * din:n1 * din], nr, g, cross)
-            if row_in.shape[0] > 0:
-                next_row(kind[0], din, dout, th, delta, row_in[n0 * din:n1 * din], nr, cross)
-            break
-        layer_vjp(kind[l], din, dout, delta, Y[N * y_off[l - 1] + n0 * din:N * y_off[l - 1] + n1 * din], nr, g,
-                  cross)
-        next_row(kind[l], din, dout, th, delta, vn, nr, cross)
-        v, vn = vn, v
-        l -= 1
-    return bad
-
-
-@njit(cache=True, error_model="numpy")
-def _backprop_serial(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, grads, row_in, width, cross):
-    return _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, 0, N, grads, row_in,
-                          width, cross)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _backprop_chunks(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N, grads, row_in, width, cross,
-                     parts):
-    """One chunk of the batch per thread: chunk 0 into ``grads``, chunk ``c`` into ``parts[c-1]``, then the sum.
-
-    ``parts`` comes from the caller: memory first touched by two threads at once inside the region
-    was measured to cost more than the threads save on wide layers (26 ms against 14 ms at width 1024).
-    """
-    nchunks = parts.shape[0] + 1
-    bads = np.empty(nchunks, np.int64)
-    for c in prange(nchunks):  # each chunk writes its own rows of row_in: no reduction needed for it
-        g = grads if c == 0 else parts[c - 1]
-        bads[c] = _backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, N,
-                                 c * N // nchunks, (c + 1) * N // nchunks, g, row_in, width, cross)
-    for k in prange(grads.shape[0]):
-        s = grads[k]
-        for c in range(nchunks - 1):
-            s += parts[c, k]
-        grads[k] = s
-    return bads.max()  # highest index = first met going backward
-
-
-# -- the Jacobian product of the whole chain -----------------------------------------------------
-@njit(cache=True, error_model="numpy")
-def _product(kind, act, d_in, d_out, p_off, y_off, theta, Y, N, T, width, cross):
-    """``T[n] = A_{L-1} ... A_0`` for every sample ``n`` (``T`` flat, ``(N, d_out[L-1], d_in[0])``).
-
-    Formed from the output side (``M <- M diag(act'(y_l)) W_l``, layer ``L-1`` first), so
-    ``M`` is ``d_out[L-1]`` rows high throughout.
-    """
-    L = kind.shape[0]
-    dtop = d_out[L - 1]
-    M = np.empty(dtop * width, Y.dtype)
-    Mn = np.empty(dtop * width, Y.dtype)
-    scratch = np.empty(dtop * width, Y.dtype)
-    s = np.empty(width, Y.dtype)
-    d0 = d_in[0]
-    for n in range(N):
-        M[:dtop * dtop] = 0.0  # the identity of the chain's output width
-        for i in range(dtop):
-            M[i * dtop + i] = 1.0
-        for l in range(L - 1, -1, -1):
-            din, dout = d_in[l], d_out[l]
-            y = Y[N * y_off[l] + n * dout:N * y_off[l] + (n + 1) * dout]
-            product_step(kind[l], act[l], din, dout, theta[p_off[l]:p_off[l + 1]], y, M, Mn, s, scratch, dtop,
-                         cross)
-            M, Mn = Mn, M
-        T[n * dtop * d0:(n + 1) * dtop * d0] = M[:dtop * d0]
-
-
-# -- parameter gradients from given rows V -------------------------------------------------------
-@njit(cache=True, error_model="numpy")
-def _layer_grads_from_rows(l, kind, act, d_in, d_out, p_off, y_off, x, Y, V, N, grads, delta, cross):
-    """Layer ``l``'s gradient from ``V_l`` (``delta``: scratch of N*d_out); True when not finite."""
-    din, dout = d_in[l], d_out[l]
-    delta_rows(act[l], V[N * y_off[l]:N * y_off[l + 1]], Y[N * y_off[l]:N * y_off[l + 1]], delta, N * dout)
-    g = grads[p_off[l]:p_off[l + 1]]
-    if l == 0:
-        layer_vjp(kind[0], din, dout, delta, x, N, g, cross)
-    else:
-        layer_vjp(kind[l], din, dout, delta, Y[N * y_off[l - 1]:N * y_off[l]], N, g, cross)
-    zero = g.dtype.type(0.0)
-    chk = 0
-    for k in range(g.shape[0]):  # just written: in cache
-        chk += 1 if g[k] - g[k] != zero else 0
-    return chk != 0
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _param_grads_par(kind, act, d_in, d_out, p_off, y_off, x, Y, V, N, grads, width, cross, nchunks):
-    """``prange`` over contiguous chunks of layers (one scratch buffer per chunk, not per layer)."""
-    L = kind.shape[0]
-    flags = np.zeros(L, np.uint8)
-    for c in prange(nchunks):
-        delta = np.empty(N * width, Y.dtype)
-        for l in range(c * L // nchunks, (c + 1) * L // nchunks):
-            if _layer_grads_from_rows(l, kind, act, d_in, d_out, p_off, y_off, x, Y, V, N, grads, delta, cross):
-                flags[l] = 1
-    for l in range(L):
-        if flags[l]:
-            return l
-    return -1
-
-
-@njit(cache=True, error_model="numpy")
-def _param_grads_serial(kind, act, d_in, d_out, p_off, y_off, x, Y, V, N, grads, width, cross):
-    delta = np.empty(N * width, Y.dtype)
-    bad = -1
-    for l in range(kind.shape[0]):
-        if _layer_grads_from_rows(l, kind, act, d_in, d_out, p_off, y_off, x, Y, V, N, grads, delta, cross) \
-                and bad < 0:
-            bad = l
-    return bad
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _derivatives(act, d_out, y_off, Y, N, S):
-    for l in prange(act.shape[0]):
-        a, b = N * y_off[l], N * y_off[l + 1]
-        deriv_rows(act[l], Y[a:b], S[a:b], b - a)
-
 
 # -- public functions (contracts: chainprod.kernels.numpy_kernels) --------------------------------
 def _crossover(pc):
@@ -327,6 +102,10 @@ def _chunks(pc, N, cross):
     return T
 
 
+#: the context of a call whose products stay below BLAS: nothing to limit (reusable, made once)
+_UNLIMITED = contextlib.nullcontext(True)
+
+
 def _blas_threads(pc, rows, cross):
     """The context a call runs in: BLAS on one thread if the call's products (``rows`` high) reach it.
 
@@ -340,7 +119,7 @@ def _blas_threads(pc, rows, cross):
     serially, BLAS using its own threads.
     """
     if cross == crossover.NEVER or pc.max_product * rows < max(cross, numba_blas.BLAS_THREADS_MIN):
-        return contextlib.nullcontext(True)
+        return _UNLIMITED
     return numba_blas.one_blas_thread()
 
 
@@ -355,9 +134,9 @@ def forward(pc, x):
     nchunks = _chunks(pc, N, cross)
     with _blas_threads(pc, N, cross) as limited:
         if nchunks > 1 and limited:
-            bad = _forward_chunks(*args, cross, nchunks)
+            bad = loops.forward_chunks(*args, cross, nchunks)
         else:
-            bad = _forward_rows(*args, 0, N, cross)
+            bad = loops.forward_rows(*args, 0, N, cross)
     return Y, int(bad)
 
 
@@ -370,9 +149,9 @@ def _backprop(pc, x, Y, cotangent, keep_row):
     nchunks = _chunks(pc, N, args[-1])
     with _blas_threads(pc, N, args[-1]) as limited:
         if nchunks > 1 and limited:
-            bad = _backprop_chunks(*args, _scratch(nchunks - 1, pc.n_params, pc.dtype))
+            bad = loops.backprop_chunks(*args, _scratch(nchunks - 1, pc.n_params, pc.dtype))
         else:
-            bad = _backprop_serial(*args)
+            bad = loops.backprop_serial(*args)
     return grads, row_in.reshape(N, pc.width_in) if keep_row else None, int(bad)
 
 
@@ -436,7 +215,7 @@ def chunk_product(pc, Y, N):
     T = np.empty(N * pc.width_out * pc.width_in, pc.dtype)
     cross = _crossover(pc)
     with _blas_threads(pc, pc.width_out, cross):
-        _product(pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, Y, N, T, pc.max_width, cross)
+        loops.product(pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, Y, N, T, pc.max_width, cross)
     return T.reshape(N, pc.width_out, pc.width_in)
 
 
@@ -451,9 +230,9 @@ def param_grads(pc, x, Y, V):
     work = PARALLEL_MIN_WORK * (BLAS_SPEEDUP if pc.max_product * N >= cross else 1)
     with _blas_threads(pc, N, cross) as limited:
         if nchunks > 1 and N * pc.n_params >= work and limited:
-            bad = _param_grads_par(*args, nchunks)
+            bad = loops.param_grads_par(*args, nchunks)
         else:
-            bad = _param_grads_serial(*args)
+            bad = loops.param_grads_serial(*args)
     return grads, int(bad)
 
 
@@ -463,7 +242,7 @@ def derivatives(pc, Y):
     N = checks.batch_of_tape(pc, Y)
     Y = checks.tape(pc, Y, N)
     S = np.empty(Y.shape, pc.dtype)
-    _derivatives(pc.act, pc.d_out, pc.y_off, Y, N, S)
+    loops.derivatives(pc.act, pc.d_out, pc.y_off, Y, N, S)
     return S
 
 

@@ -72,22 +72,22 @@ class PackedChain:
     theta: np.ndarray
     y_off: np.ndarray
 
-    @property
+    @cached_property
     def n_params(self) -> int:
         """Length of ``theta`` (and of a flat gradient)."""
         return int(self.p_off[-1])
 
-    @property
+    @cached_property
     def width_in(self) -> int:
         """``d_0``, the chain's input width."""
         return int(self.d_in[0])
 
-    @property
+    @cached_property
     def width_out(self) -> int:
         """``d_L``, the chain's output width."""
         return int(self.d_out[-1])
 
-    @property
+    @cached_property
     def max_width(self) -> int:
         """The widest layer input or output (kernels size their work buffers by it)."""
         return int(max(self.d_in.max(), self.d_out.max()))
@@ -102,9 +102,14 @@ class PackedChain:
         dense = self.kind == KIND_CODES["dense"]
         return int((self.d_in[dense] * self.d_out[dense]).max()) if dense.any() else 0
 
+    @cached_property
+    def tape_rows(self) -> int:
+        """``y_off[L]``: the length of a flat tape per batch row."""
+        return int(self.y_off[-1])
+
     def tape_size(self, N: int) -> int:
         """Length of a flat tape ``Y`` (or ``V``) for a batch of ``N``."""
-        return int(N) * int(self.y_off[-1])
+        return int(N) * self.tape_rows
 
     def __repr__(self):
         n_diag = int(np.count_nonzero(self.kind == KIND_CODES["diag"]))
