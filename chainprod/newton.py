@@ -39,13 +39,15 @@ from .ssm_grad import outputs, read_h0, read_u, to_layout
 from .tape import Tape, resolve_kernels
 from .tape import forward as tape_forward
 
-__all__ = ["METHODS", "NewtonTrace", "forward", "newton_forward", "gradient_tape", "model_lyapunov"]
+__all__ = ["METHODS", "NewtonTrace", "forward", "newton_forward", "gradient_tape", "model_lyapunov",
+           "check_newton_args", "read_init", "run_guarded"]
 
 _SEQUENTIAL_ONLY_NOT = ("tol", "max_iter", "init", "damping", "fallback")
 
 
 # -- arguments -----------------------------------------------------------------------------------------
-def _check_args(method, schedule, backend, workers, tol, max_iter, damping, fallback):
+def check_newton_args(method, schedule, backend, workers, tol, max_iter, damping, fallback):
+    """``(workers, tol, max_iter, damping)`` checked (a ``ValueError`` naming the bad one); the others validated."""
     if not isinstance(method, str) or method not in ("sequential",) + METHODS:
         raise ValueError(f"method: unknown {method!r}; valid methods: {', '.join(('sequential',) + METHODS)}")
     scans = [s for s in valid_schedules() if s != "tree"]
@@ -75,7 +77,8 @@ def _check_args(method, schedule, backend, workers, tol, max_iter, damping, fall
     return workers, tol, max_iter, damping
 
 
-def _read_init(init, shape, dtype, what):
+def read_init(init, shape, dtype, what):
+    """``init`` as a finite array of ``shape`` and ``dtype`` (``what`` describes the shape in errors), or None."""
     if init is None:
         return None
     arr = as_float_array(init, "init", allow_nonfinite=True)
@@ -102,8 +105,8 @@ def _chain_newton(chain, x, opts, trace, init, kernels):
             per_layer.append(h)
         body = ChainBody(chain, start, stop, np.ascontiguousarray(h))
         shape = (body.n, N, body.S)
-        X = solve(body, opts, trace, _read_init(init, shape, chain.dtype, f"layers {start}..{stop - 1}, batch N, "
-                                                f"width {body.S}"))
+        X = solve(body, opts, trace, read_init(init, shape, chain.dtype, f"layers {start}..{stop - 1}, batch N, "
+                                               f"width {body.S}"))
         per_layer.extend(X)
         if body.n:
             h = X[-1]
@@ -127,8 +130,8 @@ def _recurrent_layers(model, u, h0, c0, opts, trace, init):
     inits = None
     if init is not None:
         shape = (L, T, N, S) if L > 1 or np.ndim(init) == 4 else (T, N, S)
-        inits = _read_init(init, shape, model.dtype, "time first: (num_layers,) T, N, state S = "
-                           + ("2H: (h, c)" if model.mode == "LSTM" else "H")).reshape(L, T, N, S)
+        inits = read_init(init, shape, model.dtype, "time first: (num_layers,) T, N, state S = "
+                          + ("2H: (h, c)" if model.mode == "LSTM" else "H")).reshape(L, T, N, S)
     tape, last_c, p = [], [], model.params
     for layer in range(L):
         W_ih, W_hh = p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"]
@@ -163,7 +166,7 @@ def _ssm_newton(layer, x, opts, trace, init, h0):
     h, _ = read_h0(layer, h0, N)
     Bu = (uu.reshape(T * N, layer.d_in) @ layer.params["B"].T).reshape(T, N, layer.d)
     states = solve(DiagonalStates(layer.params["a"], Bu, h), opts, trace,
-                   _read_init(init, (T, N, layer.d), layer.dtype, "time first: T, N, state d"))
+                   read_init(init, (T, N, layer.d), layer.dtype, "time first: T, N, state d"))
     return to_layout(layer, outputs(layer, uu, states))
 
 
@@ -253,22 +256,22 @@ def newton_forward(model, x, *, method="deer", schedule="auto", backend="vectori
         raise TypeError(f"a Newton forward pass takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
                         f"{type(model).__name__}")
 
-    result, trace = _run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback,
-                                 engine_options)
+    result, trace = run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback,
+                                engine_options)
     if result is None:  # fell back: the trace says why
         result = _sequential(model, x, h0, kernels, None)
     return (result, trace) if return_trace else result
 
 
-def _run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options):
+def run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options):
     """``(run(opts, trace), trace)`` with the options checked; ``(None, trace)`` where ``fallback`` takes over.
 
     The one place that says what ``fallback="sequential"`` means: a run that
     does not converge, or meets a NaN or infinity, is marked in the trace
     and handed back for the model's own sequential pass to finish.
     """
-    workers, tol, max_iter, damping = _check_args(method, schedule, backend, workers, tol, max_iter, damping,
-                                                  fallback)
+    workers, tol, max_iter, damping = check_newton_args(method, schedule, backend, workers, tol, max_iter,
+                                                        damping, fallback)
     opts = SolveOptions(method, schedule, backend, workers, tol, max_iter, damping, engine_options)
     trace = NewtonTrace(method, backend=getattr(backend, "name", backend), workers=workers)
     try:
@@ -363,11 +366,11 @@ def gradient_tape(model, x, *, method, h0=None, kernels=None, schedule="auto", b
             return _recurrent_layers(model, x, h0[0], h0[1], opts, trace, init)[0]
         if isinstance(model, DiagonalRecurrence):
             return solve(DiagonalStates(model.params["a"], (x @ model.params["B"].T), h0), opts, trace,
-                         _read_init(init, x.shape[:2] + (model.d,), model.dtype, "time first: T, N, state d"))
+                         read_init(init, x.shape[:2] + (model.d,), model.dtype, "time first: T, N, state d"))
         raise TypeError(f"a Newton forward pass takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
                         f"{type(model).__name__}")
 
-    return _run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options)
+    return run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options)
 
 
 def model_lyapunov(model, x, *, h0=None, seed=0):

@@ -17,7 +17,8 @@ from .errors import ConvergenceError, NonFiniteError
 from .newton_models import previous
 from .recurrence import linear_recurrence
 
-__all__ = ["METHODS", "DEFAULT_TOL", "MAX_ITER_CAP", "NewtonTrace", "SolveOptions", "residual", "solve"]
+__all__ = ["METHODS", "DEFAULT_TOL", "MAX_ITER_CAP", "NewtonTrace", "SolveOptions", "residual", "solve", "limits",
+           "first_damping", "next_damping", "rejected_damping", "not_converged"]
 
 #: the Newton methods (``"sequential"`` is the plain pass)
 METHODS = ("deer", "quasi_deer", "elk", "quasi_elk")
@@ -109,6 +110,47 @@ def residual(x, F):
     return float(np.max(np.abs(x - F))) / scale
 
 
+def limits(opts: SolveOptions, n, dtype):
+    """``(tol, max_iter)`` of a solve of ``n`` steps: the options' own, or the defaults of docs/newton.md."""
+    tol = DEFAULT_TOL[np.dtype(dtype)] if opts.tol is None else opts.tol
+    max_iter = min(n, MAX_ITER_CAP) if opts.max_iter is None else opts.max_iter
+    if opts.method.endswith("elk") and opts.max_iter is None:
+        max_iter = MAX_ITER_CAP  # damped steps do not reach the exact answer in n steps: no n bound
+    return tol, max_iter
+
+
+def first_damping(opts: SolveOptions, linear):
+    """``(adaptive, lam)`` of the first iteration (``lam`` 0 for the undamped methods)."""
+    elk = opts.method.endswith("elk")
+    adaptive = elk and opts.damping is None
+    # an affine problem is solved exactly by one undamped step: adaptive damping starts there at 0
+    lam = ((0.0 if linear else ELK_START) if adaptive else opts.damping) if elk else 0.0
+    return adaptive, lam
+
+
+def next_damping(lam, improved):
+    """Adaptive ``lam`` after an accepted step that lowered the residual (``improved``) or did not."""
+    if improved:
+        return lam / ELK_FACTOR if lam > 1e-3 else 0.0  # towards plain Newton as steps succeed
+    return min(max(lam * 2, ELK_START), ELK_MAX)
+
+
+def rejected_damping(lam):
+    """Adaptive ``lam`` after a rejected step (it overflowed)."""
+    return max(lam * ELK_FACTOR, ELK_START)
+
+
+def not_converged(method, res, k, tol, n, N, S, trace):
+    """The :class:`~chainprod.errors.ConvergenceError` of a solve stopped at ``max_iter = k`` (notes ``trace``)."""
+    trace.note = trace.note or f"{method}: not converged"
+    hint = ("raise max_iter, or start the damping higher (damping=...)" if method.endswith("elk") else
+            "try method='elk' or 'quasi_elk' (damping), a better init, or a larger max_iter")
+    return ConvergenceError(
+        f"{method} did not converge in {k} iteration(s): the scaled residual max|x - f(x)| / "
+        f"max(1, max|x|) is {res:.3g} > tol = {tol:.3g} ({n} steps, {N} lanes, state {S}); {hint}; "
+        "or pass fallback='sequential' to finish by the sequential pass", res, k, tol, trace)
+
+
 def _first_bad(a):
     ok = np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
     return -1 if ok.all() else int(np.flatnonzero(~ok)[0])
@@ -131,16 +173,11 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
     if n == 0:
         return x
     method = opts.method
-    quasi, elk = method.startswith("quasi"), method.endswith("elk")
+    quasi = method.startswith("quasi")
     diag = quasi or problem.diagonal
-    tol = DEFAULT_TOL[np.dtype(dtype)] if opts.tol is None else opts.tol
-    max_iter = min(n, MAX_ITER_CAP) if opts.max_iter is None else opts.max_iter
-    if elk and opts.max_iter is None:
-        max_iter = MAX_ITER_CAP  # damped steps do not reach the exact answer in n steps: no n bound
+    tol, max_iter = limits(opts, n, dtype)
     trace.tol, trace.max_iter = tol, max_iter
-    adaptive = elk and opts.damping is None
-    # an affine problem is solved exactly by one undamped step: adaptive damping starts there at 0
-    lam = ((0.0 if problem.linear else ELK_START) if adaptive else opts.damping) if elk else 0.0
+    adaptive, lam = first_damping(opts, problem.linear)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are reported with their step
         prev = previous(h0, x)
         F, point = problem.evaluate(prev)
@@ -153,13 +190,7 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
         k = 0
         while not res <= tol:
             if k == max_iter:
-                trace.note = trace.note or f"{method}: not converged"
-                hint = ("raise max_iter, or start the damping higher (damping=...)" if elk else
-                        "try method='elk' or 'quasi_elk' (damping), a better init, or a larger max_iter")
-                raise ConvergenceError(
-                    f"{method} did not converge in {max_iter} iteration(s): the scaled residual max|x - f(x)| / "
-                    f"max(1, max|x|) is {res:.3g} > tol = {tol:.3g} ({n} steps, {N} lanes, state {S}); {hint}; "
-                    "or pass fallback='sequential' to finish by the sequential pass", res, k, tol, trace)
+                raise not_converged(method, res, k, tol, n, N, S, trace)
             k += 1
             J = problem.jacobian(point, diag)
             Jx = J * prev if J.ndim == 3 else np.matmul(J, prev[..., None])[..., 0]
@@ -178,7 +209,7 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
                 t = err.layers[1] if err.layers else 0
                 if adaptive:
                     trace.record(solve_id, res, 0, lam, False)
-                    lam = max(lam * ELK_FACTOR, ELK_START)
+                    lam = rejected_damping(lam)
                     continue
                 raise NonFiniteError(
                     f"{method} iteration {k}: the linearised recurrence overflowed at {problem.where(t)} (a "
@@ -193,7 +224,7 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
             res_n = residual(xn, F_n) if t < 0 else np.inf
             if adaptive and t >= 0:
                 trace.record(solve_id, res, rounds, lam, False)  # rejected: the guess stays
-                lam = max(lam * ELK_FACTOR, ELK_START)
+                lam = rejected_damping(lam)
                 continue
             if t >= 0:
                 raise NonFiniteError(f"{method} iteration {k}: f is not finite at {problem.where(t)} (the iterate "
@@ -202,10 +233,7 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
             x, prev, F, point, res = xn, prev_n, F_n, point_n, res_n
             trace.record(solve_id, res, rounds, lam, True)
             if adaptive:
-                if res_n < res_prev:
-                    lam = lam / ELK_FACTOR if lam > 1e-3 else 0.0  # towards plain Newton as steps succeed
-                else:
-                    lam = min(max(lam * 2, ELK_START), ELK_MAX)
+                lam = next_damping(lam, res_n < res_prev)
     trace.converged = True
     return x
 

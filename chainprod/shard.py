@@ -21,7 +21,10 @@ worker. The top shard computes the loss and its cotangent and backprops its
 own chunk at once. Every shard then receives the row entering its chunk from
 above, in pipeline order (``method="backprop"``) or by a prefix scan over the
 shards' Jacobian products (:mod:`chainprod.shard_plan` says how, and which
-``method="auto"`` picks), and backprops its chunk from it.
+``method="auto"`` picks), and backprops its chunk from it. ``forward="deer"``
+(or another Newton method) finds the states entering the shards by Newton
+iterations, the chunks staying put (:mod:`chainprod.shard_newton`); every
+shard then runs its chunk forward from its own, all at once.
 
 Gradients stay on the workers; ``grads.gather()`` fetches them. SGD updates
 are sent with the next call each shard receives (the next step's forward,
@@ -41,7 +44,8 @@ step (replayed in this process); the next call, or
 this module.
 
 A step that fails (:class:`~chainprod.errors.DistributedTimeoutError`, a lost
-shard with the retries spent, an interrupt) did not happen: the parameters
+shard with the retries spent, a Newton pass that does not converge, an
+interrupt) did not happen: the parameters
 are those before it. Its calls may still run on the workers, so the
 gradients of the step before it are no longer trusted: ``sgd_step`` and
 ``gather`` with them raise ``ValueError`` (run ``value_and_grad`` again);
@@ -52,13 +56,12 @@ carries the attempt it belongs to).
 Where things live
 -----------------
 This module: :func:`shard`, :class:`ShardedModel` (placing the shards, a
-step's call graph, SGD updates, gathering), :class:`ShardedGrads` and
-:func:`measure_sharded_step`. :mod:`chainprod.shard_plan`: the pipeline or
-a scan across the shards (``method=``). :mod:`chainprod.shard_recovery`: the
-checkpoint, the replay log and the replacement of lost shards.
-:mod:`chainprod.shard_trace`: :class:`ShardTrace` (re-exported here) and how
-a step's reports fill it. The worker's side is
-:mod:`chainprod.executors.sharded_worker`.
+step's call graph, SGD updates, gathering), :class:`ShardedGrads`,
+:func:`measure_sharded_step`. ``shard_plan``: the pipeline or a scan across
+the shards (``method=``); ``shard_newton``: the Newton forward
+(``forward=``); ``shard_recovery``: checkpoint, replay log, replacing lost
+shards; ``shard_trace``: :class:`ShardTrace` (re-exported here). The
+worker's side: :mod:`chainprod.executors.sharded_worker`.
 """
 
 from __future__ import annotations
@@ -74,12 +77,14 @@ from ._validate import check_learning_rate, check_retries, check_timeout
 from .errors import DistributedError, NonFiniteError
 from .executors.distributed import Deadline, DistributedExecutor
 from .executors.sharded_worker import ShardLost, payload_bytes, shard_tables
+from .forward_methods import add_forward_note
 from .grad import LOSSES
 from .kernels import pack, unpack_grads
 from .layers import Chain
+from .shard_newton import sharded_newton
 from .shard_plan import check_batch, resolve_plan, submit_step
-from .shard_recovery import ShardRecovery
-from .shard_trace import ShardTrace, fill_trace
+from .shard_recovery import ShardRecovery, engine_class
+from .shard_trace import ShardTrace, check_finite, fill_trace
 from .tape import resolve_kernels
 
 __all__ = ["shard", "ShardedModel", "ShardedGrads", "ShardTrace", "measure_sharded_step"]
@@ -113,17 +118,6 @@ class ShardedGrads:
 
     def __repr__(self):
         return f"<ShardedGrads of step {self.step}, on {self._model.shards} shards>"
-
-
-def _engine_class(name):
-    # engine modules import Ray / Dask: only when a model is placed on them
-    if name == "ray":
-        from .executors.sharded_ray import RayShards
-
-        return RayShards
-    from .executors.sharded_dask import DaskShards
-
-    return DaskShards
 
 
 class ShardedModel:
@@ -178,7 +172,7 @@ class ShardedModel:
         self._specs = [dict(index=b, shards=P, first=s, tables=t, kernels=self.kernels,
                             losses=LOSSES if b == P - 1 else None)
                        for b, ((s, _), t) in enumerate(zip(self.bounds, self._tables))]
-        self._engine = _engine_class(executor.name)(executor, P)
+        self._engine = engine_class(executor.name)(executor, P)
         # checkpoint, replay log, pending updates and lost shards: all the state recovery needs
         self._recovery = ShardRecovery(self._engine, self._specs, [t.theta for t in self._tables], self.bounds,
                                        engine_name=executor.name, retries=retries)
@@ -226,7 +220,8 @@ class ShardedModel:
 
     # -- public API ---------------------------------------------------------------
     @_chainprod_errors_only
-    def value_and_grad(self, x, y=None, *, loss=None, method="auto", return_trace=False, timeout=None):
+    def value_and_grad(self, x, y=None, *, loss=None, method="auto", forward="sequential", forward_options=None,
+                       return_trace=False, timeout=None):
         """Loss and per-layer gradients of one step; gradients stay on the workers.
 
         Parameters
@@ -238,6 +233,10 @@ class ShardedModel:
             ``"backprop"`` (pipeline across shards), a scan name (``"sklansky"``,
             ``"brent_kung"``, ``"chunked"``, ...), a Schedule of length ``P-1``, or
             ``"auto"`` (a flop comparison, :func:`chainprod.shard_plan.auto_plan`).
+        forward, forward_options
+            ``"sequential"`` (the pipeline) or a Newton method (``"deer"``,
+            ``"quasi_deer"``, ``"elk"``, ``"quasi_elk"``: :mod:`chainprod.shard_newton`),
+            and a dict of ``tol``, ``max_iter``, ``damping``, ``fallback``, ``init``.
         return_trace : bool
             Also return the step's :class:`ShardTrace`.
         timeout : float, optional
@@ -259,13 +258,16 @@ class ShardedModel:
             A shard was lost and the retries are spent; names exactly the lost shards.
         NonFiniteError
             The forward or backward pass overflowed (names the layers).
+        ConvergenceError
+            The Newton forward pass did not converge (without ``fallback="sequential"``).
         """
         self._check_open()
         x2, y2, loss = check_batch(self._template, x, y, loss)
         plan = resolve_plan(method, self._tables, x2.shape[0])
+        newton = sharded_newton(self._template, self.bounds, forward, forward_options, x2.shape[0])
         deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
         trace = ShardTrace(backend=f"{self._executor.name}-sharded", workers=self.shards,
-                           method=plan if isinstance(plan, str) else plan.name)
+                           method=plan if isinstance(plan, str) else plan.name, forward=forward)
         if self.shards > 1 and not isinstance(plan, str):
             trace.schedule = plan
         t_start = time.perf_counter()
@@ -276,23 +278,14 @@ class ShardedModel:
             trace.bytes_moved += moved
             trace.checkpoint = True
         (reports, wall0, clock0, sent), more = rec.guarded(
-            lambda: self._run_step(x2, y2, loss, plan, deadline, trace), deadline)
+            lambda: self._run_step(x2, y2, loss, plan, deadline, trace, newton), deadline)
         trace.replaced = replaced + more
         trace.total_seconds = time.perf_counter() - t_start
         step = self.step + 1
         rec.complete(step, x2, reports)
         fill_trace(trace, reports, wall0, clock0, sent, self.shards)
-        bad_f = [r["bad_forward"] for r in reports.values() if r["bad_forward"] >= 0]
-        if bad_f:
-            raise NonFiniteError(f"the forward pass overflowed: the output of layer {min(bad_f)} is NaN or "
-                                 "infinite (inputs and parameters are finite)", (min(bad_f), min(bad_f)))
-        bad_b = [r["bad_backward"] for r in reports.values() if r["bad_backward"] >= 0]
-        if bad_b:
-            first = max(bad_b) + 1
-            L = len(self._template)
-            raise NonFiniteError(f"the backward pass produced a non-finite gradient: the product of the input "
-                                 f"Jacobians of layers {min(first, L - 1)}..{L - 1} (0-based) overflowed",
-                                 (min(first, L - 1), L - 1))
+        add_forward_note(trace, trace.newton)
+        check_finite(reports, len(self._template))
         value = float(reports[self.shards - 1]["loss"])
         grads = ShardedGrads(self, step)
         return (value, grads, trace) if return_trace else (value, grads)
@@ -349,12 +342,16 @@ class ShardedModel:
         self._recovery.restore(Deadline(self.timeout if timeout is None else check_timeout(timeout)))
 
     # -- a step ---------------------------------------------------------------------
-    def _run_step(self, x2, y2, loss, plan, deadline, trace):
+    def _run_step(self, x2, y2, loss, plan, deadline, trace, newton):
         eng, upd = self._engine, list(self._recovery.pending)
         self._recovery.start_step()
         wall0, clock0 = time.time(), trace.clock()
         sent = x2.nbytes + (0 if y2 is None else y2.nbytes)
-        finals, consumed = submit_step(eng, plan, self.step + 1, x2, y2, loss, upd)
+        states = None
+        if newton is not None:  # the states entering the shards, by Newton iterations (None: the pipeline)
+            states, trace.newton, moved, trace.newton_bytes = newton.run(eng, self.step + 1, x2, upd, deadline)
+            sent += moved + payload_bytes(states)
+        finals, consumed = submit_step(eng, plan, self.step + 1, x2, y2, loss, upd, states)
         reports = eng.reports(finals, deadline)
         if eng.reports_travel_with_values:
             sent += sum(payload_bytes(reports[b]) for b in consumed)
@@ -416,7 +413,7 @@ def shard(chain: Chain, executor, *, shards=None, kernels=None, retries=None, ti
 
 
 def measure_sharded_step(chain, x, y=None, *, shards=2, method="auto", backend="ray", loss=None, lr=1e-3,
-                         repeats=5, warmup=2, executor=None) -> dict:
+                         repeats=5, warmup=2, executor=None, forward="sequential", forward_options=None) -> dict:
     """Time one sharded training step (``value_and_grad`` + ``sgd_step``) of ``chain`` on ``x``.
 
     Opens ``chainprod.cluster(backend, workers=shards)`` unless an ``executor``
@@ -425,6 +422,7 @@ def measure_sharded_step(chain, x, y=None, *, shards=2, method="auto", backend="
     ``backward``, ``total`` (seconds, from the trace), ``compute`` (seconds
     with a shard computing), ``overhead`` (``total - compute``),
     ``bytes_moved``, ``rounds``; plus ``method`` (what ran) and ``shards``.
+    ``forward``, ``forward_options``: as :meth:`ShardedModel.value_and_grad` takes them.
     """
     from .executors import cluster
 
@@ -432,7 +430,8 @@ def measure_sharded_step(chain, x, y=None, *, shards=2, method="auto", backend="
         with shard(chain, ex, shards=shards) as model:
             rows = []
             for i in range(warmup + repeats):
-                _, g, tr = model.value_and_grad(x, y, loss=loss, method=method, return_trace=True)
+                _, g, tr = model.value_and_grad(x, y, loss=loss, method=method, forward=forward,
+                                                forward_options=forward_options, return_trace=True)
                 model.sgd_step(g, lr)
                 if i >= warmup:
                     rows.append(tr)

@@ -124,7 +124,7 @@ def auto_plan(tables, N):
     return sched if scan_path < backprop_path else "backprop"
 
 
-def submit_step(engine, plan, step, x, y, loss, updates):
+def submit_step(engine, plan, step, x, y, loss, updates, boundary=None):
     """Submit every call of one step on ``engine.P`` shards; nothing is waited for.
 
     Parameters
@@ -139,6 +139,10 @@ def submit_step(engine, plan, step, x, y, loss, updates):
         The batch, its targets (or None) and the loss name.
     updates : list of (seq, step, lr)
         Pending SGD updates, applied by each shard before its forward pass.
+    boundary : list of ndarray, optional
+        The state entering each shard ``1 .. P-1`` (a Newton forward pass
+        found them, :mod:`chainprod.shard_newton`): every shard runs its
+        chunk forward from its own at once instead of in pipeline order.
 
     Returns
     -------
@@ -150,7 +154,12 @@ def submit_step(engine, plan, step, x, y, loss, updates):
     P, eng = engine.P, engine
     finals, prev = {}, x
     for b in range(P - 1):
-        prev, _ = eng.call(b, "forward", step, prev, updates)
+        if boundary is None:
+            prev, _ = eng.call(b, "forward", step, prev, updates)
+        else:
+            eng.call(b, "forward", step, x if b == 0 else boundary[b - 1], updates, False)
+    if boundary is not None and P > 1:
+        prev = boundary[P - 2]
     top_row, finals[P - 1] = eng.call(P - 1, "forward_top", step, prev, updates, y, loss)
     consumed = set() if P == 1 else {P - 1}
     if P > 1 and (isinstance(plan, str) or P == 2):

@@ -36,7 +36,18 @@ import numpy as np
 from .errors import DistributedError
 from .executors.sharded_worker import ShardLost, ShardState
 
-__all__ = ["ShardRecovery"]
+__all__ = ["ShardRecovery", "engine_class"]
+
+
+def engine_class(name):
+    """The engine class of resident shards on ``"ray"`` or ``"dask"`` (imported only when a model is placed)."""
+    if name == "ray":
+        from .executors.sharded_ray import RayShards
+
+        return RayShards
+    from .executors.sharded_dask import DaskShards
+
+    return DaskShards
 
 
 def _max_abs(a) -> float:

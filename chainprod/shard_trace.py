@@ -3,18 +3,20 @@
 :class:`ShardTrace` is what ``ShardedModel.value_and_grad(...,
 return_trace=True)`` returns (:mod:`chainprod.shard`); :func:`fill_trace`
 turns the reports the shards sent at the end of a step (their events, the
-bytes they sent) into it. Nothing here talks to a worker: the step's call
+bytes they sent) into it, and :func:`check_finite` raises what they say
+overflowed. Nothing here talks to a worker: the step's call
 graph is in :mod:`chainprod.shard`, the worker's side in
 :mod:`chainprod.executors.sharded_worker`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .errors import NonFiniteError
 from .executors import Trace, TraceEvent
 
-__all__ = ["ShardTrace", "fill_trace", "union_seconds"]
+__all__ = ["ShardTrace", "fill_trace", "check_finite", "union_seconds"]
 
 
 @dataclass
@@ -43,6 +45,12 @@ class ShardTrace(Trace):
     checkpoint: bool = False
     #: shards replaced during this step
     replaced: tuple = ()
+    #: the forward pass that ran: "sequential" (the pipeline) or a Newton method (:mod:`chainprod.shard_newton`)
+    forward: str = "sequential"
+    #: the Newton pass's :class:`~chainprod.newton_solve.NewtonTrace` (iterations, residuals, fallback), or None
+    newton: object = None
+    #: bytes each Newton iteration moved, both ways (in ``bytes_moved`` too); independent of the depth
+    newton_bytes: list = field(default_factory=list)
 
     @property
     def rounds(self) -> int:
@@ -88,6 +96,23 @@ def fill_trace(trace: ShardTrace, reports: dict, wall0: float, clock0: float, se
     trace.forward_seconds = (t_top_forward if t_top_forward is not None else end) - clock0
     trace.backward_seconds = end - clock0 - trace.forward_seconds
     trace.compute_seconds = union_seconds([(e.start, e.end) for e in trace.events])
+
+
+def check_finite(reports: dict, L: int) -> None:
+    """Raise :class:`~chainprod.errors.NonFiniteError` if a shard's report says its forward or backward overflowed.
+
+    ``reports`` as :func:`fill_trace` takes them; ``L`` the model's number of layers (named in the error).
+    """
+    bad_f = [r["bad_forward"] for r in reports.values() if r["bad_forward"] >= 0]
+    if bad_f:
+        raise NonFiniteError(f"the forward pass overflowed: the output of layer {min(bad_f)} is NaN or "
+                             "infinite (inputs and parameters are finite)", (min(bad_f), min(bad_f)))
+    bad_b = [r["bad_backward"] for r in reports.values() if r["bad_backward"] >= 0]
+    if bad_b:
+        first = max(bad_b) + 1
+        raise NonFiniteError(f"the backward pass produced a non-finite gradient: the product of the input "
+                             f"Jacobians of layers {min(first, L - 1)}..{L - 1} (0-based) overflowed",
+                             (min(first, L - 1), L - 1))
 
 
 def union_seconds(intervals) -> float:

@@ -201,9 +201,10 @@ def test_a_plan_checks_its_forward_pass_when_made():
         cp.plan(16, method="sklansky", forward="deer")
 
 
-def test_sharded_models_take_no_forward_keyword():
-    # a Newton forward across shards is not built: Python's own refusal names the keyword
-    assert "forward" not in inspect.signature(cp.ShardedModel.value_and_grad).parameters
+def test_sharded_models_take_a_forward_keyword():
+    # the Newton forward across shards runs on Ray and Dask in tests/test_shard_newton.py
+    params = inspect.signature(cp.ShardedModel.value_and_grad).parameters
+    assert params["forward"].default == "sequential" and params["forward_options"].default is None
 
 
 def test_non_convergence_propagates_and_fallback_finishes_sequentially():

@@ -301,6 +301,10 @@ class DaskShards:
         """``{shard: report}`` of the report handles of :meth:`call`."""
         return {b: r.report for b, r in self.get(handles, deadline).items()}
 
+    def results(self, calls: dict, deadline):
+        """``{shard: (value, report)}`` of ``{shard: (value handle, report handle)}`` from :meth:`call`."""
+        return {b: (r.value, r.report) for b, r in self.get({b: c[0] for b, c in calls.items()}, deadline).items()}
+
     def _gone(self):
         """Shards whose worker is no longer in the cluster."""
         live = set(self._workers())

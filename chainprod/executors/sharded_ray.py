@@ -160,6 +160,12 @@ class RayShards:
         """``{shard: report}`` of the report handles of :meth:`call`."""
         return self.waited(handles, deadline)
 
+    def results(self, calls: dict, deadline):
+        """``{shard: (value, report)}`` of ``{shard: (value handle, report handle)}`` from :meth:`call`."""
+        values = self.waited({b: c[0] for b, c in calls.items()}, deadline)
+        reports = self.waited({b: c[1] for b, c in calls.items()}, deadline)
+        return {b: (values[b], reports[b]) for b in calls}
+
     def _dead(self, wait=2.0):
         """Shards whose actor is dead, found by a ping (a busy actor answers late: it is alive)."""
         pings = {b: a.pid.remote() for b, a in enumerate(self.actors) if a is not None}

@@ -15,6 +15,9 @@ product); ``report`` is ``None`` except on a shard's last call of a step,
 where it carries that step's trace events, the rows the shard consumed (the
 driver logs them so a lost shard can be rebuilt by replay), the loss and the
 largest gradient magnitude (the driver bounds an SGD update's result with it).
+The calls of a Newton forward pass (``newton_*``, the chunk's side in
+:mod:`chainprod.executors.sharded_newton`) report a small dict of numbers the
+driver decides by: the chunk's part of the residual, the first non-finite layer.
 
 The engines send every call through :meth:`ShardState.run`, which carries
 the driver's *epoch*: one number per attempt of a step or fetch. A call of an
@@ -40,13 +43,14 @@ import numpy as np
 
 from ..kernels import get_kernels
 from ..kernels.pack import PackedChain
+from .sharded_newton import ChunkNewton
 
 __all__ = ["ShardState", "ShardLost", "Reply", "CALLS", "payload_bytes", "shard_tables"]
 
 
 #: the calls :meth:`ShardState.run` accepts (everything a step, a fetch or a check sends)
 CALLS = frozenset({"forward", "forward_top", "product", "combine", "backward", "params", "gradients",
-                   "check_update"})
+                   "check_update", "newton_begin", "newton_map", "newton_update"})
 
 
 class ShardLost(Exception):
@@ -141,6 +145,8 @@ class ShardState:
         self._u_in = None
         self._bad = [-1, -1]
         self._loss = None
+        self._opened = None  # (step, epoch) whose bookkeeping the shard is keeping
+        self.newton = None  # the chunk's part of a Newton forward pass in progress
         log = list(log)
         for i, (step, x_in, u_in, updates) in enumerate(log):
             # a step changes theta only through its updates; the last one also
@@ -171,6 +177,12 @@ class ShardState:
             self.epoch = epoch
             return getattr(self, method)(*args)
 
+    def _open(self, step):
+        """Start the bookkeeping of ``step`` (events, bytes sent, flags) unless this attempt already did."""
+        if self._opened != (step, self.epoch):
+            self._opened = (step, self.epoch)
+            self._events, self._sent, self._bad, self._loss, self._u_in = [], 0, [-1, -1], None, None
+
     def _event(self, name, t0, rnd=-1):
         self._events.append((rnd, _where(), t0, time.time(), 0, f"s{self.index}.{name}"))
 
@@ -197,18 +209,24 @@ class ShardState:
             self.applied = seq
 
     # -- a training step --------------------------------------------------------
-    def forward(self, step, x_in, updates):
-        """Apply pending updates, run the chunk forward; returns the boundary activation ``(N, w)``."""
-        self._events, self._sent, self._bad, self._loss, self._u_in = [], 0, [-1, -1], None, None
+    def forward(self, step, x_in, updates, want_out=True):
+        """Apply pending updates, run the chunk forward; returns the boundary activation ``(N, w)``.
+
+        ``want_out=False``: returns None (the next shard's input came from
+        the driver: a Newton forward pass found it).
+        """
+        self._open(step)
+        self.newton = None  # a Newton pass before this one is done: its arrays can go
         t0 = time.time()
         self.apply(updates)
         self._forward(x_in)
         self._event("forward", t0)
-        return self._out(self._last_output().copy())
+        return self._out(self._last_output().copy() if want_out else None)
 
     def forward_top(self, step, x_in, updates, y, loss):
         """The top shard: forward, loss and its cotangent, backprop of the chunk; returns the row leaving it."""
-        self._events, self._sent, self._bad, self._loss, self._u_in = [], 0, [-1, -1], None, None
+        self._open(step)
+        self.newton = None
         t0 = time.time()
         self.apply(updates)
         self._forward(x_in)
@@ -247,6 +265,47 @@ class ShardState:
         row = self._backward(step, np.ascontiguousarray(u))
         self._event("backprop", t0)
         return self._out(row if want_row else None, final=True)
+
+    # -- a Newton forward pass (:mod:`chainprod.executors.sharded_newton`) ----------------
+    def newton_begin(self, step, x_in, updates, body, s_in, init):
+        """Apply pending updates and start the chunk's Newton pass at its initial guess.
+
+        ``body`` is ``(lo, hi)``, the chunk's solved layers; the first shard
+        takes the chain's input ``x_in`` (its first layer runs directly when
+        it is not solved), the others the guess ``s_in`` of the state entering
+        the chunk. Returns ``(value, residual parts)``: the first shard's value
+        is the state leaving its chunk at the guess.
+        """
+        self._open(step)
+        t0 = time.time()
+        self.apply(updates)
+        lo, hi = body
+        if self.index == 0:
+            s_in = np.ascontiguousarray(x_in)
+            if lo > 0:  # the first layer changes the width: its input is known, so it just runs
+                with np.errstate(over="ignore", invalid="ignore"):
+                    Y, _ = self.kernels.forward(shard_tables(self.pc, 0, lo), s_in)
+                s_in = Y[-s_in.shape[0] * int(self.pc.d_out[lo - 1]):].reshape(s_in.shape[0], -1)
+        self.newton = ChunkNewton(self.pc, lo, hi, self.first, s_in, init, fixed=self.index == 0)
+        parts = self.newton.begin_parts()
+        self._event("newton.begin", t0)
+        nw = self.newton
+        out = (nw.x[-1] if nw.n else nw.s).copy() if self.index == 0 else None
+        return self._out(out)[0], parts
+
+    def newton_map(self, quasi, lam, promote):
+        """Step 1 of an iteration (``ChunkNewton.linearize``); returns ``(map or state, info)``."""
+        t0 = time.time()
+        value, info = self.newton.linearize(quasi, lam, promote, want_map=not self.top)
+        self._event("newton.map", t0)
+        return self._out(value)[0], info
+
+    def newton_update(self, s_in):
+        """Step 2 of an iteration (``ChunkNewton.update``); returns ``(None, residual parts)``."""
+        t0 = time.time()
+        info = self.newton.update(s_in)
+        self._event("newton.update", t0)
+        return None, info
 
     # -- explicit fetches ---------------------------------------------------------
     def params(self, updates):
