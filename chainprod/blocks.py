@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .arrays import device_of, is_foreign, namespace
+
 __all__ = [
     "KINDS",
     "COMBINE",
@@ -282,7 +284,11 @@ class Diag:
         return (*s, s[-1]) if len(s) else s
 
     def todense(self) -> np.ndarray:
-        """The full matrix (or stack of matrices) this block stands for."""
+        """The full matrix (or stack of matrices) this block stands for, in the values' library and device."""
+        if is_foreign(self.values):  # torch / JAX / CuPy values: the matrix stays where they are
+            v = self.values
+            xp = namespace(v)
+            return v[..., :, None] * xp.eye(v.shape[-1], dtype=v.dtype, device=device_of(v))
         v = np.asarray(self.values)
         eye = np.eye(v.shape[-1], dtype=v.dtype)
         return v[..., :, None] * eye

@@ -16,8 +16,9 @@ import warnings
 
 import numpy as np
 
-from . import backward_compiled, backward_numpy, backward_remote
+from . import array_grad, backward_compiled, backward_numpy, backward_remote
 from ._validate import as_float_array, check_workers, renamed_argument
+from .arrays import is_foreign
 from .autotune import COMPILED_BACKENDS, choose_method
 from .cost import AUTO, remote_auto, valid_schedules
 from .errors import NonFiniteError  # also re-exported for users of chainprod.grad
@@ -319,6 +320,10 @@ def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend
         return hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
                     return_trace=return_trace, engine_options=engine_options, kernels=kernels, h0=h0,
                     with_inputs=with_inputs, **_forward_kw(forward, forward_options))
+    if is_foreign(x, y):  # torch, JAX or CuPy arrays: computed in their own library, on their device
+        return array_grad.value_and_grad(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
+                                         return_trace=return_trace, engine_options=engine_options, kernels=kernels,
+                                         forward=forward, forward_options=forward_options)
     tape, ftrace = chain_tape(chain, x, kernels=kernels, forward=forward, forward_options=forward_options,
                               backend=backend, workers=workers)
     value, cotangent = _loss(tape, y, loss, True)
@@ -360,7 +365,9 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         backprop on the driver where the cost model predicts no plan on the
         cluster beats it (``trace.note`` says which, and why).
     backend : str
-        Executor: ``"vectorized"``, ``"serial"``, ``"threads"``, ``"ray"``, ``"dask"``.
+        Executor: ``"vectorized"``, ``"serial"``, ``"threads"``, ``"ray"``, ``"dask"``; ``"array"``,
+        the default for a torch, JAX or CuPy ``x``, computed in its library and on its device
+        (:mod:`chainprod.array_grad`: gradients and the value, a 0-d array, come back in it).
     workers : int, optional
         Worker count ``P`` for parallel executors and ``chunked``/``auto``.
     return_trace : bool or Trace
@@ -409,6 +416,11 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         out = hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
                    return_trace=return_trace, engine_options=engine_options, kernels=kernels, h0=h0,
                    with_inputs=with_inputs, **_forward_kw(forward, forward_options))
+        return out[1:] if return_trace else out[1]
+    if is_foreign(x, y):  # torch, JAX or CuPy arrays: computed in their own library, on their device
+        out = array_grad.value_and_grad(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
+                                        return_trace=return_trace, engine_options=engine_options, kernels=kernels,
+                                        forward=forward, forward_options=forward_options)
         return out[1:] if return_trace else out[1]
     tape, ftrace = chain_tape(chain, x, kernels=kernels, forward=forward, forward_options=forward_options,
                               backend=backend, workers=workers)

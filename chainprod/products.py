@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._validate import as_float_array, check_workers
+from .array_inputs import all_finite, array_backend, chain_break, check_finite_stack, read_array_blocks, reverse
+from .arrays import is_foreign, library_of
 from .blocks import BlockSeq, Diag, Segment
 from .cost import resolve_schedule
 from .errors import NonFiniteError
@@ -27,8 +29,12 @@ def read_blocks(mats, what="mats"):
 
     Cheap per-item checks (kind, dtype, shape) in one pass; the value checks
     (finite) run once per stacked segment, so a list of thousands of small
-    matrices costs one stacking copy, not thousands of validations.
+    matrices costs one stacking copy, not thousands of validations. torch,
+    JAX and CuPy arrays (and ``Diag`` of them) are read in their library and
+    on their device (:func:`chainprod.array_inputs.read_array_blocks`).
     """
+    if is_foreign(mats):
+        return read_array_blocks(mats, what)
     if isinstance(mats, np.ndarray) and mats.ndim >= 3 and mats.dtype != object:
         return _read_stacked(mats, what)
     if not isinstance(mats, (list, tuple)):
@@ -68,11 +74,7 @@ def read_blocks(mats, what="mats"):
     for k in range(1, len(items)):
         (r_prev, c_prev), (r, c) = shapes[k - 1], shapes[k]
         if c != r_prev:
-            raise ValueError(
-                f"shapes do not chain at {what}[{k}]: {what}[{k}] is {r}x{c} but {what}[{k - 1}] is "
-                f"{r_prev}x{c_prev}; out[k] = {what}[L-1] @ ... @ {what}[k] needs {what}[k].shape[-1] == "
-                f"{what}[k-1].shape[-2]"
-            )
+            raise ValueError(chain_break(what, k, r, c, r_prev, c_prev))
     # Scan order: position p holds mats[L-1-p]; group runs of one kind and shape.
     L = len(items)
     segments = []
@@ -87,7 +89,7 @@ def read_blocks(mats, what="mats"):
         stack = np.empty((q - p, N, *block_shape), dtype=first.dtype)
         for i in range(p, q):
             stack[i - p] = items[L - 1 - i][1]  # broadcasts an unbatched block over the batch
-        _check_finite_stack(stack, [L - 1 - i for i in range(p, q)], what + ("" if kind == "dense" else "|Diag"))
+        check_finite_stack(stack, [L - 1 - i for i in range(p, q)], what + ("" if kind == "dense" else "|Diag"))
         segments.append(Segment(kind, stack))
         p = q
     return BlockSeq(segments, owned=True), batched
@@ -103,16 +105,6 @@ def _cheap_array(m, what, ndim):
     return a
 
 
-def _check_finite_stack(stack, indices, what):
-    ok = np.isfinite(stack.reshape(stack.shape[0], -1)).all(axis=1)
-    if not ok.all():
-        i = int(np.flatnonzero(~ok)[0])
-        name, _, tag = what.partition("|")
-        where = tuple(int(v) for v in np.argwhere(~np.isfinite(stack[i]))[0])
-        raise ValueError(f"{name}[{indices[i]}]{' (' + tag + ')' if tag else ''}: contains NaN or infinity "
-                         f"(first at index {where} of its (batch, ...) block)")
-
-
 def _read_stacked(mats, what, scan_order=False):
     """A stacked ``(L, r, c)`` or batched ``(L, N, r, c)`` array: one check, one copy in scan order.
 
@@ -125,7 +117,7 @@ def _read_stacked(mats, what, scan_order=False):
     batched = a.ndim == 4
     a = a if batched else a[:, None]
     stack = a if scan_order else np.ascontiguousarray(a[::-1])
-    _check_finite_stack(stack, list(range(L - 1, -1, -1)), what)
+    check_finite_stack(stack, list(range(L - 1, -1, -1)), what)
     return BlockSeq([Segment("dense", stack)], owned=True), batched
 
 
@@ -142,9 +134,13 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
         (unbatched ones are broadcast over the batch). Wrap the diagonal of a
         diagonal block in :class:`chainprod.Diag` (``(d,)`` or ``(N, d)``):
         products of diagonal blocks stay diagonal and come back as ``Diag``.
-        Inputs are never modified.
+        torch tensors, JAX arrays and CuPy arrays (one library per call) are
+        computed on their device and the products come back in their library,
+        device and dtype. Inputs are never modified.
     method, backend, workers, return_trace, engine_options
-        As in :func:`grad`.
+        As in :func:`grad`. Foreign arrays run on ``backend="array"`` (the
+        default for them); another built-in backend given for them is a
+        ``TypeError``.
 
     Returns
     -------
@@ -152,6 +148,7 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
         ``L`` arrays (or ``Diag``), unbatched if every input was.
     """
     seq, batched = read_blocks(mats)
+    backend = _route(backend, seq)
     workers = check_workers(workers)
     L = len(seq)
     sched = resolve_schedule(method, L, workers=workers, blocks=seq, backend=backend)
@@ -168,7 +165,7 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
     stacked = result.stack()
     if stacked is not None:  # one shape: views of one array, made in C
         kind, arr = stacked
-        arr = arr[::-1] if batched else arr[::-1, 0]
+        arr = reverse(arr if batched else arr[:, 0])
         out = list(arr) if kind != "diag" else [Diag(a) for a in arr]
     else:
         out = [None] * L
@@ -180,8 +177,13 @@ def suffix_products(mats, *, method="auto", backend="vectorized", workers=None, 
 
 
 def product(mats, *, method="tree", backend="vectorized", workers=None, engine_options=None):
-    """The total product ``mats[L-1] @ ... @ mats[0]`` (Q3's balanced tree by default)."""
+    """The total product ``mats[L-1] @ ... @ mats[0]`` (Q3's balanced tree by default).
+
+    Inputs and backends as in :func:`suffix_products`: foreign arrays give a
+    result of their library, device and dtype.
+    """
     seq, batched = read_blocks(mats)
+    backend = _route(backend, seq)
     sched = resolve_schedule(method, len(seq), workers=workers, blocks=seq, backend=backend)
     if sched.outputs[-1] < 0:
         raise ValueError(f"schedule {sched.name!r} does not produce the total product")
@@ -194,6 +196,12 @@ def product(mats, *, method="tree", backend="vectorized", workers=None, engine_o
     return Diag(a) if kind == "diag" else a
 
 
+def _route(backend, seq):
+    """The backend for blocks of ``seq``'s library (see :func:`chainprod.array_inputs.array_backend`)."""
+    like = seq.segments[0].array
+    return array_backend(backend, library_of(like)) if is_foreign(like) else backend
+
+
 def _executor(backend, engine_options):
     """The executor, with ``engine_options`` checked first (a clear error, never a raw keyword clash)."""
     executor = get_executor(backend)
@@ -204,7 +212,7 @@ def _executor(backend, engine_options):
 
 def _check_finite(result, L, only_last=False):
     if only_last:
-        bad = None if np.all(np.isfinite(result.block(L - 1)[1])) else L - 1
+        bad = None if all_finite(result.block(L - 1)[1]) else L - 1
     else:
         bad = result.first_nonfinite()
     if bad is not None:

@@ -21,6 +21,8 @@ import time
 import numpy as np
 
 from ._validate import as_float_array, check_workers
+from .array_inputs import all_finite, array_backend, float_array, nonfinite_index
+from .arrays import common_library, device_of, dtype_name, is_foreign, namespace, to_numpy
 from .blocks import BlockSeq, Diag, Segment
 from .cost import AUTO, LOCAL_BACKENDS, resolve_schedule
 from .errors import NonFiniteError
@@ -57,20 +59,26 @@ def linear_recurrence(A, b, h0=None, *, method="auto", backend="vectorized", wor
         sequential one on a local backend, the plain loop runs instead.
     backend, workers, return_trace, engine_options
         As in :func:`chainprod.suffix_products`. ``workers`` is ignored by
-        the plain loop.
+        the plain loop. torch tensors, JAX arrays and CuPy arrays (all
+        inputs of one library) run on ``backend="array"`` (the default for
+        them) on their device; there ``"sequential"`` is the sequential
+        schedule run by that executor, not the numpy loop.
 
     Returns
     -------
-    numpy.ndarray
+    array
         The states, ``(T, N, d)`` when any of ``A``, ``b``, ``h0`` has a
         batch axis, else ``(T, d)`` (shaped like ``b`` whenever ``b``
-        carries the batch), in the inputs' dtype; with ``return_trace``, a
-        pair ``(states, trace)``. The inputs are never modified.
+        carries the batch), in the inputs' library, device and dtype (a
+        numpy array for numpy inputs); with ``return_trace``, a pair
+        ``(states, trace)``. The inputs are never modified.
 
     Raises
     ------
     TypeError
-        A dtype other than float32 / float64, or inputs of different dtypes.
+        A dtype other than float32 / float64, inputs of different dtypes or
+        of different array libraries, or a numpy-only backend (``"serial"``,
+        ``"threads"``, ``"ray"``, ``"dask"``) given for torch / JAX / CuPy inputs.
     ValueError
         Shapes that do not fit (the message names the argument, its shape
         and what was expected), a NaN or infinity in ``A`` or ``b`` (the
@@ -96,6 +104,8 @@ def linear_recurrence(A, b, h0=None, *, method="auto", backend="vectorized", wor
     >>> cp.linear_recurrence(cp.Diag(a), np.ones((4, 2)), method="sklansky")[:, 0].tolist()
     [1.0, 1.5, 1.75, 1.875]
     """
+    library = common_library({"A": A.values if isinstance(A, Diag) else A, "b": b, "h0": h0})
+    backend = array_backend(backend, library)
     inp = _read(A, b, h0)
     workers = check_workers(workers)
     if not isinstance(method, str):
@@ -105,10 +115,12 @@ def linear_recurrence(A, b, h0=None, *, method="auto", backend="vectorized", wor
     if engine_options:
         executor.check_options(engine_options)  # also on the loop's path: never ignored in silence
     trace = make_trace(return_trace, backend, workers)
+    blocks = _array_blocks(inp) if inp.foreign else None  # real blocks: auto looks at their device
     if method == "sequential" and local:
         sched = None
     else:
-        sched = resolve_schedule(method, inp.T + 1, workers=workers, blocks=_shapes(inp), backend=backend)
+        shapes = blocks if blocks is not None else _shapes(inp)
+        sched = resolve_schedule(method, inp.T + 1, workers=workers, blocks=shapes, backend=backend)
         if not sched.is_scan:
             raise ValueError(f"schedule {sched.name!r} computes only the total product, not every state; use "
                              "'sequential', 'auto' or a scan schedule such as 'sklansky' or 'brent_kung'")
@@ -120,7 +132,8 @@ def linear_recurrence(A, b, h0=None, *, method="auto", backend="vectorized", wor
         if sched is None:
             states = _loop(inp, trace)
         else:
-            states = _scan(inp, sched, executor, workers, trace, engine_options)
+            blocks = blocks if blocks is not None else _blocks(inp)
+            states = _scan(inp, blocks, sched, executor, workers, trace, engine_options)
     _check_states(states, sched)
     states = states if inp.batched else states[:, 0]
     return (states, trace) if return_trace else states
@@ -133,6 +146,7 @@ class _Inputs:
         self.diag, self.A, self.b, self.h0 = diag, A, b, h0
         self.T, self.N, self.d, self.batched = T, N, d, batched
         self.dtype = b.dtype
+        self.foreign = is_foreign(b)
         # batch axis present on A / b (else one value broadcast over the batch)
         self.A_batched = A.ndim == (3 if diag else 4)
         self.b_batched = b.ndim == 3
@@ -140,6 +154,8 @@ class _Inputs:
 
 def _array(x, what):
     """``x`` as a float array; a list of steps with one odd shape is reported by its step."""
+    if is_foreign(x):
+        return float_array(x, what, allow_nonfinite=True)
     if isinstance(x, (list, tuple)) and x:
         first = np.shape(x[0])
         for t, item in enumerate(x):
@@ -149,60 +165,75 @@ def _array(x, what):
     return as_float_array(x, what, allow_nonfinite=True)
 
 
+def _shape(x) -> tuple:
+    """A shape as a plain tuple of ints (torch's ``Size`` prints otherwise), for messages."""
+    return tuple(int(n) for n in x.shape)
+
+
 def _read(A, b, h0) -> _Inputs:
     diag = isinstance(A, Diag)
     what_A = "A (chainprod.Diag values)" if diag else "A"
     a = _array(A.values if diag else A, what_A)
     bb = _array(b, "b")
+    sa, sb = _shape(a), _shape(bb)
     if a.ndim not in ((2, 3) if diag else (3, 4)):
-        raise ValueError(f"{what_A}: expected {_EXPECTED_A}; got shape {a.shape}")
+        raise ValueError(f"{what_A}: expected {_EXPECTED_A}; got shape {sa}")
     if bb.ndim not in (2, 3):
-        raise ValueError(f"b: expected shape (T, d) or (T, N, d), got {bb.shape}")
-    T, d = bb.shape[0], bb.shape[-1]
-    if a.shape[0] != T:
-        raise ValueError(f"A has T={a.shape[0]} steps (shape {a.shape}) but b has T={T} (shape {bb.shape}): "
+        raise ValueError(f"b: expected shape (T, d) or (T, N, d), got {sb}")
+    T, d = sb[0], sb[-1]
+    if sa[0] != T:
+        raise ValueError(f"A has T={sa[0]} steps (shape {sa}) but b has T={T} (shape {sb}): "
                          "A and b need one entry per step")
     if a.dtype != bb.dtype:
-        raise TypeError(f"A is {a.dtype} but b is {bb.dtype}: pass A, b and h0 in one dtype (float32 or float64)")
+        raise TypeError(f"A is {dtype_name(a.dtype)} but b is {dtype_name(bb.dtype)}: pass A, b and h0 in one "
+                        "dtype (float32 or float64)")
     want = (d,) if diag else (d, d)
-    if a.shape[-len(want):] != want:
+    if sa[-len(want):] != want:
         raise ValueError(f"{what_A}: each step must be {'a vector (d,)' if diag else 'a matrix (d, d)'} with d = "
-                         f"{d} (from b of shape {bb.shape}), got shape {a.shape}")
+                         f"{d} (from b of shape {sb}), got shape {sa}")
     batches = {}  # who carries a batch axis, and its size
     if a.ndim == (3 if diag else 4):
-        batches["A"] = (a.shape[1], a.shape)
+        batches["A"] = (sa[1], sa)
     if bb.ndim == 3:
-        batches["b"] = (bb.shape[1], bb.shape)
+        batches["b"] = (sb[1], sb)
     h = None
     if h0 is not None:
-        h = as_float_array(h0, "h0", allow_nonfinite=True)
-        if h.ndim not in (1, 2) or h.shape[-1] != d:
+        h = float_array(h0, "h0", allow_nonfinite=True)
+        sh = _shape(h)
+        if h.ndim not in (1, 2) or sh[-1] != d:
             raise ValueError(f"h0: expected shape (d,) = ({d},) or (N, d) with d = {d} (from b of shape "
-                             f"{bb.shape}), got {h.shape}")
+                             f"{sb}), got {sh}")
         if h.dtype != bb.dtype:
-            raise TypeError(f"h0 is {h.dtype} but b is {bb.dtype}: pass A, b and h0 in one dtype")
+            raise TypeError(f"h0 is {dtype_name(h.dtype)} but b is {dtype_name(bb.dtype)}: pass A, b and h0 in "
+                            "one dtype")
         if h.ndim == 2:
-            batches["h0"] = (h.shape[0], h.shape)
+            batches["h0"] = (sh[0], sh)
     sizes = {n for n, _ in batches.values()}
     if len(sizes) > 1:
         said = ", ".join(f"{k} has N={n} (shape {s})" for k, (n, s) in batches.items())
         raise ValueError(f"batch sizes differ: {said}; every batched input needs the same N")
     N = sizes.pop() if sizes else 1
     _check_steps(a, what_A, bb)
-    if h is not None and not np.isfinite(h).all():
-        bad = tuple(int(i) for i in np.argwhere(~np.isfinite(h))[0])
-        raise ValueError(f"h0: contains NaN or infinity (first at index {bad} of shape {h.shape})")
-    h = np.zeros((N, d), bb.dtype) if h is None else np.broadcast_to(h, (N, d))
+    if h is not None:
+        bad = nonfinite_index(h)
+        if bad is not None:
+            raise ValueError(f"h0: contains NaN or infinity (first at index {bad} of shape {_shape(h)})")
+    if is_foreign(bb):
+        xp = namespace(bb)
+        h = xp.zeros((N, d), dtype=bb.dtype, device=device_of(bb)) if h is None else xp.broadcast_to(h, (N, d))
+    else:
+        h = np.zeros((N, d), bb.dtype) if h is None else np.broadcast_to(h, (N, d))
     return _Inputs(diag, a, bb, h, T, N, d, bool(batches))
 
 
 def _check_steps(a, what_A, b):
     """A NaN or infinity in ``A`` or ``b``: the first step ``t`` that holds one, and where in it."""
+    if all_finite(a) and all_finite(b):
+        return
+    a, b = to_numpy(a), to_numpy(b)  # the failing case only: read back to say where
     T = b.shape[0]
     bad_a = ~np.isfinite(a.reshape(T, -1)).all(axis=1)
     bad_b = ~np.isfinite(b.reshape(T, -1)).all(axis=1)
-    if not (bad_a.any() or bad_b.any()):
-        return
     t = int(np.flatnonzero(bad_a | bad_b)[0])
     name, arr = (what_A, a) if bad_a[t] else ("b", b)
     where = tuple(int(i) for i in np.argwhere(~np.isfinite(arr[t]))[0])
@@ -241,15 +272,31 @@ def _blocks(inp) -> BlockSeq:
     return BlockSeq([Segment("affine", head), Segment(_body_kind(inp), body)], owned=True)
 
 
-def _scan(inp, sched, executor, workers, trace, engine_options):
-    result = executor.run(sched, _blocks(inp), workers=workers, trace=trace, **(engine_options or {}))
+def _array_blocks(inp) -> BlockSeq:
+    """:func:`_blocks` for torch / JAX / CuPy inputs: new arrays in their library, on their device.
+
+    Built by ``stack`` and ``concat`` (never a view of an input, and no
+    in-place write, which JAX arrays do not allow).
+    """
+    xp = namespace(inp.b)
+    T, N, d = inp.T, inp.N, inp.d
+    head = xp.stack([inp.h0])[..., None]  # (1, N, d, 1), a copy: the executor may write into it
+    A = xp.broadcast_to(inp.A if inp.A_batched else inp.A[:, None], (T, N, d) if inp.diag else (T, N, d, d))
+    b = xp.broadcast_to(inp.b if inp.b_batched else inp.b[:, None], (T, N, d))
+    body = xp.concat([A, b], axis=-1) if inp.diag else xp.concat([A, b[..., None]], axis=-1)
+    return BlockSeq([Segment("affine", head), Segment(_body_kind(inp), body)], owned=True)
+
+
+def _scan(inp, blocks, sched, executor, workers, trace, engine_options):
+    result = executor.run(sched, blocks, workers=workers, trace=trace, **(engine_options or {}))
     # position 0 is the head (h0) and position t + 1 the constant map h -> h_t, stored as (N, d, 1)
     stacked = result.stack()
     if stacked is not None:
         arr = stacked[1][1:]
     else:
-        arr = np.stack([result.block(p)[1] for p in range(1, inp.T + 1)])
-    return np.ascontiguousarray(arr[..., 0])
+        parts = [result.block(p)[1] for p in range(1, inp.T + 1)]
+        arr = namespace(parts[0]).stack(parts) if inp.foreign else np.stack(parts)
+    return arr[..., 0] if inp.foreign else np.ascontiguousarray(arr[..., 0])
 
 
 def _loop(inp, trace):
@@ -275,10 +322,11 @@ def _loop(inp, trace):
 
 
 def _check_states(states, sched):
+    if all_finite(states):
+        return
+    states = to_numpy(states)  # the failing case only: read back to say where
     T = states.shape[0]
     ok = np.isfinite(states.reshape(T, -1)).all(axis=1)
-    if ok.all():
-        return
     t = int(np.flatnonzero(~ok)[0])
     hint = "" if sched is None else (
         f"; the scan ({sched.name!r}) forms products A_j ... A_i of many steps, which can overflow before the "

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import recurrent_array
 from ._validate import as_float_array, check_workers
+from .arrays import is_foreign
 from .errors import UnsupportedModuleError
 from .executors import TraceEvent
 from .forward_methods import add_forward_note, gradient_tape
@@ -126,6 +128,21 @@ class Recurrent:
         """
         import torch  # loaded only here: ``import chainprod`` never loads torch
 
+        cls.check_torch(module)
+        params = {}
+        for name, p in module.named_parameters():
+            if p.dtype not in (torch.float32, torch.float64) or p.device.type != "cpu":
+                raise UnsupportedModuleError(f"nn.{cls.mode} parameter {name!r} is {p.dtype} on {p.device}; only "
+                                             "float32 or float64 CPU parameters are supported", "", module)
+            params[name] = p.detach().numpy()
+        options = {"nonlinearity": module.nonlinearity} if cls.mode == "RNN" else {}
+        return cls.from_params(params, batch_first=module.batch_first, **options)
+
+    @classmethod
+    def check_torch(cls, module):
+        """Refuse (``UnsupportedModuleError``) a module that is not exactly ``nn.{mode}`` or has an option we lack."""
+        import torch
+
         want = getattr(torch.nn, cls.mode)
         if type(module) is not want:  # a subclass may override forward
             raise UnsupportedModuleError(f"{cls.__name__}.from_torch takes a torch.nn.{cls.mode}, got "
@@ -139,14 +156,6 @@ class Recurrent:
             raise UnsupportedModuleError(
                 f"nn.{cls.mode} with dropout={module.dropout} in training mode: its random masks between layers "
                 "are not a fixed function; call module.eval() or set dropout=0", "", module)
-        params = {}
-        for name, p in module.named_parameters():
-            if p.dtype not in (torch.float32, torch.float64) or p.device.type != "cpu":
-                raise UnsupportedModuleError(f"nn.{cls.mode} parameter {name!r} is {p.dtype} on {p.device}; only "
-                                             "float32 or float64 CPU parameters are supported", "", module)
-            params[name] = p.detach().numpy()
-        options = {"nonlinearity": module.nonlinearity} if cls.mode == "RNN" else {}
-        return cls.from_params(params, batch_first=module.batch_first, **options)
 
     def _setup(self, params, batch_first, options):
         self._take_options(options)
@@ -246,7 +255,8 @@ class Recurrent:
         Parameters
         ----------
         x : array, (T, N, input_size)
-            ``(N, T, input_size)`` with ``batch_first``.
+            ``(N, T, input_size)`` with ``batch_first``. A torch tensor, JAX or
+            CuPy array runs in its library, on its device; so do the results.
         h0 : array or pair, optional
             ``(num_layers, N, H)`` (or ``(N, H)`` for one layer); a pair
             ``(h0, c0)`` for an LSTM. Zeros by default.
@@ -255,10 +265,10 @@ class Recurrent:
 
         Returns
         -------
-        output : numpy.ndarray
+        output : array
             The top layer's states ``(T, N, H)`` (``(N, T, H)`` with
             ``batch_first``).
-        h_n : numpy.ndarray or pair
+        h_n : array or pair
             The last state of every layer, ``(num_layers, N, H)``; a pair
             ``(h_n, c_n)`` for an LSTM.
 
@@ -271,6 +281,8 @@ class Recurrent:
         chainprod.errors.NonFiniteError
             A state overflowed (``relu``); the message names the step and the layer.
         """
+        if is_foreign(x, h0):  # torch, JAX or CuPy arrays: computed in their library, on their device
+            return recurrent_array.forward(self, x, h0, kernels=kernels)
         kern = get_recurrent_kernels(resolve_kernels(kernels))
         u = read_sequence(x, input_size=self.input_size, batch_first=self.batch_first, dtype=self.dtype)
         h0, _, c0, _ = self.initial_states(h0, u.shape[1])
@@ -298,8 +310,14 @@ class Recurrent:
         (and the trace with ``return_trace``): ``grads`` named like
         :attr:`params`, plus ``"input"``, ``"h0"`` (and ``"c0"``) shaped
         like what they differentiate when ``with_inputs``. ``forward``,
-        ``forward_options``: the forward pass (:func:`chainprod.grad`).
+        ``forward_options``: the forward pass (:func:`chainprod.grad`). Torch,
+        JAX or CuPy inputs: :func:`chainprod.recurrent_array.value_and_grad`.
         """
+        if is_foreign(x, y, h0):  # torch, JAX or CuPy arrays: computed in their library, on their device
+            return recurrent_array.value_and_grad(
+                self, x, y, loss=loss, method=method, backend=backend, workers=workers, return_trace=return_trace,
+                engine_options=engine_options, kernels=kernels, h0=h0, with_inputs=with_inputs, forward=forward,
+                forward_options=forward_options)
         loss = resolve_loss(loss, y)
         check_options(method, backend)
         workers = check_workers(workers)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ssm_array
 from ._validate import as_float_array
+from .arrays import is_foreign
 from .ssm_grad import outputs, read_h0, read_u, run_states, to_layout, value_and_grad
 from .tape import resolve_kernels
 
@@ -143,6 +145,8 @@ class DiagonalRecurrence:
         chainprod.errors.NonFiniteError
             A state or output overflowed; ``layers`` is ``(0, t)``.
         """
+        if is_foreign(u, h0):  # torch, JAX or CuPy arrays: computed in their library, on their device
+            return ssm_array.forward(self, u, h0, return_states=return_states)
         uu = read_u(self, u)
         h, _ = read_h0(self, h0, uu.shape[1])
         H = run_states(self, uu, h, resolve_kernels(None))
@@ -152,7 +156,12 @@ class DiagonalRecurrence:
     def __chainprod_value_and_grad__(self, x, y=None, *, loss=None, method="auto", backend="vectorized",
                                      workers=None, return_trace=False, engine_options=None, kernels=None,
                                      h0=None, with_inputs=False, forward="sequential", forward_options=None):
-        """What ``cp.value_and_grad(layer, x, ...)`` runs: :func:`chainprod.ssm_grad.value_and_grad`."""
-        return value_and_grad(self, x, y, loss=loss, method=method, backend=backend, workers=workers,
-                              return_trace=return_trace, engine_options=engine_options, kernels=kernels, h0=h0,
-                              with_inputs=with_inputs, forward=forward, forward_options=forward_options)
+        """What ``cp.value_and_grad(layer, x, ...)`` runs: :func:`chainprod.ssm_grad.value_and_grad`.
+
+        Torch, JAX or CuPy inputs run in their library, on their device
+        (:func:`chainprod.ssm_array.value_and_grad`).
+        """
+        run = ssm_array.value_and_grad if is_foreign(x, y, h0) else value_and_grad
+        return run(self, x, y, loss=loss, method=method, backend=backend, workers=workers, return_trace=return_trace,
+                   engine_options=engine_options, kernels=kernels, h0=h0, with_inputs=with_inputs, forward=forward,
+                   forward_options=forward_options)

@@ -17,10 +17,11 @@ the gradients: optimizer steps are seen, changes converted again (or refused).
 
 Supported: ``nn.Linear`` (with or without bias), ``nn.Tanh``, ``nn.ReLU``, ``nn.Sigmoid``,
 ``nn.Softplus`` (``beta=1``, ``threshold=20``), ``nn.Identity``, ``nn.Dropout`` in eval mode or with
-``p=0``, nested ``nn.Sequential``; float32 or float64 CPU parameters; and ``nn.RNN``, ``nn.GRU``,
-``nn.LSTM``, handed to :mod:`chainprod.torch_recurrent`. Anything else is refused, naming the module's
-position (``module 1.2 (Conv1d)`` = ``model[1][2]``). An activation folds into the ``nn.Linear`` before
-it; one that starts the model or follows another becomes ``cp.Diagonal(ones, zeros, activation)``.
+``p=0``, nested ``nn.Sequential``; float32 or float64 CPU parameters (:func:`torch_backward` runs a CUDA
+model, or any with ``backend="array"``, in torch on its device: :mod:`chainprod.torch_array`); and
+``nn.RNN``, ``nn.GRU``, ``nn.LSTM``, handed to :mod:`chainprod.torch_recurrent`. Anything else is refused,
+naming the module's position (``module 1.2 (Conv1d)`` = ``model[1][2]``). An activation folds into the
+``nn.Linear`` before it; one that starts the model or follows another becomes ``cp.Diagonal(ones, zeros, activation)``.
 
 Softplus: torch's ``nn.Softplus()`` is ``z`` itself where ``z > 20``, chainprod's ``log(1 + exp(z))``:
 they differ there by at most ``exp(-20)`` in value and derivative (float64 gradients then agree with
@@ -49,71 +50,18 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
         "`pip install torch==2.13.0` (a CPU build; an unpinned torch may pull a multi-GB GPU build)"
     ) from e
 
-from . import forward_methods, torch_recurrent
+from . import forward_methods, torch_array, torch_recurrent
 from ._caches import register_cache
 from .errors import UnsupportedModuleError
 from .grad import backward, loss_cotangent
 from .kernels import LayerGrads
 from .layers import Chain, Dense, Diagonal
 from .tape import packed_with
+from .torch_array import SUPPORTED_MODULES, layer_specs
 
 __all__ = ["from_torch", "torch_backward", "UnsupportedModuleError", "SUPPORTED_MODULES"]
 
-#: torch activation module -> chainprod activation name
-_ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Softplus: "softplus"}
-
-#: the module types :func:`from_torch` converts (exact types: a subclass may override ``forward``)
-SUPPORTED_MODULES = (nn.Sequential, nn.Linear, *_ACTIVATIONS, nn.Identity, nn.Dropout)
-
-_SUPPORTED_NAMES = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_MODULES)
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-# -- walking the model ----------------------------------------------------------
-class _Item(NamedTuple):
-    """One leaf module in forward order: ``kind`` is "linear" or "act"."""
-    kind: str
-    module: nn.Module
-    where: str  # "module 1.2 (Tanh)", for messages
-    path: str  # "1.2"
-    activation: str | None = None
-
-
-def _is_plain_sequential(module):
-    # A subclass that overrides forward may compute anything; only the stock forward is a chain.
-    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
-
-
-def _flatten(seq, path=(), names=(), containers=None):
-    """Leaf modules of a (nested) Sequential in forward order, checked; Sequentials go to ``containers``."""
-    # _modules, not named_children(): the latter skips a module that appears twice,
-    # but Sequential.forward runs it twice.
-    if containers is not None:
-        containers.append((seq, tuple(seq._modules.values())))
-    for i, (name, m) in enumerate(seq._modules.items()):
-        p, n = path + (str(i),), names + (name,)
-        at = ".".join(p)
-        # custom child names (Sequential(OrderedDict(...))) are what the user typed: shown too
-        where = f"module {at} ({type(m).__name__})" + (f" named {'.'.join(n)!r}" if n != p else "")
-        if m is None:
-            raise UnsupportedModuleError(f"module {at} is None (model(x) itself would fail on it)", at, m)
-        if _is_plain_sequential(m):
-            yield from _flatten(m, p, n, containers)
-        elif type(m) is nn.Linear:
-            yield _Item("linear", m, where, at)
-        elif type(m) in _ACTIVATIONS:
-            if type(m) is nn.Softplus and (m.beta != 1 or m.threshold != 20):
-                raise UnsupportedModuleError(f"{where} has beta={m.beta}, threshold={m.threshold}; only "
-                                             "nn.Softplus() with the defaults beta=1, threshold=20 is supported", at, m)
-            yield _Item("act", m, where, at, _ACTIVATIONS[type(m)])
-        elif type(m) is nn.Dropout and m.training and m.p > 0:
-            raise UnsupportedModuleError(
-                f"{where} is in training mode with p={m.p}: its random mask is not a fixed chain; "
-                "call model.eval() (dropout is then the identity) or set p=0", at, m)
-        elif type(m) not in (nn.Identity, nn.Dropout):
-            raise UnsupportedModuleError(
-                f"{where} is not supported; chainprod.torch converts {_SUPPORTED_NAMES} "
-                "(dropout only in eval mode or with p=0)", at, m)
 
 
 class _Converted(NamedTuple):
@@ -124,70 +72,15 @@ class _Converted(NamedTuple):
     items: list  # the leaves in forward order
 
 
-def _check_param(p, pname, item, dtype):
-    what = f"{item.where}: parameter {pname!r}"
-    if p.device.type != "cpu":
-        bad = f"is on {p.device}; chainprod.torch runs on CPU tensors only (model.cpu())"
-    elif p.dtype not in _DTYPES:
-        bad = f"is {p.dtype}; use torch.float32 or torch.float64"
-    elif dtype is not None and p.dtype != dtype:
-        bad = (f"is {p.dtype} but earlier parameters are {dtype}; mixed dtypes are not supported "
-               "(model.double() or model.float())")
-    elif not p.requires_grad:
-        bad = ("has requires_grad=False; frozen parameters are not supported (loss.backward() would skip "
-               "it, chainprod cannot)")
-    elif p.layout != torch.strided:
-        bad = f"has layout {p.layout}; only dense parameters are supported"
-    else:
-        return
-    raise UnsupportedModuleError(f"{what} {bad}", item.path, item.module)
-
-
 def _numpy(p):
     return p.detach().numpy()  # a view of the tensor's memory (Dense/Diagonal copy it)
 
 
 def _convert(module) -> _Converted:
     """Validate the whole model and build its chain; nothing is written anywhere."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"expected a torch nn.Sequential, got {type(module).__name__}")
-    if not _is_plain_sequential(module):
-        what = "an nn.Sequential subclass with its own forward" if isinstance(module, nn.Sequential) else \
-            f"a {type(module).__name__}"
-        raise UnsupportedModuleError(
-            f"the model is {what}; chainprod.torch converts an nn.Sequential (nested Sequentials allowed) "
-            f"of {_SUPPORTED_NAMES}", "", module)
     containers = []
-    items = list(_flatten(module, containers=containers))
-    linears = [it for it in items if it.kind == "linear"]
-    if not linears:
-        raise UnsupportedModuleError(
-            "the nn.Sequential is empty (or holds only identities): there is nothing to convert" if not items else
-            "the nn.Sequential holds no nn.Linear: it has no parameters to differentiate and no width "
-            "for its activations", "", module)
-
-    # Parameters (devices, dtypes, requires_grad), then widths: all checked before any array is built.
-    dtype = None
-    for it in linears:
-        for pname, p in (("weight", it.module.weight), ("bias", it.module.bias)):
-            if p is not None:
-                _check_param(p, pname, it, dtype)
-                dtype = p.dtype
+    items, specs, dtype, _ = layer_specs(module, containers, device="cpu")
     np_dtype = _DTYPES[dtype]
-    # Fold each activation into the Linear before it; otherwise it is a Diagonal layer.
-    specs = []  # [kind, linear module or width, activation]
-    width = linears[0].module.in_features
-    for it in items:
-        if it.kind == "linear":
-            if it.module.in_features != width:
-                raise UnsupportedModuleError(f"{it.where} expects in_features={it.module.in_features} but the "
-                                             f"module before it outputs width {width}", it.path, it.module)
-            specs.append(["dense", it.module, "identity"])
-            width = it.module.out_features
-        elif specs and specs[-1][0] == "dense" and specs[-1][2] == "identity":
-            specs[-1][2] = it.activation
-        else:
-            specs.append(["diag", width, it.activation])
     layers, sources = [], []
     for kind, src, act in specs:
         if kind == "dense":
@@ -393,15 +286,17 @@ def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vector
     module : torch.nn.Sequential
         See :func:`from_torch` for what it may contain.
     x : torch.Tensor or array, shape ``(..., d_in)``
-        Input batch, CPU, in the parameters' dtype; leading dimensions are
-        batch dimensions (as for ``nn.Linear``).
+        Input batch on the parameters' device, in their dtype; leading
+        dimensions are batch dimensions (as for ``nn.Linear``).
     y : torch.Tensor or array, optional
         Targets of the model output's exact shape, for ``loss="mse"``.
     loss : {"sum", "mse"}
         ``module(x).sum()`` (one output), or
         ``torch.nn.functional.mse_loss(module(x), y)``.
     method, backend, workers, kernels, forward, forward_options (keywords)
-        As in :func:`chainprod.grad` (``forward="deer"``: a Newton forward pass).
+        As in :func:`chainprod.grad` (``forward="deer"``: a Newton forward pass). Parameters
+        off the CPU, or ``backend="array"``, compute in torch on their device
+        (:func:`chainprod.torch_array.torch_backward`).
     h0 : optional
         The initial state of an nn.RNN, nn.GRU or nn.LSTM (:func:`chainprod.torch_recurrent.torch_backward`).
 
@@ -416,6 +311,8 @@ def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vector
     """
     if h0 is not None or isinstance(module, nn.RNNBase):  # recurrent modules, the only ones taking h0
         return torch_recurrent.torch_backward(module, x, y, loss, h0, method, backend, workers, kernels, **newton)
+    if torch_array.runs_on_device(module, backend):  # CUDA parameters, or backend="array": computed in torch
+        return torch_array.torch_backward(module, x, y, loss, method, backend, workers, kernels, **newton)
     kept = _kept(module)
     chain, dtype = kept.conv.chain, kept.dtype
     if not isinstance(loss, str) or loss not in ("sum", "mse"):

@@ -16,6 +16,11 @@ parameter values are read again at every call, so a training step does not
 convert again; a change of structure (options, parameter objects, shapes,
 dtypes) converts again.
 
+A module whose parameters are on an accelerator (CUDA, ...), or any module
+with ``backend="array"``, runs in torch on its parameters' device
+(:mod:`chainprod.recurrent_array`): the parameters are read as tensors, with
+no copy to the host, and the gradients are tensors there too.
+
 Gradients are accumulated as autograd accumulates them: ``p.grad`` is set
 when it is None, else added to in place; a parameter with
 ``requires_grad=False`` is left alone. An input or initial state that
@@ -36,6 +41,7 @@ from ._caches import register_cache
 from .errors import UnsupportedModuleError
 from .grad import value_and_grad
 from .recurrent import GRU, LSTM, RNN
+from .recurrent_array import RecurrentSpec, check_foreign_options, value_and_grad_spec
 
 __all__ = ["from_torch", "torch_backward"]
 
@@ -132,7 +138,9 @@ def torch_backward(module, x, y=None, loss="sum", h0=None, method="auto", backen
         The initial state as the module takes it; zeros by default.
     method, backend, workers, kernels
         As in :func:`chainprod.grad` (``"backprop"``, a scan schedule, or
-        ``"auto"``).
+        ``"auto"``). A module on an accelerator, or ``backend="array"``,
+        runs in torch on the module's device (``backend`` the default or
+        ``"array"``, ``kernels`` None).
     forward, forward_options
         The forward pass (``"sequential"``, or a Newton method such as
         ``"deer"``), as in :func:`chainprod.grad`.
@@ -149,6 +157,10 @@ def torch_backward(module, x, y=None, loss="sum", h0=None, method="auto", backen
     if not isinstance(module, nn.RNNBase):
         raise ValueError(f"torch_backward here takes nn.RNN, nn.GRU or nn.LSTM, got a {type(module).__name__}; "
                          "only these take an initial state h0")
+    if backend == "array" or getattr(backend, "name", None) == "array" or any(
+            p.device.type != "cpu" for p in module.parameters()):
+        return _backward_in_torch(module, x, y, loss, h0, method, backend, workers, kernels, forward,
+                                  forward_options)
     model = _kept(module)
     dtype = model.dtype
     pair = isinstance(model, LSTM)
@@ -163,16 +175,61 @@ def torch_backward(module, x, y=None, loss="sum", h0=None, method="auto", backen
     value, grads = value_and_grad(model, xa, ya, loss=loss, h0=h, method=method, backend=backend, workers=workers,
                                   kernels=kernels, with_inputs=bool(tracked), forward=forward,
                                   forward_options=forward_options)
+    _write_grads(module, {name: torch.from_numpy(grads[name]) for name, _ in module.named_parameters()})
+    if tracked:
+        torch.autograd.backward([a for a, _ in tracked], [torch.from_numpy(np.ascontiguousarray(grads[k]))
+                                                          for _, k in tracked])
+    return value
+
+
+def _write_grads(module, grads):
+    """Accumulate ``grads`` (tensors, named as the parameters) into every ``p.grad`` as autograd does."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue  # autograd leaves a frozen parameter's .grad alone
-            g = torch.from_numpy(grads[name])
+            g = grads[name]
             if p.grad is None:
-                p.grad = g if p.is_contiguous() else torch.empty_like(p).copy_(g)
+                p.grad = g if p.is_contiguous() and g.is_contiguous() else torch.empty_like(p).copy_(g)
             else:
                 p.grad.add_(g)
+
+
+def _backward_in_torch(module, x, y, loss, h0, method, backend, workers, kernels, forward, forward_options):
+    """:func:`torch_backward` in torch on the parameters' device, reading them as tensors (no host copy)."""
+    cls = _CLASSES.get(type(module))
+    if cls is None:
+        raise UnsupportedModuleError(f"{type(module).__name__} is not supported; chainprod runs nn.RNN, nn.GRU and "
+                                     "nn.LSTM (exactly those classes)", "", module)
+    cls.check_torch(module)
+    check_foreign_options("torch", method=method, backend=backend, kernels=kernels, forward=forward,
+                          forward_options=forward_options)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    kinds = {(p.dtype, p.device) for p in params.values()}
+    first = next(iter(params.values()))
+    if len(kinds) > 1 or first.dtype not in _DTYPES:
+        said = ", ".join(f"{n} is {p.dtype} on {p.device}" for n, p in params.items())
+        raise UnsupportedModuleError(f"nn.{module.mode} needs float32 or float64 parameters of one dtype on one "
+                                     f"device: {said}", "", module)
+    cell = f"rnn_{module.nonlinearity}" if cls is RNN else module.mode.lower()
+    spec = RecurrentSpec(cell, module.num_layers, module.input_size, module.hidden_size, bool(module.bias),
+                         bool(module.batch_first), params)
+    pair = cls is LSTM
+    if pair and h0 is not None and not (isinstance(h0, tuple) and len(h0) == 2):
+        raise TypeError("h0: nn.LSTM takes its initial state as a pair (h0, c0)")
+    states = () if h0 is None else tuple(h0) if pair else (h0,)
+
+    def tensor(a):  # what the module itself would take: a tensor (an array-like is placed beside the parameters)
+        if a is None:
+            return None
+        return a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(a, device=first.device)
+
+    hs = tuple(tensor(s) for s in states)
+    tracked = [(a, k) for a, k in zip((x, *states), ("input", "h0", "c0")) if _needs_grad(a)]
+    value, grads = value_and_grad_spec(spec, tensor(x), tensor(y), loss=loss, method=method, backend=backend,
+                                       workers=workers, h0=(hs if pair else hs[0]) if hs else None,
+                                       with_inputs=bool(tracked))
+    _write_grads(module, grads)
     if tracked:
-        torch.autograd.backward([a for a, _ in tracked], [torch.from_numpy(np.ascontiguousarray(grads[k]))
-                                                          for _, k in tracked])
+        torch.autograd.backward([a for a, _ in tracked], [grads[k] for _, k in tracked])
     return value

@@ -633,6 +633,52 @@ else:
 '''
 
 
+ARRAY_MD = r"""
+## Arrays on devices: torch, JAX and CuPy inputs
+
+The same entry points take torch tensors (CPU or CUDA), JAX arrays and CuPy arrays. They run on the
+`"array"` executor (the vectorized executor's rounds, written once against the array API standard) in the
+arrays' own library and on their device, and return arrays of that library, dtype and device; numpy
+inputs keep the paths above (`docs/devices.md`). Below, on torch CPU tensors (CUDA tensors run the same
+code on a GPU): all suffix products of a chain of dense blocks, and every state of a diagonal linear
+recurrence, each against the numpy path on the same numbers. A numpy-only backend refuses the tensors
+and says which one runs them.
+"""
+
+ARRAY_CODE = r'''
+import importlib.util
+
+if importlib.util.find_spec("torch") is not None and "array" in cp.valid_backends():
+    import torch
+
+    def rel_err(got, want):
+        return float(np.abs(got - want).max() / np.abs(want).max())
+
+    L_a, T_a = (64 if QUICK else 256), (1000 if QUICK else 4096)
+    mats_np = rng.standard_normal((L_a, 8, 8)) * (0.9 / np.sqrt(8))        # L dense 8 x 8 blocks
+    a_np, b_np = rng.uniform(0.5, 1.0, (T_a, 4, 16)), rng.standard_normal((T_a, 4, 16))
+    mats_t, a_t, b_t = (torch.from_numpy(v) for v in (mats_np, a_np, b_np))  # the same numbers, as tensors
+    ref_p = np.stack(cp.suffix_products(mats_np, method="sequential"))
+    ref_h = cp.linear_recurrence(cp.Diag(a_np), b_np, method="sequential")
+    array_rows = []
+    for method in ("sequential", "sklansky", "brent_kung"):
+        out_t = cp.suffix_products(mats_t, method=method)                  # a list of torch tensors
+        h_t = cp.linear_recurrence(cp.Diag(a_t), b_t, method=method)       # one torch tensor
+        array_rows.append({
+            "method": method, "returns": f"{type(h_t).__module__}.{type(h_t).__name__} on {h_t.device}",
+            f"products L={L_a}: rel. err vs numpy": rel_err(torch.stack(out_t).numpy(), ref_p),
+            f"recurrence T={T_a}: rel. err vs numpy": rel_err(h_t.numpy(), ref_h)})
+        assert max(list(array_rows[-1].values())[2:]) < 1e-12
+    table(array_rows, list(array_rows[0]))
+    try:
+        cp.suffix_products(mats_t, backend="threads")
+    except TypeError as e:
+        print("backend='threads' with torch tensors:", e)
+else:
+    print("array cell skipped: torch or the array executor is not installed (pip install torch 'chainprod[array]')")
+'''
+
+
 SEQ_MD = r"""
 ## Sequences: recurrences over time
 
@@ -755,6 +801,7 @@ SUMMARY_MD = r"""
 | Q5 | $\approx L^2/4$ workers | `Schedule.peak_width` |
 | Q6 | prefix scan: $O(\log L)$ rounds, $L/2$ (or $P$) workers, $O(L)$–$O(L\log L)$ work | `sklansky`, `brent_kung`, `chunked` |
 | torch | an `nn.Sequential` of `nn.Linear` + activations is such a chain: its `.grad` by a scan | `from_torch`, `torch_backward` |
+| arrays | torch (CPU, CUDA), JAX and CuPy inputs run in their own library, on their device | `suffix_products`, `linear_recurrence`, `grad` on tensors; `benchmarks/device_check.py` |
 | sequences | an RNN/GRU/LSTM over $T$ steps is a chain of $T$ shared-weight Jacobians: BPTT or a reverse scan | `from_torch`, `value_and_grad`, `bench --preset sequences` |
 | Newton forward | the forward pass as a few affine scans (DEER, quasi-DEER, ELK): few iterations when contractive | `forward(method="deer")`, `grad(forward="deer")` |
 
@@ -805,6 +852,8 @@ def cells(quick: bool = False, ray: bool = True):
         ("code", DIST_RAY, []),
         ("markdown", TORCH_MD, []),
         ("code", TORCH_CODE, []),
+        ("markdown", ARRAY_MD, []),
+        ("code", ARRAY_CODE, []),
         ("markdown", SEQ_MD, []),
         ("code", SEQ_CODE, []),
         ("markdown", NEWTON_MD, []),

@@ -249,3 +249,54 @@ def test_import_is_light():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "", f"import chainprod imported {res.stdout.strip()}"
+
+
+# -- the array executor on torch and JAX arrays (CPU) --------------------------------
+@pytest.fixture(params=["torch", "jax"])
+def array_lib(request):
+    """``(to_library, to_numpy, array type, (L, kind) cases)``; JAX computes in float64 for the test, on
+    fewer cases: it compiles every new plan shape (about a second each on a loaded CPU)."""
+    if request.param == "torch":
+        torch = pytest.importorskip("torch")
+        yield (lambda a: torch.from_numpy(np.array(a)), lambda a: a.numpy(), torch.Tensor,
+               ((1, "dense"), (5, "diag"), (9, "mixed"), (17, "dense")))
+    else:
+        jax = pytest.importorskip("jax")
+        with jax.enable_x64(True):
+            yield jax.numpy.asarray, np.asarray, jax.Array, ((9, "mixed"),)
+
+
+@pytest.mark.parametrize("method,opts", SCANS, ids=SCAN_IDS)
+def test_array_executor_on_foreign_blocks(array_lib, method, opts):
+    to_lib, to_np, array_type, cases = array_lib
+    ex = cp.get_executor("array")
+    for L, kind in cases:
+        items, seq = scan_blocks(L, kind, batch=2, seed=L)
+        fseq = BlockSeq([Segment(s.kind, to_lib(s.array)) for s in seq.segments])
+        before = [to_np(s.array).copy() for s in fseq.segments]
+        s = plan(method, opts, L, "array")
+        trace = cp.Trace(backend="array") if L == 5 else None  # with a trace, round by round
+        result = ex.run(s, fseq, workers=WORKERS, trace=trace)
+        want = prefix_fold(items)
+        for k in range(L):
+            kd, arr = result.block(k)
+            assert isinstance(arr, array_type) and arr.dtype == fseq.segments[0].array.dtype
+            assert rel_err(to_dense(kd, to_np(arr)), want[k]) <= 1e-10
+        assert result.first_nonfinite() is None
+        for a, b in zip(fseq.segments, before):
+            assert np.array_equal(to_np(a.array), b)
+        if trace is not None:
+            assert sum(e.ops for e in trace.events) == s.num_ops
+        if kind == "dense":
+            kd, st = result.stack()
+            assert isinstance(st, array_type) and tuple(st.shape) == (L, 2, 3, 3)
+            assert max(rel_err(to_np(st[k]), want[k]) for k in range(L)) <= 1e-10
+
+
+def test_array_executor_finds_nonfinite(array_lib):
+    to_lib = array_lib[0]
+    items, seq = scan_blocks(9, "dense", batch=2, seed=3)
+    bad = np.array(seq.segments[0].array)
+    bad[4, 1, 0, 0] = np.inf
+    res = cp.get_executor("array").run(cp.schedule("sklansky", 9), BlockSeq([Segment("dense", to_lib(bad))]))
+    assert res.first_nonfinite() == 4

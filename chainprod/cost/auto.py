@@ -18,6 +18,7 @@ import numpy as np
 
 from .._caches import PlanCache
 from .._validate import check_workers
+from ..arrays import on_accelerator
 from ..blocks import KINDS, BlockSeq, Segment
 from ..schedules import Schedule, build, schedule, valid_methods
 from .model import CostModel, load_model
@@ -31,6 +32,17 @@ AUTO = "auto"
 
 # -- method="auto" -------------------------------------------------------------
 LOCAL_BACKENDS = ("vectorized", "serial", "threads")
+#: backends costed as another: the array executor runs the vectorized executor's rounds, so on a CPU
+#: its best schedule is the vectorized one's (the calibrated costs are numpy's; torch and JAX on a CPU
+#: pay more per call but the same number of calls per round)
+COSTED_AS = {"array": "vectorized"}
+#: ``auto`` on the array executor with blocks on an accelerator: each round is a few kernel launches
+#: and launch latency, not flops, dominates, so the fewest rounds win: ``ceil(log2 L)`` (Sklansky)
+ACCELERATOR_SCAN = "sklansky"
+#: what ``auto`` assumes of an accelerator where it weighs a scan against backprop (rough data-centre GPU
+#: figures, not measured here): seconds per kernel launch, sustained flops of batched small products (an
+#: order of magnitude below peak), and the most bytes of Jacobian blocks a scan may form in device memory
+ACCELERATOR = {"launch_seconds": 1e-5, "flops": 1e13, "max_bytes": 2 ** 30}
 
 
 def auto_runs_backprop(sched: Schedule, backend) -> bool:
@@ -72,6 +84,7 @@ def choose_schedule(L: int, *, blocks=None, workers=None, backend="vectorized") 
     win. Choices are cached per (L, block shapes, workers, backend).
     """
     L = int(L)
+    backend = COSTED_AS.get(backend, backend) if isinstance(backend, str) else backend
     batch = blocks.batch if isinstance(blocks, BlockSeq) else 1
     sig = signature(blocks if blocks is not None else 64, L)
     model = load_model()
@@ -117,7 +130,9 @@ def resolve_schedule(method, L: int, *, workers: int | None = None, blocks=None,
         ``(kind, rows, cols)``); the default is width 64. Passed on to
         context builders such as ``chunked``.
     backend : str
-        Executor the plan is for (``"auto"`` costs rounds per backend).
+        Executor the plan is for (``"auto"`` costs rounds per backend; on
+        ``"array"`` it is the vectorized choice on a CPU and
+        :data:`ACCELERATOR_SCAN` for blocks on an accelerator).
     **options
         Passed to a named builder (e.g. ``chunks=``); ``"auto"`` takes none.
 
@@ -143,6 +158,8 @@ def resolve_schedule(method, L: int, *, workers: int | None = None, blocks=None,
         workers = None if workers is None else check_workers(workers)
         # the plain builder's checks of L (an int >= 1), so "auto" refuses what every name refuses
         build("sequential", L)
+        if backend == "array" and isinstance(blocks, BlockSeq) and on_accelerator(blocks.segments[0].array):
+            return build(ACCELERATOR_SCAN, L)
         return choose_schedule(L, blocks=blocks, workers=workers, backend=backend)
     if isinstance(method, str) and method not in valid_methods():
         # the registry's own message would omit "auto", which is valid here

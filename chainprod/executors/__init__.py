@@ -3,7 +3,8 @@
 Named registry in joblib's ``BACKENDS`` habit; engines are imported only
 when chosen, so ``import chainprod`` never imports Ray or Dask. Inside the
 package the order is ``base`` -> ``serial``, ``vectorized``, ``threads`` ->
-``remote_tasks`` -> ``distributed`` -> ``ray_executor``, ``dask_executor``;
+``remote_tasks`` -> ``distributed`` -> ``ray_executor``, ``dask_executor``
+(``array_api``, the vectorized rounds for torch, JAX and CuPy arrays, beside ``vectorized``);
 this module, the registry, reaches the engines only by name. What an
 executor can do beyond :meth:`Executor.run` it declares as a class
 attribute (``runs_task_graphs``), never by the methods it happens to have.
@@ -27,6 +28,7 @@ EXECUTORS: dict[str, tuple[str, str | None]] = {
     "threads": ("chainprod.executors.threads:ThreadsExecutor", "threads"),
     "ray": ("chainprod.executors.ray_executor:RayExecutor", "ray"),
     "dask": ("chainprod.executors.dask_executor:DaskExecutor", "dask"),
+    "array": ("chainprod.executors.array_api:ArrayExecutor", "array"),
 }
 _BUILTIN = frozenset(EXECUTORS)
 _DISTRIBUTED = ("ray", "dask")
