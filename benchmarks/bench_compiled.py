@@ -134,6 +134,61 @@ def test_end_to_end_vs_jax_and_torch(benchmark, L):
     say(f"torch / cp.grad, L={L}", t_torch / t_cp, ">= 50x", t_torch / t_cp >= 50)
 
 
+def fixed_cost_row(L=256, width=W, repeats=2000):
+    """``cp.grad``'s fixed cost per call on a short diagonal tanh chain, batch 1: ``(grad, kernels, jax)`` seconds.
+
+    ``kernels`` is the compiled forward and backprop loops alone, called with
+    arguments made once (what a call cannot avoid); ``grad`` is the public
+    call (``method="auto"``, which keeps backprop here); their difference is
+    the fixed cost. Medians of interleaved calls, so load inflates both sides alike.
+    """
+    from chainprod.kernels import get_kernels, pack
+
+    chain = cp.diagonal_chain(L, width, activation="tanh", seed=0)
+    x = np.random.default_rng(0).standard_normal((1, width))
+    pc = pack(chain)
+    loops, cross = get_kernels("numba").serial_plan(pc, 1)
+    x1 = x.reshape(-1)
+    Y = np.empty(pc.tape_size(1))
+    args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x1)
+    grads, row_in, ones = np.empty(pc.n_params), np.empty(0), np.ones(1)
+
+    def kernels_only():
+        loops.forward_rows(*args, Y, 1, 0, 1, cross)
+        loops.backprop_serial(*args, Y, ones, 1, grads, row_in, pc.max_width, cross)
+
+    def public():
+        cp.grad(chain, x)
+
+    for fn in (kernels_only, public):
+        for _ in range(200):
+            fn()
+    t_k, t_g = [], []
+    for _ in range(repeats):
+        for fn, acc in ((kernels_only, t_k), (public, t_g)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    try:
+        t_jax = min(measure_jax(chain, x, repeats=5).total)
+    except ImportError:
+        t_jax = None
+    return float(np.median(t_g)), float(np.median(t_k)), t_jax
+
+
+def test_fixed_cost_per_call(benchmark):
+    """The public call's cost above its kernels (target <= 10 us), and the short chain against JAX."""
+    t_g, t_k, t_jax = fixed_cost_row()
+    chain = cp.diagonal_chain(256, W, activation="tanh", seed=0)
+    benchmark.pedantic(lambda: cp.grad(chain, np.ones((1, W))), rounds=50, warmup_rounds=5)
+    line = f"\n  diagonal L=256 w={W}: cp.grad {t_g * 1e6:.1f} us, kernels alone {t_k * 1e6:.1f} us"
+    print(line + (f", JAX jit(grad) {t_jax * 1e6:.1f} us" if t_jax else ""))
+    fixed = (t_g - t_k) * 1e6
+    print(f"\n  fixed cost per call: {fixed:.1f} us (target <= 10 us) {'met' if fixed <= 10 else 'MISSED'}")
+    if t_jax is not None:
+        say("JAX / cp.grad, diagonal L=256", t_jax / t_g, ">= 1x", t_jax / t_g >= 1)
+
+
 # -- 3. heterogeneous chains per method ----------------------------------------------------------
 METHODS = [("backprop", None), ("sklansky", 2), ("brent_kung", 2), ("chunked", 2), ("auto", 2)]
 

@@ -58,6 +58,10 @@ class PlanCache:
         self._data[key] = hit
         return hit
 
+    def peek(self, key):
+        """The value for ``key`` or ``None``, without making one or changing the order."""
+        return self._data.get(key)
+
     def clear(self) -> None:
         self._data.clear()
 

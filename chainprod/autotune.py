@@ -41,7 +41,7 @@ from .cost import AUTO, auto_runs_backprop, model_path, resolve_schedule
 from .kernels import KERNEL_REVISION
 from .schedules import block_spec, schedule, sequential_flops
 
-__all__ = ["COMPILED_BACKENDS", "choose_method", "auto_cache_path", "FLOP_MARGIN", "REPEATS"]
+__all__ = ["COMPILED_BACKENDS", "choose_method", "known_choice", "auto_cache_path", "FLOP_MARGIN", "REPEATS"]
 
 #: local backends the compiled kernels serve, and their thread count when ``workers`` is None
 COMPILED_BACKENDS = {"vectorized": lambda: 1, "threads": lambda: os.cpu_count() or 1}
@@ -78,7 +78,7 @@ def choose_method(tape, cotangent, method, backend, workers, kernels):
     is_auto = is_str and method == AUTO
     if is_auto and kernels != "numpy" and isinstance(backend, str) and backend in COMPILED_BACKENDS:
         P = workers or COMPILED_BACKENDS[backend]()
-        key = _key(tape, P, kernels)  # a hit costs this key and one dict lookup: auto is free after the first call
+        key = _key(tape.chain, tape.batch, P, kernels)  # a hit costs this key and one lookup: free after the first
         return _CHOICES.get(key, lambda: _from_disk(key, L) or _measure(tape, cotangent, P, kernels, key))
     shapes = jacobian_shapes(tape.chain, tape.batch)
     sched = resolve_schedule(method, L - 1, workers=workers, blocks=shapes, backend=backend)
@@ -90,14 +90,22 @@ def choose_method(tape, cotangent, method, backend, workers, kernels):
     return "backprop" if auto_runs_backprop(sched, backend) else sched
 
 
-def _key(tape, P, kernels) -> tuple:
-    chain = tape.chain
+def known_choice(chain, batch, P, kernels):
+    """What ``auto`` chose for this problem in this process (``"backprop"`` or a Schedule), or ``None``.
+
+    Never measures or reads the disk: for callers that take a shorter path
+    only when the choice is already known (:mod:`chainprod.quick`).
+    """
+    return _CHOICES.peek(_key(chain, batch, P, kernels))
+
+
+def _key(chain, batch, P, kernels) -> tuple:
     sig = chain.__dict__.get("_auto_signature")
     if sig is None:  # a chain's structure never changes: its signature is computed once
         runs = tuple((r.cls.kind, r.activation, r.count, r.d_in, r.d_out) for r in chain.runs)
         sig = chain.__dict__["_auto_signature"] = (runs, str(chain.dtype))
     # KERNEL_REVISION: a choice measured on older kernels says nothing about these
-    return (sig[0], tape.batch, sig[1], int(P), kernels, __version__, KERNEL_REVISION, _numba_version())
+    return (sig[0], batch, sig[1], int(P), kernels, __version__, KERNEL_REVISION, _numba_version())
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,12 +1,11 @@
 """Public entry points: per-layer gradients of a sequential model.
 
-``grad`` = forward pass (sequential, stores layer outputs, :mod:`chainprod.tape`)
-+ backward pass. The backward pass needs, for every layer ``l``, the row
-``v_l = cotangent . A_L ... A_{l+1}`` (``cotangent = dloss/dx_L``), then a parameter
-VJP. Backprop forms the ``v_l`` one after another; a scan forms all of them
-as the prefixes of one scan (``docs/theory.md``). This module resolves what
-runs (the method, ``auto``'s choice, the kernels, the backend) and hands the
-work to the compiled kernels (:mod:`chainprod.backward_compiled`), the numpy
+``grad`` = forward pass (sequential, stores layer outputs, :mod:`chainprod.tape`) + backward pass. The
+backward pass needs, for every layer ``l``, the row ``v_l = cotangent . A_L ... A_{l+1}`` (``cotangent =
+dloss/dx_L``), then a parameter VJP. Backprop forms the ``v_l`` one after another; a scan forms all of
+them as the prefixes of one scan (``docs/theory.md``). This module resolves what runs (the method,
+``auto``'s choice, the kernels, the backend) and hands the work to the short path of a training loop
+(:mod:`chainprod.quick`), the compiled kernels (:mod:`chainprod.backward_compiled`), the numpy
 reference (:mod:`chainprod.backward_numpy`) or a cluster.
 """
 
@@ -25,6 +24,7 @@ from .errors import NonFiniteError  # also re-exported for users of chainprod.gr
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .forward_methods import add_forward_note, chain_tape
 from .layers import Chain
+from .quick import try_grad
 from .schedules import Schedule
 from .tape import Tape, forward, layer_tape, resolve_kernels
 
@@ -311,10 +311,25 @@ def _forward_kw(forward, forward_options):
     return {"forward": forward, "forward_options": forward_options}
 
 
+def _quick(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0, with_inputs,
+           forward, forward_options, want_value):
+    """:func:`chainprod.quick.try_grad` for the training loop's call (every option at its default), else None."""
+    if (y is None and workers is None and h0 is None and engine_options is None and forward_options is None
+            and (return_trace is False or return_trace is None) and with_inputs is False and method.__class__ is str
+            and backend.__class__ is str and backend == "vectorized" and forward.__class__ is str
+            and forward == "sequential" and (loss is None or (loss.__class__ is str and loss == "sum"))
+            and (kernels is None or (kernels.__class__ is str and kernels == "numba"))):
+        return try_grad(chain, x, method, want_value)
+
+
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",
                    workers=None, return_trace=False, engine_options=None, kernels=None, h0=None,
                    with_inputs=False, forward="sequential", forward_options=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
+    done = _quick(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
+                  with_inputs, forward, forward_options, True)
+    if done is not None:
+        return done
     hook = _model_hook(chain, h0, with_inputs)
     if hook is not None:
         return hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,
@@ -411,6 +426,10 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         flat array (``grads.flat``) made when first read, so a backward pass
         does not pay for ``2 L`` array objects nobody reads.
     """
+    done = _quick(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
+                  with_inputs, forward, forward_options, False)
+    if done is not None:
+        return done[1]
     hook = _model_hook(chain, h0, with_inputs)
     if hook is not None:
         out = hook(chain, x, y, loss=loss, method=method, backend=backend, workers=workers,

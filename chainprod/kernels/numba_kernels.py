@@ -72,7 +72,7 @@ from . import checks, crossover, numba_blas
 from . import numba_chain as loops
 
 __all__ = ["forward", "backprop", "backprop_with_row", "chunk_product", "param_grads", "derivatives", "all_finite",
-           "precompile", "PARALLEL_MIN_WORK", "BLAS_SPEEDUP"]
+           "serial_plan", "precompile", "PARALLEL_MIN_WORK", "BLAS_SPEEDUP"]
 
 NAME = "numba"
 
@@ -121,6 +121,19 @@ def _blas_threads(pc, rows, cross):
     if cross == crossover.NEVER or pc.max_product * rows < max(cross, numba_blas.BLAS_THREADS_MIN):
         return _UNLIMITED
     return numba_blas.one_blas_thread()
+
+
+def serial_plan(pc, N):
+    """``(loops, cross)`` when a batch of ``N`` runs forward and backprop serially with BLAS unlimited, else None.
+
+    For :mod:`chainprod.quick`, which then calls the loops of
+    :mod:`chainprod.kernels.numba_chain` itself: the same loops, crossover and
+    policy as :func:`forward` and :func:`backprop`, without their per-call checks.
+    """
+    cross = _crossover(pc)
+    if _chunks(pc, N, cross) == 1 and _blas_threads(pc, N, cross) is _UNLIMITED:
+        return loops, cross
+    return None
 
 
 def forward(pc, x):

@@ -1,0 +1,104 @@
+"""The short path of :func:`chainprod.grad` for the call made in a training loop.
+
+A small chain's whole backward pass takes a few microseconds in the compiled
+kernels, so the general path's layers (argument checks written for every
+option, a :class:`~chainprod.tape.Tape`, kernel-set lookups, read-only views
+made per call, a context manager per kernel call) cost as much as the work.
+:func:`try_grad` serves the most common call directly: a
+:class:`~chainprod.layers.Chain`, a C-contiguous ``(N, d_0)`` numpy ``x`` of
+the chain's dtype, the ``"sum"`` loss, ``method="backprop"`` (or ``"auto"``
+once it has chosen backprop for this problem in this process), the compiled
+kernels on this thread, and no trace, cluster or parallel forward pass. It
+runs the same compiled loops with the same crossover and batch policy as
+:mod:`chainprod.kernels.numba_kernels` (:func:`serial_plan` says when they
+apply), so its gradients equal the general path's bit for bit
+(``tests/test_quick.py``).
+
+It never raises on its own account: any input it does not serve, and any
+non-finite value met on the way, returns ``None``, and the caller runs the
+general path, which checks everything and says what is wrong and where.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .autotune import known_choice
+from .kernels import LayerGrads, get_kernels, pack
+from .layers import Chain
+from .tape import resolve_kernels
+
+__all__ = ["try_grad"]
+
+_ONES: dict = {}
+
+
+def _ones(N, dtype):
+    """The ``"sum"`` cotangent of a batch of ``N``, flat and shared (the loops only read it)."""
+    key = (N, dtype)
+    got = _ONES.get(key)
+    if got is None:
+        if len(_ONES) >= 64:
+            _ONES.clear()
+        got = _ONES[key] = np.ones(N, dtype)
+        got.flags.writeable = False
+    return got
+
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+def _empty(dtype):
+    """backprop's ``row_in`` when the input row is not kept: length 0, never written."""
+    return _EMPTY[dtype]
+
+
+def try_grad(chain, x, method, want_value):
+    """``(value, grads)`` of the ``"sum"`` loss by the compiled backprop loops, or ``None`` if not served.
+
+    Parameters
+    ----------
+    chain : Chain
+    x : object
+        The call's input; served only as a C-contiguous ``(N, d_0)`` numpy
+        array of the chain's dtype.
+    method : object
+        Served: ``"backprop"``, and ``"auto"`` where :func:`known_choice`
+        already holds backprop for this chain, batch and dtype.
+    want_value : bool
+        Also return the loss value (``None`` in its place otherwise).
+    """
+    if x.__class__ is not np.ndarray or chain.__class__ is not Chain or x.ndim != 2:
+        return None
+    if resolve_kernels(None) != "numba":
+        return None
+    N = x.shape[0]
+    if N < 1 or x.dtype != chain.dtype or not x.flags.c_contiguous:
+        return None
+    pc = pack(chain)
+    if x.shape[1] != pc.width_in or pc.width_out != 1:
+        return None
+    if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, 1, "numba") != "backprop")):
+        return None
+    kernels = get_kernels("numba")
+    plan = kernels.serial_plan(pc, N)
+    if plan is None:
+        return None
+    loops, cross = plan
+    x1 = x.reshape(-1)  # a new view: its flag below leaves the caller's array writeable
+    if not kernels.all_finite(x1):
+        return None
+    # The general path hands the loops read-only inputs (kernels/checks.py); the same array types here
+    # mean the same compiled specializations, not a second compile of each loop.
+    x1.flags.writeable = False
+    Y = np.empty(pc.tape_size(N), pc.dtype)
+    args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x1)
+    if loops.forward_rows(*args, Y, N, 0, N, cross) >= 0:
+        return None
+    Y.flags.writeable = False
+    grads = np.empty(pc.n_params, pc.dtype)
+    bad = loops.backprop_serial(*args, Y, _ones(N, pc.dtype), N, grads, _empty(pc.dtype), pc.max_width, cross)
+    if bad >= 0 or not kernels.all_finite(grads):
+        return None
+    value = float(Y[Y.shape[0] - N:].sum()) if want_value else None
+    return value, LayerGrads(pc, grads)

@@ -1,0 +1,103 @@
+"""The short path of ``grad`` (:mod:`chainprod.quick`) against the general path, and where it steps aside.
+
+The general path is the one every other test checks against references;
+``return_trace=True`` forces it (the short path serves no trace). The two
+run the same compiled loops, so their gradients must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import chainprod as cp
+from chainprod.errors import NonFiniteError
+from chainprod.quick import try_grad
+
+pytest.importorskip("numba")
+
+
+def chains():
+    yield "diag-tanh", cp.diagonal_chain(64, 8, activation="tanh", seed=1)
+    yield "mlp-relu", cp.mlp([5, 7, 7, 7, 1], activation="relu", seed=2)
+    yield "mlp-f32", cp.mlp([4, 6, 6, 1], activation="sigmoid", seed=3, dtype=np.float32)
+    mixed = [cp.Dense(np.eye(3) * 0.5, np.zeros(3), act) for act in ("tanh", "softplus", "sigmoid", "relu")]
+    yield "mixed", cp.Chain([*mixed, cp.Dense(np.ones((1, 3)) * 0.3, np.zeros(1), "identity")])
+
+
+@pytest.mark.parametrize("name,chain", list(chains()), ids=[n for n, _ in chains()])
+@pytest.mark.parametrize("N", [1, 5])
+def test_equals_the_general_path_bit_for_bit(name, chain, N):
+    x = np.random.default_rng(N).standard_normal((N, chain.d_in)).astype(chain.dtype)
+    x_before = x.copy()
+    served = try_grad(chain, x, "backprop", True)
+    assert served is not None, "the training loop's call must take the short path"
+    value, grads = served
+    want_value, want, _ = cp.value_and_grad(chain, x, method="backprop", return_trace=True)
+    assert value == want_value
+    assert np.array_equal(grads.flat, want.flat)
+    # and through the public entry points, which take the short path for this call
+    assert np.array_equal(cp.grad(chain, x, method="backprop").flat, want.flat)
+    v2, g2 = cp.value_and_grad(chain, x, method="backprop")
+    assert v2 == want_value and np.array_equal(g2.flat, want.flat)
+    assert np.array_equal(x, x_before) and x.flags.writeable  # the caller's array, as it was
+
+
+def test_auto_is_served_only_once_its_choice_is_known():
+    cp.clear_caches()
+    chain = cp.mlp([3, 4, 4, 1], seed=4)
+    x = np.ones((2, 3))
+    assert try_grad(chain, x, "auto", False) is None  # nothing measured yet: the general path decides
+    want = cp.grad(chain, x, method="auto", return_trace=True)[0]
+    served = try_grad(chain, x, "auto", False)  # a dense chain on one thread keeps backprop
+    assert served is not None and np.array_equal(served[1].flat, want.flat)
+
+
+@pytest.mark.parametrize("case", ["1-D x", "strided x", "float32 x", "wrong width", "NaN in x", "wide output",
+                                  "a scan", "a list"])
+def test_steps_aside_for_what_it_does_not_serve(case):
+    chain = cp.mlp([3, 4, 1], seed=5)
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    method = "backprop"
+    if case == "1-D x":
+        x = x[0]
+    elif case == "strided x":
+        x = np.random.default_rng(0).standard_normal((4, 6))[:, ::2]
+    elif case == "float32 x":
+        x = x.astype(np.float32)
+    elif case == "wrong width":
+        x = np.ones((4, 5))
+    elif case == "NaN in x":
+        x[1, 2] = np.nan
+    elif case == "wide output":
+        chain = cp.mlp([3, 4, 2], seed=5)
+    elif case == "a scan":
+        method = "sklansky"
+    elif case == "a list":
+        x = x.tolist()
+    assert try_grad(chain, x, method, False) is None
+
+
+def test_bad_input_still_gets_the_general_paths_error():
+    chain = cp.mlp([3, 4, 1], seed=5)
+    x = np.ones((2, 3))
+    x[0, 1] = np.inf
+    with pytest.raises(ValueError, match=r"x: contains NaN or infinity \(first at index \(0, 1\)\)"):
+        cp.grad(chain, x, method="backprop")
+
+
+def test_an_overflow_on_the_way_is_reported_by_the_general_path():
+    big = cp.Chain([cp.Dense(np.full((2, 2), 1e200), np.zeros(2), "identity"),
+                    cp.Dense(np.full((1, 2), 1e200), np.zeros(1), "identity")])
+    x = np.ones((1, 2))
+    assert try_grad(big, x, "backprop", False) is None
+    with pytest.raises(NonFiniteError, match="layer"):
+        cp.grad(big, x, method="backprop")
+
+
+def test_numpy_kernels_from_the_environment_are_respected(monkeypatch):
+    monkeypatch.setenv("CHAINPROD_KERNELS", "numpy")
+    chain = cp.mlp([3, 4, 1], seed=6)
+    assert try_grad(chain, np.ones((2, 3)), "backprop", False) is None
+    g = cp.grad(chain, np.ones((2, 3)), method="backprop")
+    assert isinstance(g, list)  # the numpy reference's result type: the general path ran on it
