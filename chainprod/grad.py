@@ -314,12 +314,12 @@ def _forward_kw(forward, forward_options):
 def _quick(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0, with_inputs,
            forward, forward_options, want_value):
     """:func:`chainprod.quick.try_grad` for the training loop's call (every option at its default), else None."""
-    if (y is None and workers is None and h0 is None and engine_options is None and forward_options is None
-            and (return_trace is False or return_trace is None) and with_inputs is False and method.__class__ is str
-            and backend.__class__ is str and backend == "vectorized" and forward.__class__ is str
-            and forward == "sequential" and (loss is None or (loss.__class__ is str and loss == "sum"))
+    if (workers is None and h0 is None and engine_options is None and forward_options is None and with_inputs is False
+            and (return_trace is False or return_trace is None) and method.__class__ is str and forward.__class__ is str
+            and backend.__class__ is str and backend == "vectorized" and forward == "sequential"
+            and (loss is None or (loss.__class__ is str and loss == ("sum", "mse")[y is not None]))
             and (kernels is None or (kernels.__class__ is str and kernels == "numba"))):
-        return try_grad(chain, x, method, want_value)
+        return try_grad(chain, x, method, want_value, y)
 
 
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",

@@ -6,7 +6,7 @@ option, a :class:`~chainprod.tape.Tape`, kernel-set lookups, read-only views
 made per call, a context manager per kernel call) cost as much as the work.
 :func:`try_grad` serves the most common call directly: a
 :class:`~chainprod.layers.Chain`, a C-contiguous ``(N, d_0)`` numpy ``x`` of
-the chain's dtype, the ``"sum"`` loss, ``method="backprop"`` (or ``"auto"``
+the chain's dtype, the ``"sum"`` loss or the ``"mse"`` loss against numpy targets, ``method="backprop"`` (or ``"auto"``
 once it has chosen backprop for this problem in this process), the compiled
 kernels on this thread, and no trace, cluster or parallel forward pass. It
 runs the same compiled loops with the same crossover and batch policy as
@@ -53,8 +53,8 @@ def _empty(dtype):
     return _EMPTY[dtype]
 
 
-def try_grad(chain, x, method, want_value):
-    """``(value, grads)`` of the ``"sum"`` loss by the compiled backprop loops, or ``None`` if not served.
+def try_grad(chain, x, method, want_value, y=None):
+    """``(value, grads)`` by the compiled backprop loops, or ``None`` if not served.
 
     Parameters
     ----------
@@ -67,6 +67,10 @@ def try_grad(chain, x, method, want_value):
         already holds backprop for this chain, batch and dtype.
     want_value : bool
         Also return the loss value (``None`` in its place otherwise).
+    y : object, optional
+        ``None``: the ``"sum"`` loss (output width 1). Else the ``"mse"``
+        loss against ``y``, served only as a C-contiguous finite numpy array
+        of the output's shape ``(N, d_L)`` and the chain's dtype.
     """
     if x.__class__ is not np.ndarray or chain.__class__ is not Chain or x.ndim != 2:
         return None
@@ -76,7 +80,7 @@ def try_grad(chain, x, method, want_value):
     if N < 1 or x.dtype != chain.dtype or not x.flags.c_contiguous:
         return None
     pc = pack(chain)
-    if x.shape[1] != pc.width_in or pc.width_out != 1:
+    if x.shape[1] != pc.width_in or (pc.width_out != 1 if y is None else not _served_targets(y, N, pc)):
         return None
     if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, 1, "numba") != "backprop")):
         return None
@@ -96,9 +100,25 @@ def try_grad(chain, x, method, want_value):
     if loops.forward_rows(*args, Y, N, 0, N, cross) >= 0:
         return None
     Y.flags.writeable = False
+    if y is None:
+        cotangent, value = _ones(N, pc.dtype), (float(Y[Y.shape[0] - N:].sum()) if want_value else None)
+    else:
+        # the general path's mean squared error (chainprod.grad.LOSSES), operation for operation
+        out = Y[Y.shape[0] - N * pc.width_out:].reshape(N, pc.width_out)
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = float(np.mean((out - y) ** 2)) if want_value else None
+            cotangent = 2.0 * (out - y) / out.size
+        if not kernels.all_finite(cotangent.reshape(-1)):
+            return None
+        cotangent = cotangent.reshape(-1)
+        cotangent.flags.writeable = False
     grads = np.empty(pc.n_params, pc.dtype)
-    bad = loops.backprop_serial(*args, Y, _ones(N, pc.dtype), N, grads, _empty(pc.dtype), pc.max_width, cross)
+    bad = loops.backprop_serial(*args, Y, cotangent, N, grads, _empty(pc.dtype), pc.max_width, cross)
     if bad >= 0 or not kernels.all_finite(grads):
         return None
-    value = float(Y[Y.shape[0] - N:].sum()) if want_value else None
     return value, LayerGrads(pc, grads)
+
+
+def _served_targets(y, N, pc):
+    return (y.__class__ is np.ndarray and y.shape == (N, pc.width_out) and y.dtype == pc.dtype
+            and y.flags.c_contiguous and get_kernels("numba").all_finite(y.reshape(-1)))

@@ -27,20 +27,41 @@ def chains():
 
 @pytest.mark.parametrize("name,chain", list(chains()), ids=[n for n, _ in chains()])
 @pytest.mark.parametrize("N", [1, 5])
-def test_equals_the_general_path_bit_for_bit(name, chain, N):
-    x = np.random.default_rng(N).standard_normal((N, chain.d_in)).astype(chain.dtype)
-    x_before = x.copy()
-    served = try_grad(chain, x, "backprop", True)
+@pytest.mark.parametrize("loss", ["sum", "mse"])
+def test_equals_the_general_path_bit_for_bit(name, chain, N, loss):
+    rng = np.random.default_rng(N)
+    x = rng.standard_normal((N, chain.d_in)).astype(chain.dtype)
+    y = None if loss == "sum" else rng.standard_normal((N, chain.d_out)).astype(chain.dtype)
+    before = [a.copy() for a in (x, y) if a is not None]
+    served = try_grad(chain, x, "backprop", True, y)
     assert served is not None, "the training loop's call must take the short path"
     value, grads = served
-    want_value, want, _ = cp.value_and_grad(chain, x, method="backprop", return_trace=True)
+    want_value, want, _ = cp.value_and_grad(chain, x, y, method="backprop", return_trace=True)
     assert value == want_value
     assert np.array_equal(grads.flat, want.flat)
     # and through the public entry points, which take the short path for this call
-    assert np.array_equal(cp.grad(chain, x, method="backprop").flat, want.flat)
-    v2, g2 = cp.value_and_grad(chain, x, method="backprop")
+    assert np.array_equal(cp.grad(chain, x, y, loss=loss, method="backprop").flat, want.flat)
+    v2, g2 = cp.value_and_grad(chain, x, y, method="backprop")
     assert v2 == want_value and np.array_equal(g2.flat, want.flat)
-    assert np.array_equal(x, x_before) and x.flags.writeable  # the caller's array, as it was
+    for a, b in zip([a for a in (x, y) if a is not None], before):  # the caller's arrays, as they were
+        assert np.array_equal(a, b) and a.flags.writeable
+
+
+def test_mse_on_a_wide_output_is_served():
+    chain = cp.mlp([3, 5, 4], seed=7)
+    x, y = np.ones((2, 3)), np.zeros((2, 4))
+    served = try_grad(chain, x, "backprop", True, y)
+    want_value, want, _ = cp.value_and_grad(chain, x, y, method="backprop", return_trace=True)
+    assert served is not None and served[0] == want_value and np.array_equal(served[1].flat, want.flat)
+
+
+@pytest.mark.parametrize("case", ["1-D y", "float32 y", "wrong shape", "NaN in y"])
+def test_targets_it_does_not_serve_go_to_the_general_path(case):
+    chain = cp.mlp([3, 4, 2], seed=5)
+    x = np.ones((3, 3))
+    y = {"1-D y": np.zeros(2 * 3), "float32 y": np.zeros((3, 2), np.float32), "wrong shape": np.zeros((2, 3)),
+         "NaN in y": np.array([[0.0, 1.0], [np.nan, 0.0], [0.0, 0.0]])}[case]
+    assert try_grad(chain, x, "backprop", False, y) is None
 
 
 def test_auto_is_served_only_once_its_choice_is_known():
