@@ -30,13 +30,16 @@ step is submitted at once, in an order every worker can run in turn; layer
 A :class:`~chainprod.DiagonalRecurrence` is linear in its state, so its
 chunks run at once: each from zero, then the driver carries the ``P``
 boundary states across (and the ``P`` boundary adjoints back), and each
-chunk runs again from its true boundary (:meth:`ShardedSequence._run_diag`).
+chunk runs again from its true boundary (:func:`chainprod.shard_time_newton.diag_step`).
+
+``forward="deer"`` (or another Newton method) solves each layer over time
+with every chunk at once instead (:mod:`chainprod.shard_time_newton`).
 
 What moves per step (:attr:`TimeTrace.bytes_moved`): the parameters to every
 chunk (``P |theta|``), ``(P-1) L`` boundary states and as many boundary
 adjoints (``N H`` numbers each, ``2 N H`` for an LSTM), ``P`` partial
 gradients (``P |theta|``) and ``P`` loss terms. Nothing of it grows with
-``T``; ``x`` and ``y`` moved once, at placement.
+``T`` (but ``with_inputs``' gradient of ``x``); ``x`` and ``y`` moved once, at placement.
 
 Faults
 ------
@@ -63,13 +66,16 @@ from .executors import Trace
 from .executors.distributed import Deadline, DistributedExecutor
 from .executors.sharded_worker import ShardLost, payload_bytes
 from .executors.time_worker import param_names
+from .forward_methods import add_forward_note
 from .kernels.recurrent import get_recurrent_kernels
 from .recurrent import Recurrent
 from .recurrent_io import read_sequence, read_state, resolve_kernels, resolve_loss
+from .shard_time_newton import diag_step, input_grads, time_newton
 from .ssm import DiagonalRecurrence
 from .ssm_grad import read_h0, read_u
 
 __all__ = ["shard_sequence", "ShardedSequence", "TimeTrace", "describe_recurrent"]
+
 
 @dataclass
 class TimeTrace(Trace):
@@ -78,8 +84,12 @@ class TimeTrace(Trace):
     ``bytes_moved`` counts the numpy payload bytes that crossed a process
     boundary, where they were sent: ``bytes_params`` (the parameters, to
     every chunk, and an initial state), ``bytes_boundary`` (the states
-    handed forward and the adjoints handed back between chunks) and
-    ``bytes_reports`` (the partial gradients and loss terms the driver read).
+    handed forward and the adjoints handed back between chunks, and a Newton
+    pass's maps and states), ``bytes_reports`` (the partial gradients and loss
+    terms the driver read) and ``bytes_inputs`` (``with_inputs``: the gradients
+    of ``x``, ``T``-sized, and of ``h0``, ``c0``). A Newton forward pass
+    (``forward``) leaves its :class:`~chainprod.newton_solve.NewtonTrace` in
+    ``newton`` and the bytes of each iteration in ``newton_bytes``.
     """
 
     chunks: int = 0
@@ -88,6 +98,10 @@ class TimeTrace(Trace):
     bytes_params: int = 0
     bytes_boundary: int = 0
     bytes_reports: int = 0
+    bytes_inputs: int = 0
+    forward: str = "sequential"
+    newton: object = None
+    newton_bytes: list = field(default_factory=list)
     total_seconds: float = 0.0
     #: the chunks' seconds in their calls, per chunk
     chunk_seconds: list = field(default_factory=list)
@@ -189,7 +203,7 @@ class ShardedSequence:
                                  f"got {np.shape(y)}")
             y = np.ascontiguousarray(read_sequence(y, input_size=out, batch_first=bf, dtype=dt, what="y"))
         self.T, self.N = T, N
-        self.h0 = self._check_h0(h0)
+        self.h0, self.h0_shapes = self._check_h0(h0)
         self.params = {k: np.array(v, copy=True) for k, v in d["params"].items()}
         edges = _edges(min(T, executor.workers or 2) if chunks is None else chunks, T)
         self.chunks = P = len(edges) - 1
@@ -213,18 +227,23 @@ class ShardedSequence:
             raise
 
     def _check_h0(self, h0):
+        """``(states or None, the shapes h0 (c0) were given in)``: the input gradients take those shapes."""
+        full = (self.N, self.H) if self.cell == "diag" else (self.L, self.N, self.H)
         if h0 is None:
-            return None
+            return None, (full, full)
         if self.cell == "diag":
-            return [read_h0(self._model, h0, self.N)[0].copy(), None]
+            h, shape = read_h0(self._model, h0, self.N)
+            return [h.copy(), None], (shape, None)
         kw = dict(num_layers=self.L, N=self.N, H=self.H, dtype=self.dtype)
         if self.cell != "lstm":
             if isinstance(h0, tuple):
                 raise TypeError("h0: only an LSTM takes a pair (h0, c0); pass one array (num_layers, N, hidden)")
-            return [np.array(read_state(h0, name="h0", **kw)[0]), None]
+            h, shape = read_state(h0, name="h0", **kw)
+            return [np.array(h), None], (shape, None)
         if not (isinstance(h0, tuple) and len(h0) == 2):
             raise TypeError("h0: an LSTM takes its initial state as a pair (h0, c0), as torch does, or None")
-        return [np.array(read_state(a, name=n, **kw)[0]) for a, n in zip(h0, ("h0", "c0"))]
+        read = [read_state(a, name=n, **kw) for a, n in zip(h0, ("h0", "c0"))]
+        return [np.array(r[0]) for r in read], tuple(r[1] for r in read)
 
     def __repr__(self):
         state = "closed" if self._closed else "open"
@@ -299,8 +318,22 @@ class ShardedSequence:
         return tuple(self.params[n] for n in param_names(l, self.bias)) + (() if self.bias else (None, None))
 
     # -- a step ---------------------------------------------------------------------
-    def value_and_grad(self, return_trace=False, timeout=None):
+    def value_and_grad(self, return_trace=False, timeout=None, *, forward="sequential", forward_options=None,
+                       with_inputs=False):
         """The loss over all ``T`` steps and its parameter gradients, at the current :attr:`params`.
+
+        Parameters
+        ----------
+        return_trace, timeout
+            Also return the step's :class:`TimeTrace`; seconds for this step (default: the sequence's).
+        forward, forward_options
+            ``"sequential"`` (the chunks of a layer one after another) or a
+            Newton method over time (``"deer"``, ``"quasi_deer"``, ``"elk"``,
+            ``"quasi_elk"``: :mod:`chainprod.shard_time_newton`), and a dict of
+            ``tol``, ``max_iter``, ``damping``, ``fallback``.
+        with_inputs : bool
+            Also return ``"input"`` (shaped like ``x``), ``"h0"`` (and ``"c0"``),
+            as ``cp.value_and_grad(model, x, y, with_inputs=True)`` does.
 
         Returns
         -------
@@ -318,20 +351,26 @@ class ShardedSequence:
             The step did not finish within ``timeout`` (default: the sequence's).
         NonFiniteError
             A state went NaN or infinite (names the layer and the step).
+        ConvergenceError
+            The Newton forward pass did not converge (without ``fallback="sequential"``).
         """
         self._check_open()
+        S = 2 * self.H if self.cell == "lstm" else self.H
+        newton = time_newton(forward, forward_options, cell=self.cell, T=self.T, N=self.N, S=S, dtype=self.dtype)
         deadline = Deadline(self.timeout if timeout is None else check_timeout(timeout))
         trace = TimeTrace(backend=f"{self._executor.name}-time", workers=self.chunks, chunks=self.chunks,
-                          lengths=tuple(t1 - t0 for t0, t1 in self.bounds))
+                          lengths=tuple(t1 - t0 for t0, t1 in self.bounds), forward=forward)
         t_start = time.perf_counter()
-        reports = self._guard(lambda: self._run(trace, deadline))
+        reports = self._guard(lambda: self._run(trace, deadline, newton, bool(with_inputs)))
         trace.total_seconds = time.perf_counter() - t_start
         trace.chunk_seconds = [reports[b]["seconds"] for b in range(self.chunks)]
-        trace.bytes_reports = sum(payload_bytes(r) for r in reports.values())
+        trace.bytes_inputs = sum(payload_bytes(r["inputs"]) for r in reports.values())
+        trace.bytes_reports = sum(payload_bytes(r) for r in reports.values()) - trace.bytes_inputs
         sent = sum(r["sent"] for r in reports.values())
-        trace.bytes_boundary += sent - trace.bytes_reports
-        trace.bytes_moved = trace.bytes_params + trace.bytes_boundary + trace.bytes_reports
+        trace.bytes_boundary += sent - trace.bytes_reports - trace.bytes_inputs
+        trace.bytes_moved = trace.bytes_params + trace.bytes_boundary + trace.bytes_reports + trace.bytes_inputs
         self.bytes_per_step = trace.bytes_moved
+        add_forward_note(trace, trace.newton)
         bad = [r["bad"] for r in reports.values() if r["bad"] is not None]
         if bad:
             l, t = min(bad)
@@ -339,54 +378,32 @@ class ShardedSequence:
                                  "are finite; the recurrence overflowed)", (l, l))
         value = float(sum(reports[b]["loss"] for b in range(self.chunks)))
         grads = {k: sum(reports[b]["grads"][k] for b in range(self.chunks)) for k in self.params}
+        if with_inputs:
+            grads.update(input_grads(reports, cell=self.cell, layers=self.L, batch_first=self._model.batch_first,
+                                     h0_shapes=self.h0_shapes))
         return (value, grads, trace) if return_trace else (value, grads)
 
-    def _run(self, trace, deadline):
+    def _run(self, trace, deadline, newton, inputs):
         eng, P = self._engine, self.chunks
         eng.new_epoch()
         if self.cell == "diag":
-            return self._run_diag(trace, deadline)
-        for l in range(self.L):
-            p = self._layer(l)
-            trace.bytes_params += P * payload_bytes(p)
-            state = None
-            if self.h0 is not None:
-                state = (self.h0[0][l], None if self.h0[1] is None else self.h0[1][l])
-                trace.bytes_params += payload_bytes(state)
-            for b in range(P):
-                state = eng.call(b, "forward", l, p, state)[0]  # chunk b's last state goes to chunk b+1
+            p, h0 = self.params, None if self.h0 is None else self.h0[0]
+            return diag_step(eng, self.bounds, (p["a"], p["B"], p["C"], p.get("D")), h0, self.N, newton, inputs,
+                             trace, deadline)
+        h0 = self.h0
+        layers = [(self._layer(l), None if h0 is None else (h0[0][l], None if h0[1] is None else h0[1][l]))
+                  for l in range(self.L)]
+        if newton is None or newton.run(eng, self.bounds, layers, trace, deadline) is None:
+            for l, (p, state) in enumerate(layers):
+                trace.bytes_params += P * payload_bytes(p) + payload_bytes(state)
+                for b in range(P):
+                    state = eng.call(b, "forward", l, p, state)[0]  # chunk b's last state goes to chunk b+1
         for l in reversed(range(self.L)):
             adjoint = None
             for b in reversed(range(P)):
-                adjoint = eng.call(b, "backward", l, adjoint)[0]  # chunk b's dh0 goes to chunk b-1
+                adjoint = eng.call(b, "backward", l, adjoint, inputs)[0]  # chunk b's dh0 goes to chunk b-1
         finals = {b: eng.call(b, "report")[1] for b in range(P)}
         return eng.reports(finals, deadline)
-
-
-    def _run_diag(self, trace, deadline):
-        """Three rounds of ``P`` independent calls; the driver carries the ``P`` boundary states across."""
-        eng, P, p = self._engine, self.chunks, self.params
-        a = p["a"]
-        params = (a, p["B"], p["C"], p.get("D"))
-        trace.bytes_params += P * payload_bytes(params)
-        lengths = [t1 - t0 for t0, t1 in self.bounds]
-
-        def round_(method, args):
-            return eng.reports({b: eng.call(b, method, *args[b])[1] for b in range(P)}, deadline)
-
-        ends = round_("diag_local", {b: (params,) for b in range(P)})
-        h_in = {0: np.zeros((self.N, a.shape[0]), a.dtype) if self.h0 is None else self.h0[0]}
-        with np.errstate(over="ignore", invalid="ignore"):
-            for b in range(P - 1):  # h_in of chunk b+1: chunk b's end state from h_in_b, by linearity
-                h_in[b + 1] = a ** lengths[b] * h_in[b] + ends[b]
-        mus = round_("diag_finish", {b: (h_in[b],) for b in range(P)})
-        g = {P - 1: np.zeros_like(h_in[0])}
-        with np.errstate(over="ignore", invalid="ignore"):
-            for b in range(P - 1, 0, -1):  # the adjoint arriving at chunk b-1's last state
-                g[b - 1] = a * (mus[b] + a ** (lengths[b] - 1) * g[b])
-        # the boundary traffic: end states and first adjoints up, true start states and arriving adjoints down
-        trace.bytes_boundary += payload_bytes([ends, h_in, mus, g])
-        return round_("diag_grads", {b: (g[b],) for b in range(P)})
 
 
 def shard_sequence(model, executor, x, y=None, *, loss=None, chunks=None, h0=None, kernels=None,

@@ -19,13 +19,17 @@ A :class:`~chainprod.DiagonalRecurrence` (``cell="diag"``) runs instead
 :meth:`TimeChunk.diag_local`, :meth:`TimeChunk.diag_finish` and
 :meth:`TimeChunk.diag_grads`, every chunk at once (see their comment), on
 the layer's own loops (:mod:`chainprod.kernels.ssm_numba`, ``ssm_numpy``).
+A Newton forward pass over time replaces the forward calls by the
+``newton_*`` calls of :mod:`chainprod.executors.time_newton`.
 
 What crosses a process boundary per step (what :func:`payload_bytes`
 counts, where it is sent): a layer's parameters once per chunk, one
 boundary state ``h`` (and ``c`` for an LSTM) ``(N, H)`` per layer forward
 and one boundary adjoint backward, and the chunk's partial parameter
 gradients and loss at the end. The inputs and every layer's outputs stay
-on the worker. Nothing depends on the chunk's length.
+on the worker. Nothing depends on the chunk's length, but the gradients of
+the chunk's inputs, reported when asked (``inputs=True``; kept apart in the
+report, ``"inputs"``).
 """
 
 from __future__ import annotations
@@ -37,11 +41,13 @@ import time
 import numpy as np
 
 from .sharded_worker import payload_bytes
+from .time_newton import TimeChunkNewton
 
 __all__ = ["TimeChunk", "CALLS", "CELLS", "param_names"]
 
 #: the calls :meth:`TimeChunk.run` accepts
-CALLS = frozenset({"forward", "backward", "report", "diag_local", "diag_finish", "diag_grads"})
+CALLS = frozenset({"forward", "backward", "report", "diag_local", "diag_finish", "diag_grads",
+                   "newton_begin", "newton_map", "newton_update", "newton_finish"})
 
 #: recurrent cell -> gates (blocks of ``H`` rows in ``W_ih``, ``W_hh``), as the kernel contract has them
 CELLS = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
@@ -53,7 +59,7 @@ def param_names(layer: int, bias: bool) -> tuple:
     return names + ((f"bias_ih_l{layer}", f"bias_hh_l{layer}") if bias else ())
 
 
-class TimeChunk:
+class TimeChunk(TimeChunkNewton):
     """Steps ``t0 .. t1-1`` of a sequence and every layer's states over them, resident in one process.
 
     Parameters
@@ -100,6 +106,8 @@ class TimeChunk:
         self.X, self.Hs, self.Z = [None] * L, [None] * L, [None] * L
         self.h0, self.c0 = [None] * L, [None] * L
         self.grads: dict = {}
+        self.inputs: dict = {}  # the gradients of the chunk's inputs (and of h0, c0 on the first chunk), if asked
+        self.newton = None  # a layer's Newton pass in progress (chainprod.executors.time_newton)
         self.dU = None  # dloss/d(input of the layer above), on its way down
         self.dtop = None
         self.value = 0.0
@@ -131,30 +139,36 @@ class TimeChunk:
     def _input(self, l):
         return self.x if l == 0 else self.Hs[l - 1]
 
-    def forward(self, l, params, state):
-        """Layer ``l`` over the chunk from ``state = (h, c)`` (``None``: zeros); returns the last ``(h, c)``.
-
-        ``params`` is ``(W_ih, W_hh, b_ih, b_hh)`` (biases ``None`` without
-        bias). The last chunk returns ``None``: no one consumes its state. On
-        the top layer the chunk's loss terms and their cotangents are formed
-        here, from its own targets.
-        """
+    def project(self, l, params):
+        """``(X, W_hh, b_hh)`` of layer ``l``: the input projections of every step, in one product."""
         W_ih, W_hh, b_ih, b_hh = params
         u = self._input(l)
         T, N, _ = u.shape
-        dt = u.dtype
         GH = W_hh.shape[0]
         X = (u.reshape(T * N, -1) @ W_ih.T).reshape(T, N, GH)
         if b_ih is not None:
             X += b_ih
-        b_hh = np.zeros(GH, dt) if b_hh is None else b_hh
+        b_hh = np.zeros(GH, u.dtype) if b_hh is None else b_hh
+        return X, np.ascontiguousarray(W_hh), b_hh
+
+    def forward(self, l, params, state, hand_on=True):
+        """Layer ``l`` over the chunk from ``state = (h, c)`` (``None``: zeros); returns the last ``(h, c)``.
+
+        ``params`` is ``(W_ih, W_hh, b_ih, b_hh)`` (biases ``None`` without
+        bias). The last chunk returns ``None``: no one consumes its state
+        (nor does anyone without ``hand_on``). On the top layer the chunk's
+        loss terms and their cotangents are formed here, from its own targets.
+        """
+        W_ih, b_ih = params[0], params[2]
+        X, W_hh, b_hh = self.project(l, params)
+        T, N, _ = X.shape
+        dt = X.dtype
         h0, c0 = (None, None) if state is None else state
         h0 = np.zeros((N, self.H), dt) if h0 is None else np.ascontiguousarray(h0, dtype=dt)
         if self.cell == "lstm":
             c0 = np.zeros((N, self.H), dt) if c0 is None else np.ascontiguousarray(c0, dtype=dt)
         else:
             c0 = None
-        W_hh = np.ascontiguousarray(W_hh)
         with np.errstate(over="ignore", invalid="ignore"):
             Hs, Z = self.kernels.forward(self.cell, np.ascontiguousarray(X), W_hh, b_hh, h0, c0)
         self.p[l] = (W_ih, W_hh, b_ih, b_hh)
@@ -164,7 +178,7 @@ class TimeChunk:
             self.bad = (l, self.t0 + int(np.argmin(fin)))
         if l == self.L - 1:
             self._loss(Hs)
-        if self.index == self.chunks - 1:
+        if self.index == self.chunks - 1 or not hand_on:
             return None, None
         return (Hs[-1].copy(), Z[-1, :, 4 * self.H:].copy() if self.cell == "lstm" else None), None
 
@@ -178,11 +192,12 @@ class TimeChunk:
                 self.value = float((r * r).sum(dtype=np.float64)) / self.count
                 self.dtop = np.ascontiguousarray(r * out.dtype.type(2.0 / self.count))
 
-    def backward(self, l, adjoint):
+    def backward(self, l, adjoint, inputs=False):
         """Backprop of layer ``l`` over the chunk from ``adjoint = (dh, dc)`` at its last step (``None``: zeros).
 
         Keeps the layer's partial parameter gradients and the cotangent of its
-        input (for layer ``l-1``); returns ``(dh0, dc0)`` for the chunk before
+        input (for layer ``l-1``; with ``inputs``, of ``x`` too, and the first
+        chunk keeps ``dh0, dc0``); returns ``(dh0, dc0)`` for the chunk before
         (the first chunk returns ``None``).
         """
         W_ih, W_hh, b_ih, b_hh = self.p[l]
@@ -200,7 +215,14 @@ class TimeChunk:
             if self.bias:
                 g += [dX2.sum(axis=0), db_hh]
             self.grads.update(zip(names, g))
-            self.dU = (dX2 @ W_ih).reshape(T, N, -1) if l > 0 else None
+            self.dU = (dX2 @ W_ih).reshape(T, N, -1) if l > 0 or inputs else None
+        if inputs:
+            if l == 0:
+                self.inputs["input"] = self.dU
+            if self.index == 0:
+                for name, d in (("h0", dh0), ("c0", dc0)):
+                    if d is not None:
+                        self.inputs.setdefault(name, [None] * self.L)[l] = d
         if self.index == 0:
             return None, None
         return (dh0, dc0), None
@@ -210,11 +232,17 @@ class TimeChunk:
     # the driver carries the P boundary states across (h_in of chunk b+1 = a^len_b * h_in_b + its
     # end state from zero), and each chunk runs again from its true h_in; the adjoints the same way
     # backwards. Three rounds of P independent calls, whatever P.
-    def diag_local(self, params):
-        """Keep ``params = (a, B, C, D)``; returns ``(None, the chunk's last state run from zero)``."""
-        a, B, C, D = self.p = params
+    def diag_project(self, params):
+        """Keep ``params = (a, B, C, D)`` and ``B u_t`` of every step."""
+        B = params[1]
+        self.p = params
         T, N, d_in = self.x.shape
         self.BU = (self.x.reshape(T * N, d_in) @ B.T).reshape(T, N, -1)
+
+    def diag_local(self, params):
+        """Keep ``params = (a, B, C, D)``; returns ``(None, the chunk's last state run from zero)``."""
+        self.diag_project(params)
+        a, N = params[0], self.x.shape[1]
         Hs = np.empty_like(self.BU)
         with np.errstate(over="ignore", invalid="ignore"):
             self.ssm.states(a, self.BU, np.zeros((N, a.shape[0]), a.dtype), Hs)
@@ -240,8 +268,11 @@ class TimeChunk:
             self.ssm.adjoint(a, self.G, Hs, h_in, mu, np.empty_like(a))
         return None, mu[0].copy()
 
-    def diag_grads(self, g):
-        """The adjoints from ``g`` (arriving at the last state from later) and the partial gradients."""
+    def diag_grads(self, g, inputs=False):
+        """The adjoints from ``g`` (arriving at the last state from later) and the partial gradients.
+
+        With ``inputs``, also the gradient of the chunk's inputs (and of ``h0`` on the first chunk).
+        """
         a, B, C, D = self.p
         T, N, d_in = self.x.shape
         G = self.G.copy()
@@ -253,11 +284,16 @@ class TimeChunk:
             self.grads = {"a": da, "B": lam.reshape(T * N, -1).T @ u2, "C": dY2.T @ self.Hs[0].reshape(T * N, -1)}
             if D is not None:
                 self.grads["D"] = dY2.T @ u2
+            if inputs:
+                du = lam.reshape(T * N, -1) @ B + (0 if D is None else dY2 @ D)
+                self.inputs["input"] = du.reshape(T, N, d_in)
+                if self.index == 0:
+                    self.inputs["h0"] = a * lam[0]
         return self.report()
 
     def report(self):
-        """The end of a step: ``(None, report)`` with the partial gradients, the loss terms and what was sent."""
+        """The end of a step: ``(None, report)``: partial gradients, loss terms, input gradients, what was sent."""
         rep = {"chunk": self.index, "loss": self.value, "grads": self.grads, "bad": self.bad,
-               "seconds": self.seconds, "pid": os.getpid()}
+               "seconds": self.seconds, "pid": os.getpid(), "inputs": self.inputs}
         rep["sent"] = self.sent + payload_bytes(rep)
         return None, rep
