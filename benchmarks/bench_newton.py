@@ -5,7 +5,7 @@ A script (not a pytest-benchmark suite)::
     python3 benchmarks/bench_newton.py --quick     # under a minute on 2 cores
     python3 benchmarks/bench_newton.py             # L up to 4096, T = 1000, widths 8, 32, 64
 
-It prints five markdown tables:
+It prints six markdown tables:
 
 1. **iterations against L**: contractive tanh chains (``w -> w`` layers,
    weights ``0.5 randn / sqrt(w)``), every method, with the *work ratio*:
@@ -24,7 +24,18 @@ It prints five markdown tables:
    with the scan's level set by the measured time of one iteration at P = 1;
    dense blocks for DEER/ELK, diagonal blocks for the quasi methods;
 5. **the divergent case**: a chaotic tanh RNN (positive Lyapunov exponent)
-   on which DEER overflows and ELK's damping converges.
+   on which DEER overflows and ELK's damping converges;
+6. **compiled against numpy** (``--section compiled`` prints it alone): each
+   method's pass and time per iteration with ``kernels="numpy"`` (the
+   problem's numpy rules and :func:`chainprod.linear_recurrence` on the
+   executors) and ``kernels="numba"`` (:mod:`chainprod.newton_steps`: one
+   compiled linearisation and one compiled affine scan per iteration),
+   beside the sequential compiled pass; ``"vectorized"`` at ``P = 1``,
+   ``"threads"`` with ``workers = 2`` at ``P = 2``. The runs are
+   interleaved (every variant once per round) and the minimum kept, since
+   on a shared machine every other run is the same work plus interference.
+
+Tables 1-5 run on the default kernels (compiled).
 
 Work model (flops, multiply-adds counted as 2): the sequential pass is ``n``
 steps of ``f`` (``2 N G S^2``, ``G`` gates; the input projections, the same
@@ -147,6 +158,46 @@ def iterations_vs_contractivity(L, w, N, scales, schedule):
           "exponent per layer)", ["weight scale", "lambda"] + list(METHODS), rows)
 
 
+def interleaved_minima(fns, repeats):
+    """``{key: best seconds}`` of each ``fns[key]()`` over ``repeats`` rounds that run every function once."""
+    for fn in fns.values():
+        fn()  # warm-up: compiles, binds plans
+    best = dict.fromkeys(fns, np.inf)
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    return best
+
+
+def compiled_vs_numpy(cases, N, repeats, schedule):
+    rows = []
+    for L, w in cases:
+        chain, x = model_for("chain", L, w, N)
+        for P in (1, 2):
+            backend = "vectorized" if P == 1 else "threads"
+            with thread_limit(P):
+                fns, its = {"seq": lambda chain=chain, x=x: sequential(chain, x)}, {}
+                for m in METHODS:
+                    tr, _ = run(chain, x, m, schedule=schedule, backend=backend, workers=P)
+                    its[m] = tr if isinstance(tr, str) else tr.iterations
+                    for k in ("numpy", "numba"):
+                        fns[m, k] = lambda chain=chain, x=x, m=m, k=k, backend=backend, P=P: cp.forward(
+                            chain, x, method=m, schedule=schedule, backend=backend, workers=P, kernels=k)
+                best = interleaved_minima(fns, repeats)
+            ts = best["seq"]
+            for m in METHODS:
+                tn, tc, it = best[m, "numpy"], best[m, "numba"], its[m]
+                per = [f"{t / it * 1e3:.2f}" if isinstance(it, int) and it else "-" for t in (tn, tc)]
+                rows.append([L, w, P, f"{ts * 1e3:.2f}", m, it, f"{tn * 1e3:.1f}", f"{tc * 1e3:.1f}", *per,
+                             f"{tn / tc:.1f}x", f"{tc / ts:.0f}x"])
+    table(f"Compiled Newton iterations against numpy (tanh chain, N = {N}, schedule {schedule}; P = 1: vectorized, "
+          f"P = 2: threads, workers = 2; minima of {repeats} interleaved runs, ms)",
+          ["L", "w", "P", "sequential (compiled)", "method", "iterations", "numpy pass", "compiled pass",
+           "numpy / iteration", "compiled / iteration", "numpy / compiled", "compiled / sequential"], rows)
+
+
 def ideal_workers(sim_cell, n, w, N, seq_seconds, iter_seconds, max_log2=16):
     """As :func:`crossover_workers`, on the simulator's ``"ideal"`` backend (no round or task latency)."""
     S = 2 * w if sim_cell == "lstm" else w
@@ -232,18 +283,27 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes: under a minute")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--schedule", default="sklansky")
+    ap.add_argument("--section", choices=("all", "compiled"), default="all",
+                    help="'compiled': only table 6, compiled against numpy")
     a = ap.parse_args(argv)
     q = a.quick
     repeats = a.repeats or (3 if q else 5)
     t0 = time.perf_counter()
     print(f"# bench_newton{' --quick' if q else ''}: {os.cpu_count()} cores, load average "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    cases = [(L, w) for L in ((256, 1024) if q else (1024, 4096)) for w in (8, 32)]
+    if a.section == "compiled":
+        compiled_vs_numpy(cases, 4, repeats, a.schedule)
+        print(f"\n({time.perf_counter() - t0:.0f} s; load average after: "
+              f"{', '.join(f'{v:.2f}' for v in os.getloadavg())})")
+        return
     iterations_vs_L((64, 256, 1024) if q else (64, 256, 1024, 4096), 8, 4, a.schedule)
     iterations_vs_contractivity(256 if q else 1024, 8, 4, (0.25, 0.5, 1.0, 1.5, 2.0, 3.0), a.schedule)
     n = 256 if q else 1000
     times([("chain", n, 16, 4), ("rnn", n, 16, 4), ("gru", n, 16, 4)], repeats, a.schedule)
     crossover(("chain", "rnn", "gru"), (8, 32) if q else (8, 32, 64), n, 4, repeats, a.schedule)
     divergent(1000, 8, 3.0)
+    compiled_vs_numpy(cases, 4, repeats, a.schedule)
     print(f"\n({time.perf_counter() - t0:.0f} s; load average after: "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())})")
 

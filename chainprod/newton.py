@@ -232,7 +232,10 @@ def newton_forward(model, x, *, method="deer", schedule="auto", backend="vectori
         Recurrent models' initial state, as their ``forward`` takes it.
     kernels : {"numba", "numpy"}, optional
         The kernel set the returned tape names (a chain's backward pass
-        runs on it), and the sequential fallback's.
+        runs on it), the sequential fallback's, and the iterations': on
+        ``"numba"`` (the default) with backend ``"vectorized"`` or
+        ``"threads"`` every scan is one compiled kernel call and a chain's
+        linearisation another (:mod:`chainprod.newton_steps`).
 
     Returns
     -------
@@ -257,13 +260,14 @@ def newton_forward(model, x, *, method="deer", schedule="auto", backend="vectori
                         f"{type(model).__name__}")
 
     result, trace = run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback,
-                                engine_options)
+                                engine_options, kernels)
     if result is None:  # fell back: the trace says why
         result = _sequential(model, x, h0, kernels, None)
     return (result, trace) if return_trace else result
 
 
-def run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options):
+def run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options,
+                kernels=None):
     """``(run(opts, trace), trace)`` with the options checked; ``(None, trace)`` where ``fallback`` takes over.
 
     The one place that says what ``fallback="sequential"`` means: a run that
@@ -272,7 +276,7 @@ def run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping,
     """
     workers, tol, max_iter, damping = check_newton_args(method, schedule, backend, workers, tol, max_iter,
                                                         damping, fallback)
-    opts = SolveOptions(method, schedule, backend, workers, tol, max_iter, damping, engine_options)
+    opts = SolveOptions(method, schedule, backend, workers, tol, max_iter, damping, engine_options, kernels)
     trace = NewtonTrace(method, backend=getattr(backend, "name", backend), workers=workers)
     try:
         return run(opts, trace), trace
@@ -370,7 +374,8 @@ def gradient_tape(model, x, *, method, h0=None, kernels=None, schedule="auto", b
         raise TypeError(f"a Newton forward pass takes a Chain, RNN, GRU, LSTM or DiagonalRecurrence, got "
                         f"{type(model).__name__}")
 
-    return run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options)
+    return run_guarded(run, method, schedule, backend, workers, tol, max_iter, damping, fallback, engine_options,
+                       kernels)
 
 
 def model_lyapunov(model, x, *, h0=None, seed=0):

@@ -107,7 +107,7 @@ class ChainBody(Problem):
     unit = "layer"
 
     def __init__(self, chain: Chain, start: int, stop: int, h0):
-        self.offset = start
+        self.chain, self.offset = chain, start  # the compiled kernels read the chain's packing
         self.n, (self.N, self.S) = stop - start, h0.shape
         self.h0 = h0
         # the chain's runs inside [start, stop): runs never straddle the head or the readout (other shapes)

@@ -1,7 +1,9 @@
 """The Newton iteration itself: a problem's trajectory by repeated affine scans, and its trace.
 
 :func:`solve` runs DEER, quasi-DEER, ELK or quasi-ELK on any problem of
-:mod:`chainprod.newton_models`; :mod:`chainprod.newton` checks the
+:mod:`chainprod.newton_models` (an iteration's evaluation and linear solve are
+:mod:`chainprod.newton_steps`', on numpy or on the compiled kernels);
+:mod:`chainprod.newton` checks the
 arguments, builds the problems from a model and returns what the model's
 sequential pass returns. ``docs/newton.md`` has the math.
 """
@@ -12,10 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .blocks import Diag
 from .errors import ConvergenceError, NonFiniteError
-from .newton_models import previous
-from .recurrence import linear_recurrence
+from .newton_steps import make_steps, residual
 
 __all__ = ["METHODS", "DEFAULT_TOL", "MAX_ITER_CAP", "NewtonTrace", "SolveOptions", "residual", "solve", "limits",
            "first_damping", "next_damping", "rejected_damping", "not_converged"]
@@ -102,12 +102,8 @@ class SolveOptions:
     max_iter: int | None
     damping: float | None
     engine_options: dict | None
-
-
-def residual(x, F):
-    """``max |x - F| / max(1, max |x|)``: absolute for small states, relative for large ones."""
-    scale = max(1.0, float(np.max(np.abs(x))))
-    return float(np.max(np.abs(x - F))) / scale
+    #: ``"numba"``, ``"numpy"`` or None (the default set): the compiled steps serve the local backends
+    kernels: str | None = None
 
 
 def limits(opts: SolveOptions, n, dtype):
@@ -151,11 +147,6 @@ def not_converged(method, res, k, tol, n, N, S, trace):
         "or pass fallback='sequential' to finish by the sequential pass", res, k, tol, trace)
 
 
-def _first_bad(a):
-    ok = np.isfinite(a.reshape(a.shape[0], -1)).all(axis=1)
-    return -1 if ok.all() else int(np.flatnonzero(~ok)[0])
-
-
 def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0):
     """The trajectory ``(n, N, S)`` of ``problem`` (:mod:`chainprod.newton_models`) by Newton iterations.
 
@@ -178,33 +169,22 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
     tol, max_iter = limits(opts, n, dtype)
     trace.tol, trace.max_iter = tol, max_iter
     adaptive, lam = first_damping(opts, problem.linear)
+    # numpy, or the compiled kernels on a local backend (chainprod.newton_steps): the same iteration
+    steps = make_steps(problem, opts, diag)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite values are reported with their step
-        prev = previous(h0, x)
-        F, point = problem.evaluate(prev)
-        t = _first_bad(F)
-        if t >= 0:
-            raise NonFiniteError(f"{method}: f at the initial guess is not finite at {problem.where(t)}",
-                                 (t, t))
-        res = residual(x, F)
+        ev = steps.evaluate(x)
+        if ev.bad >= 0:
+            raise NonFiniteError(f"{method}: f at the initial guess is not finite at {problem.where(ev.bad)}",
+                                 (ev.bad, ev.bad))
+        res = ev.res
         trace.initial_residuals.append(res)
         k = 0
         while not res <= tol:
             if k == max_iter:
                 raise not_converged(method, res, k, tol, n, N, S, trace)
             k += 1
-            J = problem.jacobian(point, diag)
-            Jx = J * prev if J.ndim == 3 else np.matmul(J, prev[..., None])[..., 0]
-            b = F - Jx  # f(s̄_{t-1}) - J s̄_{t-1}
-            if lam:
-                # Levenberg-Marquardt, causal form: s_t = (J s_{t-1} + b_t + lam s̄_t) / (1 + lam)
-                b += lam * x
-                b /= 1 + lam
-                J = J / (1 + lam)
-            A = Diag(J) if J.ndim == 3 else J
             try:
-                xn, tr = linear_recurrence(A, b, h0, method=opts.schedule, backend=opts.backend,
-                                           workers=opts.workers, return_trace=True,
-                                           engine_options=opts.engine_options)
+                xn, trace.schedule, rounds = steps.step(ev, x, lam)  # linearise at x, one affine scan
             except NonFiniteError as err:
                 t = err.layers[1] if err.layers else 0
                 if adaptive:
@@ -216,12 +196,8 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
                     "product of many Jacobians grows without bound: the model is not contractive along this "
                     "guess); try method='elk' or 'quasi_elk' (damping) or fallback='sequential'",
                     (t, t)) from err
-            trace.schedule = tr.schedule.name if tr.schedule is not None else "loop"
-            rounds = tr.schedule.rounds if tr.schedule is not None else n
-            prev_n = previous(h0, xn)
-            F_n, point_n = problem.evaluate(prev_n)
-            t = _first_bad(F_n)
-            res_n = residual(xn, F_n) if t < 0 else np.inf
+            ev_n = steps.evaluate(xn)
+            t, res_n = ev_n.bad, ev_n.res
             if adaptive and t >= 0:
                 trace.record(solve_id, res, rounds, lam, False)  # rejected: the guess stays
                 lam = rejected_damping(lam)
@@ -230,7 +206,7 @@ def solve(problem, opts: SolveOptions, trace: NewtonTrace, init=None, solve_id=0
                 raise NonFiniteError(f"{method} iteration {k}: f is not finite at {problem.where(t)} (the iterate "
                                      "there grew too large); try method='elk' or fallback='sequential'", (t, t))
             res_prev = res
-            x, prev, F, point, res = xn, prev_n, F_n, point_n, res_n
+            x, ev, res = xn, ev_n, res_n
             trace.record(solve_id, res, rounds, lam, True)
             if adaptive:
                 lam = next_damping(lam, res_n < res_prev)

@@ -53,7 +53,7 @@ STACK = [
     ["chainprod.products", "chainprod.recurrence", "chainprod.recurrent_io", "chainprod.recurrent_grad"],
     ["chainprod.recurrent", "chainprod.rnn", "chainprod.ssm_grad", "chainprod.ssm",
      "chainprod.recurrent_array", "chainprod.recurrent_array_cells", "chainprod.ssm_array"],
-    ["chainprod.newton_models", "chainprod.newton_solve", "chainprod.newton"],
+    ["chainprod.newton_models", "chainprod.newton_steps", "chainprod.newton_solve", "chainprod.newton"],
     ["chainprod.plan"],
     ["chainprod.shard_trace", "chainprod.shard_plan", "chainprod.shard_recovery", "chainprod.shard_newton"],
     ["chainprod.shard", "chainprod.shard_time", "chainprod.shard_time_newton"],
