@@ -239,7 +239,7 @@ class Recurrent:
         tape = []
         for layer in range(self.num_layers):
             W_ih, W_hh, (b_ih, b_hh) = self._layer(layer)
-            X = u @ W_ih.T  # every step's input projection in one product: only W_hh waits for h_{t-1}
+            X = (u.reshape(-1, u.shape[2]) @ W_ih.T).reshape(u.shape[0], u.shape[1], -1)  # one 2-D product, all steps
             if b_ih is not None:
                 X += b_ih
             c = None if c0 is None else np.ascontiguousarray(c0[layer])

@@ -30,6 +30,9 @@ def _layout(batch_first):
 
 def _first_bad_step(arr):
     """The first step ``t`` (axis 0) holding a NaN or infinity, and the index inside it; None if all finite."""
+    # the common case in one read: a sum of finite values is finite unless it overflows (then the search below)
+    if np.isfinite(np.add.reduce(arr.reshape(-1), dtype=np.float64)):
+        return None
     bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
     if not bad.any():
         return None

@@ -11,42 +11,51 @@ How the kernels are built:
 - **One compiled loop over every step** per call (:mod:`.recurrent_numba_loops`):
   the Python functions here only check dtypes and shapes, allocate the
   outputs and choose the paths below. No allocation and no Python per step.
-- **Per-step products, loops or BLAS by size.** Each step multiplies the
-  ``N`` states by ``W_hh`` (forward: ``h W_hh^T``; backward: the adjoint
-  ``dG W_hh``). Small ones are fused loops whose inner loop runs along a
-  contiguous row (``W_hh^T``'s, copied once per call, in the forward pass;
-  ``W_hh``'s own in the backward one), so it vectorises without
-  reassociating a sum; from :data:`STEP_BLAS_MIN` multiply-adds per step on
-  (:data:`STEP_BLAS_MIN_BATCH` from two samples on),
-  one ``gemm`` per step (:mod:`.numba_blas`, on one BLAS thread).
-- **dW_hh after the loop.** ``dW_hh = sum_t dG_t^T h_{t-1}`` is accumulated
-  by the loop (fused with the adjoint's product) while a step is small, and
-  from :data:`DW_BLAS_MIN` multiply-adds per step on it is one product over
-  all ``T * N`` rows once the loop is done: the gate gradients are ``dX``
-  itself for the RNN and the LSTM, and for the GRU ``dX`` with its
-  ``n``-chunk scaled by ``r``, which the loop keeps in a ``(T, N, H)`` array.
-- Activations are vectorisable: in float64 the ``tanh`` and ``sigmoid`` of
-  :mod:`.numba_math` / :mod:`.numba_rules`, in float32 shorter ones of
-  :mod:`.recurrent_numba_loops` (a degree-7 ``exp``, int32 exponents).
-  Every constant takes the array's type, so float32 is computed in float32
-  (``sgemm`` included).
-- Threads: one. A step is microseconds of work; the caller's threads are
-  for the products around the kernels (``X``, ``dW_ih``, ``du``), which
-  ``dW_hh``'s product after the loop joins (numpy's BLAS, on its threads).
-- ``error_model="numpy"`` and ``fastmath=False`` (IEEE arithmetic in the
-  written order), ``cache=True``: compiled once per machine and dtype.
+- **Per-step products in registers.** Each step multiplies the ``N``
+  states by ``W_hh`` (forward: ``h W_hh^T``; backward: the adjoint
+  ``dG W_hh``): :func:`.recurrent_numba_simd.rows_times` keeps up to eight
+  vectors of sums in registers over a product (``W_hh^T`` and ``W_hh`` are
+  copied once per call with rows padded to whole vectors). From
+  :data:`STEP_BLAS_MIN` multiply-adds per step on (:data:`STEP_BLAS_MIN_BATCH`
+  from two samples on) one ``gemm`` per step instead (:mod:`.numba_blas`,
+  on one BLAS thread); BLAS lost at every size measured.
+- **dW_hh after the loop.** ``dW_hh = sum_t dG_t^T h_{t-1}`` is one product
+  over all ``T * N`` rows once the loop is done (numpy's BLAS) from
+  :data:`DW_BLAS_MIN` multiply-adds per call on, and accumulated step by
+  step below: the gate gradients are ``dX`` itself for the RNN and the
+  LSTM, and for the GRU ``dX`` with its ``n``-chunk scaled by ``r``, which
+  the loop keeps in a ``(T, N, H)`` array. ``db_hh`` is summed in float64
+  (a sum of ``T N`` terms; in float32 step by step it drifted by 4e-6).
+- Activations are vectorisable (:mod:`.recurrent_numba_act`): in float64
+  the ``tanh`` and ``sigmoid`` of :mod:`.numba_math` / :mod:`.numba_rules`,
+  in float32 a rational ``tanh`` (no ``exp``) and ``sigmoid`` from it.
+  Every constant takes the array's type, so float32 is computed in float32.
+- **Threads: groups of the batch, when asked.** Samples never meet in a
+  recurrence, so from :data:`PARALLEL_MIN_WORK` multiply-adds per call
+  (off by default: measured slower on a shared 2-core machine) the batch
+  is cut into one contiguous group per numba thread
+  (``numba.set_num_threads``), each running every step alone: no
+  synchronisation per step, which a step of microseconds could not pay
+  for. Otherwise one thread; the caller's threads serve the products
+  around the kernels (``X``, ``dW_ih``) and ``dW_hh``'s after the loop.
+- ``error_model="numpy"``, ``boundscheck=False`` and ``fastmath=False``
+  (IEEE arithmetic in the written order, no fused multiply-add),
+  ``cache=True``: compiled once per machine and dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 
+import numba
 import numpy as np
 
 from . import numba_blas
-from .recurrent_numba_loops import backward_loop, forward_loop, padded
+from .recurrent_numba_loops import backward_chunks, backward_loop, forward_chunks, forward_loop
+from .recurrent_numba_simd import padded_width
 
-__all__ = ["CELLS", "DW_BLAS_MIN", "GATES", "STEP_BLAS_MIN", "STEP_BLAS_MIN_BATCH", "backward", "forward", "precompile"]
+__all__ = ["CELLS", "DW_BLAS_MIN", "GATES", "PARALLEL_MIN_WORK", "STEP_BLAS_MIN", "STEP_BLAS_MIN_BATCH", "backward",
+           "forward", "precompile"]
 
 NAME = "numba"
 
@@ -56,17 +65,27 @@ CELLS = tuple(GATES)
 _CODES = {"rnn_tanh": 0, "rnn_relu": 1, "gru": 2, "lstm": 3}
 
 #: multiply-adds per step (``N * G * H * H``) from which a step's product with ``W_hh`` is one BLAS call,
-#: for one sample (``N = 1``: a matrix-vector product). Measured per step, float32, loops / BLAS: the
-#: LSTM at H=20 (1600) 0.56 / 0.83 us forward, at H=32 (4096) 0.78 / 0.74; the RNN at H=64 (4096)
-#: 0.53 / 0.42
-STEP_BLAS_MIN = 3000
-#: the same from two samples on (a matrix product), where BLAS won from the smallest size measured:
-#: the RNN at N=4, H=8 (256) 0.21 / 0.16 us forward, 0.45 / 0.39 backward; the LSTM at N=16, H=20 5.9 / 4.3
-STEP_BLAS_MIN_BATCH = 256
-#: multiply-adds per step from which ``dW_hh`` is one BLAS product after the loop instead of being
-#: accumulated in it: the product after the loop was as fast or faster from 64 on (backward per step,
-#: the LSTM at N=1, H=20: 0.92 us accumulated, 0.63 after; at N=16, H=64: 73.8 / 63.6 with loops)
-DW_BLAS_MIN = 256
+#: for one sample (``N = 1``: a matrix-vector product); below it, the register-blocked products of
+#: :mod:`.recurrent_numba_simd`. Those won at every size measured (forward per step, float32, one thread,
+#: under load, theirs / BLAS's: the RNN at H=64 (4096) 0.28 / 3.0 us, at H=512 (262144) 35 / 197; the
+#: LSTM at H=128 (65536) 7.6 / 46.6): BLAS is kept for steps beyond those
+STEP_BLAS_MIN = 1 << 21
+#: the same from two samples on (a matrix product); measured the same way: the LSTM at N=16, H=20
+#: (25600) 3.8 / 4.6 us, at H=64 (262144) 26.3 / 24.4, at H=128 (1048576) 74 / 85; the RNN at N=16,
+#: H=256 (1048576) 54 / 67
+STEP_BLAS_MIN_BATCH = 1 << 21
+#: multiply-adds of the whole call (``T N G H^2``) from which ``dW_hh`` is one BLAS product after the
+#: loop instead of being accumulated in it, step by step (backward per step, T = 1000, the tanh RNN at
+#: N=1, H=8: 0.27 us accumulated, 0.22 after; the LSTM at N=1, H=20: 0.91 / 0.53)
+DW_BLAS_MIN = 1 << 15
+#: multiply-adds of a whole call's products with ``W_hh`` (``T N G H^2``) from which the batch is cut into
+#: groups, one per numba thread (each group runs every step alone: no synchronisation per step). Off by
+#: default: on the 2-core development VM, shared with other jobs, two threads never ran faster than one (a
+#: trivially parallel numba loop: 50 ms on one thread, 50-73 ms on two; a training step of the LSTM at
+#: N=16, H=20, T=1000, float32, P=2: 73.7 ms cut in two groups, 35.1 ms for the one-thread kernels before
+#: the register-blocked products, in the same run). Set it (1 << 18, say) where numba's threads have
+#: cores of their own
+PARALLEL_MIN_WORK = 1 << 62
 
 
 def _fail(msg):
@@ -126,6 +145,30 @@ def _one_blas_thread(step_macs, blas):
     return numba_blas.one_blas_thread()
 
 
+def _padded_rows(a):
+    """A C-order copy of the matrix ``a`` with its rows padded with zeros to whole vectors (the products' layout)."""
+    rows, cols = a.shape
+    out = np.zeros((rows, padded_width(cols, a.dtype)), a.dtype)
+    out[:, :cols] = a
+    return out
+
+
+def _unsigned(*sizes):
+    # the loops take every size unsigned (why: recurrent_numba_loops)
+    return tuple(np.uint64(n) for n in sizes)
+
+
+def _chunks(T, N, GH, H):
+    """Groups of the batch to run on numba's threads (1: one loop on the caller's thread).
+
+    From :data:`PARALLEL_MIN_WORK` multiply-adds per call of the product with
+    ``W_hh``, at most one group per thread and per sample.
+    """
+    if N < 2 or T * N * GH * H < PARALLEL_MIN_WORK:
+        return 1
+    return max(1, min(numba.get_num_threads(), N))
+
+
 def _step_blas(N, GH, H):
     return N * GH * H >= (STEP_BLAS_MIN if N == 1 else STEP_BLAS_MIN_BATCH) and numba_blas.blas_available()
 
@@ -139,15 +182,19 @@ def forward(cell, X, W_hh, b_hh, h0, c0):
     K = {1: 0, 3: 4 * H, 4: 5 * H}[G]
     Hs = np.empty((T, N, H), X.dtype)
     Z = np.empty((T, N, K), X.dtype)
-    blas = _step_blas(N, G * H, H)
-    WT = np.ascontiguousarray(W_hh.T)  # the loops' rows: a step adds h[k] * W_hh[:, k] to the gates
-    work = np.zeros(N * G * H + 2 * padded(N * H), X.dtype)  # zeros: the padding is computed, never used
+    nchunks = _chunks(T, N, G * H, H)
+    blas = _step_blas(N // nchunks, G * H, H)
+    WTp = _padded_rows(W_hh.T)  # the products' rows: a step adds h[k] * W_hh[:, k] to the gates
     coef = np.ones((G, H), X.dtype)
     if cell == "lstm":
         coef[2] = 2  # the g-gate's tanh(v) = 2 sigmoid(2 v) - 1, in the sigmoid gates' loop
+    args = (_CODES[cell], X.reshape(-1), W_hh.reshape(-1), WTp.reshape(-1), b_hh, h0.reshape(-1), c0.reshape(-1),
+            Hs.reshape(-1), Z.reshape(-1), coef.reshape(-1), *_unsigned(T, N, H))
     with _one_blas_thread(N * G * H * H, blas):
-        forward_loop(_CODES[cell], X.reshape(-1), W_hh.reshape(-1), WT.reshape(-1), b_hh, h0.reshape(-1),
-                     c0.reshape(-1), Hs.reshape(-1), Z.reshape(-1), work, coef.reshape(-1), T, N, H, blas)
+        if nchunks == 1:
+            forward_loop(*args, *_unsigned(0, N), blas)
+        else:
+            forward_chunks(*args, _unsigned(nchunks)[0], blas)
     return Hs, Z
 
 
@@ -171,21 +218,32 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None):
         _fail(f"dcT is only for 'lstm'; got an array of shape {getattr(dcT, 'shape', None)} for {cell!r}")
     else:
         dc = np.zeros((0, H), dtype)
-    blas = _step_blas(N, GH, H)
-    blas_dw = N * GH * H >= DW_BLAS_MIN and T > 0 and numba_blas.blas_available()
+    nchunks = _chunks(T, N, GH, H)
+    blas = _step_blas(N // nchunks, GH, H)
+    blas_dw = T * N * GH * H >= DW_BLAS_MIN and T > 0 and numba_blas.blas_available()
     dX = np.empty((T, N, GH), dtype)
-    dW = np.zeros((GH, H), dtype)
-    db = np.zeros(GH, dtype)
-    dG = np.empty(N * GH, dtype)  # one step's gate gradients (the GRU's differ from dX in the n-chunk)
+    db = np.zeros(GH)  # summed in float64 over every step and sample (why: recurrent_numba_loops)
     dGn = np.empty((T, N, H) if blas_dw and G == 3 else (0, 0, H), dtype)  # the GRU's r * dn, for dW_hh
+    Wp = _padded_rows(W_hh)
+    Hp = Wp.shape[1]
+    args = (_CODES[cell], W_hh.reshape(-1), Wp.reshape(-1), h0.reshape(-1), c0.reshape(-1), Hs.reshape(-1),
+            Z.reshape(-1), dHs.reshape(-1), dX.reshape(-1))
     with _one_blas_thread(N * GH * H, blas):
-        backward_loop(_CODES[cell], W_hh.reshape(-1), h0.reshape(-1), c0.reshape(-1), Hs.reshape(-1),
-                      Z.reshape(-1), dHs.reshape(-1), dX.reshape(-1), dW.reshape(-1), db, dh.reshape(-1),
-                      dc.reshape(-1), dG, dGn.reshape(-1), np.zeros(padded(N * H), dtype), T, N, H, blas,
-                      blas_dw)
+        if nchunks == 1:
+            dWp = np.zeros((GH, Hp), dtype)
+            backward_loop(*args, dWp.reshape(-1), db, dh.reshape(-1), dc.reshape(-1), dGn.reshape(-1),
+                          *_unsigned(T, N, H, 0, N), blas, blas_dw)
+        else:
+            dWs = np.zeros((nchunks, GH * Hp), dtype)  # each group's sums, added up below
+            dbs = np.zeros((nchunks, GH))
+            backward_chunks(*args, dWs, dbs, dh.reshape(-1), dc.reshape(-1), dGn.reshape(-1),
+                            *_unsigned(T, N, H, nchunks), blas, blas_dw)
+            dWp = dWs.sum(axis=0).reshape(GH, Hp)
+            db += dbs.sum(axis=0)
+    dW = np.ascontiguousarray(dWp[:, :H])
     if blas_dw:
         _dw_after(G, T, N, H, dX, dGn, Hs, h0, dW)
-    return dX, dW, db, dh, (dc if lstm else None)
+    return dX, dW, db.astype(dtype), dh, (dc if lstm else None)
 
 
 def _dw_after(G, T, N, H, dX, dGn, Hs, h0, dW):
@@ -210,19 +268,21 @@ def precompile(dtypes=(np.float32, np.float64)):
     """Compile (or load from the on-disk cache) both loops, every path, for ``dtypes``; returns the seconds."""
     import time
 
-    global STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH, DW_BLAS_MIN
+    global STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH, DW_BLAS_MIN, PARALLEL_MIN_WORK
     t0 = time.perf_counter()
-    saved = STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH, DW_BLAS_MIN
+    saved = STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH, DW_BLAS_MIN, PARALLEL_MIN_WORK
     try:
         for dt in dtypes:
-            for threshold in (1 << 62, 0):  # every product a loop, then every one in BLAS
+            # every product a loop, then every one in BLAS; one group of the batch, then one per thread
+            for threshold, parallel in ((1 << 62, 1 << 62), (0, 1 << 62), (1 << 62, 0), (0, 0)):
                 STEP_BLAS_MIN = STEP_BLAS_MIN_BATCH = DW_BLAS_MIN = threshold
+                PARALLEL_MIN_WORK = parallel
                 for cell, G in GATES.items():
-                    X = np.zeros((2, 1, G), dt)
-                    W, b, h = np.zeros((G, 1), dt), np.zeros(G, dt), np.zeros((1, 1), dt)
+                    X = np.zeros((2, 2, G), dt)
+                    W, b, h = np.zeros((G, 1), dt), np.zeros(G, dt), np.zeros((2, 1), dt)
                     c = h if cell == "lstm" else None
                     Hs, Z = forward(cell, X, W, b, h, c)
                     backward(cell, X, W, b, h, c, Hs, Z, Hs)
     finally:
-        STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH, DW_BLAS_MIN = saved
+        STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH, DW_BLAS_MIN, PARALLEL_MIN_WORK = saved
     return time.perf_counter() - t0
