@@ -43,7 +43,15 @@ def engine(request):
     """An executor on each engine's embedded cluster (started once, shared with the other test files)."""
     ex = cp.get_executor(request.param)
     cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=2)  # start it
-    return type(ex)(workers=2, timeout=300)
+    engine = type(ex)(workers=2, timeout=300)
+    if engine.name == "dask":
+        # an earlier file's kills may leave the shared local cluster short of a worker: scale it back first
+        client = engine.connect(2)
+        cluster = getattr(client, "cluster", None)
+        if cluster is not None and len(cluster.workers) < 2:
+            cluster.scale(2)
+        client.wait_for_workers(2, timeout=120)
+    return engine
 
 
 @pytest.fixture(scope="module")
