@@ -24,7 +24,7 @@ from .errors import NonFiniteError  # also re-exported for users of chainprod.gr
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .forward_methods import add_forward_note, chain_tape
 from .layers import Chain
-from .quick import try_grad
+from .quick import shared_ones, try_grad
 from .schedules import Schedule
 from .tape import Tape, forward, layer_tape, resolve_kernels
 
@@ -116,7 +116,7 @@ def _loss(tape, y, loss, want_value):
         if y.dtype != out.dtype:
             raise TypeError(f"y is {y.dtype} but the chain is {out.dtype}")
     if not want_value and loss == "sum":
-        return None, _ones(out.shape, out.dtype)
+        return None, shared_ones(out.shape, out.dtype)
     value_fn, cotangent_fn = LOSSES[loss]
     # Finite outputs far from y can overflow the squares (the value is then inf, the correctly rounded
     # answer) or the difference (an infinite cotangent, which the backward pass reports as a NonFiniteError
@@ -130,19 +130,6 @@ def _loss(tape, y, loss, want_value):
     return value, cotangent
 
 
-_ONES: dict = {}
-
-
-def _ones(shape, dtype):
-    """The "sum" cotangent for ``grad``, which never hands it out: one read-only array per shape and dtype."""
-    key = (shape, dtype)
-    got = _ONES.get(key)
-    if got is None:
-        if len(_ONES) >= 64:
-            _ONES.clear()
-        got = _ONES[key] = np.ones(shape, dtype)
-        got.flags.writeable = False
-    return got
 
 
 def loss_seed(tape: Tape, y=None, loss=None):

@@ -28,19 +28,19 @@ from .kernels import LayerGrads, get_kernels, pack
 from .layers import Chain
 from .tape import resolve_kernels
 
-__all__ = ["try_grad"]
+__all__ = ["try_grad", "shared_ones"]
 
 _ONES: dict = {}
 
 
-def _ones(N, dtype):
-    """The ``"sum"`` cotangent of a batch of ``N``, flat and shared (the loops only read it)."""
-    key = (N, dtype)
+def shared_ones(shape, dtype):
+    """The ``"sum"`` cotangent: one read-only array of ones per shape and dtype (its users only read it)."""
+    key = (shape, dtype)
     got = _ONES.get(key)
     if got is None:
         if len(_ONES) >= 64:
             _ONES.clear()
-        got = _ONES[key] = np.ones(N, dtype)
+        got = _ONES[key] = np.ones(shape, dtype)
         got.flags.writeable = False
     return got
 
@@ -101,7 +101,7 @@ def try_grad(chain, x, method, want_value, y=None):
         return None
     Y.flags.writeable = False
     if y is None:
-        cotangent, value = _ones(N, pc.dtype), (float(Y[Y.shape[0] - N:].sum()) if want_value else None)
+        cotangent, value = shared_ones((N,), pc.dtype), (float(Y[Y.shape[0] - N:].sum()) if want_value else None)
     else:
         # the general path's mean squared error (chainprod.grad.LOSSES), operation for operation
         out = Y[Y.shape[0] - N * pc.width_out:].reshape(N, pc.width_out)
