@@ -24,15 +24,15 @@ import numpy as np
 
 from . import recurrent_array
 from ._validate import as_float_array, check_workers
+from ._workspace import scope
 from .arrays import is_foreign
 from .errors import UnsupportedModuleError
 from .executors import TraceEvent
 from .forward_methods import add_forward_note, gradient_tape
 from .grad import make_trace
 from .kernels.recurrent import get_recurrent_kernels
-from .recurrent_grad import auto_uses_scan, probe_scan, scan_backward
+from .recurrent_grad import auto_uses_scan, probe_scan
 from .recurrent_io import (
-    check_finite_states,
     check_options,
     loss_terms,
     read_sequence,
@@ -40,6 +40,7 @@ from .recurrent_io import (
     resolve_kernels,
     resolve_loss,
 )
+from .recurrent_layers import backward_layers, run_layers
 
 __all__ = ["GRU", "LSTM", "RNN", "Recurrent"]
 
@@ -213,7 +214,8 @@ class Recurrent:
                 f"{extra}, bias={self.bias}, batch_first={self.batch_first}, dtype={self.dtype})")
 
     # -- forward --------------------------------------------------------------------------------------
-    def _layer(self, layer):
+    def layer_params(self, layer):
+        """``(W_ih, W_hh, (b_ih, b_hh))`` of ``layer``: ``b_ih`` None and ``b_hh`` zeros without biases."""
         p = self.params
         b = self._zero_bias if not self.bias else p[f"bias_hh_l{layer}"]
         return p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"], (p.get(f"bias_ih_l{layer}"), b)
@@ -233,21 +235,6 @@ class Recurrent:
         h, h_shape = read_state(h0[0], name="h0", **kw)
         c, c_shape = read_state(h0[1], name="c0", **kw)
         return h, h_shape, c, c_shape
-
-    def _run(self, u, h0, c0, kern):
-        """The forward pass, layer after layer: per layer ``(u, X, Hs, Z)``."""
-        tape = []
-        for layer in range(self.num_layers):
-            W_ih, W_hh, (b_ih, b_hh) = self._layer(layer)
-            X = (u.reshape(-1, u.shape[2]) @ W_ih.T).reshape(u.shape[0], u.shape[1], -1)  # one 2-D product, all steps
-            if b_ih is not None:
-                X += b_ih
-            c = None if c0 is None else np.ascontiguousarray(c0[layer])
-            Hs, Z = kern.forward(self.cell, X, W_hh, b_hh, np.ascontiguousarray(h0[layer]), c)
-            check_finite_states(Hs, layer)
-            tape.append((u, X, Hs, Z))
-            u = Hs
-        return tape
 
     def forward(self, x, h0=None, *, kernels=None):
         """Run the model over ``x``, as torch's module does.
@@ -286,14 +273,36 @@ class Recurrent:
         kern = get_recurrent_kernels(resolve_kernels(kernels))
         u = read_sequence(x, input_size=self.input_size, batch_first=self.batch_first, dtype=self.dtype)
         h0, _, c0, _ = self.initial_states(h0, u.shape[1])
-        tape = self._run(u, h0, c0, kern)
-        out = tape[-1][2]
-        h_n = np.stack([t[2][-1] for t in tape])
-        out = out.transpose(1, 0, 2).copy() if self.batch_first else out
-        if self.mode == "LSTM":
-            H = self.hidden_size
-            return out, (h_n, np.stack([t[3][-1, :, 4 * H:] for t in tape]))
-        return out, h_n
+        with scope() as ws:  # only the top layer's states (the output) outlive the call
+            tape = run_layers(self, u, h0, c0, kern, ws, fresh_top=not self.batch_first)
+            out = tape[-1][2]
+            h_n = np.stack([t[2][-1] for t in tape])
+            out = out.transpose(1, 0, 2).copy() if self.batch_first else out
+            if self.mode == "LSTM":
+                H = self.hidden_size
+                return out, (h_n, np.stack([t[3][-1, :, 4 * H:] for t in tape]))
+            return out, h_n
+
+    def _auto_path(self, kern, kern_name, tape, h0, c0, dH, backend, workers):
+        """``(path, note)`` for ``method="auto"``: a scan where the cost model proposes one and a probe confirms it."""
+        T, N = dH.shape[:2]
+        S = self.state_factor * self.hidden_size
+        path = auto_uses_scan(T, N, S, self.dtype, backend, workers) or "backprop"
+        note = (f"method 'auto': the cost model predicts no scan of the {T} dense {S}x{S} state Jacobians "
+                f"beats the loop on {getattr(backend, 'name', backend)!r} with workers={workers}: backprop "
+                "through time ran")
+        if path == "backprop":
+            return path, note
+        _, X, Hs, Z = tape[-1]
+        _, W_hh, (_, b_hh) = self.layer_params(self.num_layers - 1)
+        c = None if c0 is None else np.ascontiguousarray(c0[-1])
+        loop, scan = probe_scan(kern, kern_name, path, (self.cell, X, W_hh, b_hh, np.ascontiguousarray(h0[-1]), c,
+                                                        Hs, Z, np.ascontiguousarray(dH)),
+                                backend=backend, workers=workers)
+        said = (f"the cost model proposed {path!r}; timed here on the first steps it took "
+                f"{scan * 1e6:.3g} us per step against backprop through time's {loop * 1e6:.3g} us")
+        return (path, f"method 'auto' ran the scan: {said}") if scan < loop else (
+            "backprop", f"method 'auto' ran backprop through time: {said}")
 
     # -- gradients ------------------------------------------------------------------------------------
     def __chainprod_value_and_grad__(self, x, y=None, *, loss=None, method="auto", backend="vectorized",
@@ -327,52 +336,20 @@ class Recurrent:
         T, N = u.shape[:2]
         h0, h_shape, c0, c_shape = self.initial_states(h0, N)
         trace = make_trace(return_trace, backend, workers)
-        tape, ftrace = gradient_tape(self, u, forward=forward, forward_options=forward_options, h0=(h0, c0),
-                                     kernels=kern_name, backend=backend, workers=workers)
-        tape = self._run(u, h0, c0, kern) if tape is None else tape
-        value, dH = loss_terms(tape[-1][2], y, loss, batch_first=self.batch_first, dtype=self.dtype)
-        path, note = method, ""
-        if method == "auto":
-            S = self.state_factor * self.hidden_size
-            path = auto_uses_scan(T, N, S, self.dtype, backend, workers) or "backprop"
-            note = (f"method 'auto': the cost model predicts no scan of the {T} dense {S}x{S} state Jacobians "
-                    f"beats the loop on {getattr(backend, 'name', backend)!r} with workers={workers}: backprop "
-                    "through time ran")
-            if path != "backprop":
-                uu, X, Hs, Z = tape[-1]
-                W_ih, W_hh, (_, b_hh) = self._layer(self.num_layers - 1)
-                c = None if c0 is None else np.ascontiguousarray(c0[-1])
-                loop, scan = probe_scan(kern, kern_name, path, (self.cell, X, W_hh, b_hh, np.ascontiguousarray(
-                    h0[-1]), c, Hs, Z, np.ascontiguousarray(dH)), backend=backend, workers=workers)
-                said = (f"the cost model proposed {path!r}; timed here on the first steps it took "
-                        f"{scan * 1e6:.3g} us per step against backprop through time's {loop * 1e6:.3g} us")
-                path, note = (path, f"method 'auto' ran the scan: {said}") if scan < loop else (
-                    "backprop", f"method 'auto' ran backprop through time: {said}")
-        t0 = trace.clock() if trace is not None else 0.0
-        grads, dh0, dc0 = {}, [None] * self.num_layers, [None] * self.num_layers
-        for layer in range(self.num_layers - 1, -1, -1):
-            uu, X, Hs, Z = tape[layer]
-            W_ih, W_hh, (_, b_hh) = self._layer(layer)
-            c = None if c0 is None else np.ascontiguousarray(c0[layer])
-            args = (self.cell, X, W_hh, b_hh, np.ascontiguousarray(h0[layer]), c, Hs, Z, np.ascontiguousarray(dH))
-            if path == "backprop":
-                dX, dW_hh, db_hh, dh0[layer], dc0[layer] = kern.backward(*args)
-            else:
-                dX, dW_hh, db_hh, dh0[layer], dc0[layer] = scan_backward(
-                    *args, method=path, backend=backend, workers=workers, trace=trace,
-                    engine_options=engine_options)
-            GH = X.shape[2]
-            # parameters are shared over time: their gradients sum over every step and sample
-            grads[f"weight_ih_l{layer}"] = dX.reshape(-1, GH).T @ uu.reshape(-1, uu.shape[2])
-            grads[f"weight_hh_l{layer}"] = dW_hh
-            if self.bias:
-                grads[f"bias_ih_l{layer}"] = dX.sum(axis=(0, 1))
-                grads[f"bias_hh_l{layer}"] = db_hh
-            if layer > 0 or with_inputs:
-                dH = dX @ W_ih  # the adjoint of the layer's inputs: the loss terms of the layer below
-        grads = {name: grads[name] for name in self.params}  # torch's order
+        with scope() as ws:  # the call's large temporaries, reused by the next call of the same sizes
+            tape, ftrace = gradient_tape(self, u, forward=forward, forward_options=forward_options, h0=(h0, c0),
+                                         kernels=kern_name, backend=backend, workers=workers)
+            tape = run_layers(self, u, h0, c0, kern, ws) if tape is None else tape
+            value, dH = loss_terms(tape[-1][2], y, loss, batch_first=self.batch_first, dtype=self.dtype, ws=ws)
+            path, note = method, ""
+            if method == "auto":
+                path, note = self._auto_path(kern, kern_name, tape, h0, c0, dH, backend, workers)
+            t0 = trace.clock() if trace is not None else 0.0
+            grads, du, dh0, dc0 = backward_layers(
+                self, tape, dH, h0, c0, kern, path, with_inputs=with_inputs, ws=ws, backend=backend,
+                workers=workers, trace=trace, engine_options=engine_options)
         if with_inputs:
-            grads["input"] = dH.transpose(1, 0, 2).copy() if self.batch_first else dH
+            grads["input"] = du.transpose(1, 0, 2).copy() if self.batch_first else du
             grads["h0"] = np.stack(dh0).reshape(h_shape)
             if self.mode == "LSTM":
                 grads["c0"] = np.stack(dc0).reshape(c_shape)

@@ -128,10 +128,15 @@ def resolve_loss(loss, y):
     return loss
 
 
-def loss_terms(Hs, y, loss, *, batch_first, dtype):
-    """The loss of the top layer's states ``Hs`` ``(T, N, H)`` and ``dloss/dh_t`` of every step (time first)."""
+def loss_terms(Hs, y, loss, *, batch_first, dtype, ws=None):
+    """The loss of the top layer's states ``Hs`` ``(T, N, H)`` and ``dloss/dh_t`` of every step (time first).
+
+    With a workspace scope ``ws`` (:mod:`chainprod._workspace`) the terms are taken from it.
+    """
+    dH = np.empty(Hs.shape, Hs.dtype) if ws is None else ws.empty(Hs.shape, Hs.dtype)
     if loss == "sum":
-        return float(Hs.sum(dtype=np.float64)), np.ones_like(Hs)
+        dH.fill(1)
+        return float(Hs.sum(dtype=np.float64)), dH
     T, N, H = Hs.shape
     want = (N, T, H) if batch_first else (T, N, H)
     yy = as_float_array(y, "y", allow_nonfinite=True)
@@ -145,9 +150,12 @@ def loss_terms(Hs, y, loss, *, batch_first, dtype):
     bad = _first_bad_step(yy)
     if bad is not None:
         raise ValueError(f"y: contains NaN or infinity at step t={bad[0]}")
-    diff = Hs - yy
-    value = float(np.mean(diff * diff, dtype=np.float64))
-    return value, diff * Hs.dtype.type(2.0 / diff.size)
+    diff = np.subtract(Hs, yy, out=dH)
+    rows = diff.reshape(diff.shape[0], -1)
+    # no squared copy: a sum per step in the dtype (short), the steps' sums in float64
+    value = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) / diff.size
+    diff *= Hs.dtype.type(2.0 / diff.size)
+    return value, diff
 
 
 def check_options(method, backend):

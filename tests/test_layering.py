@@ -19,7 +19,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 #: bottom to top; a module may import only modules of its own level or a lower one
 STACK = [
-    ["chainprod.errors", "chainprod._validate", "chainprod._caches", "chainprod._version",
+    ["chainprod.errors", "chainprod._validate", "chainprod._caches", "chainprod._workspace", "chainprod._version",
      "chainprod.arrays"],
     ["chainprod.activations", "chainprod.blocks"],
     ["chainprod.array_inputs"],
@@ -50,7 +50,8 @@ STACK = [
     ["chainprod.backward_numpy", "chainprod.backward_compiled", "chainprod.backward_remote", "chainprod.array_grad"],
     ["chainprod.autotune", "chainprod.quick"],
     ["chainprod.grad"],
-    ["chainprod.products", "chainprod.recurrence", "chainprod.recurrent_io", "chainprod.recurrent_grad"],
+    ["chainprod.products", "chainprod.recurrence", "chainprod.recurrent_io", "chainprod.recurrent_grad",
+     "chainprod.recurrent_layers"],
     ["chainprod.recurrent", "chainprod.rnn", "chainprod.ssm_grad", "chainprod.ssm",
      "chainprod.recurrent_array", "chainprod.recurrent_array_cells", "chainprod.ssm_array"],
     ["chainprod.newton_models", "chainprod.newton_steps", "chainprod.newton_solve", "chainprod.newton"],

@@ -53,6 +53,7 @@ import numpy as np
 from . import numba_blas
 from .recurrent_numba_loops import backward_chunks, backward_loop, forward_chunks, forward_loop
 from .recurrent_numba_simd import padded_width
+from .recurrent_numpy import out_arrays
 
 __all__ = ["CELLS", "DW_BLAS_MIN", "GATES", "PARALLEL_MIN_WORK", "STEP_BLAS_MIN", "STEP_BLAS_MIN_BATCH", "backward",
            "forward", "precompile"]
@@ -173,15 +174,14 @@ def _step_blas(N, GH, H):
     return N * GH * H >= (STEP_BLAS_MIN if N == 1 else STEP_BLAS_MIN_BATCH) and numba_blas.blas_available()
 
 
-def forward(cell, X, W_hh, b_hh, h0, c0):
+def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
     """Every state ``Hs`` ``(T, N, H)`` and what backward needs ``Z`` ``(T, N, K)``: ``(Hs, Z)``.
 
     Contract: :func:`chainprod.kernels.recurrent_numpy.forward`.
     """
     G, T, N, H, X, W_hh, b_hh, h0, c0 = _inputs(cell, X, W_hh, b_hh, h0, c0)
     K = {1: 0, 3: 4 * H, 4: 5 * H}[G]
-    Hs = np.empty((T, N, H), X.dtype)
-    Z = np.empty((T, N, K), X.dtype)
+    Hs, Z = out_arrays(out, ((T, N, H), (T, N, K)), X.dtype)
     nchunks = _chunks(T, N, G * H, H)
     blas = _step_blas(N // nchunks, G * H, H)
     WTp = _padded_rows(W_hh.T)  # the products' rows: a step adds h[k] * W_hh[:, k] to the gates
@@ -198,7 +198,7 @@ def forward(cell, X, W_hh, b_hh, h0, c0):
     return Hs, Z
 
 
-def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None):
+def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, out=None):
     """Gradients ``(dX, dW_hh, db_hh, dh0, dc0)`` by backprop through time.
 
     Contract: :func:`chainprod.kernels.recurrent_numpy.backward`.
@@ -221,7 +221,7 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None):
     nchunks = _chunks(T, N, GH, H)
     blas = _step_blas(N // nchunks, GH, H)
     blas_dw = T * N * GH * H >= DW_BLAS_MIN and T > 0 and numba_blas.blas_available()
-    dX = np.empty((T, N, GH), dtype)
+    (dX,) = out_arrays(None if out is None else (out,), ((T, N, GH),), dtype)
     db = np.zeros(GH)  # summed in float64 over every step and sample (why: recurrent_numba_loops)
     dGn = np.empty((T, N, H) if blas_dw and G == 3 else (0, 0, H), dtype)  # the GRU's r * dn, for dW_hh
     Wp = _padded_rows(W_hh)

@@ -32,11 +32,23 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CELLS", "GATES", "forward", "backward"]
+__all__ = ["CELLS", "GATES", "forward", "backward", "out_arrays"]
 
 #: cell name -> number of gates G (X has G*H columns, W_hh has G*H rows)
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 CELLS = tuple(GATES)
+
+
+def out_arrays(out, shapes, dtype):
+    """New arrays of ``shapes``, or the given ``out`` arrays once checked (C-contiguous, those shapes, ``dtype``)."""
+    if out is None:
+        return tuple(np.empty(shape, dtype) for shape in shapes)
+    for k, (a, shape) in enumerate(zip(out, shapes)):
+        if not (isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+                and a.flags.writeable):
+            raise ValueError(f"out[{k}] must be a writeable C-contiguous {np.dtype(dtype)} array of shape {shape}; "
+                             f"got {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    return tuple(out)
 
 
 def _sigmoid(a):
@@ -50,7 +62,7 @@ def _check_cell(cell):
         raise ValueError(f"cell: unknown {cell!r}; use one of {list(CELLS)}")
 
 
-def forward(cell, X, W_hh, b_hh, h0, c0):
+def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
     """Every state of one recurrent layer from its input projections.
 
     Parameters
@@ -64,6 +76,9 @@ def forward(cell, X, W_hh, b_hh, h0, c0):
     h0 : ndarray, (N, H)
     c0 : ndarray (N, H) or None
         The initial cell state, for ``"lstm"`` only.
+    out : pair of ndarray, optional
+        ``(Hs, Z)`` to write into (C-contiguous, the shapes and dtype
+        returned); new arrays by default.
 
     Returns
     -------
@@ -76,8 +91,7 @@ def forward(cell, X, W_hh, b_hh, h0, c0):
     T, N, _ = X.shape
     H = W_hh.shape[1]
     K = {"gru": 4 * H, "lstm": 5 * H}.get(cell, 0)
-    Hs = np.empty((T, N, H), X.dtype)
-    Z = np.empty((T, N, K), X.dtype)
+    Hs, Z = out_arrays(out, ((T, N, H), (T, N, K)), X.dtype)
     h, c = h0, c0
     # a relu state may overflow: the caller reports it with its step, so no warning here
     with np.errstate(over="ignore", invalid="ignore"):
@@ -104,7 +118,7 @@ def forward(cell, X, W_hh, b_hh, h0, c0):
     return Hs, Z
 
 
-def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None):
+def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, out=None):
     """Backprop through time of one recurrent layer: the plain loop from the last step to the first.
 
     Parameters
@@ -120,6 +134,9 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None):
         The adjoint arriving at the last state ``h_{T-1}`` (and
         ``c_{T-1}``) from later in time, for a time chunk that is not the
         last one; zeros by default.
+    out : ndarray, optional
+        ``(T, N, G*H)``, C-contiguous, in ``X``'s dtype: ``dX`` is written
+        there (a new array by default).
 
     Returns
     -------
@@ -136,7 +153,7 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None):
     T, N, GH = X.shape
     H = W_hh.shape[1]
     dt = X.dtype
-    dX = np.empty((T, N, GH), dt)
+    (dX,) = out_arrays(None if out is None else (out,), ((T, N, GH),), dt)
     dW = np.zeros((GH, H), dt)
     db = np.zeros(GH, dt)
     # the adjoint of h_t (and c_t) arriving from step t + 1
