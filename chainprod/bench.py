@@ -13,7 +13,10 @@
 2. **measure** (:func:`chainprod.bench_rows.measure_job`): one untimed
    warm-up run (it binds the plan, lets ``auto`` choose, compiles, starts
    engines, and carries the :class:`~chainprod.Trace`), then ``repeats``
-   timed repeats of the forward and the backward pass (:mod:`chainprod._timing`);
+   timed repeats of the forward and the backward pass, and ``repeats`` of the
+   one call a training step makes, ``cp.value_and_grad``, for end to end
+   (:mod:`chainprod._timing`); an ``auto`` row re-measures the compiled
+   backprop right after it, for the auto check's load drift;
 3. **compare** (:func:`compare_to_best_backprop`): every row's speedup is
    against the *best backprop* of its problem, the fastest of the baselines
    measured here, separately for the backward pass and end-to-end (in the

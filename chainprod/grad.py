@@ -24,7 +24,7 @@ from .errors import NonFiniteError  # also re-exported for users of chainprod.gr
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .forward_methods import add_forward_note, chain_tape
 from .layers import Chain
-from .quick import shared_ones, try_grad
+from .quick import chain_profile, serve, shared_ones
 from .schedules import Schedule
 from .tape import Tape, forward, layer_tape, resolve_kernels
 
@@ -228,24 +228,12 @@ def _remote_or_local(tape, executor, workers, kernels, trace):
     chain = tape.chain
     # P without connecting: a run that stays local need not start a cluster
     P = workers or getattr(executor, "workers", None) or executor.prepare(None)
-    structure, width = _profile(chain)
+    structure, width = chain_profile(chain)
     pick = remote_auto(structure, len(chain), width, backend=executor.name, workers=P, batch=tape.batch,
                        kernels=kernels)
     if trace is not None:
         trace.note = pick.note
     return "backprop" if pick.schedule is None else pick.schedule
-
-
-def _profile(chain):
-    """``(structure, width)`` the cost model describes ``chain`` by: its layer tables are per structure and width.
-
-    ``"diagonal"`` when every layer but a readout is diagonal, else
-    ``"dense"``; the width is the widest layer (its hidden width).
-    """
-    L = len(chain)
-    kinds = {r.cls.kind for r in chain.runs if r.start < L - 1} or {chain.runs[-1].cls.kind}
-    structure = "diagonal" if kinds == {"diag"} else "dense"
-    return structure, max(max(r.d_in, r.d_out) for r in chain.runs)
 
 
 def _check_method_backend(method, backend):
@@ -298,22 +286,11 @@ def _forward_kw(forward, forward_options):
     return {"forward": forward, "forward_options": forward_options}
 
 
-def _quick(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0, with_inputs,
-           forward, forward_options, want_value):
-    """:func:`chainprod.quick.try_grad` for the training loop's call (every option at its default), else None."""
-    if (workers is None and h0 is None and engine_options is None and forward_options is None and with_inputs is False
-            and (return_trace is False or return_trace is None) and method.__class__ is str and forward.__class__ is str
-            and backend.__class__ is str and backend == "vectorized" and forward == "sequential"
-            and (loss is None or (loss.__class__ is str and loss == ("sum", "mse")[y is not None]))
-            and (kernels is None or (kernels.__class__ is str and kernels == "numba"))):
-        return try_grad(chain, x, method, want_value, y)
-
-
 def value_and_grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectorized",
                    workers=None, return_trace=False, engine_options=None, kernels=None, h0=None,
                    with_inputs=False, forward="sequential", forward_options=None):
     """Loss value and per-layer gradients (see :func:`grad`)."""
-    done = _quick(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
+    done = serve(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
                   with_inputs, forward, forward_options, True)
     if done is not None:
         return done
@@ -413,7 +390,7 @@ def grad(chain: Chain, x, y=None, *, loss=None, method="auto", backend="vectoriz
         flat array (``grads.flat``) made when first read, so a backward pass
         does not pay for ``2 L`` array objects nobody reads.
     """
-    done = _quick(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
+    done = serve(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
                   with_inputs, forward, forward_options, False)
     if done is not None:
         return done[1]

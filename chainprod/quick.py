@@ -8,7 +8,9 @@ made per call, a context manager per kernel call) cost as much as the work.
 :class:`~chainprod.layers.Chain`, a C-contiguous ``(N, d_0)`` numpy ``x`` of
 the chain's dtype, the ``"sum"`` loss or the ``"mse"`` loss against numpy targets, ``method="backprop"`` (or ``"auto"``
 once it has chosen backprop for this problem in this process), the compiled
-kernels on this thread, and no trace, cluster or parallel forward pass. It
+kernels on this thread, and no trace or parallel forward pass; on a cluster
+backend (``ray``, ``dask``, with ``workers`` given) only where the cost model
+keeps the gradient on the driver, as the general path does. It
 runs the same compiled loops with the same crossover and batch policy as
 :mod:`chainprod.kernels.numba_kernels` (:func:`serial_plan` says when they
 apply), so its gradients equal the general path's bit for bit
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autotune import known_choice
+from .autotune import COMPILED_BACKENDS, known_choice
+from .cost import AUTO, remote_auto
 from .kernels import LayerGrads, get_kernels, pack
 from .layers import Chain
 from .tape import resolve_kernels
 
-__all__ = ["try_grad", "shared_ones"]
+__all__ = ["chain_profile", "serve", "shared_ones", "try_grad"]
 
 _ONES: dict = {}
 
@@ -53,7 +56,7 @@ def _empty(dtype):
     return _EMPTY[dtype]
 
 
-def try_grad(chain, x, method, want_value, y=None):
+def try_grad(chain, x, method, want_value, y=None, P=1):
     """``(value, grads)`` by the compiled backprop loops, or ``None`` if not served.
 
     Parameters
@@ -64,7 +67,8 @@ def try_grad(chain, x, method, want_value, y=None):
         array of the chain's dtype.
     method : object
         Served: ``"backprop"``, and ``"auto"`` where :func:`known_choice`
-        already holds backprop for this chain, batch and dtype.
+        already holds backprop for this chain, batch, dtype and ``P``
+        workers (the compiled backends' key: 1 on ``vectorized``).
     want_value : bool
         Also return the loss value (``None`` in its place otherwise).
     y : object, optional
@@ -82,7 +86,7 @@ def try_grad(chain, x, method, want_value, y=None):
     pc = pack(chain)
     if x.shape[1] != pc.width_in or (pc.width_out != 1 if y is None else not _served_targets(y, N, pc)):
         return None
-    if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, 1, "numba") != "backprop")):
+    if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, P, "numba") != "backprop")):
         return None
     kernels = get_kernels("numba")
     plan = kernels.serial_plan(pc, N)
@@ -122,3 +126,45 @@ def try_grad(chain, x, method, want_value, y=None):
 def _served_targets(y, N, pc):
     return (y.__class__ is np.ndarray and y.shape == (N, pc.width_out) and y.dtype == pc.dtype
             and y.flags.c_contiguous and get_kernels("numba").all_finite(y.reshape(-1)))
+
+
+def chain_profile(chain):
+    """``(structure, width)`` the cost model describes ``chain`` by: its layer tables are per structure and width.
+
+    ``"diagonal"`` when every layer but a readout is diagonal, else
+    ``"dense"``; the width is the widest layer (its hidden width).
+    """
+    L = len(chain)
+    kinds = {r.cls.kind for r in chain.runs if r.start < L - 1} or {chain.runs[-1].cls.kind}
+    structure = "diagonal" if kinds == {"diag"} else "dense"
+    return structure, max(max(r.d_in, r.d_out) for r in chain.runs)
+
+
+def serve(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0, with_inputs,
+           forward, forward_options, want_value):
+    """:func:`try_grad` for the training loop's call, else None.
+
+    Served: every option at its default but ``backend`` and ``workers``. On
+    ``vectorized`` and ``threads`` ``auto`` takes the short path once its
+    choice for those workers is known to be backprop; on ``ray`` and
+    ``dask`` (``workers`` given, so no cluster is asked) where the cost
+    model keeps the gradient on the driver, as the general path would.
+    """
+    if (h0 is None and engine_options is None and forward_options is None and with_inputs is False
+            and (return_trace is False or return_trace is None) and method.__class__ is str and forward.__class__ is str
+            and backend.__class__ is str and forward == "sequential"
+            and (workers is None or (workers.__class__ is int and workers >= 1))
+            and (loss is None or (loss.__class__ is str and loss == ("sum", "mse")[y is not None]))
+            and (kernels is None or (kernels.__class__ is str and kernels == "numba"))):
+        if backend == "vectorized" or backend == "threads":
+            return try_grad(chain, x, method, want_value, y, workers or COMPILED_BACKENDS[backend]())
+        if (backend == "ray" or backend == "dask") and workers and chain.__class__ is Chain and len(chain) > 1 \
+                and x.__class__ is np.ndarray and x.ndim == 2:
+            if method == "backprop":
+                return try_grad(chain, x, method, want_value, y)
+            if method == AUTO:
+                structure, width = chain_profile(chain)
+                if remote_auto(structure, len(chain), width, backend=backend, workers=workers, batch=x.shape[0],
+                               kernels="numba").schedule is None:
+                    return try_grad(chain, x, "backprop", want_value, y)
+    return None

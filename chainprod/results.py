@@ -51,7 +51,7 @@ FIELDS = [
     "backward_median", "backward_min", "backward_max", "backward_iqr",
     "total_median", "total_min", "total_max", "total_iqr",
     "best_backprop_backward", "best_backprop_backward_median", "best_backprop_total", "best_backprop_total_median",
-    "speedup_backward", "speedup_total",
+    "speedup_backward", "speedup_total", "paired_backprop_backward_median", "paired_backprop_total_median",
     "rounds", "peak_width", "num_ops", "measured_rounds", "peak_concurrency", "tasks", "bytes_moved",
     "flops", "sequential_flops", "brent_bound", "jacobian_bytes",
     "predicted_forward", "predicted_backward", "predicted_total", "prediction_error_backward",

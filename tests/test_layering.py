@@ -64,7 +64,7 @@ STACK = [
     ["chainprod.calibrate"],
     ["chainprod.bench_rows", "chainprod.bench_sequence_models", "chainprod.bench_sequences"],
     ["chainprod.bench"],
-    ["chainprod.report", "chainprod.report_sequences"],
+    ["chainprod.report", "chainprod.report_sequences", "chainprod.report_checks"],
     ["chainprod.gantt"],
     ["chainprod.plots", "chainprod.plots_sequences"],
     ["chainprod.cli"],

@@ -122,3 +122,36 @@ def test_numpy_kernels_from_the_environment_are_respected(monkeypatch):
     assert try_grad(chain, np.ones((2, 3)), "backprop", False) is None
     g = cp.grad(chain, np.ones((2, 3)), method="backprop")
     assert isinstance(g, list)  # the numpy reference's result type: the general path ran on it
+
+
+def test_auto_on_threads_is_served_per_worker_count_once_known():
+    from chainprod.quick import serve
+
+    cp.clear_caches()
+    chain = cp.mlp([3, 4, 4, 1], seed=4)
+    x = np.ones((2, 3))
+    args = (None, None, "auto", "threads", 2, False, None, None, None, False, "sequential", None, False)
+    assert serve(chain, x, *args) is None  # auto has not chosen for 2 workers yet
+    want = cp.grad(chain, x, method="auto", backend="threads", workers=2, return_trace=True)[0]
+    served = serve(chain, x, *args)
+    assert served is not None and np.array_equal(served[1].flat, want.flat)
+    # the choice for 2 workers says nothing about 1
+    assert serve(chain, x, None, None, "auto", "threads", 1, False, None, None, None, False, "sequential",
+                 None, False) is None
+
+
+@pytest.mark.parametrize("backend", ["ray", "dask"])
+def test_auto_on_a_cluster_is_served_where_the_cost_model_keeps_it_local(backend):
+    from chainprod.cost import remote_auto
+    from chainprod.quick import chain_profile, serve
+
+    chain = cp.diagonal_chain(32, 4, seed=6)
+    x = np.random.default_rng(1).standard_normal((1, 4))
+    structure, width = chain_profile(chain)
+    assert remote_auto(structure, len(chain), width, backend=backend, workers=2, batch=1).schedule is None
+    served = serve(chain, x, None, None, "auto", backend, 2, False, None, None, None, False, "sequential", None, True)
+    want = cp.value_and_grad(chain, x, method="backprop", return_trace=True)
+    assert served is not None and served[0] == want[0] and np.array_equal(served[1].flat, want[1].flat)
+    # without a worker count the general path decides (it may ask the cluster for one)
+    assert serve(chain, x, None, None, "auto", backend, None, False, None, None, None, False, "sequential",
+                 None, True) is None
