@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .activations import apply_activation, derivative_from_output
+from .kernels.cell_jacobians import cell_jacobian
 from .layers import Chain, Dense, Diagonal
 
 __all__ = ["Problem", "ChainBody", "CellLayer", "DiagonalStates", "split_chain", "previous", "lyapunov_exponent"]
@@ -225,38 +226,7 @@ class CellLayer(Problem):
         return Hs, np.concatenate([*point[1:5], states[..., H:]], axis=-1)  # [i, f, g, o, c_t]
 
     def jacobian(self, point, diag):
-        H, W = self.H, self.W
-        if self.cell in ("rnn_tanh", "rnn_relu"):
-            F = point[0]
-            d = 1 - F * F if self.cell == "rnn_tanh" else (F > 0).astype(F.dtype)
-            return d * np.diagonal(W) if diag else d[..., None] * W  # diag(f'(a_t)) W_hh
-        if self.cell == "gru":
-            hp, r, z, n, ghn = point
-            W_r, W_z, W_n = W[:H], W[H:2 * H], W[2 * H:]
-            dn = (1 - z) * (1 - n * n)  # dh_t / d(pre-activation of n)
-            kr, kz, kn = dn * ghn * r * (1 - r), (hp - n) * z * (1 - z), dn * r
-            if diag:
-                return z + kn * np.diagonal(W_n) + kr * np.diagonal(W_r) + kz * np.diagonal(W_z)
-            J = kn[..., None] * W_n + kr[..., None] * W_r + kz[..., None] * W_z
-            k = np.arange(H)
-            J[..., k, k] += z  # the direct path h_t = ... + z h_{t-1}
-            return J
-        cp_, i, f, g, o, tc = point
-        W_i, W_f, W_g, W_o = (W[k * H:(k + 1) * H] for k in range(4))
-        dtc = o * (1 - tc * tc)  # dh_t / dc_t
-        ki, kf, kg, ko = g * i * (1 - i), cp_ * f * (1 - f), i * (1 - g * g), tc * o * (1 - o)
-        if diag:
-            dc_dh = ki * np.diagonal(W_i) + kf * np.diagonal(W_f) + kg * np.diagonal(W_g)
-            return np.concatenate([ko * np.diagonal(W_o) + dtc * dc_dh, f], axis=-1)
-        dc_dh = ki[..., None] * W_i + kf[..., None] * W_f + kg[..., None] * W_g
-        T, N = i.shape[:2]
-        J = np.zeros((T, N, 2 * H, 2 * H), i.dtype)
-        k = np.arange(H)
-        J[..., :H, :H] = ko[..., None] * W_o + dtc[..., None] * dc_dh
-        J[..., k, H + k] = dtc * f  # dh_t / dc_{t-1}
-        J[..., H:, :H] = dc_dh
-        J[..., H + k, H + k] = f  # dc_t / dc_{t-1}
-        return J
+        return cell_jacobian(self.cell, self.W, self.H, point, diag)
 
 
 class DiagonalStates(Problem):
