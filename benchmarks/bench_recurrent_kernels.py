@@ -93,38 +93,15 @@ def torch_step(prob, y):
 def jax_step(prob, y):
     import jax
     import jax.numpy as jnp
-    from jax import lax
+
+    from chainprod.bench_sequence_models import jax_states
 
     H, cell = prob.H, prob.cell
     params = {k: jnp.asarray(np.asarray(v)) for k, v in prob.model.params.items()}
     u, yj = jnp.asarray(prob.u), jnp.asarray(y)
-    sig = jax.nn.sigmoid
 
     def loss(p, u):
-        W, b = p["weight_hh_l0"], p["bias_hh_l0"]
-        X = u @ p["weight_ih_l0"].T + p["bias_ih_l0"]
-
-        def rnn(h, x):
-            a = x + h @ W.T + b
-            h = jnp.tanh(a) if cell == "rnn_tanh" else jnp.maximum(a, 0)
-            return h, h
-
-        def gru(h, x):
-            gh = h @ W.T + b
-            r, z = sig(x[:, :H] + gh[:, :H]), sig(x[:, H:2 * H] + gh[:, H:2 * H])
-            h = (1 - z) * jnp.tanh(x[:, 2 * H:] + r * gh[:, 2 * H:]) + z * h
-            return h, h
-
-        def lstm(hc, x):
-            g = x + hc[0] @ W.T + b
-            i, f, o = (sig(g[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
-            c = f * hc[1] + i * jnp.tanh(g[:, 2 * H:3 * H])
-            h = o * jnp.tanh(c)
-            return (h, c), h
-
-        h0 = jnp.zeros((u.shape[1], H), u.dtype)
-        _, hs = lax.scan({"gru": gru, "lstm": lstm}.get(cell, rnn), (h0, h0) if cell == "lstm" else h0, X)
-        return jnp.mean((hs - yj) ** 2)
+        return jnp.mean((jax_states(cell, H, p, u) - yj) ** 2)
 
     f = jax.jit(jax.value_and_grad(loss))
     return lambda: jax.block_until_ready(f(params, u))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SequenceProblem", "sequence_step"]
+__all__ = ["SequenceProblem", "jax_states", "sequence_step"]
 
 
 class SequenceProblem:
@@ -85,6 +85,46 @@ def _torch_step(prob):
     return step
 
 
+def jax_states(cell, H, p, u):
+    """Every state ``(T, N, H)`` of one layer in JAX: a ``lax.scan`` of the cell over ``u`` ``(T, N, d)``.
+
+    ``p``: the chainprod model's parameters as JAX arrays, by torch's names
+    (``a``, ``B`` for the diagonal layer, whose states are returned the same
+    way). Traced inside the caller's ``jit``.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    sig = jax.nn.sigmoid
+    if cell == "diag_recurrence":
+        X = u @ p["B"].T
+        return lax.scan(lambda h, x: (p["a"] * h + x, p["a"] * h + x), jnp.zeros_like(X[0]), X)[1]
+    W, b = p["weight_hh_l0"], p["bias_hh_l0"]
+    X = u @ p["weight_ih_l0"].T + p["bias_ih_l0"]
+
+    def rnn(h, x):
+        a = x + h @ W.T + b
+        h = jnp.tanh(a) if cell == "rnn_tanh" else jnp.maximum(a, 0)
+        return h, h
+
+    def gru(h, x):
+        gh = h @ W.T + b
+        r, z = sig(x[:, :H] + gh[:, :H]), sig(x[:, H:2 * H] + gh[:, H:2 * H])
+        h = (1 - z) * jnp.tanh(x[:, 2 * H:] + r * gh[:, 2 * H:]) + z * h
+        return h, h
+
+    def lstm(hc, x):
+        g = x + hc[0] @ W.T + b
+        i, f, o = (sig(g[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
+        c = f * hc[1] + i * jnp.tanh(g[:, 2 * H:3 * H])
+        h = o * jnp.tanh(c)
+        return (h, c), h
+
+    h0 = jnp.zeros((u.shape[1], H), u.dtype)
+    return lax.scan({"gru": gru, "lstm": lstm}.get(cell, rnn), (h0, h0) if cell == "lstm" else h0, X)[1]
+
+
 def _jax_step(prob):
     """``jit(value_and_grad)`` of a ``lax.scan`` of the cell, as a call that waits for the gradients."""
     import jax
@@ -92,41 +132,15 @@ def _jax_step(prob):
     if prob.dtype == np.float64:
         jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
-    from jax import lax
 
     H, cell = prob.H, prob.cell
     params = {k: jnp.asarray(np.array(v)) for k, v in prob.model.params.items()}
     u = jnp.asarray(prob.u)
-    sig = jax.nn.sigmoid
 
     def loss(p, u):
+        hs = jax_states(cell, H, p, u)
         if cell == "diag_recurrence":
-            X = u @ p["B"].T
-            _, hs = lax.scan(lambda h, x: (p["a"] * h + x, p["a"] * h + x), jnp.zeros_like(X[0]), X)
             return jnp.sum(hs @ p["C"].T) + (jnp.sum(u @ p["D"].T) if "D" in p else 0.0)
-        W, b = p["weight_hh_l0"], p["bias_hh_l0"]
-        X = u @ p["weight_ih_l0"].T + p["bias_ih_l0"]
-
-        def rnn(h, x):
-            a = x + h @ W.T + b
-            h = jnp.tanh(a) if cell == "rnn_tanh" else jnp.maximum(a, 0)
-            return h, h
-
-        def gru(h, x):
-            gh = h @ W.T + b
-            r, z = sig(x[:, :H] + gh[:, :H]), sig(x[:, H:2 * H] + gh[:, H:2 * H])
-            h = (1 - z) * jnp.tanh(x[:, 2 * H:] + r * gh[:, 2 * H:]) + z * h
-            return h, h
-
-        def lstm(hc, x):
-            g = x + hc[0] @ W.T + b
-            i, f, o = (sig(g[:, k * H:(k + 1) * H]) for k in (0, 1, 3))
-            c = f * hc[1] + i * jnp.tanh(g[:, 2 * H:3 * H])
-            h = o * jnp.tanh(c)
-            return (h, c), h
-
-        h0 = jnp.zeros((u.shape[1], H), u.dtype)
-        _, hs = lax.scan({"gru": gru, "lstm": lstm}.get(cell, rnn), (h0, h0) if cell == "lstm" else h0, X)
         return jnp.sum(hs)
 
     f = jax.jit(jax.value_and_grad(loss))
