@@ -27,6 +27,7 @@ import numpy as np
 
 from .autotune import COMPILED_BACKENDS, known_choice
 from .cost import AUTO, remote_auto
+from .executors import get_executor
 from .kernels import LayerGrads, get_kernels, pack
 from .layers import Chain
 from .tape import resolve_kernels
@@ -165,6 +166,7 @@ def serve(chain, x, y, loss, method, backend, workers, return_trace, engine_opti
             return try_grad(chain, x, method, want_value, y, workers or COMPILED_BACKENDS[backend]())
         if (backend == "ray" or backend == "dask") and workers and chain.__class__ is Chain and len(chain) > 1 \
                 and x.__class__ is np.ndarray and x.ndim == 2:
+            get_executor(backend)  # a missing engine is an error here too (made once, then looked up)
             if method == "backprop":
                 return try_grad(chain, x, method, want_value, y)
             if method == AUTO:

@@ -155,3 +155,18 @@ def test_auto_on_a_cluster_is_served_where_the_cost_model_keeps_it_local(backend
     # without a worker count the general path decides (it may ask the cluster for one)
     assert serve(chain, x, None, None, "auto", backend, None, False, None, None, None, False, "sequential",
                  None, True) is None
+
+
+def test_a_missing_engine_is_still_an_error_on_the_short_path():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['ray'] = None\n"  # import ray fails, as where ray is not installed
+            "import numpy as np, chainprod as cp\n"
+            "ch = cp.diagonal_chain(32, 4, seed=6)\n"
+            "try:\n"
+            "    cp.grad(ch, np.ones((1, 4)), method='auto', backend='ray', workers=2)\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install 'chainprod[ray]'" in out.stdout, out.stdout + out.stderr
