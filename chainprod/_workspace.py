@@ -31,6 +31,7 @@ Rules that keep it safe:
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from contextlib import contextmanager
@@ -98,9 +99,10 @@ class Scope:
 
     def empty(self, shape, dtype) -> np.ndarray:
         """An uninitialised C-contiguous array, valid until the scope ends (never return it to a user)."""
-        dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if shape.__class__ is not tuple:  # (a call's fixed cost: a tuple of ints passes through as is)
+            shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(n) for n in shape)
+        dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES:
             return np.empty(shape, dtype)
         buf = self._pool.take(-(-nbytes // _PAGE) * _PAGE)
