@@ -140,6 +140,16 @@ def auto_uses_scan(T, N, S, dtype, backend, workers):
     the *sequential schedule* of the same blocks, which forms every ``S x S``
     block and costs far more than the loop.
     """
+    if backend.__class__ is str:  # the answer depends only on sizes and names: kept (it cost 0.2 ms a call)
+        return _SCAN_CHOICES.get((T, N, S, str(np.dtype(dtype)), backend, workers),  # a 1-tuple: None is an answer
+                                 lambda: (_auto_uses_scan(T, N, S, dtype, backend, workers),))[0]
+    return _auto_uses_scan(T, N, S, dtype, backend, workers)
+
+
+_SCAN_CHOICES = PlanCache(maxsize=256)
+
+
+def _auto_uses_scan(T, N, S, dtype, backend, workers):
     blocks = _block_shapes(T, N, S, dtype)
     sched = resolve_schedule(AUTO, T + 1, workers=workers, blocks=blocks, backend=backend)
     if sched.name == "sequential":

@@ -10,7 +10,7 @@ import numpy as np
 
 from .bench import BASELINES, SHARDED
 
-__all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary"]
+__all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary", "reference"]
 
 #: ``auto`` may be this much slower than the best backprop (beyond its own noise) before it is flagged
 AUTO_TOLERANCE = 0.10
@@ -20,60 +20,48 @@ def _ok(rows):
     return [r for r in rows if r.get("status") == "ok"]
 
 
-def _problem_key(r):
-    return r["structure"], r["depth"], r["width"], r["batch"], r["dtype"]
+def reference(r, metric):
+    """The best backprop an ``auto`` row ``r`` is checked against, with the compiled one measured beside it.
 
-
-def load_drift(r, compiled, metric) -> float:
-    """How much slower the compiled backprop ran beside the ``auto`` row ``r`` than in its problem's own row.
-
-    ``compiled`` maps ``(problem, workers)`` (and ``(problem, None)``) to
-    the problem's compiled backprop rows. An ``auto`` row carries
+    A problem's baselines are measured first and its ``auto`` rows later; on
+    a shared machine the load moves between the two by more than the
+    check's tolerance. An ``auto`` row carries
     ``paired_backprop_{metric}_median``, the compiled backprop re-measured
-    right after it; their ratio is the load that moved between the two
-    measurements (1 where either is missing).
+    right after it: that figure stands for the compiled backprop (the best
+    backprop where that was the compiled one; else the lesser of the best
+    and it). Without it, the best backprop as measured.
     """
+    best = r.get(f"best_backprop_{metric}_median")
     paired = r.get(f"paired_backprop_{metric}_median")
-    key = _problem_key(r)
-    own = compiled.get((key, r["workers"])) or compiled.get((key, None))
-    t = own.get(f"{metric}_median") if own else None
-    return paired / t if paired and t else 1.0
+    if not best or not paired:
+        return best
+    return paired if r.get(f"best_backprop_{metric}") == "backprop" else min(best, paired)
 
 
 def auto_check(rows, tolerance=AUTO_TOLERANCE) -> dict:
     """Is every ``auto`` row within ``tolerance`` of the best backprop, beyond its own noise?
 
     A row violates the property on a metric (backward, end-to-end) when
-    ``median - IQR > (1 + tolerance) x best backprop median x drift``:
-    slower by more than the tolerance even after granting it its measured
-    spread. ``drift`` (:func:`load_drift`) is how much slower the compiled
-    backprop ran when re-measured beside the row than in the problem's own
-    row, measured earlier: on a shared machine the load moves between the
-    two by more than the tolerance, which is no fault of ``auto``'s choice.
-    Sharded rows are not checked: their ``auto`` chooses between the
-    pipeline and a scan across the shards, never a local backprop.
+    ``median - IQR > (1 + tolerance) x reference``: slower by more than the
+    tolerance even after granting it its measured spread. ``reference`` is
+    the best backprop with the compiled backprop re-measured beside the row
+    (:func:`reference`). Sharded rows are not checked: their ``auto``
+    chooses between the pipeline and a scan across the shards, never a
+    local backprop.
 
     Returns ``{"checked": n, "tolerance": t, "violations": [{"row": r, "ratios": {metric: ratio}}]}``
-    with ``ratio`` = the row's median over the best backprop's median (times
-    the drift), for each violated metric.
+    with ``ratio`` = the row's median over the reference, for each violated metric.
     """
-    ok = _ok(rows)
-    compiled = {}
-    for r in ok:
-        if r["method"] == "backprop":
-            compiled.setdefault((_problem_key(r), r["workers"]), r)
-            compiled.setdefault((_problem_key(r), None), r)
-    autos = [r for r in ok if r["method"] == "auto" and r["backend"] not in SHARDED]
+    autos = [r for r in _ok(rows) if r["method"] == "auto" and r["backend"] not in SHARDED]
     out = {"checked": len(autos), "tolerance": tolerance, "violations": []}
     for r in autos:
         ratios = {}
         for metric in ("backward", "total"):
-            best = r.get(f"best_backprop_{metric}_median")
-            if not best or not r.get(f"{metric}_median"):
+            ref = reference(r, metric)
+            if not ref or not r.get(f"{metric}_median"):
                 continue
-            best *= load_drift(r, compiled, metric)
-            if r[f"{metric}_median"] - (r[f"{metric}_iqr"] or 0.0) > (1 + tolerance) * best:
-                ratios[metric] = r[f"{metric}_median"] / best
+            if r[f"{metric}_median"] - (r[f"{metric}_iqr"] or 0.0) > (1 + tolerance) * ref:
+                ratios[metric] = r[f"{metric}_median"] / ref
         if ratios:
             out["violations"].append({"row": r, "ratios": ratios})
     return out

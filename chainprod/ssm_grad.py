@@ -171,10 +171,15 @@ def _auto(layer, T, N, backend, workers, kernels):
     on a prefix of ``_PROBE`` steps of zeros (the same work per step as any
     data) and the choice is kept per shape, dtype, backend and workers.
     """
-    zero = np.zeros((), layer.dtype)
-    blocks = BlockSeq([Segment("affine", np.broadcast_to(zero, (1, N, layer.d, 1))),
-                       Segment("affine_diag", np.broadcast_to(zero, (T, N, 2 * layer.d)))])
-    sched = resolve_schedule(AUTO, T + 1, workers=workers, blocks=blocks, backend=backend)
+    def resolve():
+        zero = np.zeros((), layer.dtype)
+        blocks = BlockSeq([Segment("affine", np.broadcast_to(zero, (1, N, layer.d, 1))),
+                           Segment("affine_diag", np.broadcast_to(zero, (T, N, 2 * layer.d)))])
+        return resolve_schedule(AUTO, T + 1, workers=workers, blocks=blocks, backend=backend)
+
+    # the cost model's pick depends only on sizes and names: kept per call signature (costing it took 0.2 ms)
+    sched = (_SCHEDULES.get((T, N, layer.d, str(layer.dtype), backend, workers), resolve)
+             if backend.__class__ is str else resolve())
     if sched.name == "sequential":
         return None, f"auto ran the {kernels} loop: the cost model's best schedule is the sequential one"
     Tp = min(T, _PROBE)
@@ -189,6 +194,7 @@ def _auto(layer, T, N, backend, workers, kernels):
 
 _PROBE = 2048
 _CHOICES = PlanCache(maxsize=128)
+_SCHEDULES = PlanCache(maxsize=128)
 
 
 def _probe(layer, method, Tp, N, backend, workers, kernels):
