@@ -15,7 +15,7 @@ import numpy as np
 from ._validate import as_float_array
 from .cost import AUTO, valid_schedules
 from .errors import NonFiniteError
-from .executors import Executor, valid_backends
+from .executors import EXECUTORS, Executor, valid_backends
 from .kernels.recurrent import default_recurrent_kernels
 
 __all__ = ["LOSSES", "check_finite_states", "check_options", "loss_terms", "read_sequence", "read_state",
@@ -162,14 +162,15 @@ def check_options(method, backend):
     """Refuse an unknown method or backend before any work (also where they would not be used)."""
     if not isinstance(method, str):
         raise TypeError(f"method must be 'backprop', 'auto' or a scan schedule name, got {method!r}")
-    names = valid_schedules()
-    scans = [n for n in names if n not in ("tree", AUTO)]
-    if method == "tree":
-        raise ValueError("method 'tree' forms only the total product, not every adjoint; use 'backprop', "
-                         f"'auto' or a scan schedule: {scans}")
-    if method != "backprop" and method not in names:
-        raise ValueError(f"method: unknown {method!r}; use 'backprop', 'auto' or a scan schedule: {scans}")
-    if not (isinstance(backend, Executor) or (isinstance(backend, str) and backend in valid_backends())):
+    if method != "backprop" and method != AUTO:  # the names are listed only where they are needed (4 us a call)
+        names = valid_schedules()
+        scans = [n for n in names if n not in ("tree", AUTO)]
+        if method == "tree":
+            raise ValueError("method 'tree' forms only the total product, not every adjoint; use 'backprop', "
+                             f"'auto' or a scan schedule: {scans}")
+        if method not in names:
+            raise ValueError(f"method: unknown {method!r}; use 'backprop', 'auto' or a scan schedule: {scans}")
+    if not (isinstance(backend, Executor) or (isinstance(backend, str) and backend in EXECUTORS)):
         raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(valid_backends())}")
 
 
