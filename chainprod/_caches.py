@@ -25,7 +25,7 @@ def register_cache(cache):
 
 
 def clear_caches() -> None:
-    """Empty every cache chainprod keeps (plans, bound plans, cost choices, flat plans).
+    """Empty every cache chainprod keeps (plans, bound plans, cost choices, flat plans, pooled buffers).
 
     >>> import chainprod as cp
     >>> cp.clear_caches()
