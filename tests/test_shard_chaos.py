@@ -152,3 +152,35 @@ def test_fifty_steps_with_kills_end_bit_identical(engine):
             for pa, pb in zip(la, lb):
                 assert np.array_equal(pa, pb)
     assert not [r for r in records if "Unhandled error" in r], records[:3]
+
+
+def test_a_worker_lost_while_a_replacement_is_sent_to_it_is_one_more_lost_shard(engine):
+    """Dask: the worker chosen for a replacement dies as the shard is sent to it (the scatter's connection
+    closes). That is a lost shard, replaced again within the retries, not an engine error for the user."""
+    if type(engine).__name__ != "DaskExecutor":
+        pytest.skip("the scatter to a chosen worker is Dask's")
+    from distributed.comm.core import CommClosedError
+
+    chain = random_chain(8, 3, kind="mixed", seed=2)
+    x = np.random.default_rng(0).standard_normal((2, 3))
+    with shard(chain, engine, shards=2, retries=3) as model:
+        want = model.value_and_grad(x)[1].gather()
+        client = model._engine.client
+        scatter, failures = client.scatter, []
+
+        def failing_once(*args, **kwargs):
+            if not failures:
+                failures.append(kwargs.get("workers"))
+                raise CommClosedError("in <TCP (closed) ConnectionPool.scatter>: Stream is closed")
+            return scatter(*args, **kwargs)
+
+        client.scatter = failing_once
+        try:
+            assert kill_and_wait(model.pids[0])
+            got = model.value_and_grad(x)[1].gather()
+        finally:
+            client.scatter = scatter
+    assert failures  # the replacement did meet the closed connection
+    for la, lb in zip(got, want):
+        for ga, gb in zip(la, lb):
+            assert np.array_equal(ga, gb)

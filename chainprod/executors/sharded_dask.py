@@ -217,7 +217,12 @@ class DaskShards:
         self._last[b] = None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(Large object|large graph).*")
-            [th] = self.client.scatter([theta], workers=[addr], hash=False)
+            try:
+                [th] = self.client.scatter([theta], workers=[addr], hash=False)
+            except OSError as e:  # distributed's CommClosedError too: the chosen worker died as it was sent to
+                raise ShardLost([b] + [c for c in self._gone() if c != b],
+                                f"worker {addr} was lost while shard {b} was sent to it: {type(e).__name__}: {e}"
+                                ) from None
             f = self.client.submit(_create, self.model, b, spec, th, applied, log, workers=[addr],
                                    allow_other_workers=False, pure=False,
                                    key=self._key(b, "create"))
