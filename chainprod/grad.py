@@ -178,28 +178,20 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
         # the common case: compiled kernels on this machine, no executor, no numpy warnings to silence
         return _run_local(tape, cotangent, method, backend, workers, trace, kernels, compiled, None)
     executor = get_executor(backend)
-    if (compiled and not engine_options and workers and L > 1 and method.__class__ is str and method == AUTO
-            and backend.__class__ is str and executor.runs_task_graphs):
-        # auto on a cluster named by a string, workers given: the cost model's decision alone, and where it
-        # keeps the gradient here, the local path without the cluster path's bookkeeping (as grad's short path)
-        method = _remote_or_local(tape, executor, workers, kernels, trace)
-        if method.__class__ is str and method == "backprop":
-            return _run_local(tape, cotangent, method, backend, workers, trace, kernels, compiled, None)
     remote = executor.runs_task_graphs  # a declared capability (chainprod.executors.Executor)
     engine_options = dict(engine_options or {})
     if engine_options:
         executor.check_options(engine_options)  # local: say they do nothing; remote: names and values
+    if remote and L > 1 and isinstance(method, str) and method == AUTO:
+        method = _remote_or_local(tape, executor, workers, kernels, trace)  # a plan for the cluster, or "backprop"
     # Overflow is detected and reported with the layer range after the fact;
     # numpy's own warnings would only repeat it without the range.
     with np.errstate(over="ignore", invalid="ignore"):
         if remote and L > 1 and not (isinstance(method, str) and method == "backprop"):
-            if isinstance(method, str) and method == AUTO:
-                method = _remote_or_local(tape, executor, workers, kernels, trace)
-            if not (isinstance(method, str) and method == "backprop"):
-                # Ray/Dask: Jacobians, scan and VJPs run on the workers as one
-                # task graph; only per-layer gradients come back.
-                return backward_remote.backward(layer_tape(tape), cotangent, executor, method=method,
-                                                workers=workers, trace=trace, **engine_options)
+            # Ray/Dask: Jacobians, scan and VJPs run on the workers as one
+            # task graph; only per-layer gradients come back.
+            return backward_remote.backward(layer_tape(tape), cotangent, executor, method=method,
+                                            workers=workers, trace=trace, **engine_options)
         return _run_local(tape, cotangent, method, backend, workers, trace, kernels, compiled, engine_options)
 
 

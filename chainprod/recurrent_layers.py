@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .kernels.recurrent_numpy import saved_width
 from .recurrent_grad import scan_backward
 from .recurrent_io import check_finite_states
 
@@ -41,10 +42,9 @@ def run_layers(model, u, h0, c0, kern, ws=None, fresh_top=False):
         np.matmul(u.reshape(-1, u.shape[2]), W_ih.T, out=X.reshape(-1, GH))  # one 2-D product, all steps
         if b_ih is not None:
             X += b_ih
-        K = {1: 0, 3: 4 * H, 4: 5 * H}[model.gates]
         top = fresh_top and layer == model.num_layers - 1
-        out = (np.empty((T, N, H), model.dtype) if top or ws is None else ws.empty((T, N, H), model.dtype),
-               _empty(ws, (T, N, K), model.dtype))
+        out = (_empty(None if top else ws, (T, N, H), model.dtype),
+               _empty(ws, (T, N, saved_width(model.cell, H)), model.dtype))
         c = None if c0 is None else np.ascontiguousarray(c0[layer])
         Hs, Z = kern.forward(model.cell, X, W_hh, b_hh, np.ascontiguousarray(h0[layer]), c, out=out)
         check_finite_states(Hs, layer)
@@ -87,7 +87,7 @@ def backward_layers(model, tape, dH, h0, c0, kern, path, *, with_inputs, ws=None
             grads[f"bias_hh_l{layer}"] = db_hh
         if layer > 0 or with_inputs:
             # the adjoint of the layer's inputs: the loss terms of the layer below (returned at the bottom)
-            dH = np.empty(uu.shape, X.dtype) if layer == 0 else _empty(ws, uu.shape, X.dtype)
+            dH = _empty(None if layer == 0 else ws, uu.shape, X.dtype)
             np.matmul(dX2, W_ih, out=dH.reshape(-1, W_ih.shape[1]))
     grads = {name: grads[name] for name in model.params}  # torch's order
     return grads, (dH if with_inputs else None), dh0, dc0

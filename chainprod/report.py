@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from .bench import BASELINES, BOUNDS, PER_CALL, SHARDED, TORCH_STRUCTURE
-from .report_checks import AUTO_TOLERANCE, auto_check, prediction_summary
+from .report_checks import AUTO_TOLERANCE, auto_check, ok_rows, prediction_summary
 from .report_sequences import comparable, sequence_problem, sequence_section, sequence_summary
 from .results import markdown_page, write_text_atomic
 
@@ -47,10 +47,6 @@ PER_CALL_NOTE = ("rows on `ray` or `dask` themselves (not `-sharded`) ship the w
                  "`backprop (auto, ran locally)`, the reason in the `note` column): they time *a cluster's per-call "
                  "latency*, which no training loop needs to pay; the sharded rows beside them keep the model on "
                  "the workers.")
-
-
-def _ok(rows):
-    return [r for r in rows if r.get("status") == "ok"]
 
 
 def _torch(r) -> bool:
@@ -99,7 +95,7 @@ def _key(r):
 
 def _problems(rows):
     out = {}
-    for r in _ok(rows):
+    for r in ok_rows(rows):
         out.setdefault(_key(r), []).append(r)
     return out
 
@@ -144,9 +140,9 @@ def sharded_lines(rows) -> list[str]:
     Beside it, the per-call row of the same problem on the same engine, P and
     method, where measured: the same cluster shipping the whole chain every call.
     """
-    out, per_call = [], {(*_key(r), r["backend"], r["workers"], r["method"]): r for r in _ok(rows)
+    out, per_call = [], {(*_key(r), r["backend"], r["workers"], r["method"]): r for r in ok_rows(rows)
                          if r["backend"] in PER_CALL}
-    for (_, backend, P, method), rs in sorted(_groups_of(r for r in _ok(rows) if r["backend"] in SHARDED).items()):
+    for (_, backend, P, method), rs in sorted(_groups_of(r for r in ok_rows(rows) if r["backend"] in SHARDED).items()):
         r = max(rs, key=lambda r: (r["depth"], r["width"], r["batch"]))
         bp = baseline_name(r.get("best_backprop_total") or "backprop", rows)
         vs = f"{r['speedup_total']:.2f}x the best backprop's gradient ({bp})" if r.get("speedup_total") else ""
@@ -225,7 +221,7 @@ def _torch_rows(rows):
     JAX runs on XLA's own pool (every core), so its one row joins every P.
     """
     groups, jax = {}, {}
-    for r in (r for r in _ok(rows) if _torch(r)):
+    for r in (r for r in ok_rows(rows) if _torch(r)):
         if r["method"] == "jax":
             jax[_key(r)] = r
         else:
@@ -267,7 +263,7 @@ def _groups_of(rows):
 def summary_lines(rows, meta=None) -> list[str]:
     """The terminal summary of a sweep: the ``auto`` check, wins and losses, the model's accuracy."""
     meta = meta or {}
-    ok = _ok(rows)
+    ok = ok_rows(rows)
     lines = [f"{len(ok)} of {len(rows)} measurements ok"
              + (" (interrupted: partial results)" if meta.get("interrupted") else "")]
     chk = auto_check(rows)

@@ -10,13 +10,14 @@ import numpy as np
 
 from .bench import BASELINES, SHARDED
 
-__all__ = ["AUTO_TOLERANCE", "auto_check", "prediction_summary", "reference"]
+__all__ = ["AUTO_TOLERANCE", "auto_check", "ok_rows", "prediction_summary", "reference"]
 
 #: ``auto`` may be this much slower than the best backprop (beyond its own noise) before it is flagged
 AUTO_TOLERANCE = 0.10
 
 
-def _ok(rows):
+def ok_rows(rows):
+    """The rows measured without error."""
     return [r for r in rows if r.get("status") == "ok"]
 
 
@@ -52,7 +53,7 @@ def auto_check(rows, tolerance=AUTO_TOLERANCE) -> dict:
     Returns ``{"checked": n, "tolerance": t, "violations": [{"row": r, "ratios": {metric: ratio}}]}``
     with ``ratio`` = the row's median over the reference, for each violated metric.
     """
-    autos = [r for r in _ok(rows) if r["method"] == "auto" and r["backend"] not in SHARDED]
+    autos = [r for r in ok_rows(rows) if r["method"] == "auto" and r["backend"] not in SHARDED]
     out = {"checked": len(autos), "tolerance": tolerance, "violations": []}
     for r in autos:
         ratios = {}
@@ -70,7 +71,7 @@ def auto_check(rows, tolerance=AUTO_TOLERANCE) -> dict:
 def prediction_summary(rows) -> dict:
     """How well the model predicted the measured times, per backend and worker count."""
     errors = {}
-    for r in _ok(rows):
+    for r in ok_rows(rows):
         if r.get("prediction_error_total") is None:
             continue
         key = "backprop" if r["method"] in BASELINES else f"{r['backend']}/P={r['workers']}"

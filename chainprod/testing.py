@@ -12,11 +12,13 @@ from ._validate import renamed_argument
 from .blocks import Diag
 from .check import directional_derivatives
 from .errors import GradientCheckError
+from .executors import get_executor
 from .grad import grad
 from .layers import Chain, Dense, Diagonal, mlp
+from .products import suffix_products
 
 __all__ = ["random_chain", "random_mats", "left_fold_suffix", "reference_grads", "dense", "assert_grads_close",
-           "kill_and_wait"]
+           "kill_and_wait", "started_engine"]
 
 
 def dense(m) -> np.ndarray:
@@ -191,3 +193,15 @@ def kill_and_wait(process, timeout=60.0) -> bool:
             return True
         time.sleep(0.005)
     raise TimeoutError(f"process {p.pid} still runs {timeout} s after SIGKILL")
+
+
+def started_engine(backend, *, workers=2, timeout=300):
+    """A new executor of ``backend`` (``"ray"`` or ``"dask"``) on its embedded cluster, started if it was not.
+
+    The cluster is the process's shared one (started by one small call on the
+    shared executor, then kept for every later caller); the executor returned
+    is a new instance with its own ``workers`` and per-call ``timeout``.
+    """
+    ex = get_executor(backend)
+    suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=workers)  # starts the cluster
+    return type(ex)(workers=workers, timeout=timeout)

@@ -21,9 +21,8 @@ import logging
 import numpy as np
 import pytest
 
-import chainprod as cp
 from chainprod.shard import shard
-from chainprod.testing import kill_and_wait, random_chain, random_mats
+from chainprod.testing import kill_and_wait, random_chain, started_engine
 
 pytest.importorskip("ray")
 pytest.importorskip("distributed")
@@ -37,9 +36,7 @@ MOMENTS = ["between", "during", "during-twice", "gather", "twice", "replacing", 
 @pytest.fixture(scope="module", params=["ray", "dask"])
 def engine(request):
     """An executor on each engine's embedded cluster (started once, shared with the other test files)."""
-    ex = cp.get_executor(request.param)
-    cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=2)  # start it
-    return type(ex)(workers=2, timeout=120)
+    return started_engine(request.param, timeout=120)
 
 
 def kill_plan(seed=18):

@@ -15,7 +15,7 @@ import chainprod as cp
 from chainprod.errors import ConvergenceError, NonFiniteError
 from chainprod.shard import shard
 from chainprod.shard_newton import bytes_per_iteration
-from chainprod.testing import kill_and_wait, random_mats
+from chainprod.testing import kill_and_wait, started_engine
 
 pytest.importorskip("ray")
 pytest.importorskip("distributed")
@@ -41,9 +41,7 @@ Y = np.random.default_rng(2).standard_normal((N, 1))
 @pytest.fixture(scope="module", params=["ray", "dask"])
 def engine(request):
     """An executor on each engine's embedded cluster (started once, shared with the other test files)."""
-    ex = cp.get_executor(request.param)
-    cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=2)  # start it
-    engine = type(ex)(workers=2, timeout=300)
+    engine = started_engine(request.param, timeout=300)
     if engine.name == "dask":
         # an earlier file's kills may leave the shared local cluster short of a worker: scale it back first
         client = engine.connect(2)

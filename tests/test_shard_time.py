@@ -17,7 +17,7 @@ import pytest
 import chainprod as cp
 from chainprod.errors import DistributedError, NonFiniteError
 from chainprod.shard_time import ShardedSequence, TimeTrace, shard_sequence
-from chainprod.testing import kill_and_wait, random_mats
+from chainprod.testing import kill_and_wait, started_engine
 
 pytest.importorskip("ray")
 pytest.importorskip("distributed")
@@ -28,9 +28,7 @@ pytest.importorskip("psutil")
 @pytest.fixture(scope="module", params=["ray", "dask"])
 def engine(request):
     """An executor on each engine's embedded cluster (started once per process, shared with the other test files)."""
-    ex = cp.get_executor(request.param)
-    cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=2)  # start it
-    return type(ex)(workers=2, timeout=300)
+    return started_engine(request.param, timeout=300)
 
 
 D, H, N = 3, 4, 2

@@ -23,7 +23,7 @@ from chainprod.errors import DistributedError, DistributedTimeoutError, NonFinit
 from chainprod.executors.distributed import Deadline
 from chainprod.executors.sharded_worker import ShardLost
 from chainprod.shard import ShardedGrads, ShardTrace, shard
-from chainprod.testing import kill_and_wait, random_chain, random_mats
+from chainprod.testing import kill_and_wait, random_chain, started_engine
 
 pytest.importorskip("ray")
 pytest.importorskip("distributed")
@@ -35,9 +35,7 @@ ENGINES = ["ray", "dask"]
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request):
     """An executor on each engine's embedded cluster (started once, shared with the other test files)."""
-    ex = cp.get_executor(request.param)
-    cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=2)  # start it
-    return type(ex)(workers=2, timeout=300)
+    return started_engine(request.param, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -330,9 +328,7 @@ def test_dask_shards_leave_no_keys_when_calls_outlast_a_poll(monkeypatch):
     from chainprod.executors import sharded_dask
 
     monkeypatch.setattr(sharded_dask, "POLL_SECONDS", 1e-4)  # every call now outlasts many polls
-    ex = cp.get_executor("dask")
-    cp.suffix_products(random_mats(3, 2), method="sequential", backend=ex, workers=2)  # start it
-    engine = type(ex)(workers=2, timeout=300)
+    engine = started_engine("dask", timeout=300)
     chain = cp.mlp([4] * 12 + [1], seed=1)
     gc.disable()
     try:

@@ -53,7 +53,7 @@ import numpy as np
 from . import numba_blas
 from .recurrent_numba_loops import backward_chunks, backward_loop, forward_chunks, forward_loop
 from .recurrent_numba_simd import padded_width
-from .recurrent_numpy import out_arrays
+from .recurrent_numpy import out_arrays, saved_width
 
 __all__ = ["CELLS", "DW_BLAS_MIN", "GATES", "PARALLEL_MIN_WORK", "STEP_BLAS_MIN", "STEP_BLAS_MIN_BATCH", "backward",
            "forward", "precompile"]
@@ -180,7 +180,7 @@ def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
     Contract: :func:`chainprod.kernels.recurrent_numpy.forward`.
     """
     G, T, N, H, X, W_hh, b_hh, h0, c0 = _inputs(cell, X, W_hh, b_hh, h0, c0)
-    K = {1: 0, 3: 4 * H, 4: 5 * H}[G]
+    K = saved_width(cell, H)
     Hs, Z = out_arrays(out, ((T, N, H), (T, N, K)), X.dtype)
     nchunks = _chunks(T, N, G * H, H)
     blas = _step_blas(N // nchunks, G * H, H)
@@ -205,7 +205,7 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, out=No
     """
     G, T, N, H, X, W_hh, b_hh, h0, c0 = _inputs(cell, X, W_hh, b_hh, h0, c0)
     dtype, GH = X.dtype, G * H
-    K = {1: 0, 3: 4 * H, 4: 5 * H}[G]
+    K = saved_width(cell, H)
     Hs = _array("Hs", Hs, (T, N, H), dtype)
     Z = _array("Z", Z, (T, N, K), dtype)
     dHs = _array("dHs", dHs, (T, N, H), dtype)

@@ -32,11 +32,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CELLS", "GATES", "forward", "backward", "out_arrays"]
+__all__ = ["CELLS", "GATES", "forward", "backward", "out_arrays", "saved_width"]
 
 #: cell name -> number of gates G (X has G*H columns, W_hh has G*H rows)
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
 CELLS = tuple(GATES)
+
+
+def saved_width(cell, H):
+    """``K``: the width of a row of ``Z``, what ``forward`` keeps for ``backward`` (module docstring)."""
+    return {"gru": 4 * H, "lstm": 5 * H}.get(cell, 0)
 
 
 def out_arrays(out, shapes, dtype):
@@ -90,7 +95,7 @@ def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
     _check_cell(cell)
     T, N, _ = X.shape
     H = W_hh.shape[1]
-    K = {"gru": 4 * H, "lstm": 5 * H}.get(cell, 0)
+    K = saved_width(cell, H)
     Hs, Z = out_arrays(out, ((T, N, H), (T, N, K)), X.dtype)
     h, c = h0, c0
     # a relu state may overflow: the caller reports it with its step, so no warning here
