@@ -125,13 +125,22 @@ def test_auto_check_takes_the_compiled_backprop_from_its_measurement_beside_the_
     assert reference(loaded, "backward") == 1.25 and reference(missing, "backward") == 1.0
     assert reference(loaded, "total") == 2.0  # nothing re-measured end to end: the best as measured
     # another baseline was best: the compiled one beside the row counts only where it is faster still
-    assert reference(auto(1.25, "jax", 1.1), "backward") == 1.1
-    assert reference(auto(0.9, "jax", 1.1), "backward") == 0.9
+    assert reference(auto(1.25, "torch", 1.1), "backward") == 1.1
+    assert reference(auto(0.9, "torch", 1.1), "backward") == 0.9
+    # JAX's backward is its gradient call less its forward call, no call of its own: a backward call is held
+    # to the compiled backprop's call beside it, and to JAX end to end (both one call)
+    assert reference(auto(1.25, "jax", 1.1), "backward") == 1.25
+    assert reference(auto(1.25, "jax", 1.1), "total") == 2.0
+    assert reference(auto(None, "jax", 1.1), "backward") == 1.1  # nothing measured beside it: as measured
     chk = auto_check([loaded, quiet, missing])
     assert chk["checked"] == 3
     # 1.3 against 1.25 is within 10%; against 1.0 it is not
     assert [v["row"]["paired_backprop_backward_median"] for v in chk["violations"]] == [1.0, None]
     assert all(list(v["ratios"]) == ["backward"] for v in chk["violations"])
+    assert [v["against"] for v in chk["violations"]] == [{"backward": "backprop"}] * 2
+    # a row slower than its compiled backprop beside it but not than JAX's estimate is flagged, named so
+    (v,) = auto_check([auto(1.0, "jax", 1.25)])["violations"]
+    assert v["against"] == {"backward": "backprop"} and v["ratios"] == {"backward": 1.3}
 
 
 def test_scan_rows_say_what_ran(small_sweep):
