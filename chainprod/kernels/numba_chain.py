@@ -110,8 +110,8 @@ def backprop_rows(kind, act, d_in, d_out, p_off, y_off, theta, x, Y, cotangent, 
         if l > 0 and kind[l] == DENSE and din == dout and nr * din * dout < cross:
             # a run of square dense layers on the loops: one call, delta and v reused in place
             l0 = dense_run_start(kind, act, d_in, d_out, l, 1)  # one width: every product in the run is this small
-            k = dense_backprop_run(act[l], dout, l - l0 + 1, theta, p_off[l0], Y, N * y_off[l0] + n0 * dout, N, nr,
-                                   v, delta, grads)
+            k = dense_backprop_run(act[l0:l + 1], dout, l - l0 + 1, theta, p_off[l0], Y, N * y_off[l0] + n0 * dout,
+                                   N, nr, v, delta, grads)
             if bad < 0 and k >= 0:
                 bad = l0 + k
             l = l0 - 1
