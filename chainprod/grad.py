@@ -19,7 +19,7 @@ from . import array_grad, backward_compiled, backward_numpy, backward_remote
 from ._validate import as_float_array, check_workers, renamed_argument
 from .arrays import is_foreign
 from .autotune import COMPILED_BACKENDS, choose_method
-from .cost import AUTO, remote_auto, valid_schedules
+from .cost import AUTO, known_remote_auto, remote_auto, valid_schedules
 from .errors import NonFiniteError  # also re-exported for users of chainprod.grad
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .forward_methods import add_forward_note, chain_tape
@@ -233,8 +233,9 @@ def _remote_or_local(tape, executor, workers, kernels, trace):
     # P without connecting: a run that stays local need not start a cluster
     P = workers or getattr(executor, "workers", None) or executor.prepare(None)
     structure, width = chain_profile(chain)
-    pick = remote_auto(structure, len(chain), width, backend=executor.name, workers=P, batch=tape.batch,
-                       kernels=kernels)
+    L, name, N = len(chain), executor.name, tape.batch
+    pick = (known_remote_auto(structure, L, width, name, P, N, kernels)
+            or remote_auto(structure, L, width, backend=name, workers=P, batch=N, kernels=kernels))
     if trace is not None:
         trace.note = pick.note
     return "backprop" if pick.schedule is None else pick.schedule

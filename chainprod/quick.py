@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .autotune import COMPILED_BACKENDS, known_choice
-from .cost import AUTO, remote_auto
+from .cost import AUTO, known_remote_auto, remote_auto
 from .executors import get_executor
 from .kernels import LayerGrads, get_kernels, pack
 from .layers import Chain
@@ -171,7 +171,9 @@ def serve(chain, x, y, loss, method, backend, workers, return_trace, engine_opti
                 return try_grad(chain, x, method, want_value, y)
             if method == AUTO:
                 structure, width = chain_profile(chain)
-                if remote_auto(structure, len(chain), width, backend=backend, workers=workers, batch=x.shape[0],
-                               kernels="numba").schedule is None:
+                L, N = len(chain), x.shape[0]
+                pick = (known_remote_auto(structure, L, width, backend, workers, N, "numba")
+                        or remote_auto(structure, L, width, backend=backend, workers=workers, batch=N, kernels="numba"))
+                if pick.schedule is None:
                     return try_grad(chain, x, "backprop", want_value, y)
     return None

@@ -214,6 +214,23 @@ def test_auto_on_an_engine_runs_locally_unless_the_cluster_is_predicted_faster(b
         assert sk["schedule"] == "sklansky" and sk["backward"] != bp["backward"]
 
 
+def test_a_known_remote_decision_is_the_saved_models_last_answer(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAINPROD_COST_MODEL", str(tmp_path / "model.json"))  # no file: the defaults
+    cp.clear_caches()
+    args = ("diagonal", 256, 8, "ray", 2, 1, "numba")
+    assert cost.known_remote_auto(*args) is None  # never asked
+    pick = cost.remote_auto("diagonal", 256, 8, backend="ray", workers=2, batch=1, kernels="numba")
+    assert cost.known_remote_auto(*args) is pick
+    assert cost.known_remote_auto("diagonal", 256, 8, "ray", 1, 1, "numba") is None  # other workers: not asked
+    # an answer made with another model is not the saved model's
+    other = cost.remote_auto("dense", 64, 8, backend="dask", workers=2, batch=3, model=_remote_model(True))
+    assert isinstance(other.schedule, cp.Schedule)
+    assert cost.known_remote_auto("dense", 64, 8, "dask", 2, 3, "numba") is None
+    cost.save_model(_remote_model(True))  # a new calibration: the answers made with the old one are gone
+    assert cost.known_remote_auto(*args) is None
+    cp.clear_caches()
+
+
 def test_line_through_two_timings():
     from chainprod.calibrate import _line
 

@@ -66,6 +66,7 @@ from .auto import (
     RemoteAuto,
     auto_runs_backprop,
     choose_schedule,
+    known_remote_auto,
     predict_grad,
     remote_auto,
     resolve_schedule,
@@ -79,5 +80,6 @@ __all__ = [
     "CostModel", "DEFAULT_MODEL", "load_model", "save_model", "model_path", "predict",
     "predict_backprop", "predict_grad", "choose_schedule", "round_stats", "simulate", "crossover",
     "OP_CLASSES", "STRUCTURES", "LOCAL_BACKENDS", "auto_runs_backprop", "chain_blocks", "layer_bytes",
-    "compiled_scan_time", "AUTO", "resolve_schedule", "valid_schedules", "remote_auto", "RemoteAuto",
+    "compiled_scan_time", "AUTO", "resolve_schedule", "valid_schedules", "remote_auto", "known_remote_auto",
+    "RemoteAuto",
 ]
