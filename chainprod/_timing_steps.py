@@ -23,7 +23,7 @@ import numpy as np
 from ._timing import Timing, time_passes
 from .layers import Dense
 
-__all__ = ["thread_limit", "measure_call", "measure_matmuls", "measure_torch_step"]
+__all__ = ["thread_limit", "grad_clearer", "measure_call", "measure_matmuls", "measure_torch_step"]
 
 
 # -- a torch model's training step, any call, and the BLAS floor --------------------------------------
@@ -56,16 +56,21 @@ def thread_limit(P):
         yield
 
 
-def measure_call(fn, repeats=3, warmup=2) -> Timing:
+def measure_call(fn, repeats=3, warmup=2, setup=None) -> Timing:
     """Time ``fn()`` as a whole, ``repeats`` times after ``warmup`` untimed calls: end-to-end only.
 
     For a call that does both passes at once (``chainprod.torch_backward``):
-    :attr:`Timing.forward` and :attr:`Timing.backward` stay empty.
+    :attr:`Timing.forward` and :attr:`Timing.backward` stay empty. ``setup()``
+    runs untimed before every call (e.g. clearing torch's ``.grad``).
     """
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
     total = []
     for _ in range(repeats):
+        if setup is not None:
+            setup()
         t0 = time.perf_counter()
         fn()
         total.append(time.perf_counter() - t0)
@@ -79,15 +84,25 @@ def measure_torch_step(model, x, y, repeats=3) -> Timing:
     """
     import torch.nn.functional as F
 
+    clear = grad_clearer(model)
+    clear()
+    F.mse_loss(model(x), y).backward()
+    return time_passes(lambda: F.mse_loss(model(x), y), lambda loss: loss.backward(), repeats, setup=clear)
+
+
+def grad_clearer(model):
+    """A function that sets every parameter's ``.grad`` of ``model`` to None (``zero_grad(set_to_none=True)``).
+
+    Run untimed before each timed step of torch and of ``cp.torch_backward`` alike: a step into
+    existing gradients adds to them in place, a step after clearing only sets them.
+    """
     params = list(model.parameters())
 
     def clear():
         for p in params:
             p.grad = None
 
-    clear()
-    F.mse_loss(model(x), y).backward()
-    return time_passes(lambda: F.mse_loss(model(x), y), lambda loss: loss.backward(), repeats, setup=clear)
+    return clear
 
 
 def measure_matmuls(chain, x, repeats=3) -> Timing:

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import cost
 from ._timing import backprop_kernels, measure_chainprod, measure_jax, measure_torch, summarize
-from ._timing_steps import measure_call, measure_matmuls, measure_torch_step, thread_limit
+from ._timing_steps import grad_clearer, measure_call, measure_matmuls, measure_torch_step, thread_limit
 from .executors import cluster
 from .layers import diagonal_chain, mlp
 from .results import FIELDS
@@ -310,7 +310,8 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
     ``torch``: ``mse_loss`` then ``loss.backward()`` with ``torch.set_num_threads(P)``;
     ``jax``: ``jit(grad)`` (XLA's pool: every core); ``blas``: the step's
     matrix products alone; ``torch_backward``: ``cp.torch_backward(model, x,
-    y, loss="mse")`` as one call; ``value_and_grad``: its two halves on the
+    y, loss="mse")`` as one call (``.grad`` cleared untimed before each call,
+    as before each of torch's steps); ``value_and_grad``: its two halves on the
     converted chain with ``kernels=backend``. BLAS is held to ``P`` threads
     throughout, and chainprod runs on ``threads`` with ``workers=P`` when
     ``P > 1``. One untimed step first sizes the repeats to ``budget`` seconds.
@@ -322,7 +323,8 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
            "jax": lambda n: measure_jax(prob.chain, prob.x, n, y=prob.y),
            "blas": lambda n: measure_matmuls(prob.chain, prob.x, n),
            "torch_backward": lambda n: measure_call(
-               lambda: torch_backward(prob.model, prob.xt, prob.yt, loss="mse", **ex), n),
+               lambda: torch_backward(prob.model, prob.xt, prob.yt, loss="mse", **ex), n,
+               setup=grad_clearer(prob.model)),
            "value_and_grad": lambda n: measure_chainprod(prob.chain, prob.x, method="auto", kernels=backend,
                                                          repeats=n, y=prob.y, loss="mse", **ex)}
     if method not in run:
@@ -337,7 +339,8 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
         "torch": ("autograd, eager", f"torch.set_num_threads({P})"),
         "jax": ("jit(grad) of lax.scan", f"XLA's own thread pool ({os.cpu_count()} cores)"),
         "blas": ("BLAS matmuls alone", f"the step's matrix products on {threads}: the machine's lower bound"),
-        "torch_backward": ("auto", f"cp.torch_backward on {threads}, one call (forward, loss, backward, .grad)"),
+        "torch_backward": ("auto", f"cp.torch_backward on {threads}, one call (forward, loss, backward, .grad; "
+                                   ".grad cleared untimed before each, as for torch)"),
         "value_and_grad": ("auto", f"cp.value_and_grad on the converted chain, kernels={backend}, {threads}"),
     }[method]
     return t, schedule, note

@@ -416,6 +416,29 @@ def test_torch_mlp_is_what_torch_users_write():
     assert len(chain) == 3 and chain.dtype == np.float64 and chain.layers[-1].activation == "identity"
 
 
+@pytest.mark.skipif(not HAVE["torch"], reason="needs torch")
+@pytest.mark.parametrize("method", ["torch", "torch_backward"])
+def test_torch_rows_time_steps_from_cleared_gradients(method):
+    """Each timed step of torch and of cp.torch_backward starts from .grad = None, as after zero_grad().
+
+    A step into existing gradients adds to them in place (one more pass over every parameter): the two
+    rows would then time different work. After the row, .grad holds one step's gradient, not a sum of
+    the warm-up and timed steps'.
+    """
+    import torch
+
+    from chainprod.bench_rows import TorchProblem, torch_timing
+
+    prob = TorchProblem.build(8, 3, 4, "float64")
+    t, _, _ = torch_timing(method, "numba", 1, prob, repeats=3)
+    assert len(t.total) == 3
+    got = [p.grad.clone() for p in prob.model.parameters()]
+    prob.model.zero_grad(set_to_none=True)
+    torch.nn.functional.mse_loss(prob.model(prob.xt), prob.yt).backward()
+    for g, p in zip(got, prob.model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_the_blas_floor_needs_dense_layers():
     with pytest.raises(ValueError, match="Dense layers"):
         _timing_steps.measure_matmuls(cp.diagonal_chain(3, 4), np.ones((2, 4)))
