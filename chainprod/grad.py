@@ -184,15 +184,15 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
         executor.check_options(engine_options)  # local: say they do nothing; remote: names and values
     if remote and L > 1 and isinstance(method, str) and method == AUTO:
         method = _remote_or_local(tape, executor, workers, kernels, trace)  # a plan for the cluster, or "backprop"
-    local_backprop = not remote or L == 1 or (isinstance(method, str) and method == "backprop")
-    if remote and local_backprop and compiled and not engine_options:
+    on_cluster = remote and L > 1 and not (isinstance(method, str) and method == "backprop")
+    if remote and not on_cluster and compiled and not engine_options:
         # the compiled backprop on the driver raises no numpy warnings (it counts non-finite values itself):
         # no errstate to enter, a microsecond of a call that auto kept off the cluster
         return _run_local(tape, cotangent, method, backend, workers, trace, kernels, compiled, None)
     # Overflow is detected and reported with the layer range after the fact;
     # numpy's own warnings would only repeat it without the range.
     with np.errstate(over="ignore", invalid="ignore"):
-        if not local_backprop:
+        if on_cluster:
             # Ray/Dask: Jacobians, scan and VJPs run on the workers as one
             # task graph; only per-layer gradients come back.
             return backward_remote.backward(layer_tape(tape), cotangent, executor, method=method,
