@@ -226,7 +226,11 @@ def dense_backprop_run(acts, d, count, theta, po, Y, yo, N, nr, v, delta, grads)
 
 @njit(cache=True, inline="always", error_model="numpy")
 def _deltas(code, v, Y, o, delta, n):
-    """``delta[r] = v[r] * f'(Y[o + r])`` for ``r < n``, one loop per activation; the count of non-finite deltas."""
+    """``delta[r] = v[r] * f'(Y[o + r])`` for ``r < n``, one loop per activation; the count of non-finite deltas.
+
+    :func:`.numba_rules.delta_rows` computes the same, called on a view: a call and a view per layer,
+    which made backprop of the w = 8 tanh chain at L = 4096 18-26 % slower (0.315 against 0.250-0.266 ms).
+    """
     if code == 1:
         return _delta_loop(1, v, Y, o, delta, n)
     if code == 2:
