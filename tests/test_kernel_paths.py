@@ -141,6 +141,37 @@ def test_batch_chunks_on_threads_keep_the_contract(path, dtype, monkeypatch):
             assert_close(got[what], want, dtype, f"chunked {path}: {what}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wide_layers_run_serially_with_blas_on_the_threads_and_keep_the_contract(dtype, monkeypatch):
+    """Past BLAS_THREADS_WIDE a batch is not cut: one loop, BLAS on the threads it would have used."""
+    import numba
+
+    nb, ref = get_kernels("numba"), get_kernels("numpy")
+    chain = make_chain("wide", dtype)
+    pc = pack(chain)
+    x, cotangent = inputs(chain, 9, dtype)
+    Y, _ = ref.forward(pc, x)
+    V = np.random.default_rng(5).standard_normal(pc.tape_size(9)).astype(dtype)
+    monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        with crossover.force_path("blas"):
+            cross = nb._crossover(pc)
+            assert nb._split(pc, 9, cross) == (2, 1)  # narrow enough: the batch is cut over both threads
+            monkeypatch.setattr(nb, "BLAS_THREADS_WIDE", 0)
+            assert nb._split(pc, 9, cross) == (1, 2)  # wide: serial, BLAS on both threads
+            assert nb._split(pc, 1, cross) == (1, 1)  # one sample: nothing to share
+            got = run_all(nb, pc, x, Y, cotangent, V, 9)
+    finally:
+        numba.set_num_threads(before)
+    assert got["bad"] == (-1, -1, -1, -1)
+    assert np.array_equal(got["backprop_with_row grads"], got["backprop"])
+    for what, want in run_all(ref, pc, x, Y, cotangent, V, 9).items():
+        if what != "bad":
+            assert_close(got[what], want, dtype, f"wide, serial with BLAS threads: {what}")
+
+
 def test_without_a_way_to_limit_blas_threads_parallel_regions_keep_out_of_blas(monkeypatch):
     """No threadpoolctl: a call that would run BLAS inside its threads runs serially (or in loops), still right."""
     from chainprod.kernels import numba_blas

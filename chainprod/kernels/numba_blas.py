@@ -35,7 +35,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["BLAS_THREADS_MIN", "NOTRANS", "TRANS", "blas_available", "gemm", "one_blas_thread", "warm_up"]
+__all__ = ["BLAS_THREADS_MIN", "NOTRANS", "TRANS", "blas_available", "blas_threads", "gemm", "one_blas_thread",
+           "warm_up"]
 
 #: Products below this many multiply-adds run on one BLAS thread whatever its setting (OpenBLAS starts
 #: more from 4 x 65536 for a matrix product, fewer for a matrix-vector one): the kernels limit BLAS's
@@ -154,11 +155,16 @@ def _limiter():
 
 
 @contextlib.contextmanager
-def one_blas_thread():
-    """Limit BLAS to one thread inside the block; yields False (and limits nothing) without threadpoolctl."""
+def blas_threads(n):
+    """Limit BLAS to ``n`` threads inside the block; yields False (and limits nothing) without threadpoolctl."""
     lim = _limiter()
     if not lim:
         yield False
         return
-    with lim.limit(limits=1):
+    with lim.limit(limits=int(n)):
         yield True
+
+
+def one_blas_thread():
+    """Limit BLAS to one thread inside the block (:func:`blas_threads` of 1)."""
+    return blas_threads(1)

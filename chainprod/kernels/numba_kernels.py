@@ -44,7 +44,9 @@ How the kernels are built:
   microseconds. BLAS runs on one thread inside every call whose products
   could make it start more (``threadpoolctl``): the kernels run on the
   threads they are given, and BLAS threads inside or beside numba's were
-  measured 2-30x slower. Without ``threadpoolctl`` a call that would run
+  measured 2-30x slower. The exception is a chain of wide layers
+  (``BLAS_THREADS_WIDE``): its batch is not cut, and BLAS shares each
+  product over the threads the batch would have used. Without ``threadpoolctl`` a call that would run
   BLAS on numba's threads runs serially, BLAS using its own threads.
   :func:`chunk_product` is one serial loop over samples.
 - **float32 throughout**: every constant takes the array's type, BLAS runs
@@ -81,6 +83,12 @@ PARALLEL_MIN_WORK = 1 << 18
 #: About how much faster a multiply-add is in BLAS than in the loops at the sizes where BLAS is
 #: chosen (measured 5-15x): a call in BLAS needs this many times ``PARALLEL_MIN_WORK`` to go parallel
 BLAS_SPEEDUP = 8
+#: From this many multiply-adds per sample in a chain's largest layer (``d_in * d_out``), a batch that
+#: would be cut over the threads runs serially instead, BLAS sharing each product over those threads:
+#: one chunk per thread reads every weight matrix whole and sums a full gradient of its own, which
+#: past a few MB per layer cost more than BLAS's own split (float32, 2 threads, a training step of
+#: an MLP: widths 768-2048 6-18 % faster serially, widths 256-512 as fast or 10-25 % slower; measured)
+BLAS_THREADS_WIDE = 1 << 19
 
 # -- public functions (contracts: chainprod.kernels.numpy_kernels) --------------------------------
 def _crossover(pc):
@@ -102,12 +110,26 @@ def _chunks(pc, N, cross):
     return T
 
 
+def _split(pc, N, cross):
+    """``(chunks, blas)``: threads to cut the batch over, and threads BLAS may use inside the call.
+
+    Wide layers (:data:`BLAS_THREADS_WIDE`) run serially, BLAS on the threads the batch would have
+    been cut over; otherwise BLAS runs on one thread (see :func:`_blas_threads`).
+    """
+    T = _chunks(pc, N, cross)
+    if T > 1 and pc.max_product >= BLAS_THREADS_WIDE and cross != crossover.NEVER:
+        return 1, T
+    return T, 1
+
+
 #: the context of a call whose products stay below BLAS: nothing to limit (reusable, made once)
 _UNLIMITED = contextlib.nullcontext(True)
 
 
-def _blas_threads(pc, rows, cross):
-    """The context a call runs in: BLAS on one thread if the call's products (``rows`` high) reach it.
+def _blas_threads(pc, rows, cross, threads=1):
+    """The context a call runs in: BLAS on ``threads`` threads if the call's products (``rows`` high) reach it.
+
+    One thread unless the call runs serially on wide layers (:func:`_split`).
 
     The kernels run on the threads they are given (numba's; one for a serial
     call): BLAS starting threads of its own inside a parallel region
@@ -120,7 +142,7 @@ def _blas_threads(pc, rows, cross):
     """
     if cross == crossover.NEVER or pc.max_product * rows < max(cross, numba_blas.BLAS_THREADS_MIN):
         return _UNLIMITED
-    return numba_blas.one_blas_thread()
+    return numba_blas.blas_threads(threads)
 
 
 def serial_plan(pc, N):
@@ -144,8 +166,8 @@ def forward(pc, x):
     Y = np.empty(pc.tape_size(N), pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y, N)
     cross = _crossover(pc)
-    nchunks = _chunks(pc, N, cross)
-    with _blas_threads(pc, N, cross) as limited:
+    nchunks, blas = _split(pc, N, cross)
+    with _blas_threads(pc, N, cross, blas) as limited:
         if nchunks > 1 and limited:
             bad = loops.forward_chunks(*args, cross, nchunks)
         else:
@@ -159,8 +181,8 @@ def _backprop(pc, x, Y, cotangent, keep_row):
     row_in = np.empty(N * pc.width_in if keep_row else 0, pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y,
             cotangent.reshape(-1), N, grads, row_in, pc.max_width, _crossover(pc))
-    nchunks = _chunks(pc, N, args[-1])
-    with _blas_threads(pc, N, args[-1]) as limited:
+    nchunks, blas = _split(pc, N, args[-1])
+    with _blas_threads(pc, N, args[-1], blas) as limited:
         if nchunks > 1 and limited:
             bad = loops.backprop_chunks(*args, _scratch(nchunks - 1, pc.n_params, pc.dtype))
         else:
