@@ -46,6 +46,8 @@ class PlanCache:
     def __init__(self, maxsize: int = 64):
         self.maxsize = maxsize
         self._data: dict = {}
+        #: counts the clears: a copy of an answer kept elsewhere is stale once this moved on
+        self.generation = 0
         register_cache(self.clear)
 
     def get(self, key, make: Callable[[], object]):
@@ -64,6 +66,7 @@ class PlanCache:
 
     def clear(self) -> None:
         self._data.clear()
+        self.generation += 1
 
     def __len__(self):
         return len(self._data)

@@ -43,10 +43,10 @@ from .results import FIELDS
 from .schedules import build
 from .shard import measure_sharded_step, shard
 
-__all__ = ["BASELINES", "BOUNDS", "SHARDED", "PER_CALL", "baseline_backends", "build_chain", "timing_of",
-           "measure_job", "jacobian_bytes", "sharded_engine", "sharded_available", "sharded_estimate", "Clusters",
-           "sharded_row", "measure_sharded", "traced_step", "TORCH_STRUCTURE", "TORCH_MODELS", "TORCH_METHODS",
-           "torch_mlp", "TorchProblem", "torch_timing", "Job", "torch_problems", "torch_jobs"]
+__all__ = ["BASELINES", "BOUNDS", "SHARDED", "PER_CALL", "baseline_backends", "build_chain", "cluster_engine",
+           "timing_of", "measure_job", "jacobian_bytes", "sharded_engine", "sharded_available", "sharded_estimate",
+           "Clusters", "sharded_row", "measure_sharded", "traced_step", "TORCH_STRUCTURE", "TORCH_MODELS",
+           "TORCH_METHODS", "torch_mlp", "TorchProblem", "torch_timing", "Job", "torch_problems", "torch_jobs"]
 
 #: the backprop implementations every problem is measured with, where installed
 BASELINES = ("backprop", "backprop-numpy", "jax", "torch")
@@ -350,6 +350,13 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
 def sharded_engine(backend) -> str | None:
     """``"ray"`` for ``"ray-sharded"``, ``"dask"`` for ``"dask-sharded"``, None for any other backend."""
     return SHARDED.get(backend) if isinstance(backend, str) else None
+
+
+def cluster_engine(backend) -> str | None:
+    """The engine a row runs on, ``"ray"`` or ``"dask"`` (per-call or sharded), or None for a row on this machine."""
+    if not isinstance(backend, str):
+        return None
+    return backend if backend in ("ray", "dask") else SHARDED.get(backend)
 
 
 def sharded_available(backend) -> str | None:

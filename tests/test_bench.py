@@ -299,6 +299,17 @@ def test_sharded_rows_time_a_training_step(sharded_sweep):
         assert r["predicted_total"] is None  # the cost model does not time training steps
 
 
+def test_every_row_on_this_machine_is_measured_before_the_cluster_rows(sharded_sweep):
+    """An idle cluster slows the rows beside it: the sweep measures the local rows of every problem first."""
+    from chainprod.bench_rows import cluster_engine
+
+    out, _, _ = sharded_sweep
+    assert [cluster_engine(b) for b in ("ray", "dask-sharded", "threads", "numba")] == ["ray", "dask", None, None]
+    on_cluster = [cluster_engine(r["backend"]) is not None for r in read_results(str(out))]
+    assert True in on_cluster and False in on_cluster
+    assert on_cluster == sorted(on_cluster)  # the local rows (False) first, of both problems
+
+
 def test_one_sharded_step_is_traced(sharded_sweep):
     out, _, _ = sharded_sweep
     traces = read_traces(str(out))

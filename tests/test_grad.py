@@ -406,6 +406,28 @@ def test_compiled_auto_records_what_it_measured_fastest(tmp_path, monkeypatch):
     assert repr(trace2.schedule) == repr(trace.schedule)
 
 
+def test_compiled_auto_keeps_its_choice_on_the_chain_until_the_caches_are_cleared(tmp_path, monkeypatch):
+    from chainprod import autotune
+
+    monkeypatch.setenv("CHAINPROD_AUTO_CACHE", str(tmp_path / "auto.json"))
+    cp.clear_caches()
+    chain = cp.diagonal_chain(300, 16, seed=3)
+    x = np.ones((1, 16))
+    first = cp.grad(chain, x, backend="threads", workers=2)
+    looked_up = []
+    real = autotune._from_disk
+    monkeypatch.setattr(autotune, "_from_disk", lambda *a: looked_up.append(a) or real(*a))
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured twice"))
+    again = cp.grad(chain, x, backend="threads", workers=2)
+    assert looked_up == []  # answered from the chain's own record
+    cp.clear_caches()
+    cp.grad(chain, x, backend="threads", workers=2)
+    assert len(looked_up) == 1  # a new generation: asked again (and found on disk)
+    for a, b in zip(first, again):
+        for ga, gb in zip(a, b):
+            assert np.array_equal(ga, gb)
+
+
 def test_compiled_auto_keeps_backprop_for_dense_chains_on_one_thread():
     # One thread: a scan does strictly more work than backprop in the same thread.
     chain = cp.mlp([8] * 30 + [1], seed=1)
