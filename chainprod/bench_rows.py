@@ -379,7 +379,7 @@ def sharded_estimate(backend, P, step_seconds, repeats, latency) -> float:
 
 
 class Clusters:
-    """One cluster per engine for a whole sweep, opened when a sharded row first needs it.
+    """One cluster per engine for a whole sweep, opened when a row on it first needs it.
 
     ``clusters.get("ray")`` is the executor of ``chainprod.cluster("ray",
     workers=P)`` with ``P`` the largest worker count of the sweep (an
