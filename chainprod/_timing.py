@@ -181,7 +181,7 @@ def backprop_kernels() -> list[str]:
 
 
 def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", workers=None, kernels=None,
-                      repeats=3, trace=False, y=None, loss=None, one_call=False) -> Timing:
+                      repeats=3, trace=False, y=None, loss=None, one_call=False, paired=False):
     """Time :func:`chainprod.forward` and :func:`chainprod.backward` of ``chain`` on ``x``.
 
     The forward pass includes the loss and its cotangent
@@ -200,30 +200,57 @@ def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", work
     (which pays the public entry, its checks and the loss twice: 17 us
     against 34 us on a 256-layer diagonal chain of width 8); JAX's and
     torch's end-to-end times are of one call too.
+
+    With ``paired`` returns ``(timing, backprop)``: the compiled backprop
+    (``method="backprop"``, the library's default kernels) timed the same
+    way, each of its repeats right after the configuration's, so that both
+    see the same load (the auto check compares them).
     """
-    kw = {} if method == "backprop" else {"backend": backend, "workers": workers}
-    kw.update(_kernels_kw(backward, kernels))
-    fkw = _kernels_kw(forward, kernels)
-    tr = Trace(backend=backend, workers=workers) if trace else None
-    tape = forward(chain, x, **fkw)
-    backward(tape, loss_cotangent(tape, y, loss)[1], method=method, trace=tr, **kw)
-    # A second untimed run: the first one on a new chain also pays first-touch page faults of
-    # its output arrays, which would otherwise land in the first timed repeat of whichever
-    # configuration happens to be measured first.
-    tape = forward(chain, x, **fkw)
-    backward(tape, loss_cotangent(tape, y, loss)[1], method=method, **kw)
-
-    def run_forward():
-        tape = forward(chain, x, **fkw)
-        return tape, loss_cotangent(tape, y, loss)[1]
-
-    timing = time_passes(run_forward, lambda state: backward(*state, method=method, **kw), repeats)
-    timing.trace = tr
+    configs = [_Config(chain, x, method, backend, workers, kernels, y, loss, trace)]
+    if paired:
+        configs.append(_Config(chain, x, "backprop", backend, workers, None, y, loss, False))
+    timings = [Timing([], [], [], c.trace) for c in configs]
+    for _ in range(repeats):
+        for c, t in zip(configs, timings):
+            one = time_passes(c.run_forward, c.run_backward, 1)
+            t.forward += one.forward
+            t.backward += one.backward
+            t.total += one.total
     if one_call:
-        vkw = {**kw, **_kernels_kw(value_and_grad, kernels)}
-        timing.total = [median_time(lambda: value_and_grad(chain, x, y, loss=loss, method=method, **vkw), 1,
-                                    MIN_REPEAT_SECONDS) for _ in range(repeats)]
-    return timing
+        for t in timings:
+            t.total = []
+        for _ in range(repeats):
+            for c, t in zip(configs, timings):
+                t.total.append(median_time(c.call, 1, MIN_REPEAT_SECONDS))
+    return tuple(timings) if paired else timings[0]
+
+
+class _Config:
+    """One configuration's passes and its one call, warmed up (two untimed runs) when made."""
+
+    def __init__(self, chain, x, method, backend, workers, kernels, y, loss, trace):
+        kw = {} if method == "backprop" else {"backend": backend, "workers": workers}
+        kw.update(_kernels_kw(backward, kernels))
+        self.fkw, self.kw = _kernels_kw(forward, kernels), kw
+        self.vkw = {**kw, **_kernels_kw(value_and_grad, kernels)}
+        self.chain, self.x, self.y, self.loss, self.method = chain, x, y, loss, method
+        self.trace = Trace(backend=backend, workers=workers) if trace else None
+        tape = forward(chain, x, **self.fkw)
+        backward(tape, loss_cotangent(tape, y, loss)[1], method=method, trace=self.trace, **kw)
+        # A second untimed run: the first one on a new chain also pays first-touch page faults of
+        # its output arrays, which would otherwise land in the first timed repeat of whichever
+        # configuration happens to be measured first.
+        self.run_backward(self.run_forward())
+
+    def run_forward(self):
+        tape = forward(self.chain, self.x, **self.fkw)
+        return tape, loss_cotangent(tape, self.y, self.loss)[1]
+
+    def run_backward(self, state):
+        return backward(*state, method=self.method, **self.kw)
+
+    def call(self):
+        return value_and_grad(self.chain, self.x, self.y, loss=self.loss, method=self.method, **self.vkw)
 
 
 # -- peers: the same chain in JAX and in torch -------------------------------------------------------

@@ -15,8 +15,8 @@
    engines, and carries the :class:`~chainprod.Trace`), then ``repeats``
    timed repeats of the forward and the backward pass, and ``repeats`` of the
    one call a training step makes, ``cp.value_and_grad``, for end to end
-   (:mod:`chainprod._timing`); an ``auto`` row re-measures the compiled
-   backprop right after it, for the auto check's load drift;
+   (:mod:`chainprod._timing`); an ``auto`` row times the compiled backprop
+   too, each repeat right after its own, for the auto check's load drift;
 3. **compare** (:func:`compare_to_best_backprop`): every row's speedup is
    against the *best backprop* of its problem, the fastest of the baselines
    measured here, separately for the backward pass and end-to-end (in the

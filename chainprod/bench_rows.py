@@ -97,8 +97,12 @@ def build_chain(structure, L, w, dtype, seed=0):
     raise ValueError(f"unknown structure {structure!r}; valid: dense, diagonal")
 
 
-def timing_of(method, backend, workers, chain, x, repeats, *, baseline):
-    """Time one gradient: a peer (``jax``, ``torch``), a backprop baseline (``backend`` = kernels) or a scan."""
+def timing_of(method, backend, workers, chain, x, repeats, *, baseline, paired=False):
+    """Time one gradient: a peer (``jax``, ``torch``), a backprop baseline (``backend`` = kernels) or a scan.
+
+    With ``paired`` (a scan row) returns ``(timing, backprop)``: the compiled backprop timed with its
+    repeats interleaved with the row's (:func:`chainprod._timing.measure_chainprod`).
+    """
     if method == "jax":
         return measure_jax(chain, x, repeats)
     if method == "torch":
@@ -107,20 +111,21 @@ def timing_of(method, backend, workers, chain, x, repeats, *, baseline):
         return measure_chainprod(chain, x, method="backprop", kernels=backend if backprop_kernels() else None,
                                  repeats=repeats, one_call=True)
     return measure_chainprod(chain, x, method=method, backend=backend, workers=workers, repeats=repeats, trace=True,
-                             one_call=True)
+                             one_call=True, paired=paired)
 
 
-def paired_backprop(chain, x, repeats) -> dict:
-    """The compiled backprop's medians re-measured right after an ``auto`` row, under the load that row saw.
+def paired_fields(backprop) -> dict:
+    """The columns of the compiled backprop timed beside an ``auto`` row, under the load that row saw.
 
-    The problem's baselines are measured first and its ``auto`` rows later;
-    on a shared machine the load between them moves the times by more than
-    the auto check's tolerance. The check rescales the best backprop by how
-    much this measurement differs from the problem's own backprop row.
+    The problem's baselines are measured first and its ``auto`` rows later
+    (those on a cluster in the sweep's second pass); on a shared machine the
+    load between them moves the times by more than the auto check's
+    tolerance. The backprop's repeats run interleaved with the row's, and
+    the check rescales the best backprop by how much these differ from the
+    problem's own backprop row.
     """
-    t = measure_chainprod(chain, x, method="backprop", repeats=repeats, one_call=True)
-    return {f"paired_backprop_{k}_median": float(np.median(ts)) for k, ts in (("backward", t.backward),
-                                                                              ("total", t.total))}
+    return {f"paired_backprop_{k}_median": float(np.median(ts)) for k, ts in (("backward", backprop.backward),
+                                                                              ("total", backprop.total))}
 
 
 def jacobian_bytes(structure, L, w, N, dtype) -> float:
@@ -153,7 +158,12 @@ def measure_job(job, chain, x, repeats, clusters=None, torch_problem=None, budge
                                                            repeats, budget)
             row["repeats"] = len(t.total)
         else:
-            t = timing_of(job.method, job.backend, job.workers, chain, x, repeats, baseline=job.baseline)
+            paired = job.method == "auto" and L >= 2
+            t = timing_of(job.method, job.backend, job.workers, chain, x, repeats, baseline=job.baseline,
+                          paired=paired)
+            if paired:
+                t, backprop = t
+                row.update(paired_fields(backprop))
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # one bad configuration must not lose the sweep
@@ -165,8 +175,6 @@ def measure_job(job, chain, x, repeats, clusters=None, torch_problem=None, budge
             row.update({f"{name}_{k}": v for k, v in summarize(ts).items()})
     if torch_problem is not None:
         return row, None
-    if job.method == "auto" and L >= 2:
-        row.update(paired_backprop(chain, x, repeats))
     for k in ("forward", "backward", "total"):
         if k in job.prediction:
             row[f"predicted_{k}"] = job.prediction[k]

@@ -222,7 +222,7 @@ def _measure(job, prob, repeats, budget):
         row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
         return row
     row.update(status="ok", repeats=len(t.total), **{f"total_{k}": v for k, v in summarize(t.total).items()})
-    if job.method == "auto":  # the compiled BPTT re-measured beside it (why: bench_rows.paired_backprop)
+    if job.method == "auto":  # the compiled BPTT re-measured beside it (why: bench_rows.paired_fields)
         paired = sequence_timing("backprop", "numba", job.workers, prob, repeats, budget)[0]
         row["paired_backprop_total_median"] = float(np.median(paired.total))
     return row

@@ -40,13 +40,19 @@ def run_layers(model, u, h0, c0, kern, ws=None, fresh_top=False):
         GH, H = W_hh.shape
         X = _empty(ws, (T, N, GH), model.dtype)
         np.matmul(u.reshape(-1, u.shape[2]), W_ih.T, out=X.reshape(-1, GH))  # one 2-D product, all steps
-        if b_ih is not None:
-            X += b_ih
+        b = b_hh
+        if b_ih is not None and model.gates == 3:
+            X += b_ih  # the GRU's n-gate adds b_ih outside r (n = tanh(X_n + r (W_n h + b_hn))): it stays in X
+        elif b_ih is not None:
+            # RNN, LSTM: the kernel adds one bias to X_t + W_hh h_{t-1}, so b_ih + b_hh there costs no pass
+            # over X (a quarter of a millisecond of a 9 ms LSTM step, T = 1000, N = 16, H = 20, measured).
+            # Backward never reads X's values for these cells: the tape's X is the product alone.
+            b = b_ih + b_hh
         top = fresh_top and layer == model.num_layers - 1
         out = (_empty(None if top else ws, (T, N, H), model.dtype),
                _empty(ws, (T, N, saved_width(model.cell, H)), model.dtype))
         c = None if c0 is None else np.ascontiguousarray(c0[layer])
-        Hs, Z = kern.forward(model.cell, X, W_hh, b_hh, np.ascontiguousarray(h0[layer]), c, out=out)
+        Hs, Z = kern.forward(model.cell, X, W_hh, b, np.ascontiguousarray(h0[layer]), c, out=out)
         check_finite_states(Hs, layer)
         tape.append((u, X, Hs, Z))
         u = Hs

@@ -30,8 +30,8 @@ def reference(r, metric):
     A problem's baselines are measured first and its ``auto`` rows later; on
     a shared machine the load moves between the two by more than the
     check's tolerance. An ``auto`` row carries
-    ``paired_backprop_{metric}_median``, the compiled backprop re-measured
-    right after it: that figure stands for the compiled backprop (the best
+    ``paired_backprop_{metric}_median``, the compiled backprop timed with
+    its repeats interleaved with the row's: that figure stands for the compiled backprop (the best
     backprop where that was the compiled one; else the lesser of the best
     and it). Without it, the best backprop as measured.
 
@@ -57,7 +57,7 @@ def auto_check(rows, tolerance=AUTO_TOLERANCE) -> dict:
     A row violates the property on a metric (backward, end-to-end) when
     ``median - IQR > (1 + tolerance) x reference``: slower by more than the
     tolerance even after granting it its measured spread. ``reference`` is
-    the best backprop with the compiled backprop re-measured beside the row
+    the best backprop with the compiled backprop timed beside the row
     (:func:`reference`). Sharded rows are not checked: their ``auto``
     chooses between the pipeline and a scan across the shards, never a
     local backprop.

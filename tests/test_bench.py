@@ -109,6 +109,20 @@ def test_auto_rows_carry_the_compiled_backprop_measured_beside_them(small_sweep)
     assert all(r["paired_backprop_total_median"] is None for r in rows if r["method"] != "auto")
 
 
+def test_a_paired_timing_interleaves_its_repeats_with_the_compiled_backprops(monkeypatch):
+    """Each repeat of the row is followed by one of the backprop: both see the same load."""
+    calls = []
+    real = _timing.backward
+    monkeypatch.setattr(_timing, "backward", lambda *a, method, **k: calls.append(method) or real(*a, method=method,
+                                                                                                   **k))
+    chain = cp.diagonal_chain(40, 4, seed=0)
+    timing, backprop = _timing.measure_chainprod(chain, np.ones((1, 4)), method="auto", repeats=3, paired=True)
+    assert len(timing.backward) == len(backprop.backward) == 3 and len(timing.total) == len(backprop.total) == 3
+    assert min(timing.backward + backprop.backward) > 0
+    switches = sum(a != b for a, b in zip(calls, calls[1:]))
+    assert set(calls) == {"auto", "backprop"} and switches >= 2 * 3 - 1  # warm-ups, then alternating repeats
+
+
 def test_auto_check_takes_the_compiled_backprop_from_its_measurement_beside_the_row():
     from chainprod.report_checks import auto_check, reference
 
