@@ -117,6 +117,8 @@ class Timing:
     backward: list
     total: list
     trace: Trace | None = None
+    #: the compiled backprop timed beside these repeats, each of its own right after one of these
+    paired: Timing | None = None
 
 
 #: A repeat of :func:`time_passes` lasts at least this long: a single call of 50 us is timed with the
@@ -201,10 +203,10 @@ def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", work
     against 34 us on a 256-layer diagonal chain of width 8); JAX's and
     torch's end-to-end times are of one call too.
 
-    With ``paired`` returns ``(timing, backprop)``: the compiled backprop
-    (``method="backprop"``, the library's default kernels) timed the same
-    way, each of its repeats right after the configuration's, so that both
-    see the same load (the auto check compares them).
+    With ``paired`` the Timing's :attr:`~Timing.paired` is the compiled
+    backprop's (``method="backprop"``, the library's default kernels), timed
+    the same way, each of its repeats right after the configuration's, so
+    that both see the same load (the auto check compares them).
     """
     configs = [_Config(chain, x, method, backend, workers, kernels, y, loss, trace)]
     if paired:
@@ -222,7 +224,9 @@ def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", work
         for _ in range(repeats):
             for c, t in zip(configs, timings):
                 t.total.append(median_time(c.call, 1, MIN_REPEAT_SECONDS))
-    return tuple(timings) if paired else timings[0]
+    if paired:
+        timings[0].paired = timings[1]
+    return timings[0]
 
 
 class _Config:

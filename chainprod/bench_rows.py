@@ -100,8 +100,8 @@ def build_chain(structure, L, w, dtype, seed=0):
 def timing_of(method, backend, workers, chain, x, repeats, *, baseline, paired=False):
     """Time one gradient: a peer (``jax``, ``torch``), a backprop baseline (``backend`` = kernels) or a scan.
 
-    With ``paired`` (a scan row) returns ``(timing, backprop)``: the compiled backprop timed with its
-    repeats interleaved with the row's (:func:`chainprod._timing.measure_chainprod`).
+    With ``paired`` (a scan row) the Timing carries the compiled backprop's, its repeats interleaved
+    with the row's (:attr:`chainprod._timing.Timing.paired`).
     """
     if method == "jax":
         return measure_jax(chain, x, repeats)
@@ -162,8 +162,7 @@ def measure_job(job, chain, x, repeats, clusters=None, torch_problem=None, budge
             t = timing_of(job.method, job.backend, job.workers, chain, x, repeats, baseline=job.baseline,
                           paired=paired)
             if paired:
-                t, backprop = t
-                row.update(paired_fields(backprop))
+                row.update(paired_fields(t.paired))
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # one bad configuration must not lose the sweep

@@ -178,21 +178,33 @@ def sequence_jobs(sweep, skipped: list, model=None) -> list:
 
 
 # -- measure -----------------------------------------------------------------------------------------
-def sequence_timing(method, backend, P, prob, repeats, budget=None):
+def sequence_timing(method, backend, P, prob, repeats, budget=None, paired=False):
     """``(Timing, schedule, note)`` of one row at ``P`` threads: total seconds of a gradient, per repeat.
 
     One untimed call first (compiling, JIT, binding, auto's choice), then a
     timed one sizes the repeats to ``budget`` seconds (at least one); each
     repeat of a call under 2 ms is the mean of enough calls to last 2 ms.
+    With ``paired`` the Timing carries ``paired``, the Timing of the compiled
+    backprop through time at ``P``, each of its repeats right after the row's.
     """
-    step = sequence_step(method, backend, P, prob)
+    steps = [sequence_step(method, backend, P, prob)]
+    if paired:
+        steps.append(sequence_step("backprop", "numba", P, prob))
     with thread_limit(P):
-        step()
-        t0 = time.perf_counter()
-        step()
-        first = time.perf_counter() - t0
-        n = repeats if not budget else max(1, min(repeats, int(budget / max(first, 1e-9))))
-        ts = [first] if n == 1 else [median_time(step, 1, 2e-3) for _ in range(n)]
+        firsts = []
+        for step in steps:
+            step()
+            t0 = time.perf_counter()
+            step()
+            firsts.append(time.perf_counter() - t0)
+        n = repeats if not budget else max(1, min(repeats, int(budget / max(firsts[0], 1e-9))))
+        ts = [[f] for f in firsts]
+        if n > 1:
+            ts = [[] for _ in steps]
+            for _ in range(n):
+                for step, t in zip(steps, ts):
+                    t.append(median_time(step, 1, 2e-3))
+    timing = Timing([], [], ts[0], paired=Timing([], [], ts[1]) if paired else None)
     threads = f"{P} thread{'s' if P > 1 else ''}"
     schedule, note = {
         "backprop": ("backprop", f"compiled backprop through time (one thread), BLAS on {threads}"),
@@ -201,7 +213,7 @@ def sequence_timing(method, backend, P, prob, repeats, budget=None):
                                                                        prob.cell == "diag_recurrence" else "")),
         "jax": ("jit(value_and_grad) of lax.scan", f"XLA's own thread pool ({os.cpu_count()} cores)"),
     }.get(method, (method, f"cp.value_and_grad(method={method!r}) on {backend}, {threads}"))
-    return Timing([], [], ts), schedule, note
+    return timing, schedule, note
 
 
 def _row(job, repeats):
@@ -215,16 +227,16 @@ def _row(job, repeats):
 def _measure(job, prob, repeats, budget):
     row = _row(job, repeats)
     try:
-        t, row["schedule"], row["note"] = sequence_timing(job.method, job.backend, job.workers, prob, repeats, budget)
+        t, row["schedule"], row["note"] = sequence_timing(job.method, job.backend, job.workers, prob, repeats, budget,
+                                                          paired=job.method == "auto")
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # one bad configuration must not lose the sweep
         row["status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
         return row
     row.update(status="ok", repeats=len(t.total), **{f"total_{k}": v for k, v in summarize(t.total).items()})
-    if job.method == "auto":  # the compiled BPTT re-measured beside it (why: bench_rows.paired_fields)
-        paired = sequence_timing("backprop", "numba", job.workers, prob, repeats, budget)[0]
-        row["paired_backprop_total_median"] = float(np.median(paired.total))
+    if job.method == "auto":  # the compiled BPTT timed beside it (why: bench_rows.paired_fields)
+        row["paired_backprop_total_median"] = float(np.median(t.paired.total))
     return row
 
 
