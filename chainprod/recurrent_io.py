@@ -30,8 +30,11 @@ def _layout(batch_first):
 
 def _first_bad_step(arr):
     """The first step ``t`` (axis 0) holding a NaN or infinity, and the index inside it; None if all finite."""
-    # the common case in one read: a sum of finite values is finite unless it overflows (then the search below)
-    if np.isfinite(np.add.reduce(arr.reshape(-1), dtype=np.float64)):
+    # the common case: np.isfinite over blocks of steps of about 2^20 values (a bounded temporary); a float64
+    # sum of the values, tried before, took 103 against 28 us on 320 000 float32 values (the cast)
+    T = arr.shape[0]
+    k = max(1, (1 << 20) // max(1, arr[:1].size))
+    if all(np.isfinite(arr[t:t + k]).all() for t in range(0, T, k)):
         return None
     bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
     if not bad.any():
