@@ -64,6 +64,27 @@ def best(fn, repeats=7):
     return out
 
 
+def best_pair(fa, fb, seconds=0.1, max_calls=2000):
+    """Best single-call times of ``fa`` and ``fb``, their calls alternating for about ``seconds`` each.
+
+    Both sides then see the same load; a handful of calls of a 5 us function measured apart moved the
+    ratio by 1.5x on this VM (the plain loop's best of 7: 4.7 us in one run, 7.3 in the next).
+    """
+    fa(), fb()  # warm-ups: compile or load kernels, bind plans, let auto choose
+    t0 = time.perf_counter()
+    fa(), fb()
+    n = max(7, min(max_calls, int(2 * seconds / max(time.perf_counter() - t0, 1e-9))))
+    ta = tb = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fa()
+        t1 = time.perf_counter()
+        fb()
+        t2 = time.perf_counter()
+        ta, tb = min(ta, t1 - t0), min(tb, t2 - t1)
+    return ta, tb
+
+
 def say(what, ratio, target, ok):
     print(f"\n  {what}: {ratio:.2f}x  (target {target}) {'met' if ok else 'MISSED'}", flush=True)
 
@@ -80,13 +101,12 @@ def test_forward_and_backprop_vs_plain_loop(benchmark, L):
     Wt = np.ascontiguousarray(np.stack([ly.params[0] for ly in chain.layers[:-1]]))
     b = np.ascontiguousarray(np.stack([ly.params[1] for ly in chain.layers[:-1]]))
     Yp = plain_forward(Wt, b, x[0])
-    t_plain_f = best(lambda: plain_forward(Wt, b, x[0]))
-    t_plain_b = best(lambda: plain_backward(Wt, x[0], Yp, np.ones(W)))
     tape = cp.forward(chain, x)
     cotangent = np.ones((1, chain.d_out))  # the plain loop's cotangent: every output's gradient is 1
-    t_f = best(lambda: cp.forward(chain, x))
+    t_f, t_plain_f = best_pair(lambda: cp.forward(chain, x), lambda: plain_forward(Wt, b, x[0]))
     benchmark.pedantic(lambda: cp.backward(tape, cotangent, method="backprop"), rounds=7, warmup_rounds=1)
-    t_b = best(lambda: cp.backward(tape, cotangent, method="backprop"))
+    t_b, t_plain_b = best_pair(lambda: cp.backward(tape, cotangent, method="backprop"),
+                               lambda: plain_backward(Wt, x[0], Yp, np.ones(W)))
     print(f"\n  L={L}: cp.forward {t_f * 1e3:.3f} ms vs plain {t_plain_f * 1e3:.3f} ms; "
           f"cp.backward(backprop) {t_b * 1e3:.3f} ms vs plain {t_plain_b * 1e3:.3f} ms")
     say(f"forward / plain @njit, L={L}", t_f / t_plain_f, "<= 1.5x", t_f / t_plain_f <= 1.5)
@@ -101,13 +121,12 @@ def test_diagonal_forward_and_backprop_vs_plain_loop(benchmark, L):
     chain = cp.Chain([cp.Diagonal(A[l], B[l], "tanh") for l in range(L)])
     x = np.ones((1, W))
     Yp = plain_diag_forward(A, B, x[0])
-    t_plain_f = best(lambda: plain_diag_forward(A, B, x[0]))
-    t_plain_b = best(lambda: plain_diag_backward(A, x[0], Yp, np.ones(W)))
     tape = cp.forward(chain, x)
     cotangent = np.ones((1, W))
-    t_f = best(lambda: cp.forward(chain, x))
+    t_f, t_plain_f = best_pair(lambda: cp.forward(chain, x), lambda: plain_diag_forward(A, B, x[0]))
     benchmark.pedantic(lambda: cp.backward(tape, cotangent, method="backprop"), rounds=7, warmup_rounds=1)
-    t_b = best(lambda: cp.backward(tape, cotangent, method="backprop"))
+    t_b, t_plain_b = best_pair(lambda: cp.backward(tape, cotangent, method="backprop"),
+                               lambda: plain_diag_backward(A, x[0], Yp, np.ones(W)))
     print(f"\n  diagonal L={L}: cp.forward {t_f * 1e3:.4f} ms vs plain {t_plain_f * 1e3:.4f} ms; "
           f"cp.backward(backprop) {t_b * 1e3:.4f} ms vs plain {t_plain_b * 1e3:.4f} ms")
     say(f"diagonal forward / plain @njit, L={L}", t_f / t_plain_f, "<= 1.5x", t_f / t_plain_f <= 1.5)
