@@ -57,13 +57,17 @@ _FINGERPRINT_KEYS = ("hostname", "machine", "cpus")
 _FINGERPRINT_PACKAGES = ("chainprod", "numpy", "numba")
 #: what a calibration measures; raised when it measures more (2: fixed costs per call, costs in and
 #: beyond the caches, compiled scan ops, remote costs per layer; 3: the kernels' loop/BLAS crossover,
-#: and costs of the kernels that use it), so older calibrations are redone
-MODEL_FORMAT = 3
+#: and costs of the kernels that use it; 4: the recurrent steps' crossovers), so older calibrations are redone
+MODEL_FORMAT = 4
 
 #: rows and widths of the row products, and widths of the square blocks, the crossover is measured on
 CROSSOVER_ROWS = (1, 2, 4, 8, 16, 32)
 CROSSOVER_WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64)
 CROSSOVER_BLOCKS = (2, 3, 4, 6, 8, 12, 16, 24)
+#: cells, hidden sizes and batches of the recurrent steps the step crossovers are measured on
+CROSSOVER_CELLS = ("rnn_tanh", "lstm")
+CROSSOVER_HIDDEN = (8, 16, 32, 64)
+CROSSOVER_BATCHES = (1, 4, 16)
 
 
 def _fingerprint(info=None, versions=None) -> dict:
@@ -193,12 +197,14 @@ def best_threshold(points):
 
 
 def kernel_crossover(repeats=5, progress=print) -> dict:
-    """``{dtype name: {"rows": T, "blocks": T}, "measured": ...}``: the compiled kernels' loop/BLAS crossovers.
+    """``{dtype name: {form: T}, "measured": ...}``: the compiled kernels' loop/BLAS crossovers.
 
     Times both ways of each product on one thread (BLAS limited to one
     thread, as inside the kernels' parallel regions), inside compiled
     loops: row products of ``CROSSOVER_ROWS x CROSSOVER_WIDTHS``, square
-    blocks of ``CROSSOVER_BLOCKS`` (the scan's ops); the threshold is
+    blocks of ``CROSSOVER_BLOCKS`` (the scan's ops), and a recurrent cell's
+    steps (``CROSSOVER_CELLS x CROSSOVER_HIDDEN x CROSSOVER_BATCHES``, the
+    forms ``"step"`` at one sample and ``"step_batch"``); each threshold is
     :func:`best_threshold`. ``{}`` without numba or without BLAS.
     """
     if importlib.util.find_spec("numba") is None:
@@ -206,6 +212,7 @@ def kernel_crossover(repeats=5, progress=print) -> dict:
     from .kernels import numba_blas
     from .kernels.crossover import NEVER
     from .kernels.numba_layers import row_step_seconds
+    from .kernels.recurrent_numba import GATES, step_seconds
     from .kernels.scan_compiled import block_op_seconds
 
     if not numba_blas.blas_available():
@@ -217,11 +224,21 @@ def kernel_crossover(repeats=5, progress=print) -> dict:
                     for N in CROSSOVER_ROWS for w in CROSSOVER_WIDTHS]
             blocks = [(w ** 3, block_op_seconds(w, dt, NEVER, repeats=repeats),
                        block_op_seconds(w, dt, 0, repeats=repeats)) for w in CROSSOVER_BLOCKS]
+            steps = {"step": [], "step_batch": []}
+            for cell in CROSSOVER_CELLS:
+                G = GATES[cell]
+                for H in CROSSOVER_HIDDEN:
+                    for N in CROSSOVER_BATCHES:
+                        steps["step" if N == 1 else "step_batch"].append(
+                            (N * G * H * H, step_seconds(cell, H, N, dt, NEVER, repeats),
+                             step_seconds(cell, H, N, dt, 0, repeats)))
             name = np.dtype(dt).name
-            out[name] = {"rows": best_threshold(rows), "blocks": best_threshold(blocks)}
-            measured[name] = {"rows": rows, "blocks": blocks}
+            out[name] = {"rows": best_threshold(rows), "blocks": best_threshold(blocks),
+                         **{form: best_threshold(points) for form, points in steps.items()}}
+            measured[name] = {"rows": rows, "blocks": blocks, **steps}
             progress(f"  {name}: BLAS from {out[name]['rows']} multiply-adds (row products), "
-                     f"{out[name]['blocks']} (square blocks)")
+                     f"{out[name]['blocks']} (square blocks), {out[name]['step']} and "
+                     f"{out[name]['step_batch']} (a recurrent step, one sample and a batch)")
     return {**out, "measured": measured}
 
 

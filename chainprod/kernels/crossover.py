@@ -14,7 +14,11 @@ per *form* of product:
 ``"blocks"``
     a scan's square ops, a ``m x k`` Jacobian block times a ``k x n`` one
     per sample (the loop over a block is slower per multiply-add than over
-    rows, so BLAS takes over earlier).
+    rows, so BLAS takes over earlier);
+``"step"``, ``"step_batch"``
+    a recurrent cell's step (:mod:`.recurrent_numba`): the states times
+    ``W_hh`` (``N * G * H * H`` multiply-adds), for one sample (a
+    matrix-vector product) and for two or more.
 
 Both are measured by ``chainprod calibrate`` on the machine
 (:func:`chainprod.calibrate.calibrate` times both ways over a grid of
@@ -49,9 +53,13 @@ __all__ = ["DEFAULT_CROSSOVER", "FORMS", "NEVER", "best_seconds_per_rep", "blas_
 #: multiply-adds (8 wide up to 2-4 rows, one row up to 16 wide; at batch 1
 #: an 8-wide step is 1.5-2x faster as a loop) and a square block product
 #: below 3 x 3 x 3.
-DEFAULT_CROSSOVER = {"float32": {"rows": 256, "blocks": 27}, "float64": {"rows": 256, "blocks": 27}}
+#: A recurrent step at batch 1 went to BLAS faster from about 4096 multiply-adds (the RNN at H = 64,
+#: the LSTM at H = 32; 2x slower at H = 20) and a batched one from 1024 (every size measured, N = 16,
+#: H = 8-64: 0.72-0.99x the loops' time, both dtypes; T = 1000, one thread).
+DEFAULT_CROSSOVER = {dt: {"rows": 256, "blocks": 27, "step": 4096, "step_batch": 1024}
+                     for dt in ("float32", "float64")}
 #: the forms of product (see the module docstring)
-FORMS = ("rows", "blocks")
+FORMS = ("rows", "blocks", "step", "step_batch")
 
 #: a crossover no product reaches: the loops only
 NEVER = 1 << 62

@@ -15,10 +15,13 @@ How the kernels are built:
   states by ``W_hh`` (forward: ``h W_hh^T``; backward: the adjoint
   ``dG W_hh``): :func:`.recurrent_numba_simd.rows_times` keeps up to eight
   vectors of sums in registers over a product (``W_hh^T`` and ``W_hh`` are
-  copied once per call with rows padded to whole vectors). From
-  :data:`STEP_BLAS_MIN` multiply-adds per step on (:data:`STEP_BLAS_MIN_BATCH`
-  from two samples on) one ``gemm`` per step instead (:mod:`.numba_blas`,
-  on one BLAS thread); BLAS lost at every size measured.
+  copied once per call with rows padded to whole vectors). From the
+  crossover ``chainprod calibrate`` measures (forms ``"step"`` for one
+  sample, ``"step_batch"`` from two on, :mod:`.crossover`) one ``gemm`` per
+  step instead (:mod:`.numba_blas`, on one BLAS thread): here from 4096
+  multiply-adds per step at batch 1 and from 1024 in a batch (the LSTM at
+  N = 16, H = 64, float32: 25.8 ms a training step's kernels against 35.6
+  as loops; at H = 20 4.43 against 4.78).
 - **dW_hh after the loop.** ``dW_hh = sum_t dG_t^T h_{t-1}`` is one product
   over all ``T * N`` rows once the loop is done (numpy's BLAS) from
   :data:`DW_BLAS_MIN` multiply-adds per call on, and accumulated step by
@@ -50,7 +53,7 @@ import contextlib
 import numba
 import numpy as np
 
-from . import numba_blas
+from . import crossover, numba_blas
 from .recurrent_numba_loops import backward_chunks, backward_loop, forward_chunks, forward_loop
 from .recurrent_numba_simd import padded_width
 from .recurrent_numpy import out_arrays, saved_width
@@ -67,14 +70,11 @@ _CODES = {"rnn_tanh": 0, "rnn_relu": 1, "gru": 2, "lstm": 3}
 
 #: multiply-adds per step (``N * G * H * H``) from which a step's product with ``W_hh`` is one BLAS call,
 #: for one sample (``N = 1``: a matrix-vector product); below it, the register-blocked products of
-#: :mod:`.recurrent_numba_simd`. Those won at every size measured (forward per step, float32, one thread,
-#: under load, theirs / BLAS's: the RNN at H=64 (4096) 0.28 / 3.0 us, at H=512 (262144) 35 / 197; the
-#: LSTM at H=128 (65536) 7.6 / 46.6): BLAS is kept for steps beyond those
-STEP_BLAS_MIN = 1 << 21
-#: the same from two samples on (a matrix product); measured the same way: the LSTM at N=16, H=20
-#: (25600) 3.8 / 4.6 us, at H=64 (262144) 26.3 / 24.4, at H=128 (1048576) 74 / 85; the RNN at N=16,
-#: H=256 (1048576) 54 / 67
-STEP_BLAS_MIN_BATCH = 1 << 21
+#: :mod:`.recurrent_numba_simd`. None: the crossover ``chainprod calibrate`` measured on this machine
+#: (form ``"step"`` of :mod:`.crossover`, or its default). A number overrides it (tests, precompile).
+STEP_BLAS_MIN = None
+#: the same from two samples on (a matrix product; form ``"step_batch"``)
+STEP_BLAS_MIN_BATCH = None
 #: multiply-adds of the whole call (``T N G H^2``) from which ``dW_hh`` is one BLAS product after the
 #: loop instead of being accumulated in it, step by step (backward per step, T = 1000, the tanh RNN at
 #: N=1, H=8: 0.27 us accumulated, 0.22 after; the LSTM at N=1, H=20: 0.91 / 0.53)
@@ -170,8 +170,11 @@ def _chunks(T, N, GH, H):
     return max(1, min(numba.get_num_threads(), N))
 
 
-def _step_blas(N, GH, H):
-    return N * GH * H >= (STEP_BLAS_MIN if N == 1 else STEP_BLAS_MIN_BATCH) and numba_blas.blas_available()
+def _step_blas(N, GH, H, dtype):
+    limit = STEP_BLAS_MIN if N == 1 else STEP_BLAS_MIN_BATCH
+    if limit is None:
+        limit = crossover.blas_crossover(dtype, "step" if N == 1 else "step_batch")
+    return N * GH * H >= limit and numba_blas.blas_available()
 
 
 def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
@@ -183,7 +186,7 @@ def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
     K = saved_width(cell, H)
     Hs, Z = out_arrays(out, ((T, N, H), (T, N, K)), X.dtype)
     nchunks = _chunks(T, N, G * H, H)
-    blas = _step_blas(N // nchunks, G * H, H)
+    blas = _step_blas(N // nchunks, G * H, H, X.dtype)
     WTp = _padded_rows(W_hh.T)  # the products' rows: a step adds h[k] * W_hh[:, k] to the gates
     coef = np.ones((G, H), X.dtype)
     if cell == "lstm":
@@ -219,7 +222,7 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, out=No
     else:
         dc = np.zeros((0, H), dtype)
     nchunks = _chunks(T, N, GH, H)
-    blas = _step_blas(N // nchunks, GH, H)
+    blas = _step_blas(N // nchunks, GH, H, dtype)
     blas_dw = T * N * GH * H >= DW_BLAS_MIN and T > 0 and numba_blas.blas_available()
     (dX,) = out_arrays(None if out is None else (out,), ((T, N, GH),), dtype)
     db = np.zeros(GH)  # summed in float64 over every step and sample (why: recurrent_numba_loops)
@@ -262,6 +265,37 @@ def _dw_after(G, T, N, H, dX, dGn, Hs, h0, dW):
     if G == 3:
         gn = dGn.reshape(T * N, H)
         dW[m:] += gn[N:].T @ hs[:-N] + gn[:N].T @ h0
+
+
+def step_seconds(cell, H, N, dtype, limit, repeats=5, T=200):
+    """Best seconds per step of ``forward`` then ``backward`` with the step's products sent to BLAS from ``limit``.
+
+    ``limit`` overrides both step crossovers for the call (``0``: BLAS;
+    :data:`~.crossover.NEVER`: the loops); what ``chainprod calibrate``
+    times on a grid of cells, widths and batches. One untimed call first.
+    """
+    import time
+
+    global STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH
+    G = GATES[cell]
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((T, N, G * H)).astype(dtype)
+    W = (rng.standard_normal((G * H, H)) / np.sqrt(H)).astype(dtype)
+    b, h = np.zeros(G * H, dtype), np.zeros((N, H), dtype)
+    c = h if cell == "lstm" else None
+    saved = STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH
+    best = float("inf")
+    try:
+        STEP_BLAS_MIN = STEP_BLAS_MIN_BATCH = limit
+        for k in range(repeats + 1):
+            t0 = time.perf_counter()
+            Hs, Z = forward(cell, X, W, b, h, c)
+            backward(cell, X, W, b, h, c, Hs, Z, Hs)
+            if k:
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH = saved
+    return best / T
 
 
 def precompile(dtypes=(np.float32, np.float64)):
