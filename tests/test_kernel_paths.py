@@ -121,24 +121,35 @@ def test_each_path_of_the_compiled_scan_matches_the_numpy_scan(name, dtype, N):
                 assert_close(V, want, dtype, f"{method}, {path}, {workers} workers")
 
 
+def _batch_of_nine(name, dtype, seed):
+    """``run_all``'s arguments: a chain's packed layout, a batch of 9, its tape (the numpy reference's), a
+    cotangent and rows ``V``."""
+    chain = make_chain(name, dtype)
+    pc = pack(chain)
+    x, cotangent = inputs(chain, 9, dtype)
+    Y, _ = get_kernels("numpy").forward(pc, x)
+    V = np.random.default_rng(seed).standard_normal(pc.tape_size(9)).astype(dtype)
+    return pc, x, Y, cotangent, V
+
+
+def _agrees_with_the_reference(got, args, dtype, what):
+    assert got["bad"] == (-1, -1, -1, -1)
+    assert np.array_equal(got["backprop_with_row grads"], got["backprop"])
+    for name, want in run_all(get_kernels("numpy"), *args, 9).items():
+        if name != "bad":
+            assert_close(got[name], want, dtype, f"{what}: {name}")
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batch_chunks_on_threads_keep_the_contract(path, dtype, monkeypatch):
     """The chunked-batch (parallel) path with BLAS inside the threads: same results, one loop."""
-    nb, ref = get_kernels("numba"), get_kernels("numpy")
-    chain = make_chain("mixed", dtype)
-    pc = pack(chain)
-    x, cotangent = inputs(chain, 9, dtype)
-    Y, _ = ref.forward(pc, x)
-    V = np.random.default_rng(3).standard_normal(pc.tape_size(9)).astype(dtype)
+    nb = get_kernels("numba")
+    args = _batch_of_nine("mixed", dtype, 3)
     monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
     with crossover.force_path(path):
-        got = run_all(nb, pc, x, Y, cotangent, V, 9)
-    assert got["bad"] == (-1, -1, -1, -1)
-    assert np.array_equal(got["backprop_with_row grads"], got["backprop"])
-    for what, want in run_all(ref, pc, x, Y, cotangent, V, 9).items():
-        if what != "bad":
-            assert_close(got[what], want, dtype, f"chunked {path}: {what}")
+        got = run_all(nb, *args, 9)
+    _agrees_with_the_reference(got, args, dtype, f"chunked {path}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -146,12 +157,9 @@ def test_wide_layers_run_serially_with_blas_on_the_threads_and_keep_the_contract
     """Past BLAS_THREADS_WIDE a batch is not cut: one loop, BLAS on the threads it would have used."""
     import numba
 
-    nb, ref = get_kernels("numba"), get_kernels("numpy")
-    chain = make_chain("wide", dtype)
-    pc = pack(chain)
-    x, cotangent = inputs(chain, 9, dtype)
-    Y, _ = ref.forward(pc, x)
-    V = np.random.default_rng(5).standard_normal(pc.tape_size(9)).astype(dtype)
+    nb = get_kernels("numba")
+    args = _batch_of_nine("wide", dtype, 5)
+    pc = args[0]
     monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
     before = numba.get_num_threads()
     numba.set_num_threads(2)
@@ -162,14 +170,10 @@ def test_wide_layers_run_serially_with_blas_on_the_threads_and_keep_the_contract
             monkeypatch.setattr(nb, "BLAS_THREADS_WIDE", 0)
             assert nb._split(pc, 9, cross) == (1, 2)  # wide: serial, BLAS on both threads
             assert nb._split(pc, 1, cross) == (1, 1)  # one sample: nothing to share
-            got = run_all(nb, pc, x, Y, cotangent, V, 9)
+            got = run_all(nb, *args, 9)
     finally:
         numba.set_num_threads(before)
-    assert got["bad"] == (-1, -1, -1, -1)
-    assert np.array_equal(got["backprop_with_row grads"], got["backprop"])
-    for what, want in run_all(ref, pc, x, Y, cotangent, V, 9).items():
-        if what != "bad":
-            assert_close(got[what], want, dtype, f"wide, serial with BLAS threads: {what}")
+    _agrees_with_the_reference(got, args, dtype, "wide, serial with BLAS threads")
 
 
 def test_without_a_way_to_limit_blas_threads_parallel_regions_keep_out_of_blas(monkeypatch):
