@@ -392,7 +392,10 @@ def _sweep(sweep, out_dir, progress, command, log, model, wait, interrupts):
             if remote:
                 later[prob] = (remote, state)
         for engine in sorted({cluster_engine(j.backend) for remote, _ in later.values() for j in remote}):
-            clusters.get(engine)  # held by the sweep, per-call rows too: closed (if started here) after them
+            try:
+                clusters.get(engine)  # held by the sweep, per-call rows too: closed (if started here) after them
+            except Exception as e:  # each row then tries on its own and records its error: the sweep goes on
+                log(f"{engine}: could not start a cluster for the sweep's rows on it: {type(e).__name__}: {e}")
         for prob, (remote, state) in later.items():
             interrupts.check()
             _run_problem(prob, remote, sweep, rng, writer, bar, label, clusters, wait, interrupts.check, state=state)
