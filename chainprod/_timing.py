@@ -183,7 +183,7 @@ def backprop_kernels() -> list[str]:
 
 
 def measure_chainprod(chain, x, *, method="backprop", backend="vectorized", workers=None, kernels=None,
-                      repeats=3, trace=False, y=None, loss=None, one_call=False, paired=False):
+                      repeats=3, trace=False, y=None, loss=None, one_call=False, paired=False) -> Timing:
     """Time :func:`chainprod.forward` and :func:`chainprod.backward` of ``chain`` on ``x``.
 
     The forward pass includes the loss and its cotangent
