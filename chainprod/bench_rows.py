@@ -311,6 +311,13 @@ class TorchProblem:
         return cls(model, torch.from_numpy(x), torch.from_numpy(y), from_torch(model), x, y)
 
 
+#: timed repeats of a torch-models row where its budget allows (more than the sweep's ``repeats``): a
+#: median of three single calls of a few milliseconds moves with the tail of this VM's per-call times
+#: (``cp.torch_backward`` at w = 128, float64, P = 2: median 2.2 ms, 90th percentile 4.0, the first
+#: call after a torch step 3.5; in one main job its median of three was 6.6 ms, measured)
+TORCH_ROW_REPEATS = 11
+
+
 def torch_timing(method, backend, P, prob, repeats, budget=None):
     """``(Timing, schedule, note)`` of one row of the torch-models section at ``P`` threads.
 
@@ -321,7 +328,8 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
     as before each of torch's steps); ``value_and_grad``: its two halves on the
     converted chain with ``kernels=backend``. BLAS is held to ``P`` threads
     throughout, and chainprod runs on ``threads`` with ``workers=P`` when
-    ``P > 1``. One untimed step first sizes the repeats to ``budget`` seconds.
+    ``P > 1``. One timed step first sizes the repeats to ``budget`` seconds:
+    ``repeats``, or :data:`TORCH_ROW_REPEATS` where more fit, at least one.
     """
     from .torch import torch_backward
 
@@ -338,7 +346,8 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
         raise ValueError(f"unknown torch-models method {method!r}; valid: {', '.join(sorted(run))}")
     with thread_limit(P):
         t = run[method](1)  # one timed step after the warm-ups (compiling, binding, auto's choice) sizes the rest
-        n = repeats if not budget else max(1, min(repeats, int(budget / max(t.total[0], 1e-9))))
+        fit = int(budget / max(t.total[0], 1e-9)) if budget else repeats
+        n = max(1, min(max(repeats, TORCH_ROW_REPEATS) if budget else repeats, fit))
         if n > 1:
             t = run[method](n)
     threads = f"{P} thread{'s' if P > 1 else ''}"

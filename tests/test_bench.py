@@ -465,6 +465,16 @@ def test_torch_rows_time_steps_from_cleared_gradients(method):
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
 
 
+def test_a_torch_row_takes_more_repeats_where_its_budget_allows():
+    from chainprod.bench_rows import TORCH_ROW_REPEATS, TorchProblem, torch_timing
+
+    prob = TorchProblem.build(8, 3, 4, "float64")
+    assert TORCH_ROW_REPEATS > 3
+    assert len(torch_timing("torch_backward", "numba", 1, prob, repeats=3, budget=60.0)[0].total) == TORCH_ROW_REPEATS
+    assert len(torch_timing("torch_backward", "numba", 1, prob, repeats=3, budget=1e-9)[0].total) == 1
+    assert len(torch_timing("torch_backward", "numba", 1, prob, repeats=3)[0].total) == 3  # no budget: as asked
+
+
 def test_the_blas_floor_needs_dense_layers():
     with pytest.raises(ValueError, match="Dense layers"):
         _timing_steps.measure_matmuls(cp.diagonal_chain(3, 4), np.ones((2, 4)))
