@@ -346,8 +346,7 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
         raise ValueError(f"unknown torch-models method {method!r}; valid: {', '.join(sorted(run))}")
     with thread_limit(P):
         t = run[method](1)  # one timed step after the warm-ups (compiling, binding, auto's choice) sizes the rest
-        fit = int(budget / max(t.total[0], 1e-9)) if budget else repeats
-        n = max(1, min(max(repeats, TORCH_ROW_REPEATS) if budget else repeats, fit))
+        n = repeats if not budget else max(1, min(max(repeats, TORCH_ROW_REPEATS), int(budget / max(t.total[0], 1e-9))))
         if n > 1:
             t = run[method](n)
     threads = f"{P} thread{'s' if P > 1 else ''}"
@@ -372,7 +371,7 @@ def cluster_engine(backend) -> str | None:
     """The engine a row runs on, ``"ray"`` or ``"dask"`` (per-call or sharded), or None for a row on this machine."""
     if not isinstance(backend, str):
         return None
-    return backend if backend in ("ray", "dask") else SHARDED.get(backend)
+    return backend if backend in PER_CALL else SHARDED.get(backend)
 
 
 def sharded_available(backend) -> str | None:

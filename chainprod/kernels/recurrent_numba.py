@@ -270,32 +270,24 @@ def _dw_after(G, T, N, H, dX, dGn, Hs, h0, dW):
 def step_seconds(cell, H, N, dtype, limit, repeats=5, T=200):
     """Best seconds per step of ``forward`` then ``backward`` with the step's products sent to BLAS from ``limit``.
 
-    ``limit`` overrides both step crossovers for the call (``0``: BLAS;
+    ``limit`` stands for both step crossovers during the call (``0``: BLAS;
     :data:`~.crossover.NEVER`: the loops); what ``chainprod calibrate``
-    times on a grid of cells, widths and batches. One untimed call first.
+    times on a grid of cells, widths and batches.
     """
-    import time
-
-    global STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH
     G = GATES[cell]
     rng = np.random.default_rng(0)
     X = rng.standard_normal((T, N, G * H)).astype(dtype)
     W = (rng.standard_normal((G * H, H)) / np.sqrt(H)).astype(dtype)
     b, h = np.zeros(G * H, dtype), np.zeros((N, H), dtype)
     c = h if cell == "lstm" else None
-    saved = STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH
-    best = float("inf")
-    try:
-        STEP_BLAS_MIN = STEP_BLAS_MIN_BATCH = limit
-        for k in range(repeats + 1):
-            t0 = time.perf_counter()
+
+    def run(reps):
+        for _ in range(reps):
             Hs, Z = forward(cell, X, W, b, h, c)
             backward(cell, X, W, b, h, c, Hs, Z, Hs)
-            if k:
-                best = min(best, time.perf_counter() - t0)
-    finally:
-        STEP_BLAS_MIN, STEP_BLAS_MIN_BATCH = saved
-    return best / T
+
+    with crossover.using_crossover({np.dtype(dtype).name: {"step": limit, "step_batch": limit}}):
+        return crossover.best_seconds_per_rep(run, repeats) / T
 
 
 def precompile(dtypes=(np.float32, np.float64)):
