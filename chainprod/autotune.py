@@ -105,8 +105,15 @@ def known_choice(chain, batch, P, kernels):
     """What ``auto`` chose for this problem in this process (``"backprop"`` or a Schedule), or ``None``.
 
     Never measures or reads the disk: for callers that take a shorter path
-    only when the choice is already known (:mod:`chainprod.quick`).
+    only when the choice is already known (:mod:`chainprod.quick`). The
+    choice kept on the chain by :func:`choose_method` first (one lookup of a
+    small key), then the process's cache.
     """
+    memo = chain.__dict__.get("_auto_choices")
+    if memo is not None and memo[0] == _CHOICES.generation:
+        hit = memo[1].get((batch, P, kernels))
+        if hit is not None:
+            return hit
     return _CHOICES.peek(_key(chain, batch, P, kernels))
 
 

@@ -74,6 +74,7 @@ from .bench_rows import (
     Clusters,
     Job,
     TorchProblem,
+    auto_row_repeats,
     baseline_backends,
     build_chain,
     cluster_engine,
@@ -221,7 +222,8 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
                                              kernels=kernels, model=model)
                 except (ValueError, KeyError):  # a method the model cannot cost still runs, unpredicted
                     pred = {}
-                est = pred.get("total", bp["total"]) * (sweep.repeats + 1)
+                call = pred.get("total", bp["total"])
+                est = call * ((auto_row_repeats(sweep.repeats, call) if m == "auto" else sweep.repeats) + 1)
             if est > sweep.max_config_seconds:
                 skipped.append({"problem": list(prob), "backend": backend, "workers": P, "method": m,
                                 "reason": f"predicted {est:.1f} s > max_config_seconds"})

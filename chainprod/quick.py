@@ -30,9 +30,9 @@ from .cost import AUTO, known_remote_auto, remote_auto
 from .executors import get_executor
 from .kernels import LayerGrads, get_kernels, pack
 from .layers import Chain
-from .tape import resolve_kernels
+from .tape import Tape, resolve_kernels
 
-__all__ = ["chain_profile", "serve", "shared_ones", "try_grad"]
+__all__ = ["chain_profile", "local_method", "serve", "shared_ones", "try_backward", "try_grad"]
 
 _ONES: dict = {}
 
@@ -118,8 +118,9 @@ def try_grad(chain, x, method, want_value, y=None, P=1):
         cotangent = cotangent.reshape(-1)
         cotangent.flags.writeable = False
     grads = np.empty(pc.n_params, pc.dtype)
-    bad = loops.backprop_serial(*args, Y, cotangent, N, grads, _empty(pc.dtype), pc.max_width, cross)
-    if bad >= 0 or not kernels.all_finite(grads):
+    bad, nonfinite = loops.backprop_serial_counted(*args, Y, cotangent, N, grads, _empty(pc.dtype), pc.max_width,
+                                                   cross)
+    if bad >= 0 or nonfinite:
         return None
     return value, LayerGrads(pc, grads)
 
@@ -146,6 +147,85 @@ def chain_profile(chain):
     return got
 
 
+def try_backward(tape, cotangent, method, P=1):
+    """The per-layer gradients of a compiled tape by the compiled backprop loop, or ``None`` if not served.
+
+    :func:`chainprod.backward`'s short path: a tape the compiled kernels made
+    (its flat outputs kept), a C-contiguous numpy cotangent of shape
+    ``(N, d_L)`` and the chain's dtype, ``method`` as in :func:`try_grad`.
+    The loop :func:`chainprod.kernels.numba_kernels.backprop` runs, with the
+    same crossover and batch policy, so the gradients are the general path's
+    bit for bit. Any non-finite value returns ``None``: the general path then
+    runs and names the layers.
+    """
+    if tape.__class__ is not Tape or tape.kernels != "numba" or tape.flat is None:
+        return None
+    chain, x = tape.chain, tape.x
+    pc = tape.packed if tape.packed is not None else pack(chain)
+    N = x.shape[0]
+    if (cotangent.__class__ is not np.ndarray or cotangent.shape != (N, pc.width_out)
+            or cotangent.dtype != pc.dtype or not cotangent.flags.c_contiguous or not x.flags.c_contiguous):
+        return None
+    if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, P, "numba") != "backprop")):
+        return None
+    kernels = get_kernels("numba")
+    plan = kernels.serial_plan(pc, N)
+    if plan is None:
+        return None
+    loops, cross = plan
+    # Read-only views, as the general path hands the loops (the same compiled specializations). The
+    # tape's are made once per tape and kept on it: a view and its flag cost 0.4 us each (measured).
+    ro = tape.__dict__.get("_readonly_views")
+    if ro is None:
+        ro = x.reshape(-1), tape.flat.view()
+        ro[0].flags.writeable = ro[1].flags.writeable = False
+        tape.__dict__["_readonly_views"] = ro
+    x1, Y = ro
+    rows = cotangent.reshape(-1)
+    if rows.flags.writeable:
+        rows.flags.writeable = False  # a new view: the caller's cotangent stays writeable
+    grads = np.empty(pc.n_params, pc.dtype)
+    bad, nonfinite = loops.backprop_serial_counted(pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta,
+                                                   x1, Y, rows, N, grads, _empty(pc.dtype), pc.max_width, cross)
+    if bad >= 0 or nonfinite:
+        return None
+    return LayerGrads(pc, grads)
+
+
+def _served_options(y, loss, method, backend, workers, return_trace, engine_options, kernels, h0, with_inputs,
+                    forward, forward_options) -> bool:
+    return (h0 is None and engine_options is None and forward_options is None and with_inputs is False
+            and (return_trace is False or return_trace is None) and method.__class__ is str
+            and forward.__class__ is str and backend.__class__ is str and forward == "sequential"
+            and (workers is None or (workers.__class__ is int and workers >= 1))
+            and (loss is None or (loss.__class__ is str and loss == ("sum", "mse")[y is not None]))
+            and (kernels is None or (kernels.__class__ is str and kernels == "numba")))
+
+
+def local_method(chain, N, method, backend, workers):
+    """``(method, P)`` for :func:`try_grad` / :func:`try_backward` on ``backend``, or ``None`` if not served.
+
+    On ``vectorized`` and ``threads``: ``method`` on ``workers`` (the
+    backend's default count without). On ``ray`` and ``dask`` (``workers``
+    given, so no cluster is asked): ``"backprop"``, and ``auto`` where the
+    cost model keeps the gradient on the driver, as the general path would.
+    """
+    if backend == "vectorized" or backend == "threads":
+        return method, workers or COMPILED_BACKENDS[backend]()
+    if (backend == "ray" or backend == "dask") and workers and chain.__class__ is Chain and len(chain) > 1:
+        get_executor(backend)  # a missing engine is an error here too (made once, then looked up)
+        if method == "backprop":
+            return method, 1
+        if method == AUTO:
+            structure, width = chain_profile(chain)
+            L = len(chain)
+            pick = (known_remote_auto(structure, L, width, backend, workers, N, "numba")
+                    or remote_auto(structure, L, width, backend=backend, workers=workers, batch=N, kernels="numba"))
+            if pick.schedule is None:
+                return "backprop", 1
+    return None
+
+
 def serve(chain, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0, with_inputs,
            forward, forward_options, want_value):
     """:func:`try_grad` for the training loop's call, else None.
@@ -156,24 +236,10 @@ def serve(chain, x, y, loss, method, backend, workers, return_trace, engine_opti
     ``dask`` (``workers`` given, so no cluster is asked) where the cost
     model keeps the gradient on the driver, as the general path would.
     """
-    if (h0 is None and engine_options is None and forward_options is None and with_inputs is False
-            and (return_trace is False or return_trace is None) and method.__class__ is str and forward.__class__ is str
-            and backend.__class__ is str and forward == "sequential"
-            and (workers is None or (workers.__class__ is int and workers >= 1))
-            and (loss is None or (loss.__class__ is str and loss == ("sum", "mse")[y is not None]))
-            and (kernels is None or (kernels.__class__ is str and kernels == "numba"))):
-        if backend == "vectorized" or backend == "threads":
-            return try_grad(chain, x, method, want_value, y, workers or COMPILED_BACKENDS[backend]())
-        if (backend == "ray" or backend == "dask") and workers and chain.__class__ is Chain and len(chain) > 1 \
-                and x.__class__ is np.ndarray and x.ndim == 2:
-            get_executor(backend)  # a missing engine is an error here too (made once, then looked up)
-            if method == "backprop":
-                return try_grad(chain, x, method, want_value, y)
-            if method == AUTO:
-                structure, width = chain_profile(chain)
-                L, N = len(chain), x.shape[0]
-                pick = (known_remote_auto(structure, L, width, backend, workers, N, "numba")
-                        or remote_auto(structure, L, width, backend=backend, workers=workers, batch=N, kernels="numba"))
-                if pick.schedule is None:
-                    return try_grad(chain, x, "backprop", want_value, y)
-    return None
+    if not _served_options(y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
+                           with_inputs, forward, forward_options):
+        return None
+    if x.__class__ is not np.ndarray or x.ndim != 2:
+        return None
+    how = local_method(chain, x.shape[0], method, backend, workers)
+    return None if how is None else try_grad(chain, x, how[0], want_value, y, how[1])

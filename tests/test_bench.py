@@ -109,6 +109,22 @@ def test_auto_rows_carry_the_compiled_backprop_measured_beside_them(small_sweep)
     assert all(r["paired_backprop_total_median"] is None for r in rows if r["method"] != "auto")
 
 
+def test_a_cheap_auto_row_takes_more_repeats_and_an_expensive_one_the_sweeps():
+    from chainprod.bench_rows import AUTO_ROW_REPEATS, Job, auto_row_repeats, measure_job
+
+    chain = cp.diagonal_chain(16, 4, seed=0)
+    x = np.ones((1, 4))
+    prob = ("diagonal", 16, 4, 1, "float64")
+    assert AUTO_ROW_REPEATS > 3 and auto_row_repeats(3, 1e-5) == AUTO_ROW_REPEATS and auto_row_repeats(3, 1.0) == 3
+    assert auto_row_repeats(20, 1e-5) == 20  # never fewer than asked
+    cheap, _ = measure_job(Job(prob, "auto", "vectorized", 1, {"total": 1e-5}, 1e-4), chain, x, 3)
+    dear, _ = measure_job(Job(prob, "auto", "vectorized", 1, {"total": 1.0}, 4.0), chain, x, 3)
+    plain, _ = measure_job(Job(prob, "backprop", "numba", 1, {"total": 1e-5}, 1e-4), chain, x, 3)
+    assert cheap["status"] == dear["status"] == plain["status"] == "ok"
+    assert (cheap["repeats"], dear["repeats"], plain["repeats"]) == (AUTO_ROW_REPEATS, 3, 3)
+    assert cheap["paired_backprop_backward_median"] > 0 and cheap["backward_min"] <= cheap["backward_median"]
+
+
 def test_a_paired_timing_interleaves_its_repeats_with_the_compiled_backprops(monkeypatch):
     """Each repeat of the row is followed by one of the backprop: both see the same load."""
     calls = []

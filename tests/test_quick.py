@@ -170,3 +170,75 @@ def test_a_missing_engine_is_still_an_error_on_the_short_path():
             "    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "pip install 'chainprod[ray]'" in out.stdout, out.stdout + out.stderr
+
+
+# -- the short path of backward ---------------------------------------------------------------
+@pytest.mark.parametrize("name,chain", list(chains()), ids=[n for n, _ in chains()])
+@pytest.mark.parametrize("N", [1, 5])
+def test_backward_equals_the_general_path_bit_for_bit(name, chain, N):
+    from chainprod.quick import try_backward
+
+    rng = np.random.default_rng(N)
+    x = rng.standard_normal((N, chain.d_in)).astype(chain.dtype)
+    tape = cp.forward(chain, x)
+    cotangent = rng.standard_normal((N, chain.d_out)).astype(chain.dtype)
+    before = cotangent.copy()
+    served = try_backward(tape, cotangent, "backprop")
+    assert served is not None, "a compiled tape's backprop must take the short path"
+    want = cp.backward(tape, cotangent, method="backprop", trace=cp.Trace())  # a trace: the general path
+    assert np.array_equal(served.flat, want.flat)
+    assert np.array_equal(cp.backward(tape, cotangent, method="backprop").flat, want.flat)
+    assert np.array_equal(cotangent, before) and cotangent.flags.writeable  # the caller's, as it was
+    assert tape.flat.flags.writeable and x.flags.writeable  # read-only views of its arrays, not the arrays
+
+
+@pytest.mark.parametrize("case", ["numpy tape", "float32 cotangent", "wrong shape", "strided", "a list",
+                                  "a scan", "auto unknown"])
+def test_backward_steps_aside_for_what_it_does_not_serve(case):
+    from chainprod.quick import try_backward
+
+    cp.clear_caches()
+    chain = cp.mlp([3, 4, 4, 2], seed=5)
+    x = np.ones((4, 3))
+    tape = cp.forward(chain, x, kernels="numpy" if case == "numpy tape" else None)
+    cotangent = np.ones((4, 2))
+    method = {"a scan": "sklansky", "auto unknown": "auto"}.get(case, "backprop")
+    if case == "float32 cotangent":
+        cotangent = cotangent.astype(np.float32)
+    elif case == "wrong shape":
+        cotangent = np.ones((4, 3))
+    elif case == "strided":
+        cotangent = np.ones((4, 4))[:, ::2]
+    elif case == "a list":
+        cotangent = cotangent.tolist()
+    assert try_backward(tape, cotangent, method) is None
+
+
+def test_backward_with_bad_input_or_an_overflow_gets_the_general_paths_error():
+    chain = cp.mlp([3, 4, 2], seed=5)
+    tape = cp.forward(chain, np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"cotangent must have shape \(N, d_L\) = \(2, 2\)"):
+        cp.backward(tape, np.ones((2, 3)), method="backprop")
+    # finite forward (1e150 * 1e-200, then * 1e200), but dW_0 = (1e200 * cotangent) x^T = 1e350 overflows
+    big = cp.Chain([cp.Dense(np.eye(2) * 1e-200, np.zeros(2), "identity"),
+                    cp.Dense(np.full((1, 2), 1e200), np.zeros(1), "identity")])
+    tape = cp.forward(big, np.full((1, 2), 1e150))
+    cotangent = np.ones((1, 1))
+    from chainprod.quick import try_backward
+
+    assert try_backward(tape, cotangent, "backprop") is None
+    with pytest.raises(NonFiniteError, match="layer"):
+        cp.backward(tape, cotangent, method="backprop")
+
+
+def test_backward_auto_is_served_once_its_choice_is_known():
+    from chainprod.quick import try_backward
+
+    cp.clear_caches()
+    chain = cp.mlp([3, 4, 4, 1], seed=4)
+    tape = cp.forward(chain, np.ones((2, 3)))
+    cotangent = np.ones((2, 1))
+    assert try_backward(tape, cotangent, "auto") is None
+    want = cp.backward(tape, cotangent, method="auto")  # the general path measures and keeps the choice
+    served = try_backward(tape, cotangent, "auto")
+    assert served is not None and np.array_equal(served.flat, want.flat)

@@ -173,6 +173,11 @@ def using_crossover(table):
         _active.clear()
 
 
+def state() -> tuple:
+    """What :func:`blas_crossover` answers from besides the saved table: a key for callers' memos."""
+    return _forced, id(_table)
+
+
 def best_seconds_per_rep(run, repeats=5, min_seconds=2e-4) -> float:
     """Best seconds per repetition of ``run(reps)``, a compiled loop that repeats its work ``reps`` times.
 
