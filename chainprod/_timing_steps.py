@@ -15,6 +15,7 @@ torch and threadpoolctl are imported only when asked for.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import time
 
@@ -39,6 +40,14 @@ def thread_limit(P):
     """
     torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None
+    # A limit reaches only what is loaded: numba, and the BLAS its kernels call (scipy's, not numpy's),
+    # are loaded first where installed. Entered before the first compiled call of a process, the block
+    # ran chainprod on numba's default two threads and scipy's BLAS on two: a row said to be on one
+    # thread at the two-thread floor's speed (measured, width 1024, batch 256).
+    if importlib.util.find_spec("numba") is not None:
+        from .kernels.numba_blas import blas_available
+
+        blas_available()
     with contextlib.ExitStack() as stack:
         numba = sys.modules.get("numba")
         if numba is not None and hasattr(numba, "set_num_threads"):

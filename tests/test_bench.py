@@ -574,3 +574,23 @@ def test_a_ctrl_c_held_during_a_write_still_counts_the_row(tmp_path, monkeypatch
         signal.signal(signal.SIGINT, previous)
     w.close({})
     assert len(w.rows) == len(read_results(str(tmp_path))) == 1
+
+
+def test_a_thread_limit_entered_first_in_a_process_reaches_numba_and_every_blas():
+    """Entered before any compiled call, the limit must still hold numba and the BLAS its kernels load."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    pytest.importorskip("threadpoolctl")
+    code = ("import numpy as np\n"
+            "from chainprod._timing_steps import thread_limit\n"
+            "from threadpoolctl import threadpool_info\n"
+            "with thread_limit(1):\n"
+            "    import numba\n"
+            "    blas = [i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas']\n"
+            "    print(numba.get_num_threads(), len(blas), max(blas))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    numba_threads, libraries, most = map(int, out.stdout.split())
+    assert numba_threads == 1 and most == 1, out.stdout + out.stderr
+    assert libraries >= 1
