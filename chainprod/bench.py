@@ -74,9 +74,9 @@ from .bench_rows import (
     Clusters,
     Job,
     TorchProblem,
-    auto_row_repeats,
     baseline_backends,
     build_chain,
+    cheap_row_repeats,
     cluster_engine,
     jacobian_bytes,
     measure_job,
@@ -209,13 +209,16 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
             pred = bp if name == "backprop" else {}
             flops = 6.0 * N * (w * w if s == "dense" else w)  # per layer, both passes
             est = bp["total"] if name == "backprop" else L * (_PEER_SECONDS_PER_LAYER[name] + flops / 2e9)
-            jobs.append(Job(prob, name, backend, 1, pred, est * (sweep.repeats + 1) + (0.5 if name == "jax" else 0)))
+            repeats = cheap_row_repeats(sweep.repeats, est)
+            jobs.append(Job(prob, name, backend, 1, pred, est * (repeats + 1) + (0.5 if name == "jax" else 0),
+                            call=est))
         for backend, P, m in configurations(sweep, L):
             if backend in unavailable:
                 continue
             if sharded_engine(backend):  # no cost model of a training step: a rough estimate, never reported
-                pred, est = {}, sharded_estimate(backend, P, bp["total"], sweep.repeats,
-                                                 model.latency("task", sharded_engine(backend)))
+                pred, call = {}, None
+                est = sharded_estimate(backend, P, bp["total"], sweep.repeats,
+                                       model.latency("task", sharded_engine(backend)))
             else:
                 try:
                     pred = cost.predict_grad(s, L, w, method=m, backend=backend, workers=P, batch=N,
@@ -223,12 +226,12 @@ def plan_sweep(sweep: Sweep, model=None) -> tuple[list[Job], list[dict]]:
                 except (ValueError, KeyError):  # a method the model cannot cost still runs, unpredicted
                     pred = {}
                 call = pred.get("total", bp["total"])
-                est = call * ((auto_row_repeats(sweep.repeats, call) if m == "auto" else sweep.repeats) + 1)
+                est = call * (cheap_row_repeats(sweep.repeats, call) + 1)
             if est > sweep.max_config_seconds:
                 skipped.append({"problem": list(prob), "backend": backend, "workers": P, "method": m,
                                 "reason": f"predicted {est:.1f} s > max_config_seconds"})
                 continue
-            jobs.append(Job(prob, m, backend, P, pred, est))
+            jobs.append(Job(prob, m, backend, P, pred, est, call=call))
     sharded = [j for j in jobs if sharded_engine(j.backend)]
     if sharded:  # trace the first sharded backend's most expensive problem at its largest P
         first = [j for j in sharded if j.backend == sharded[0].backend]

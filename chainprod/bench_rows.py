@@ -44,7 +44,7 @@ from .schedules import build
 from .shard import measure_sharded_step, shard
 
 __all__ = ["BASELINES", "BOUNDS", "SHARDED", "PER_CALL", "baseline_backends", "build_chain", "cluster_engine",
-           "timing_of", "AUTO_ROW_REPEATS", "auto_row_repeats", "measure_job", "jacobian_bytes",
+           "timing_of", "CHEAP_ROW_REPEATS", "cheap_row_repeats", "measure_job", "jacobian_bytes",
            "sharded_engine", "sharded_available", "sharded_estimate",
            "Clusters", "sharded_row", "measure_sharded", "traced_step", "TORCH_STRUCTURE", "TORCH_MODELS",
            "TORCH_METHODS", "torch_mlp", "TorchProblem", "torch_timing", "Job", "torch_problems", "torch_jobs"]
@@ -129,27 +129,29 @@ def paired_fields(backprop) -> dict:
                                                                               ("total", backprop.total))}
 
 
-#: timed repeats of an ``auto`` row where :data:`AUTO_ROW_SECONDS` allows (more than the sweep's
-#: ``repeats``): its check compares a median of these with the backprop timed between them, and a
-#: median of three moved by 15-30 % on the same call with a Ray or Dask cluster up (auto on Ray
-#: ran the local backprop at 1.28x and 1.32x its paired backprop's median in one main job, 0.99x in
-#: a loop of 30 interleaved pairs of the same calls; measured)
-AUTO_ROW_REPEATS = 11
-#: the seconds an ``auto`` row's extra repeats may take (each repeat: the row's passes and one call,
-#: then the paired backprop's, each at least :data:`chainprod._timing.MIN_REPEAT_SECONDS`)
-AUTO_ROW_SECONDS = 0.5
+#: timed repeats of a row of the sweep where :data:`CHEAP_ROW_SECONDS` allows (more than the sweep's
+#: ``repeats``). The auto check compares an ``auto`` row's median with the backprop timed between its
+#: repeats, and the report every row with its problem's baselines: a median of three moved by 15-30 %
+#: on the same call with a Ray or Dask cluster up (auto on Ray ran the local backprop at 1.28x and
+#: 1.32x its paired backprop's median in one main job, 0.99x in a loop of 30 interleaved pairs of the
+#: same calls; measured), and a baseline's by as much (backprop at 38 us beside an auto row that ran
+#: the same backprop in 21 us)
+CHEAP_ROW_REPEATS = 11
+#: the seconds a row's extra repeats may take (each repeat: the two passes and one call, for an
+#: ``auto`` row also its paired backprop's, each at least :data:`chainprod._timing.MIN_REPEAT_SECONDS`)
+CHEAP_ROW_SECONDS = 0.5
 
 
-def auto_row_repeats(repeats, call_seconds) -> int:
-    """Timed repeats of an ``auto`` row whose one call is predicted to take ``call_seconds``.
+def cheap_row_repeats(repeats, call_seconds) -> int:
+    """Timed repeats of a row whose one call is predicted to take ``call_seconds``.
 
-    :data:`AUTO_ROW_REPEATS` where that many repeats of the row and its
-    paired backprop (two passes and one call each, every one timed for at
-    least ``MIN_REPEAT_SECONDS``) fit :data:`AUTO_ROW_SECONDS`; else the
-    sweep's ``repeats``.
+    :data:`CHEAP_ROW_REPEATS` where that many repeats of an ``auto`` row and
+    its paired backprop (two passes and one call each, every one timed for
+    at least ``MIN_REPEAT_SECONDS``) fit :data:`CHEAP_ROW_SECONDS`; else the
+    sweep's ``repeats``. Never fewer than ``repeats``.
     """
     per_repeat = 2 * 2 * max(call_seconds, MIN_REPEAT_SECONDS)
-    return max(repeats, AUTO_ROW_REPEATS) if AUTO_ROW_REPEATS * per_repeat <= AUTO_ROW_SECONDS else repeats
+    return max(repeats, CHEAP_ROW_REPEATS) if CHEAP_ROW_REPEATS * per_repeat <= CHEAP_ROW_SECONDS else repeats
 
 
 def jacobian_bytes(structure, L, w, N, dtype) -> float:
@@ -183,9 +185,8 @@ def measure_job(job, chain, x, repeats, clusters=None, torch_problem=None, budge
             row["repeats"] = len(t.total)
         else:
             paired = job.method == "auto" and L >= 2
-            if paired:
-                repeats = auto_row_repeats(repeats, job.prediction.get("total", job.estimate / (repeats + 1)))
-                row["repeats"] = repeats
+            repeats = cheap_row_repeats(repeats, job.call if job.call is not None else job.estimate / (repeats + 1))
+            row["repeats"] = repeats
             t = timing_of(job.method, job.backend, job.workers, chain, x, repeats, baseline=job.baseline,
                           paired=paired)
             if paired:
@@ -253,6 +254,9 @@ class Job:
     estimate: float
     #: keep the trace of one step of this job (a sharded row: the sharded Gantt chart)
     trace: bool = False
+    #: the predicted seconds of one call, which size a cheap row's repeats (:func:`cheap_row_repeats`);
+    #: None: the estimate over the sweep's repeats and a warm-up
+    call: float | None = None
 
     @property
     def baseline(self) -> bool:

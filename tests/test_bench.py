@@ -109,20 +109,33 @@ def test_auto_rows_carry_the_compiled_backprop_measured_beside_them(small_sweep)
     assert all(r["paired_backprop_total_median"] is None for r in rows if r["method"] != "auto")
 
 
-def test_a_cheap_auto_row_takes_more_repeats_and_an_expensive_one_the_sweeps():
-    from chainprod.bench_rows import AUTO_ROW_REPEATS, Job, auto_row_repeats, measure_job
+def test_a_cheap_row_takes_more_repeats_and_an_expensive_one_the_sweeps():
+    from chainprod.bench_rows import CHEAP_ROW_REPEATS, Job, cheap_row_repeats, measure_job
 
     chain = cp.diagonal_chain(16, 4, seed=0)
     x = np.ones((1, 4))
     prob = ("diagonal", 16, 4, 1, "float64")
-    assert AUTO_ROW_REPEATS > 3 and auto_row_repeats(3, 1e-5) == AUTO_ROW_REPEATS and auto_row_repeats(3, 1.0) == 3
-    assert auto_row_repeats(20, 1e-5) == 20  # never fewer than asked
-    cheap, _ = measure_job(Job(prob, "auto", "vectorized", 1, {"total": 1e-5}, 1e-4), chain, x, 3)
-    dear, _ = measure_job(Job(prob, "auto", "vectorized", 1, {"total": 1.0}, 4.0), chain, x, 3)
-    plain, _ = measure_job(Job(prob, "backprop", "numba", 1, {"total": 1e-5}, 1e-4), chain, x, 3)
-    assert cheap["status"] == dear["status"] == plain["status"] == "ok"
-    assert (cheap["repeats"], dear["repeats"], plain["repeats"]) == (AUTO_ROW_REPEATS, 3, 3)
+    assert CHEAP_ROW_REPEATS > 3 and cheap_row_repeats(3, 1e-5) == CHEAP_ROW_REPEATS
+    assert cheap_row_repeats(3, 1.0) == 3 and cheap_row_repeats(20, 1e-5) == 20  # never fewer than asked
+    cheap, _ = measure_job(Job(prob, "auto", "vectorized", 1, {}, 1e-4, call=1e-5), chain, x, 3)
+    dear, _ = measure_job(Job(prob, "auto", "vectorized", 1, {}, 4.0, call=1.0), chain, x, 3)
+    baseline, _ = measure_job(Job(prob, "backprop", "numba", 1, {}, 1e-4, call=1e-5), chain, x, 3)
+    unsized, _ = measure_job(Job(prob, "backprop", "numba", 1, {}, 4.0), chain, x, 3)  # 1 s a call, from the estimate
+    assert {r["status"] for r in (cheap, dear, baseline, unsized)} == {"ok"}
+    assert [r["repeats"] for r in (cheap, dear, baseline, unsized)] == [CHEAP_ROW_REPEATS, 3, CHEAP_ROW_REPEATS, 3]
     assert cheap["paired_backprop_backward_median"] > 0 and cheap["backward_min"] <= cheap["backward_median"]
+
+
+def test_the_sweeps_plan_gives_each_timed_row_its_predicted_call():
+    from chainprod.bench_rows import cheap_row_repeats
+
+    jobs, _ = plan_sweep(Sweep(depths=[16, 4096], widths=[4], structures=["dense"], backends=["vectorized"],
+                               workers=[1], methods=["auto"], repeats=3))
+    assert jobs and all(j.call is not None and j.call > 0 for j in jobs if j.problem[0] != "torch-mlp")
+    for j in jobs:
+        if j.call is not None and j.method in ("auto", "backprop"):
+            # the ETA counts the repeats the row will take, and a warm-up
+            assert j.estimate == pytest.approx(j.call * (cheap_row_repeats(3, j.call) + 1))
 
 
 def test_a_paired_timing_interleaves_its_repeats_with_the_compiled_backprops(monkeypatch):

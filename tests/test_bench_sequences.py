@@ -198,3 +198,13 @@ def test_the_crossover_is_the_simulators_smallest_winning_p():
     rows = [_row("backprop", 1, 1.0)]
     (r,) = crossover_rows(rows, model)
     assert r["S"] == 8 and r["bptt"] == pytest.approx(1e-3) and r["problem"] == "gru T=100 H=8 N=4"
+
+
+def test_a_sequence_row_takes_more_repeats_where_its_budget_allows_its_pair_included():
+    from chainprod.bench_rows import CHEAP_ROW_REPEATS
+
+    prob = bs.SequenceProblem("rnn_tanh", 7, 3, 2, "float64", seed=1)
+    many, _, _ = bs.sequence_timing("auto", "vectorized", 1, prob, repeats=3, budget=60.0, paired=True)
+    assert len(many.total) == len(many.paired.total) == CHEAP_ROW_REPEATS > 3
+    assert len(bs.sequence_timing("backprop", "numba", 1, prob, repeats=3, budget=1e-9)[0].total) == 1
+    assert len(bs.sequence_timing("backprop", "numba", 1, prob, repeats=3)[0].total) == 3  # no budget: as asked
