@@ -167,7 +167,8 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
         As in :func:`grad`.
     """
     if (tape.__class__ is Tape and tape.kernels == "numba" and seed is None and trace is None
-            and engine_options is None and kernels is None and method.__class__ is str
+            and engine_options is None and (kernels is None or (kernels.__class__ is str and kernels == "numba"))
+            and method.__class__ is str
             and backend.__class__ is str and (workers is None or (workers.__class__ is int and workers >= 1))):
         # the short path of a compiled tape's backprop (chainprod.quick): a few microseconds of checks,
         # not the general path's; anything it does not serve, or any non-finite value, comes here again
