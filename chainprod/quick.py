@@ -1,4 +1,4 @@
-"""The short path of :func:`chainprod.grad` for the call made in a training loop.
+"""The short paths of :func:`chainprod.grad` and :func:`chainprod.backward` for the calls made in a training loop.
 
 A small chain's whole backward pass takes a few microseconds in the compiled
 kernels, so the general path's layers (argument checks written for every
@@ -15,6 +15,10 @@ runs the same compiled loops with the same crossover and batch policy as
 :mod:`chainprod.kernels.numba_kernels` (:func:`serial_plan` says when they
 apply), so its gradients equal the general path's bit for bit
 (``tests/test_quick.py``).
+
+:func:`try_backward` does the same for :func:`chainprod.backward` on a tape
+the compiled kernels made: its one compiled call runs the loop and counts the
+non-finite gradients.
 
 It never raises on its own account: any input it does not serve, and any
 non-finite value met on the way, returns ``None``, and the caller runs the
