@@ -18,6 +18,7 @@ default, a forced path) and how the calibration measures it.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -358,3 +359,27 @@ def test_calibration_measures_a_crossover():
         for form in crossover.FORMS:
             assert 0 <= got[name][form] <= crossover.NEVER
         assert len(got["measured"][name]["rows"]) > 10
+
+
+@pytest.mark.parametrize("user", [None, "28"])
+def test_scipys_blas_loads_with_a_short_thread_timeout_and_the_environment_is_left_as_it_was(user):
+    """OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` when it loads: set then (unless the user set it), removed after."""
+    import subprocess
+    import sys
+
+    code = ("import os, numba.np.linalg as la\n"
+            "seen = []\n"
+            "real = la.ensure_blas\n"
+            "la.ensure_blas = lambda: seen.append(os.environ.get('OPENBLAS_THREAD_TIMEOUT')) or real()\n"
+            "from chainprod.kernels import numba_blas\n"
+            "assert numba_blas.blas_available()\n"
+            "print(seen[0], os.environ.get('OPENBLAS_THREAD_TIMEOUT'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if user is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    during, after = out.stdout.split()
+    from chainprod.kernels.numba_blas import BLAS_THREAD_TIMEOUT
+
+    assert during == (user or BLAS_THREAD_TIMEOUT), out.stdout + out.stderr
+    assert after == (user or "None")
