@@ -91,13 +91,10 @@ def try_grad(chain, x, method, want_value, y=None, P=1):
     pc = pack(chain)
     if x.shape[1] != pc.width_in or (pc.width_out != 1 if y is None else not _served_targets(y, N, pc)):
         return None
-    if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, P, "numba") != "backprop")):
+    how = _serial_backprop(chain, pc, N, method, P)
+    if how is None:
         return None
-    kernels = get_kernels("numba")
-    plan = kernels.serial_plan(pc, N)
-    if plan is None:
-        return None
-    loops, cross = plan
+    kernels, loops, cross = how
     x1 = x.reshape(-1)  # a new view: its flag below leaves the caller's array writeable
     if not kernels.all_finite(x1):
         return None
@@ -127,6 +124,20 @@ def try_grad(chain, x, method, want_value, y=None, P=1):
     if bad >= 0 or nonfinite:
         return None
     return value, LayerGrads(pc, grads)
+
+
+def _serial_backprop(chain, pc, N, method, P):
+    """``(kernel set, loops, crossover)`` where ``method`` means the compiled backprop run serially, else None.
+
+    ``"backprop"``, or ``"auto"`` once :func:`known_choice` holds backprop for
+    this chain, batch and ``P``; serially where
+    :func:`~chainprod.kernels.numba_kernels.serial_plan` says the loops run so.
+    """
+    if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, P, "numba") != "backprop")):
+        return None
+    kernels = get_kernels("numba")
+    plan = kernels.serial_plan(pc, N)
+    return None if plan is None else (kernels, *plan)
 
 
 def _served_targets(y, N, pc):
@@ -170,13 +181,10 @@ def try_backward(tape, cotangent, method, P=1):
     if (cotangent.__class__ is not np.ndarray or cotangent.shape != (N, pc.width_out)
             or cotangent.dtype != pc.dtype or not cotangent.flags.c_contiguous or not x.flags.c_contiguous):
         return None
-    if method != "backprop" and (method != "auto" or (pc.L > 1 and known_choice(chain, N, P, "numba") != "backprop")):
+    how = _serial_backprop(chain, pc, N, method, P)
+    if how is None:
         return None
-    kernels = get_kernels("numba")
-    plan = kernels.serial_plan(pc, N)
-    if plan is None:
-        return None
-    loops, cross = plan
+    _, loops, cross = how
     # Read-only views, as the general path hands the loops (the same compiled specializations). The
     # tape's are made once per tape and kept on it: a view and its flag cost 0.4 us each (measured).
     ro = tape.__dict__.get("_readonly_views")
