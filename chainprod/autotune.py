@@ -81,14 +81,12 @@ def choose_method(tape, cotangent, method, backend, workers, kernels):
         # The choices made for this chain, kept on it by batch, P and kernels: a hit costs one lookup of a
         # small key. The full key (structure, versions) took 1.2 us a call to build and hash, 10 % of a
         # 256-layer diagonal chain's backward pass (measured); clear_caches() starts a new generation.
-        memo = tape.chain.__dict__.get("_auto_choices")
-        if memo is None or memo[0] != _CHOICES.generation:
-            memo = tape.chain.__dict__["_auto_choices"] = (_CHOICES.generation, {})
+        memo = _kept_choices(tape.chain)
         small = (tape.x.shape[0], P, kernels)
-        hit = memo[1].get(small)
+        hit = memo.get(small)
         if hit is None:
             key = _key(tape.chain, tape.batch, P, kernels)
-            hit = memo[1][small] = _CHOICES.get(
+            hit = memo[small] = _CHOICES.get(
                 key, lambda: _from_disk(key, L) or _measure(tape, cotangent, P, kernels, key))
         return hit
     shapes = jacobian_shapes(tape.chain, tape.batch)
@@ -109,12 +107,16 @@ def known_choice(chain, batch, P, kernels):
     choice kept on the chain by :func:`choose_method` first (one lookup of a
     small key), then the process's cache.
     """
+    hit = _kept_choices(chain).get((batch, P, kernels))
+    return hit if hit is not None else _CHOICES.peek(_key(chain, batch, P, kernels))
+
+
+def _kept_choices(chain) -> dict:
+    """The choices kept on ``chain`` by ``(batch, P, kernels)``, for this generation of the caches."""
     memo = chain.__dict__.get("_auto_choices")
-    if memo is not None and memo[0] == _CHOICES.generation:
-        hit = memo[1].get((batch, P, kernels))
-        if hit is not None:
-            return hit
-    return _CHOICES.peek(_key(chain, batch, P, kernels))
+    if memo is None or memo[0] != _CHOICES.generation:
+        memo = chain.__dict__["_auto_choices"] = (_CHOICES.generation, {})
+    return memo[1]
 
 
 def _key(chain, batch, P, kernels) -> tuple:

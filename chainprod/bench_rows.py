@@ -44,7 +44,7 @@ from .schedules import build
 from .shard import measure_sharded_step, shard
 
 __all__ = ["BASELINES", "BOUNDS", "SHARDED", "PER_CALL", "baseline_backends", "build_chain", "cluster_engine",
-           "timing_of", "CHEAP_ROW_REPEATS", "cheap_row_repeats", "measure_job", "jacobian_bytes",
+           "timing_of", "CHEAP_ROW_REPEATS", "cheap_row_repeats", "budget_repeats", "measure_job", "jacobian_bytes",
            "sharded_engine", "sharded_available", "sharded_estimate",
            "Clusters", "sharded_row", "measure_sharded", "traced_step", "TORCH_STRUCTURE", "TORCH_MODELS",
            "TORCH_METHODS", "torch_mlp", "TorchProblem", "torch_timing", "Job", "torch_problems", "torch_jobs"]
@@ -152,6 +152,21 @@ def cheap_row_repeats(repeats, call_seconds) -> int:
     """
     per_repeat = 2 * 2 * max(call_seconds, MIN_REPEAT_SECONDS)
     return max(repeats, CHEAP_ROW_REPEATS) if CHEAP_ROW_REPEATS * per_repeat <= CHEAP_ROW_SECONDS else repeats
+
+
+def budget_repeats(repeats, budget, call_seconds) -> int:
+    """Timed repeats of a row given a time ``budget`` and one timed call of ``call_seconds``.
+
+    ``repeats`` without a budget; else as many as fit the budget, at least
+    one and at most :data:`CHEAP_ROW_REPEATS` (or ``repeats`` if more). The
+    torch-models and sequences rows: a median of three single calls of a few
+    milliseconds moved with the tail of this VM's per-call times
+    (``cp.torch_backward`` at w = 128, float64, P = 2: median 2.2 ms, 90th
+    percentile 4.0; in one main job its median of three was 6.6 ms, measured).
+    """
+    if not budget:
+        return repeats
+    return max(1, min(max(repeats, CHEAP_ROW_REPEATS), int(budget / max(call_seconds, 1e-9))))
 
 
 def jacobian_bytes(structure, L, w, N, dtype) -> float:
@@ -342,13 +357,6 @@ class TorchProblem:
         return cls(model, torch.from_numpy(x), torch.from_numpy(y), from_torch(model), x, y)
 
 
-#: timed repeats of a torch-models row where its budget allows (more than the sweep's ``repeats``): a
-#: median of three single calls of a few milliseconds moves with the tail of this VM's per-call times
-#: (``cp.torch_backward`` at w = 128, float64, P = 2: median 2.2 ms, 90th percentile 4.0, the first
-#: call after a torch step 3.5; in one main job its median of three was 6.6 ms, measured)
-TORCH_ROW_REPEATS = 11
-
-
 def torch_timing(method, backend, P, prob, repeats, budget=None):
     """``(Timing, schedule, note)`` of one row of the torch-models section at ``P`` threads.
 
@@ -360,7 +368,7 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
     converted chain with ``kernels=backend``. BLAS is held to ``P`` threads
     throughout, and chainprod runs on ``threads`` with ``workers=P`` when
     ``P > 1``. One timed step first sizes the repeats to ``budget`` seconds:
-    ``repeats``, or :data:`TORCH_ROW_REPEATS` where more fit, at least one.
+    :func:`budget_repeats`.
     """
     from .torch import torch_backward
 
@@ -377,7 +385,7 @@ def torch_timing(method, backend, P, prob, repeats, budget=None):
         raise ValueError(f"unknown torch-models method {method!r}; valid: {', '.join(sorted(run))}")
     with thread_limit(P):
         t = run[method](1)  # one timed step after the warm-ups (compiling, binding, auto's choice) sizes the rest
-        n = repeats if not budget else max(1, min(max(repeats, TORCH_ROW_REPEATS), int(budget / max(t.total[0], 1e-9))))
+        n = budget_repeats(repeats, budget, t.total[0])
         if n > 1:
             t = run[method](n)
     threads = f"{P} thread{'s' if P > 1 else ''}"

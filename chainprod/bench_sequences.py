@@ -48,7 +48,7 @@ import numpy as np
 from . import cost
 from ._timing import Timing, median_time, summarize
 from ._timing_steps import thread_limit
-from .bench_rows import CHEAP_ROW_REPEATS, Job
+from .bench_rows import Job, budget_repeats
 from .bench_sequence_models import SequenceProblem, sequence_step
 from .results import FIELDS
 
@@ -182,8 +182,8 @@ def sequence_timing(method, backend, P, prob, repeats, budget=None, paired=False
     """``(Timing, schedule, note)`` of one row at ``P`` threads: total seconds of a gradient, per repeat.
 
     One untimed call first (compiling, JIT, binding, auto's choice), then a
-    timed one sizes the repeats to ``budget`` seconds (at least one; up to
-    ``CHEAP_ROW_REPEATS``, ``repeats`` without a budget); each
+    timed one sizes the repeats to ``budget`` seconds
+    (:func:`~chainprod.bench_rows.budget_repeats`); each
     repeat of a call under 2 ms is the mean of enough calls to last 2 ms.
     With ``paired`` the Timing carries ``paired``, the Timing of the compiled
     backprop through time at ``P``, each of its repeats right after the row's.
@@ -198,10 +198,7 @@ def sequence_timing(method, backend, P, prob, repeats, budget=None, paired=False
             t0 = time.perf_counter()
             step()
             firsts.append(time.perf_counter() - t0)
-        # up to CHEAP_ROW_REPEATS where the budget allows, the paired backprop's calls counted in it
-        # (why: bench_rows.CHEAP_ROW_REPEATS)
-        fit = int(budget / max(sum(firsts), 1e-9)) if budget else 0
-        n = repeats if not budget else max(1, min(max(repeats, CHEAP_ROW_REPEATS), fit))
+        n = budget_repeats(repeats, budget, sum(firsts))  # the paired backprop's calls counted in the budget
         ts = [[f] for f in firsts]
         if n > 1:
             ts = [[] for _ in steps]

@@ -24,7 +24,7 @@ from .errors import NonFiniteError  # also re-exported for users of chainprod.gr
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .forward_methods import add_forward_note, chain_tape
 from .layers import Chain
-from .quick import chain_profile, local_method, serve, shared_ones, try_backward
+from .quick import chain_profile, serve, serve_backward, shared_ones
 from .schedules import Schedule
 from .tape import Tape, forward, layer_tape, resolve_kernels
 
@@ -166,16 +166,11 @@ def backward(tape: Tape, cotangent=None, *, method="auto", backend="vectorized",
     sequence of tuples
         As in :func:`grad`.
     """
-    if (tape.__class__ is Tape and tape.kernels == "numba" and seed is None and trace is None
-            and engine_options is None and (kernels is None or (kernels.__class__ is str and kernels == "numba"))
-            and method.__class__ is str
-            and backend.__class__ is str and (workers is None or (workers.__class__ is int and workers >= 1))):
-        # the short path of a compiled tape's backprop (chainprod.quick): a few microseconds of checks,
-        # not the general path's; anything it does not serve, or any non-finite value, comes here again
-        how = local_method(tape.chain, tape.batch, method, backend, workers)
-        got = None if how is None else try_backward(tape, cotangent, *how)
-        if got is not None:
-            return got
+    # the short path of a compiled tape's backprop (chainprod.quick): a few microseconds of checks, not the
+    # general path's; anything it does not serve, or any non-finite value, comes here again
+    got = serve_backward(tape, cotangent, method, backend, workers, trace, engine_options, kernels, seed)
+    if got is not None:
+        return got
     cotangent = renamed_argument("backward", "cotangent", cotangent, "seed", seed)
     if cotangent is None:
         raise TypeError("backward() needs the cotangent dloss/dx_L (see chainprod.loss_cotangent)")

@@ -36,7 +36,7 @@ from .kernels import LayerGrads, get_kernels, pack
 from .layers import Chain
 from .tape import Tape, resolve_kernels
 
-__all__ = ["chain_profile", "local_method", "serve", "shared_ones", "try_backward", "try_grad"]
+__all__ = ["chain_profile", "local_method", "serve", "serve_backward", "shared_ones", "try_backward", "try_grad"]
 
 _ONES: dict = {}
 
@@ -179,7 +179,7 @@ def try_backward(tape, cotangent, method, P=1):
     pc = tape.packed if tape.packed is not None else pack(chain)
     N = x.shape[0]
     if (cotangent.__class__ is not np.ndarray or cotangent.shape != (N, pc.width_out)
-            or cotangent.dtype != pc.dtype or not cotangent.flags.c_contiguous or not x.flags.c_contiguous):
+            or cotangent.dtype != pc.dtype or not cotangent.flags.c_contiguous):
         return None
     how = _serial_backprop(chain, pc, N, method, P)
     if how is None:
@@ -189,6 +189,8 @@ def try_backward(tape, cotangent, method, P=1):
     # tape's are made once per tape and kept on it: a view and its flag cost 0.4 us each (measured).
     ro = tape.__dict__.get("_readonly_views")
     if ro is None:
+        if not x.flags.c_contiguous:
+            return None
         ro = x.reshape(-1), tape.flat.view()
         ro[0].flags.writeable = ro[1].flags.writeable = False
         tape.__dict__["_readonly_views"] = ro
@@ -204,14 +206,32 @@ def try_backward(tape, cotangent, method, P=1):
     return LayerGrads(pc, grads)
 
 
+def _served_call(method, backend, workers, kernels) -> bool:
+    """The options both short paths serve: names for ``method`` and ``backend``, an int ``workers``, numba."""
+    return (method.__class__ is str and backend.__class__ is str
+            and (workers is None or (workers.__class__ is int and workers >= 1))
+            and (kernels is None or (kernels.__class__ is str and kernels == "numba")))
+
+
 def _served_options(y, loss, method, backend, workers, return_trace, engine_options, kernels, h0, with_inputs,
                     forward, forward_options) -> bool:
     return (h0 is None and engine_options is None and forward_options is None and with_inputs is False
-            and (return_trace is False or return_trace is None) and method.__class__ is str
-            and forward.__class__ is str and backend.__class__ is str and forward == "sequential"
-            and (workers is None or (workers.__class__ is int and workers >= 1))
-            and (loss is None or (loss.__class__ is str and loss == ("sum", "mse")[y is not None]))
-            and (kernels is None or (kernels.__class__ is str and kernels == "numba")))
+            and (return_trace is False or return_trace is None) and forward.__class__ is str
+            and forward == "sequential" and _served_call(method, backend, workers, kernels)
+            and (loss is None or (loss.__class__ is str and loss == ("sum", "mse")[y is not None])))
+
+
+def serve_backward(tape, cotangent, method, backend, workers, trace, engine_options, kernels, seed):
+    """:func:`try_backward` for :func:`chainprod.backward`'s call, else None.
+
+    Served: a compiled tape, ``trace``, ``engine_options`` and the deprecated
+    ``seed`` unset, and the backends and ``auto`` as in :func:`serve`.
+    """
+    if (tape.__class__ is not Tape or tape.kernels != "numba" or seed is not None or trace is not None
+            or engine_options is not None or not _served_call(method, backend, workers, kernels)):
+        return None
+    how = local_method(tape.chain, tape.batch, method, backend, workers)
+    return None if how is None else try_backward(tape, cotangent, *how)
 
 
 def local_method(chain, N, method, backend, workers):

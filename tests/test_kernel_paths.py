@@ -383,3 +383,17 @@ def test_scipys_blas_loads_with_a_short_thread_timeout_and_the_environment_is_le
 
     assert during == (user or BLAS_THREAD_TIMEOUT), out.stdout + out.stderr
     assert after == (user or "None")
+
+
+def test_the_batch_of_one_plan_kept_on_a_packed_chain_follows_every_crossover_change():
+    from chainprod.kernels import crossover, get_kernels, pack
+
+    k = get_kernels("numba")
+    pc = pack(cp.diagonal_chain(8, 4, seed=0))
+    plain = k.serial_plan(pc, 1)
+    with crossover.force_path("loop"):
+        assert k.serial_plan(pc, 1)[1] == crossover.NEVER
+    for limit in (3, 5, 7):  # a new table each time, the last one freed: each must be seen
+        with crossover.using_crossover({"float64": {"rows": limit}}):
+            assert k.serial_plan(pc, 1)[1] == limit
+    assert k.serial_plan(pc, 1) == plain

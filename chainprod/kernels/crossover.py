@@ -111,7 +111,22 @@ def _parse(saved):
 
 #: (dtype, form) -> crossover now in effect (the kernels ask on every call: a dict hit, not a file or a parse)
 _active: dict = {}
-register_cache(_active.clear)
+#: bumped whenever what blas_crossover answers may change (clear_caches, force_path, using_crossover)
+_generation = 0
+
+
+def _changed():
+    global _generation
+    _generation += 1
+    _active.clear()
+
+
+register_cache(_changed)
+
+
+def generation() -> int:
+    """A number that changes whenever :func:`blas_crossover`'s answers may: a key for callers' memos."""
+    return _generation
 
 
 def blas_crossover(dtype, form="rows") -> int:
@@ -148,10 +163,12 @@ def force_path(path):
         raise ValueError(f"path must be 'loop', 'blas' or None, got {path!r}")
     before = _forced
     _forced = None if path is None else _FORCED[path]
+    _changed()
     try:
         yield
     finally:
         _forced = before
+        _changed()
 
 
 @contextlib.contextmanager
@@ -165,17 +182,12 @@ def using_crossover(table):
     global _table
     before = _table
     _table = _parse(table or {})
-    _active.clear()
+    _changed()
     try:
         yield
     finally:
         _table = before
-        _active.clear()
-
-
-def state() -> tuple:
-    """What :func:`blas_crossover` answers from besides the saved table: a key for callers' memos."""
-    return _forced, id(_table)
+        _changed()
 
 
 def best_seconds_per_rep(run, repeats=5, min_seconds=2e-4) -> float:

@@ -67,7 +67,6 @@ import threading
 
 import numba
 import numpy as np
-from numba import njit
 
 from .._caches import register_cache
 from . import checks, crossover, numba_blas
@@ -156,7 +155,7 @@ def serial_plan(pc, N):
         # One sample never splits: the answer depends on the chain and the crossover alone, and is kept
         # on the packed chain with the crossover state it was worked out under (0.6 us a call to work
         # out, 10 % of the short backward path on a 256-layer diagonal chain; measured).
-        state = (crossover.state(), _GENERATION[0])
+        state = crossover.generation()
         got = pc.__dict__.get("_serial_one")
         if got is None or got[0] != state:
             got = pc.__dict__["_serial_one"] = (state, _serial_plan(pc, N))
@@ -169,11 +168,6 @@ def _serial_plan(pc, N):
     if _chunks(pc, N, cross) == 1 and _blas_threads(pc, N, cross) is _UNLIMITED:
         return loops, cross
     return None
-
-
-#: bumped by clear_caches (which also empties the crossover's table): plans kept on packed chains expire
-_GENERATION = [0]
-register_cache(lambda: _GENERATION.__setitem__(0, _GENERATION[0] + 1))
 
 
 def forward(pc, x):
@@ -246,18 +240,9 @@ def backprop_with_row(pc, x, Y, cotangent):
     return _backprop(pc, x, Y, cotangent, True)
 
 
-@njit(cache=True, error_model="numpy")
-def _count_nonfinite(a):
-    zero = a.dtype.type(0.0)
-    n = 0
-    for k in range(a.shape[0]):  # an integer sum of selects vectorises; no temporary array
-        n += 1 if a[k] - a[k] != zero else 0
-    return n
-
-
 def all_finite(a) -> bool:
     """Compiled :func:`chainprod.kernels.numpy_kernels.all_finite` (one pass, no temporaries: 2x faster)."""
-    return _count_nonfinite(checks.flat_array(a)) == 0
+    return loops.count_nonfinite(checks.flat_array(a)) == 0
 
 
 def chunk_product(pc, Y, N):
