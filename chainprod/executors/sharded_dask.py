@@ -219,7 +219,9 @@ class DaskShards:
             warnings.filterwarnings("ignore", message=".*(Large object|large graph).*")
             try:
                 [th] = self.client.scatter([theta], workers=[addr], hash=False)
-            except OSError as e:  # distributed's CommClosedError too: the chosen worker died as it was sent to
+            except (OSError, KeyError) as e:
+                # the chosen worker died as it was sent to: distributed's CommClosedError, or the scheduler's
+                # KeyError of a worker it has already removed (seen once in a fresh clone's chaos test)
                 raise ShardLost([b] + [c for c in self._gone() if c != b],
                                 f"worker {addr} was lost while shard {b} was sent to it: {type(e).__name__}: {e}"
                                 ) from None
