@@ -117,6 +117,9 @@ def test_a_cheap_row_takes_more_repeats_and_an_expensive_one_the_sweeps():
     prob = ("diagonal", 16, 4, 1, "float64")
     assert CHEAP_ROW_REPEATS > 3 and cheap_row_repeats(3, 1e-5) == CHEAP_ROW_REPEATS
     assert cheap_row_repeats(3, 1.0) == 3 and cheap_row_repeats(20, 1e-5) == 20  # never fewer than asked
+    # the count tapers with the call: a row just past where eleven fit still takes more than the sweep's
+    tapered = [cheap_row_repeats(3, c) for c in (0.010, 0.012, 0.02, 0.04)]
+    assert tapered == sorted(tapered, reverse=True) and 3 < tapered[1] < CHEAP_ROW_REPEATS and tapered[-1] == 3
     cheap, _ = measure_job(Job(prob, "auto", "vectorized", 1, {}, 1e-4, call=1e-5), chain, x, 3)
     dear, _ = measure_job(Job(prob, "auto", "vectorized", 1, {}, 4.0, call=1.0), chain, x, 3)
     baseline, _ = measure_job(Job(prob, "backprop", "numba", 1, {}, 1e-4, call=1e-5), chain, x, 3)
