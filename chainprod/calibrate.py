@@ -4,10 +4,11 @@
 
 * the fixed cost of one batched numpy call;
 * the compiled scan kernel's cost per position and per square op;
-* the compiled kernels' crossover between a fused loop and BLAS: for row
-  products (a dense layer's forward step, VJP and next row at 1-32 rows,
-  widths 4-64) and square block products (a scan's ``w x w`` ops), both
-  ways, in float32 and float64; the size from which BLAS wins is saved as
+* the compiled kernels' crossover between a fused loop and BLAS: for one
+  sample's row products (a dense layer's forward step, VJP and next row,
+  widths 4-256), a batch's (2-32 rows, widths 4-64), square block products
+  (a scan's ``w x w`` ops) and a recurrent cell's step, both ways, in
+  float32 and float64; the size from which BLAS wins is saved as
   ``kernel_crossover``, which the kernels read (:mod:`chainprod.kernels.crossover`);
 * seconds per op of each op class (``mm`` matrix-matrix, ``mv``
   vector-matrix, ``ew`` elementwise) at widths 2..256, batched and in place
@@ -57,12 +58,16 @@ _FINGERPRINT_KEYS = ("hostname", "machine", "cpus")
 _FINGERPRINT_PACKAGES = ("chainprod", "numpy", "numba")
 #: what a calibration measures; raised when it measures more (2: fixed costs per call, costs in and
 #: beyond the caches, compiled scan ops, remote costs per layer; 3: the kernels' loop/BLAS crossover,
-#: and costs of the kernels that use it; 4: the recurrent steps' crossovers), so older calibrations are redone
-MODEL_FORMAT = 4
+#: and costs of the kernels that use it; 4: the recurrent steps' crossovers; 5: one sample's row products'
+#: crossover apart from a batch's), so older calibrations are redone
+MODEL_FORMAT = 5
 
-#: rows and widths of the row products, and widths of the square blocks, the crossover is measured on
-CROSSOVER_ROWS = (1, 2, 4, 8, 16, 32)
+#: rows and widths of the row products (form "rows", from two rows), widths of one sample's products
+#: (form "row", wider: a matrix-vector product stays a loop further), and widths of the square blocks,
+#: the crossovers are measured on
+CROSSOVER_ROWS = (2, 4, 8, 16, 32)
 CROSSOVER_WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64)
+CROSSOVER_ROW_WIDTHS = CROSSOVER_WIDTHS + (96, 128, 192, 256)
 CROSSOVER_BLOCKS = (2, 3, 4, 6, 8, 12, 16, 24)
 #: cells, hidden sizes and batches of the recurrent steps the step crossovers are measured on
 CROSSOVER_CELLS = ("rnn_tanh", "lstm")
@@ -196,12 +201,21 @@ def best_threshold(points):
     return min(sorted({m for m, _, _ in points}) + [NEVER], key=loss)
 
 
+def _row_point(N, w, dtype, repeats):
+    """``(multiply-adds, loop seconds, BLAS seconds)`` of a dense layer's row products at ``N`` rows, width ``w``."""
+    from .kernels.crossover import NEVER
+    from .kernels.numba_layers import row_step_seconds
+
+    return N * w * w, row_step_seconds(N, w, dtype, NEVER, repeats), row_step_seconds(N, w, dtype, 0, repeats)
+
+
 def kernel_crossover(repeats=5, progress=print) -> dict:
     """``{dtype name: {form: T}, "measured": ...}``: the compiled kernels' loop/BLAS crossovers.
 
     Times both ways of each product on one thread (BLAS limited to one
     thread, as inside the kernels' parallel regions), inside compiled
-    loops: row products of ``CROSSOVER_ROWS x CROSSOVER_WIDTHS``, square
+    loops: one sample's row products at ``CROSSOVER_ROW_WIDTHS`` (form
+    ``"row"``), row products of ``CROSSOVER_ROWS x CROSSOVER_WIDTHS``, square
     blocks of ``CROSSOVER_BLOCKS`` (the scan's ops), and a recurrent cell's
     steps (``CROSSOVER_CELLS x CROSSOVER_HIDDEN x CROSSOVER_BATCHES``, the
     forms ``"step"`` at one sample and ``"step_batch"``); each threshold is
@@ -211,7 +225,6 @@ def kernel_crossover(repeats=5, progress=print) -> dict:
         return {}
     from .kernels import numba_blas
     from .kernels.crossover import NEVER
-    from .kernels.numba_layers import row_step_seconds
     from .kernels.recurrent_numba import GATES, step_seconds
     from .kernels.scan_compiled import block_op_seconds
 
@@ -220,8 +233,8 @@ def kernel_crossover(repeats=5, progress=print) -> dict:
     out, measured = {}, {}
     with numba_blas.one_blas_thread():
         for dt in (np.float32, np.float64):
-            rows = [(N * w * w, row_step_seconds(N, w, dt, NEVER, repeats), row_step_seconds(N, w, dt, 0, repeats))
-                    for N in CROSSOVER_ROWS for w in CROSSOVER_WIDTHS]
+            row = [_row_point(1, w, dt, repeats) for w in CROSSOVER_ROW_WIDTHS]
+            rows = [_row_point(N, w, dt, repeats) for N in CROSSOVER_ROWS for w in CROSSOVER_WIDTHS]
             blocks = [(w ** 3, block_op_seconds(w, dt, NEVER, repeats=repeats),
                        block_op_seconds(w, dt, 0, repeats=repeats)) for w in CROSSOVER_BLOCKS]
             steps = {"step": [], "step_batch": []}
@@ -233,10 +246,11 @@ def kernel_crossover(repeats=5, progress=print) -> dict:
                             (N * G * H * H, step_seconds(cell, H, N, dt, NEVER, repeats),
                              step_seconds(cell, H, N, dt, 0, repeats)))
             name = np.dtype(dt).name
-            out[name] = {"rows": best_threshold(rows), "blocks": best_threshold(blocks),
+            out[name] = {"row": best_threshold(row), "rows": best_threshold(rows), "blocks": best_threshold(blocks),
                          **{form: best_threshold(points) for form, points in steps.items()}}
-            measured[name] = {"rows": rows, "blocks": blocks, **steps}
-            progress(f"  {name}: BLAS from {out[name]['rows']} multiply-adds (row products), "
+            measured[name] = {"row": row, "rows": rows, "blocks": blocks, **steps}
+            progress(f"  {name}: BLAS from {out[name]['row']} multiply-adds (one sample's row products), "
+                     f"{out[name]['rows']} (a batch's row products), "
                      f"{out[name]['blocks']} (square blocks), {out[name]['step']} and "
                      f"{out[name]['step_batch']} (a recurrent step, one sample and a batch)")
     return {**out, "measured": measured}

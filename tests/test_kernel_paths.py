@@ -166,7 +166,7 @@ def test_wide_layers_run_serially_with_blas_on_the_threads_and_keep_the_contract
     numba.set_num_threads(2)
     try:
         with crossover.force_path("blas"):
-            cross = nb._crossover(pc)
+            cross = nb._crossover(pc, 9)
             assert nb._split(pc, 9, cross) == (2, 1)  # narrow enough: the batch is cut over both threads
             monkeypatch.setattr(nb, "BLAS_THREADS_WIDE", 0)
             assert nb._split(pc, 9, cross) == (1, 2)  # wide: serial, BLAS on both threads
@@ -345,7 +345,7 @@ def test_the_kernels_read_the_crossover_saved_with_the_calibration(tmp_path, mon
 
 
 def test_calibration_measures_a_crossover():
-    from chainprod.calibrate import best_threshold, kernel_crossover
+    from chainprod.calibrate import CROSSOVER_ROW_WIDTHS, best_threshold, kernel_crossover
     from chainprod.kernels.numba_blas import blas_available
 
     assert best_threshold([(8, 1.0, 3.0), (64, 1.0, 2.0), (512, 3.0, 1.0)]) == 512
@@ -358,7 +358,8 @@ def test_calibration_measures_a_crossover():
     for name in ("float32", "float64"):
         for form in crossover.FORMS:
             assert 0 <= got[name][form] <= crossover.NEVER
-        assert len(got["measured"][name]["rows"]) > 10
+        assert len(got["measured"][name]["rows"]) > 10 and len(got["measured"][name]["row"]) > 10
+        assert all(m == w * w for (m, _, _), w in zip(got["measured"][name]["row"], CROSSOVER_ROW_WIDTHS))
 
 
 @pytest.mark.parametrize("user", [None, "28"])
@@ -394,6 +395,7 @@ def test_the_batch_of_one_plan_kept_on_a_packed_chain_follows_every_crossover_ch
     with crossover.force_path("loop"):
         assert k.serial_plan(pc, 1)[1] == crossover.NEVER
     for limit in (3, 5, 7):  # a new table each time, the last one freed: each must be seen
-        with crossover.using_crossover({"float64": {"rows": limit}}):
-            assert k.serial_plan(pc, 1)[1] == limit
+        with crossover.using_crossover({"float64": {"row": limit, "rows": limit + 100}}):
+            # one sample's products follow the "row" form, a batch's the "rows" form
+            assert k.serial_plan(pc, 1)[1] == limit and k.serial_plan(pc, 2)[1] == limit + 100
     assert k.serial_plan(pc, 1) == plain

@@ -7,10 +7,15 @@ Below the *crossover* the kernels run it as a plain loop (no call: at batch
 one BLAS ``gemm``. The crossover is a number of multiply-adds per dtype and
 per *form* of product:
 
+``"row"``
+    one sample's row times a layer's matrix (a matrix-vector product) and
+    its parameter VJP (an outer product): the forward pass and backprop at
+    batch 1;
 ``"rows"``
     a batch of rows times a layer's matrix: the forward step, backprop's
-    next row and parameter VJP, a step of a chunk's Jacobian product, a
-    scan's thin ops (one row per sample times a Jacobian);
+    next row and parameter VJP from two samples on, a step of a chunk's
+    Jacobian product, a scan's thin ops (one row per sample times a
+    Jacobian);
 ``"blocks"``
     a scan's square ops, a ``m x k`` Jacobian block times a ``k x n`` one
     per sample (the loop over a block is slower per multiply-add than over
@@ -46,23 +51,28 @@ from .._caches import register_cache
 __all__ = ["DEFAULT_CROSSOVER", "FORMS", "NEVER", "best_seconds_per_rep", "blas_crossover", "calibration_path",
            "force_path", "saved_crossover", "using_crossover"]
 
-#: Multiply-adds from which a product goes to BLAS when no calibration is
-#: saved, per dtype and form: what ``chainprod calibrate`` measured on the
-#: development machine (2 cores, OpenBLAS through scipy), the same in both
-#: dtypes. There a row product is faster as a loop below about 256
-#: multiply-adds (8 wide up to 2-4 rows, one row up to 16 wide; at batch 1
-#: an 8-wide step is 1.5-2x faster as a loop) and a square block product
-#: below 3 x 3 x 3.
-#: A recurrent step at batch 1 went to BLAS faster from about 4096 multiply-adds (the RNN at H = 64,
-#: the LSTM at H = 32; 2x slower at H = 20) and a batched one from 1024 (every size measured, N = 16,
-#: H = 8-64: 0.72-0.99x the loops' time, both dtypes; T = 1000, one thread).
-DEFAULT_CROSSOVER = {dt: {"rows": 256, "blocks": 27, "step": 4096, "step_batch": 1024}
-                     for dt in ("float32", "float64")}
-#: the forms of product (see the module docstring)
-FORMS = ("rows", "blocks", "step", "step_batch")
-
 #: a crossover no product reaches: the loops only
 NEVER = 1 << 62
+
+#: Multiply-adds from which a product goes to BLAS when no calibration is
+#: saved, per dtype and form: what ``chainprod calibrate`` measured on the
+#: development machine (2 cores, OpenBLAS 0.3.30 through scipy), twice, the
+#: same in both dtypes. There one sample's row products were faster as loops
+#: at every width measured (4-512: BLAS 1.2-3.2x the loops' time; backprop of
+#: 1024-wide float32 layers at batch 1 1.3x), two rows' up to 64 wide, and
+#: of four rows or more BLAS won from about 512 multiply-adds; a square
+#: block product in BLAS from 6 x 6 x 6 (216; at 4 x 4 x 4 BLAS took 1.9x the
+#: loop's time); a recurrent cell's step (the register-blocked products of
+#: :mod:`.recurrent_numba_simd` against one ``gemm`` per step) never: BLAS
+#: took 1.0-6.0x the loops' time at one sample and 0.84-2.9x in a batch (RNN
+#: and LSTM, H = 8-64, N = 1, 4, 16). An earlier host of the same kind had
+#: measured 256, 27, 4096 and 1024: the crossovers move with the machine,
+#: which is why ``chainprod calibrate`` measures them there.
+DEFAULT_CROSSOVER = {dt: {"row": NEVER, "rows": 512, "blocks": 216, "step": NEVER, "step_batch": NEVER}
+                     for dt in ("float32", "float64")}
+#: the forms of product (see the module docstring)
+FORMS = ("row", "rows", "blocks", "step", "step_batch")
+
 
 _FORCED = {"loop": NEVER, "blas": 0}
 _forced = None  # a value of _FORCED while force_path is in effect

@@ -90,9 +90,16 @@ BLAS_SPEEDUP = 8
 BLAS_THREADS_WIDE = 1 << 19
 
 # -- public functions (contracts: chainprod.kernels.numpy_kernels) --------------------------------
-def _crossover(pc):
-    """Multiply-adds from which a product of this chain's dtype goes to BLAS (never without BLAS)."""
-    return crossover.blas_crossover(pc.dtype) if numba_blas.blas_available() else crossover.NEVER
+def _crossover(pc, N):
+    """Multiply-adds from which a product of this chain's dtype over ``N`` rows goes to BLAS (never without BLAS).
+
+    One sample's products (matrix-vector, outer) have their own crossover
+    (form ``"row"``): measured apart from a batch's, they stayed faster as
+    loops at widths where a batch's products were already faster in BLAS.
+    """
+    if not numba_blas.blas_available():
+        return crossover.NEVER
+    return crossover.blas_crossover(pc.dtype, "row" if N == 1 else "rows")
 
 
 def _chunks(pc, N, cross):
@@ -164,7 +171,7 @@ def serial_plan(pc, N):
 
 
 def _serial_plan(pc, N):
-    cross = _crossover(pc)
+    cross = _crossover(pc, N)
     if _chunks(pc, N, cross) == 1 and _blas_threads(pc, N, cross) is _UNLIMITED:
         return loops, cross
     return None
@@ -177,7 +184,7 @@ def forward(pc, x):
     N = x.shape[0]
     Y = np.empty(pc.tape_size(N), pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y, N)
-    cross = _crossover(pc)
+    cross = _crossover(pc, N)
     nchunks, blas = _split(pc, N, cross)
     with _blas_threads(pc, N, cross, blas) as limited:
         if nchunks > 1 and limited:
@@ -192,7 +199,7 @@ def _backprop(pc, x, Y, cotangent, keep_row):
     grads = np.empty(pc.n_params, pc.dtype)
     row_in = np.empty(N * pc.width_in if keep_row else 0, pc.dtype)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, x.reshape(-1), Y,
-            cotangent.reshape(-1), N, grads, row_in, pc.max_width, _crossover(pc))
+            cotangent.reshape(-1), N, grads, row_in, pc.max_width, _crossover(pc, N))
     nchunks, blas = _split(pc, N, args[-1])
     with _blas_threads(pc, N, args[-1], blas) as limited:
         if nchunks > 1 and limited:
@@ -251,7 +258,7 @@ def chunk_product(pc, Y, N):
     N = checks.batch_size(N)
     Y = checks.tape(pc, Y, N)
     T = np.empty(N * pc.width_out * pc.width_in, pc.dtype)
-    cross = _crossover(pc)
+    cross = _crossover(pc, pc.width_out)  # each sample's product carries width_out rows
     with _blas_threads(pc, pc.width_out, cross):
         loops.product(pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, pc.theta, Y, N, T, pc.max_width, cross)
     return T.reshape(N, pc.width_out, pc.width_in)
@@ -261,7 +268,7 @@ def param_grads(pc, x, Y, V):
     """Compiled :func:`chainprod.kernels.numpy_kernels.param_grads` (``prange`` over layers)."""
     pc, x, N, Y, V = checks.backward_args(pc, x, Y, V, rows_are="V")
     grads = np.empty(pc.n_params, pc.dtype)
-    cross = _crossover(pc)
+    cross = _crossover(pc, N)
     args = (pc.kind, pc.act, pc.d_in, pc.d_out, pc.p_off, pc.y_off, x.reshape(-1), Y, V, N, grads, pc.max_width,
             cross)
     nchunks = min(numba.get_num_threads(), pc.L)

@@ -18,10 +18,12 @@ How the kernels are built:
   copied once per call with rows padded to whole vectors). From the
   crossover ``chainprod calibrate`` measures (forms ``"step"`` for one
   sample, ``"step_batch"`` from two on, :mod:`.crossover`) one ``gemm`` per
-  step instead (:mod:`.numba_blas`, on one BLAS thread): here from 4096
-  multiply-adds per step at batch 1 and from 1024 in a batch (the LSTM at
-  N = 16, H = 64, float32: 25.8 ms a training step's kernels against 35.6
-  as loops; at H = 20 4.43 against 4.78).
+  step instead (:mod:`.numba_blas`, on one BLAS thread). Without a
+  calibration, never: on the development machine BLAS took 1.0-6.0x the
+  loops' time at one sample and 0.84-2.9x in a batch (the LSTM at N = 16,
+  H = 64, float32: 28.5 against 22.9 us a step's forward and backward; at
+  N = 1 13.5 against 2.8), where an earlier host had BLAS winning batched
+  steps (25.8 against 35.6 ms at N = 16, H = 64).
 - **dW_hh after the loop.** ``dW_hh = sum_t dG_t^T h_{t-1}`` is one product
   over all ``T * N`` rows once the loop is done (numpy's BLAS) from
   :data:`DW_BLAS_MIN` multiply-adds per call on, and accumulated step by
