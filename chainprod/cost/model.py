@@ -100,7 +100,8 @@ class CostModel:
     kernel_crossover : dict
         ``{dtype name: {form: multiply-adds}}``: from how many multiply-adds
         a dense product of the compiled kernels goes to BLAS instead of a
-        fused loop (forms ``"rows"``, ``"blocks"``), as measured by
+        fused loop (forms ``"row"``, ``"rows"``, ``"blocks"``, ``"step"``,
+        ``"step_batch"`` of :mod:`chainprod.kernels.crossover`), as measured by
         calibration. The kernels read it from the saved file
         (:mod:`chainprod.kernels.crossover`); empty until calibrated.
     """
