@@ -316,9 +316,13 @@ def torch_backward(module, x, y=None, loss="sum", method="auto", backend="vector
     """
     if h0 is not None or isinstance(module, nn.RNNBase):  # recurrent modules, the only ones taking h0
         return torch_recurrent.torch_backward(module, x, y, loss, h0, method, backend, workers, kernels, **newton)
-    if torch_array.runs_on_device(module, backend):  # CUDA parameters, or backend="array": computed in torch
-        return torch_array.torch_backward(module, x, y, loss, method, backend, workers, kernels, **newton)
-    kept = _kept(module)
+    # A current kept conversion holds CPU parameters only (a parameter moved to a device has new memory);
+    # without one, every parameter's device is asked (0.2-0.8 ms a call on a 256-layer model, measured)
+    kept = _KEPT.get(module) if isinstance(module, nn.Module) else None
+    if kept is None or torch_array.wants_array(backend) or not kept.current(module):
+        if torch_array.runs_on_device(module, backend):  # CUDA parameters, or backend="array": computed in torch
+            return torch_array.torch_backward(module, x, y, loss, method, backend, workers, kernels, **newton)
+        kept = _kept(module)
     chain, dtype = kept.conv.chain, kept.dtype
     if not isinstance(loss, str) or loss not in ("sum", "mse"):
         raise ValueError(f"unknown loss {loss!r}; valid losses: 'sum', 'mse'")

@@ -159,12 +159,16 @@ def layer_specs(module, containers=None, device=None):
 
 
 # -- torch_backward on the device ---------------------------------------------------
+def wants_array(backend) -> bool:
+    """Whether ``backend`` names the array backend (``"array"``, or an executor of that name)."""
+    return (backend if isinstance(backend, str) else getattr(backend, "name", None)) == "array"
+
+
 def runs_on_device(module, backend) -> bool:
     """Whether :func:`chainprod.torch.torch_backward` hands ``module`` here: ``backend="array"``, or
     parameters off the CPU."""
-    name = backend if isinstance(backend, str) else getattr(backend, "name", None)
-    return name == "array" or (isinstance(module, nn.Module) and any(p.device.type != "cpu"
-                                                                      for p in module.parameters()))
+    return wants_array(backend) or (isinstance(module, nn.Module) and any(p.device.type != "cpu"
+                                                                          for p in module.parameters()))
 
 
 def _runs(specs, dtype, device):

@@ -304,6 +304,23 @@ def test_torch_backward_on_the_array_backend_sum_loss_and_refusals_write_nothing
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
 
 
+def test_the_array_backend_is_taken_after_a_cpu_call_has_kept_the_model():
+    """A kept (current) conversion skips the parameters' device check; backend="array" must still be heard."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    cp.torch_backward(model, x)  # the CPU path: converts the model and keeps it
+    cp.torch_backward(model, x)  # served from the kept conversion
+    with pytest.raises(ValueError, match="kernels='numba'"):  # only the array path refuses this
+        cp.torch_backward(model, x, backend="array", kernels="numba")
+    model.zero_grad(set_to_none=True)
+    cp.torch_backward(model, x, backend="array")
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    ref(x).sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+
+
 # -- clear errors ---------------------------------------------------------------------------------
 def test_mixing_libraries_is_a_type_error_naming_both():
     chain = mixed_chain(np.float64)
