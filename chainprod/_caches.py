@@ -9,9 +9,11 @@ or to measure cold starts); each module registers its own caches here.
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 
-__all__ = ["clear_caches", "register_cache", "PlanCache"]
+__all__ = ["clear_caches", "cpu_count", "register_cache", "PlanCache"]
 
 _CLEARERS: list[Callable[[], None]] = []
 
@@ -22,6 +24,14 @@ def register_cache(cache):
     ``cache``, so it works as a decorator."""
     _CLEARERS.append(getattr(cache, "cache_clear", cache))
     return cache
+
+
+@register_cache
+@functools.lru_cache(maxsize=1)
+def cpu_count() -> int:
+    """``os.cpu_count()`` (1 if unknown), asked once: it reads a file each call (5.4 us on the development VM,
+    as long as the compiled backprop of a 256-layer diagonal chain's whole short path; measured)."""
+    return os.cpu_count() or 1
 
 
 def clear_caches() -> None:

@@ -34,7 +34,7 @@ import os
 import time
 
 from . import backward_compiled
-from ._caches import PlanCache
+from ._caches import PlanCache, cpu_count
 from ._version import __version__
 from .backward_numpy import jacobian_shapes
 from .cost import AUTO, auto_runs_backprop, model_path, resolve_schedule
@@ -44,7 +44,7 @@ from .schedules import block_spec, schedule, sequential_flops
 __all__ = ["COMPILED_BACKENDS", "choose_method", "known_choice", "auto_cache_path", "FLOP_MARGIN", "REPEATS"]
 
 #: local backends the compiled kernels serve, and their thread count when ``workers`` is None
-COMPILED_BACKENDS = {"vectorized": lambda: 1, "threads": lambda: os.cpu_count() or 1}
+COMPILED_BACKENDS = {"vectorized": lambda: 1, "threads": cpu_count}
 #: measure a scan only if (its flops / P) <= FLOP_MARGIN x backprop's flops
 FLOP_MARGIN = 4.0
 #: timed runs per candidate (after one warm-up)

@@ -242,3 +242,29 @@ def test_backward_auto_is_served_once_its_choice_is_known():
     want = cp.backward(tape, cotangent, method="auto")  # the general path measures and keeps the choice
     served = try_backward(tape, cotangent, "auto")
     assert served is not None and np.array_equal(served.flat, want.flat)
+
+
+def test_the_machines_cpu_count_is_asked_once_until_the_caches_are_cleared(monkeypatch):
+    """``os.cpu_count`` reads a file on every call; ``auto`` on threads without ``workers`` asks for it per call."""
+    import os
+
+    asked = []
+    real = os.cpu_count
+    monkeypatch.setattr(os, "cpu_count", lambda: asked.append(1) or real())
+    cp.clear_caches()
+    try:
+        chain = cp.diagonal_chain(16, 4, seed=0)
+        tape = cp.forward(chain, np.ones((1, 4)))
+        want = cp.backward(tape, np.ones((1, 1)), method="backprop")
+        for _ in range(5):
+            got = cp.backward(tape, np.ones((1, 1)), method="auto", backend="threads")
+            for gs, ws in zip(got, want):
+                for g, w in zip(gs, ws):
+                    np.testing.assert_allclose(g, w, rtol=1e-12)
+        assert len(asked) == 1
+        cp.clear_caches()
+        cp.backward(tape, np.ones((1, 1)), method="auto", backend="threads")
+        assert len(asked) == 2
+    finally:
+        monkeypatch.undo()
+        cp.clear_caches()

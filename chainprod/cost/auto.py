@@ -11,12 +11,11 @@ executors only ever receive a Schedule.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import numpy as np
 
-from .._caches import PlanCache, register_cache
+from .._caches import PlanCache, cpu_count, register_cache
 from .._validate import check_workers
 from ..arrays import on_accelerator
 from ..blocks import KINDS, BlockSeq, Segment
@@ -64,7 +63,7 @@ def _candidates(L, workers, backend):
             if c < L:
                 yield build("chunked", L, chunks=c)
     else:
-        P = workers or os.cpu_count() or 1
+        P = workers or cpu_count()
         if 1 < P < L:
             yield build("chunked", L, chunks=P + 1)  # P + 1 chunks keep P workers busy
 

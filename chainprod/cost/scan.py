@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
-from .._caches import PlanCache, register_cache
+from .._caches import PlanCache, cpu_count, register_cache
 from ..blocks import COMBINE, KINDS, BlockSeq, Segment, kind_table
 from ..planning.bind import bind_signature
 from ..planning.partition import partition
@@ -136,7 +135,7 @@ def predict(sched: Schedule, blocks=None, *, backend="vectorized", workers=None,
     run it.
     """
     model = model or load_model()
-    P = workers or (1 if backend in ("vectorized", "serial") else (os.cpu_count() or 1))
+    P = workers or (1 if backend in ("vectorized", "serial") else cpu_count())
     if kernels not in (None, "numpy") and model.compiled_ops and backend in ("vectorized", "threads"):
         return compiled_scan_time(sched, blocks, workers=P, batch=batch, model=model)
     total = model.latency("run", backend) if sched.rounds else 0.0

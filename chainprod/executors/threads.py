@@ -7,12 +7,12 @@ workers use P cores, not P times the BLAS pool (oversubscription).
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import threadpool_limits
 
+from .._caches import cpu_count
 from ..planning.bind import bind
 from .base import Executor, SlabResult, TraceEvent, alloc_slabs, run_group
 
@@ -34,7 +34,7 @@ class ThreadsExecutor(Executor):
 
     def run(self, schedule, blocks, *, workers=None, trace=None, **options):
         self.check_options(options)
-        workers = workers or os.cpu_count() or 1
+        workers = workers or cpu_count()
         plan = bind(schedule, blocks)
         slabs = alloc_slabs(plan, blocks)
         pool = self._pool(workers)
