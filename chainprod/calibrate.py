@@ -30,6 +30,7 @@ where :func:`chainprod.cost.load_model` finds it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import statistics
@@ -39,7 +40,7 @@ import numpy as np
 
 from ._timing import library_versions, machine_info, measure_chainprod, median_time
 from .cost import CostModel, layer_bytes, load_model, predict_grad, save_model
-from .executors import Trace
+from .executors import Trace, cluster
 from .grad import backward, forward, loss_cotangent
 from .kernels import pack
 from .kernels.crossover import using_crossover
@@ -398,6 +399,24 @@ def engine_latency(backend, workers=2, repeats=3):
     return hop, task, max(t2 - hop, 0.0)
 
 
+def engine_costs(backend, model, repeats=3):
+    """``(latencies, remote layer cost)`` of ``backend`` (:func:`engine_latency`, :func:`engine_layer_cost`).
+
+    A Ray or Dask cluster is held for the measurement (:func:`chainprod.cluster`) and shut down
+    after it if this started it: an embedded cluster left up kept its processes through the main
+    job's sweep that followed, where their periodic work landed in the rows on this machine (the
+    torch-models section, one run each: torch's two-thread steps of the w = 256 and w = 128
+    models took 3.88 and 3.33 ms with both clusters left up, 2.53 and 2.01 with none; in one main
+    job 19.9 and 40.1). ``(None, None)`` if the engine is not available.
+    """
+    with cluster(backend, workers=2) if backend in ("ray", "dask") else contextlib.nullcontext():
+        lat = engine_latency(backend, repeats=repeats)
+        if lat is None:
+            return None, None
+        rem = engine_layer_cost(backend, model, repeats=repeats) if backend in model.remote_layer else None
+        return lat, rem
+
+
 def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, path=None, progress=print) -> CostModel:
     """Measure this machine and return (and by default save) a :class:`~chainprod.cost.CostModel`.
 
@@ -443,7 +462,7 @@ def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, pat
             continue
         progress(f"calibrate: {backend} latencies (task, dependent hop, run) ...")
         try:
-            lat = engine_latency(backend, repeats=repeats)
+            lat, rem = engine_costs(backend, model, repeats)
         except Exception as e:  # an engine that cannot start must not lose the rest
             progress(f"  {backend} failed ({type(e).__name__}: {e}); keeping default latencies")
             continue
@@ -453,12 +472,10 @@ def calibrate(*, quick=False, engines=("threads", "ray", "dask"), save=True, pat
         model.round_latency[backend], model.task_latency[backend], model.run_latency[backend] = lat
         info.setdefault("engines", []).append(backend)
         progress(f"  {backend}: hop {lat[0] * 1e3:.3f} ms, task {lat[1] * 1e3:.3f} ms, run {lat[2] * 1e3:.3f} ms")
-        if backend in model.remote_layer:
-            rem = engine_layer_cost(backend, model, repeats=repeats)
-            if rem is not None:
-                model.remote_layer[backend] = rem
-                progress(f"  {backend}: {rem['layer'] * 1e6:.1f} us per layer + {rem['byte'] * 1e9:.2f} ns per byte "
-                         "beyond the local model")
+        if rem is not None:
+            model.remote_layer[backend] = rem
+            progress(f"  {backend}: {rem['layer'] * 1e6:.1f} us per layer + {rem['byte'] * 1e9:.2f} ns per byte "
+                     "beyond the local model")
     progress(f"calibrate: done in {time.perf_counter() - t0:.1f} s")
     if save:
         progress(f"calibrate: saved {save_model(model, path)}")

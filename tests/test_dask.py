@@ -137,6 +137,28 @@ def test_no_keys_left_on_the_cluster_after_runs():
     assert not left, left[:5]
 
 
+def test_calibration_shuts_down_the_cluster_it_started_and_keeps_one_it_found():
+    """An embedded cluster left up by ``chainprod calibrate`` ran through the main job's sweep after it."""
+    code = ("if __name__ == '__main__':\n"
+            "    import os, psutil\n"
+            "    from chainprod import cost\n"
+            "    from chainprod.calibrate import engine_costs\n"
+            "    import chainprod as cp\n"
+            "    lat, rem = engine_costs('dask', cost.CostModel(), repeats=1)\n"
+            "    assert lat is not None and rem is not None\n"
+            "    def spawned():\n"
+            "        return sorted(p.pid for p in psutil.Process(os.getpid()).children(recursive=True)\n"
+            "                      if p.is_running() and 'multiprocessing.spawn' in ' '.join(p.cmdline()))\n"
+            "    print('started-then-left', len(spawned()))\n"
+            "    with cp.cluster('dask', workers=2):\n"
+            "        held = spawned()\n"
+            "        engine_costs('dask', cost.CostModel(), repeats=1)\n"
+            "        print('found-then-kept', len(held) > 0 and spawned() == held)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "started-then-left 0" in out.stdout and "found-then-kept True" in out.stdout, out.stdout
+
+
 def test_calibrated_remote_cost_per_layer():
     from chainprod import cost
     from chainprod.calibrate import engine_layer_cost
