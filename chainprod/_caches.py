@@ -13,7 +13,7 @@ import functools
 import os
 from collections.abc import Callable
 
-__all__ = ["clear_caches", "cpu_count", "register_cache", "PlanCache"]
+__all__ = ["clear_caches", "cpu_count", "generation", "register_cache", "PlanCache"]
 
 _CLEARERS: list[Callable[[], None]] = []
 
@@ -40,8 +40,18 @@ def clear_caches() -> None:
     >>> import chainprod as cp
     >>> cp.clear_caches()
     """
+    global _generation
+    _generation += 1
     for clear in _CLEARERS:
         clear()
+
+
+_generation = 0
+
+
+def generation() -> int:
+    """A number that changes whenever :func:`clear_caches` runs: a key for memos kept on user objects."""
+    return _generation
 
 
 class PlanCache:

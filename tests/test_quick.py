@@ -268,3 +268,25 @@ def test_the_machines_cpu_count_is_asked_once_until_the_caches_are_cleared(monke
     finally:
         monkeypatch.undo()
         cp.clear_caches()
+
+
+def test_the_local_method_is_kept_on_the_chain_until_the_caches_are_cleared(monkeypatch):
+    from chainprod import quick
+
+    chain = cp.diagonal_chain(16, 4, seed=0)
+    asked = []
+    real = quick.local_method
+    monkeypatch.setattr(quick, "local_method", lambda *a: asked.append(a) or real(*a))
+    cp.clear_caches()
+    try:
+        first = quick.kept_local_method(chain, 1, "auto", "ray", 2)
+        assert first == real(chain, 1, "auto", "ray", 2) == ("backprop", 1)  # a short chain stays here
+        assert quick.kept_local_method(chain, 1, "auto", "ray", 2) == first and len(asked) == 1
+        assert quick.kept_local_method(chain, 3, "auto", "ray", 2) == first and len(asked) == 2  # its own batch
+        assert quick.kept_local_method(chain, 1, "sklansky", "ray", 2) is None and len(asked) == 3  # None is kept
+        assert quick.kept_local_method(chain, 1, "sklansky", "ray", 2) is None and len(asked) == 3
+        cp.clear_caches()
+        assert quick.kept_local_method(chain, 1, "auto", "ray", 2) == first and len(asked) == 4
+    finally:
+        monkeypatch.undo()
+        cp.clear_caches()
