@@ -244,6 +244,8 @@ def kept_local_method(chain, N, method, backend, workers):
     It reads nothing else. On a cluster backend it took 0.4-0.9 us of a 7.6 us
     call, enough for the auto check to flag ``auto`` on ``ray``, which runs
     this very backprop here, at 1.13x it (a fresh-clone main job, measured).
+    An ``auto`` whose kept choice is backprop is kept as ``"backprop"``; one
+    not decided yet is not kept.
     """
     if chain.__class__ is not Chain:  # nothing is written on a model that is not chainprod's
         return local_method(chain, N, method, backend, workers)
@@ -253,7 +255,14 @@ def kept_local_method(chain, N, method, backend, workers):
     key = (N, method, backend, workers)
     how = memo[1].get(key, memo)  # memo itself: not asked yet (None is an answer)
     if how is memo:
-        how = memo[1][key] = local_method(chain, N, method, backend, workers)
+        how = local_method(chain, N, method, backend, workers)
+        if how is not None and how[0] == AUTO:
+            if known_choice(chain, N, how[1], "numba") != "backprop":
+                return how  # undecided, or a scan: asked again on the next call
+            # auto's choice is kept until the caches are cleared, as this answer is: asking for it on
+            # every call put auto 0.7 us (11-14 %) behind backprop on a 7 us call (a main job, measured)
+            how = ("backprop", how[1])
+        memo[1][key] = how
     return how
 
 

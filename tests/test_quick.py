@@ -287,6 +287,13 @@ def test_the_local_method_is_kept_on_the_chain_until_the_caches_are_cleared(monk
         assert quick.kept_local_method(chain, 1, "sklansky", "ray", 2) is None and len(asked) == 3
         cp.clear_caches()
         assert quick.kept_local_method(chain, 1, "auto", "ray", 2) == first and len(asked) == 4
+        # auto on this machine: kept only once its choice is known, then as the backprop it chose
+        assert quick.kept_local_method(chain, 1, "auto", "vectorized", None) == ("auto", 1)
+        assert quick.kept_local_method(chain, 1, "auto", "vectorized", None) == ("auto", 1) and len(asked) == 6
+        cp.grad(chain, np.ones((1, 4)), method="auto")  # auto chooses (backprop, on a 16-layer chain)
+        assert quick.kept_local_method(chain, 1, "auto", "vectorized", None) == ("backprop", 1)
+        n = len(asked)
+        assert quick.kept_local_method(chain, 1, "auto", "vectorized", None) == ("backprop", 1) and len(asked) == n
     finally:
         monkeypatch.undo()
         cp.clear_caches()
