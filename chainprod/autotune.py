@@ -161,6 +161,11 @@ def _measure(tape, cotangent, P, kernels, key):
             runs[name] = lambda s=s: backward_compiled.scan_grads(tape, cotangent, s, P, None, kernels)
             choices[name] = s
     best = min(runs, key=lambda name: _best_time(runs[name]))
+    # A scan that beat backprop is timed against it once more, and kept only if it wins again: the choice
+    # is kept for the process and on disk, and one disturbed round of backprop's repeats had kept a
+    # chunked scan at 4x backprop's time (diagonal L = 2048, w = 128, threads P = 2; a main job, measured)
+    if best != "backprop" and _best_time(runs["backprop"]) <= _best_time(runs[best]):
+        best = "backprop"
     _to_disk(key, choices[best])
     return choices[best]
 

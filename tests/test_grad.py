@@ -406,6 +406,35 @@ def test_compiled_auto_records_what_it_measured_fastest(tmp_path, monkeypatch):
     assert repr(trace2.schedule) == repr(trace.schedule)
 
 
+@pytest.mark.parametrize("confirmed", [True, False])
+def test_compiled_auto_keeps_a_scan_only_if_it_beats_backprop_twice(tmp_path, monkeypatch, confirmed):
+    """One disturbed round of backprop's repeats must not keep a slower scan for the process and on disk."""
+    from chainprod import autotune
+
+    monkeypatch.setenv("CHAINPROD_AUTO_CACHE", str(tmp_path / "auto.json"))
+    cp.clear_caches()
+    chain = cp.diagonal_chain(300, 16, seed=4)
+    x = np.ones((1, 16))
+    rounds = []
+    real = autotune._best_time
+
+    def scripted(fn):
+        real(fn)  # the real runs, so every candidate is exercised
+        rounds.append(fn)
+        if fn is not rounds[0]:  # a scan: 0.5 s, so the first one wins the first round
+            return 0.5
+        # backprop, timed first: disturbed (1 s) in the first round; in the confirmation slower or faster
+        return 1.0 if len(rounds) == 1 else (2.0 if confirmed else 0.1)
+
+    monkeypatch.setattr(autotune, "_best_time", scripted)
+    g, trace = cp.grad(chain, x, backend="threads", workers=2, return_trace=True)
+    if len(rounds) == 1:
+        pytest.skip("no scan is a candidate for this chain here")
+    assert rounds.count(rounds[0]) == 2  # backprop timed again against the winner
+    assert (trace.schedule == "backprop") != confirmed
+    grads_close(g, reference_grads(chain, x), 1e-10)
+
+
 def test_compiled_auto_keeps_its_choice_on_the_chain_until_the_caches_are_cleared(tmp_path, monkeypatch):
     from chainprod import autotune
 
