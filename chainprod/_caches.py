@@ -13,7 +13,7 @@ import functools
 import os
 from collections.abc import Callable
 
-__all__ = ["clear_caches", "cpu_count", "generation", "register_cache", "PlanCache"]
+__all__ = ["clear_caches", "cpu_count", "kept_on", "register_cache", "PlanCache"]
 
 _CLEARERS: list[Callable[[], None]] = []
 
@@ -46,12 +46,20 @@ def clear_caches() -> None:
         clear()
 
 
-_generation = 0
+_generation = 0  # counts clear_caches: answers kept on objects by kept_on are stale once it moved on
 
 
-def generation() -> int:
-    """A number that changes whenever :func:`clear_caches` runs: a key for memos kept on user objects."""
-    return _generation
+def kept_on(obj, name) -> dict:
+    """A dict kept in ``obj.__dict__[name]`` for answers about ``obj``, emptied when :func:`clear_caches` runs.
+
+    For memos on the user's chains (a lookup there is cheaper than building
+    and hashing a full cache key): it is the caches' generation that expires
+    them, not a reference from a cache.
+    """
+    memo = obj.__dict__.get(name)
+    if memo is None or memo[0] != _generation:
+        memo = obj.__dict__[name] = (_generation, {})
+    return memo[1]
 
 
 class PlanCache:
@@ -66,8 +74,6 @@ class PlanCache:
     def __init__(self, maxsize: int = 64):
         self.maxsize = maxsize
         self._data: dict = {}
-        #: counts the clears: a copy of an answer kept elsewhere is stale once this moved on
-        self.generation = 0
         register_cache(self.clear)
 
     def get(self, key, make: Callable[[], object]):
@@ -86,7 +92,6 @@ class PlanCache:
 
     def clear(self) -> None:
         self._data.clear()
-        self.generation += 1
 
     def __len__(self):
         return len(self._data)

@@ -34,7 +34,7 @@ import os
 import time
 
 from . import backward_compiled
-from ._caches import PlanCache, cpu_count
+from ._caches import PlanCache, cpu_count, kept_on
 from ._version import __version__
 from .backward_numpy import jacobian_shapes
 from .cost import AUTO, auto_runs_backprop, model_path, resolve_schedule
@@ -112,11 +112,8 @@ def known_choice(chain, batch, P, kernels):
 
 
 def _kept_choices(chain) -> dict:
-    """The choices kept on ``chain`` by ``(batch, P, kernels)``, for this generation of the caches."""
-    memo = chain.__dict__.get("_auto_choices")
-    if memo is None or memo[0] != _CHOICES.generation:
-        memo = chain.__dict__["_auto_choices"] = (_CHOICES.generation, {})
-    return memo[1]
+    """The choices kept on ``chain`` by ``(batch, P, kernels)``, until the caches are cleared."""
+    return kept_on(chain, "_auto_choices")
 
 
 def _key(chain, batch, P, kernels) -> tuple:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._caches import generation
+from ._caches import kept_on
 from .autotune import COMPILED_BACKENDS, known_choice
 from .cost import AUTO, known_remote_auto, remote_auto
 from .executors import get_executor
@@ -249,11 +249,9 @@ def kept_local_method(chain, N, method, backend, workers):
     """
     if chain.__class__ is not Chain:  # nothing is written on a model that is not chainprod's
         return local_method(chain, N, method, backend, workers)
-    memo = chain.__dict__.get("_local_methods")
-    if memo is None or memo[0] != generation():
-        memo = chain.__dict__["_local_methods"] = (generation(), {})
+    memo = kept_on(chain, "_local_methods")
     key = (N, method, backend, workers)
-    how = memo[1].get(key, memo)  # memo itself: not asked yet (None is an answer)
+    how = memo.get(key, memo)  # memo itself: not asked yet (None is an answer)
     if how is memo:
         how = local_method(chain, N, method, backend, workers)
         if how is not None and how[0] == AUTO:
@@ -262,7 +260,7 @@ def kept_local_method(chain, N, method, backend, workers):
             # auto's choice is kept until the caches are cleared, as this answer is: asking for it on
             # every call put auto 0.7 us (11-14 %) behind backprop on a 7 us call (a main job, measured)
             how = ("backprop", how[1])
-        memo[1][key] = how
+        memo[key] = how
     return how
 
 
