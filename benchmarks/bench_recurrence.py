@@ -3,12 +3,15 @@
 Run with ``python3 -m pytest benchmarks/bench_recurrence.py --benchmark-only``
 (under a minute on 2 cores).
 
-``test_linear_recurrence``: ``method="sequential"`` is the loop (one or two
-numpy calls per step); ``brent_kung`` (work-efficient) and ``chunked`` (few
-rounds) run a scan of ``T + 1`` affine blocks, and ``auto`` runs what the
-cost model picks (its first call, which decides, is the warm-up round). One
-sample (``N = 1``), float64, stable random ``A`` (spectral norm about 0.9);
-dense ``A`` only up to sizes where a scan takes well under a second.
+``test_linear_recurrence``: ``method="sequential"`` is the loop;
+``brent_kung`` (work-efficient) and ``chunked`` (few rounds) run a scan of
+``T + 1`` affine blocks, and ``auto`` runs what the cost model picks (its
+first call, which decides, is the warm-up round), each by the compiled
+kernels (``numba``: the loop one kernel call, a scan one call of the
+compiled affine scan) and by the numpy reference (``numpy``: the loop one or
+two numpy calls per step, a scan the vectorized executor's batched rounds).
+One sample (``N = 1``), float64, stable random ``A`` (spectral norm about
+0.9); dense ``A`` only up to sizes where a scan takes well under a second.
 
 ``test_recurrent_gradient``: one training step's gradient (``loss = sum of
 every output``, every parameter) of a one-layer RNN (tanh), GRU, LSTM
@@ -52,12 +55,14 @@ def problem(T, d, kind):
     return A, rng.standard_normal((T, d))
 
 
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("T,d,kind", LINEAR, ids=[f"T{T}-d{d}-{k}" for T, d, k in LINEAR])
-def test_linear_recurrence(benchmark, T, d, kind, method):
+def test_linear_recurrence(benchmark, T, d, kind, method, kernels):
     A, b = problem(T, d, kind)
     benchmark.group = f"linear_recurrence T={T} d={d} {kind}"
-    benchmark.pedantic(cp.linear_recurrence, args=(A, b), kwargs={"method": method}, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(cp.linear_recurrence, args=(A, b), kwargs={"method": method, "kernels": kernels},
+                       rounds=3 if kernels == "numpy" else 10, warmup_rounds=1)
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,6 +23,16 @@ respect to every parameter, float32 by default, on the same weights, input
 ``jax``
     ``jax.jit(jax.value_and_grad(loss))`` of a ``lax.scan`` of the same
     cell (the input projection before the scan), on XLA's own thread pool.
+``floor``
+    A lower bound, competing with no row: the step's multiply-adds with a
+    weight matrix as five large BLAS products into preallocated arrays
+    (numpy's ``matmul``, BLAS on ``P`` threads): the input projection
+    ``u W_ih^T``, every step's ``h_{t-1} W_hh^T`` and ``dG_t W_hh`` as one
+    ``(T N)``-row product each (one large product runs at least as fast as
+    ``T`` small ones of the same total), ``dW_hh = dG^T h_prev`` and
+    ``dW_ih = dG^T u``. No activation, no bias, no loss: any implementation
+    of the step computes at least these. ``floor/`` is torch's time over
+    it: where it is under 2, no code can be twice as fast as torch.
 
 Threads: each ``--threads`` count ``P`` sets numba's threads
 (``numba.set_num_threads``), BLAS's (threadpoolctl) and torch's to ``P``.
@@ -68,6 +78,31 @@ def kernels_step(prob):
     def step():
         Hs, Z = kern.forward(prob.cell, X, W, b, h0, c0)
         return kern.backward(prob.cell, X, W, b, h0, c0, Hs, Z, Hs)
+
+    return step
+
+
+def floor_step(prob):
+    """The five weight products of one training step as large BLAS products (the ``floor`` column)."""
+    T, N, d_in = prob.u.shape
+    H = prob.H
+    GH = prob.model.params["weight_hh_l0"].shape[0]
+    rng = np.random.default_rng(2)
+    dtype = prob.u.dtype
+    u = np.ascontiguousarray(prob.u.reshape(T * N, d_in))
+    W_ih = np.asarray(prob.model.params["weight_ih_l0"])
+    W_hh = np.asarray(prob.model.params["weight_hh_l0"])
+    Hs = rng.standard_normal((T * N, H)).astype(dtype)
+    dG = rng.standard_normal((T * N, GH)).astype(dtype)
+    X, R, dH = np.empty((T * N, GH), dtype), np.empty((T * N, GH), dtype), np.empty((T * N, H), dtype)
+    dW_hh, dW_ih = np.empty((GH, H), dtype), np.empty((GH, d_in), dtype)
+
+    def step():
+        np.matmul(u, W_ih.T, out=X)
+        np.matmul(Hs, W_hh.T, out=R)
+        np.matmul(dG, W_hh, out=dH)
+        np.matmul(dG.T, Hs, out=dW_hh)
+        np.matmul(dG.T, u, out=dW_ih)
 
     return step
 
@@ -146,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calls", type=int, default=3, help="calls of a row in a row, per round")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "torch", "jax"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "torch", "jax", "floor"])
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.steps, args.threads = [8, 20], [1000], [1]
@@ -159,9 +194,10 @@ def main(argv=None):
 
     print(f"# {args.dtype}, loss mse, fastest of {args.rounds} x {args.calls} interleaved calls, ms; ratios = "
           f"peer / chainprod (above 1: chainprod faster); load average {os.getloadavg()[0]:.2f} at start")
-    names = ["chainprod"] + [n for n in ("kernels", "torch", "jax") if n not in args.skip]
+    names = ["chainprod"] + [n for n in ("kernels", "torch", "jax", "floor") if n not in args.skip]
     head = f"{'cell':9} {'H':>3} {'N':>3} {'T':>6} {'P':>2} | " + " ".join(f"{n:>9}" for n in names) + " | " + \
-        " ".join(f"{n + '/':>7}" for n in names[1:] if n != "kernels")
+        " ".join(f"{n + '/':>7}" for n in names[1:] if n != "kernels") + \
+        (" torch/floor" if {"torch", "floor"} <= set(names) else "")
     print(head)
     print("-" * len(head))
     for P in args.threads:
@@ -179,9 +215,13 @@ def main(argv=None):
                             calls["torch"] = torch_step(prob, y)
                         if "jax" in names:
                             calls["jax"] = jax_step(prob, y)
+                        if "floor" in names:
+                            calls["floor"] = floor_step(prob)
                         ms = {k: 1e3 * v for k, v in interleaved_min(calls, args.rounds, args.calls).items()}
                         cols = " ".join(f"{ms[n]:9.3f}" for n in names)
                         ratios = " ".join(f"{ms[n] / ms['chainprod']:7.2f}" for n in names[1:] if n != "kernels")
+                        if "torch" in ms and "floor" in ms:
+                            ratios += f" {ms['torch'] / ms['floor']:11.2f}"
                         print(f"{cell:9} {H:3d} {N:3d} {T:6d} {P:2d} | {cols} | {ratios}", flush=True)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
 

@@ -105,8 +105,10 @@ class NumpySteps:
             b /= 1 + lam
             J = J / (1 + lam)
         A = Diag(J) if J.ndim == 3 else J
+        # the reference end to end: the numpy loop, or the scan on the executor (what the compiled steps are
+        # tested against)
         xn, tr = linear_recurrence(A, b, p.h0, method=opts.schedule, backend=opts.backend, workers=opts.workers,
-                                   return_trace=True, engine_options=opts.engine_options)
+                                   return_trace=True, engine_options=opts.engine_options, kernels="numpy")
         if tr.schedule is None:
             return xn, "loop", p.n
         return xn, tr.schedule.name, tr.schedule.rounds

@@ -347,7 +347,7 @@ class Recurrent:
             t0 = trace.clock() if trace is not None else 0.0
             grads, du, dh0, dc0 = backward_layers(
                 self, tape, dH, h0, c0, kern, path, with_inputs=with_inputs, ws=ws, backend=backend,
-                workers=workers, trace=trace, engine_options=engine_options)
+                workers=workers, trace=trace, engine_options=engine_options, kernels=kern_name)
         if with_inputs:
             grads["input"] = du.transpose(1, 0, 2).copy() if self.batch_first else du
             grads["h0"] = np.stack(dh0).reshape(h_shape)

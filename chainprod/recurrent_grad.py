@@ -183,14 +183,15 @@ def probe_scan(kern, kern_name, sched, args, *, backend, workers):
 
     def measure():
         loop = best_seconds(lambda: kern.backward(*part), 3) / Tp
-        scan = best_seconds(lambda: scan_backward(*part, method=sched, backend=backend, workers=workers), 2) / Tp
+        scan = best_seconds(lambda: scan_backward(*part, method=sched, backend=backend, workers=workers,
+                                                  kernels=kern_name), 2) / Tp
         return loop, scan
 
     return _CHOICES.get(key, measure)
 
 
 def scan_backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, *, method, backend="vectorized",
-                  workers=None, trace=None, engine_options=None):
+                  workers=None, trace=None, engine_options=None, kernels=None):
     """A kernel set's ``backward`` with the adjoints from a scan of the reverse recurrence.
 
     Parameters
@@ -201,6 +202,8 @@ def scan_backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, *
         A scan schedule name (or ``"auto"``), passed to
         :func:`chainprod.linear_recurrence` with ``backend``, ``workers``
         and ``engine_options``.
+    kernels : {"numba", "numpy"}, optional
+        Who runs the scan (``linear_recurrence``'s ``kernels``).
     trace : chainprod.Trace, optional
         Receives the scan's events.
 
@@ -224,7 +227,7 @@ def scan_backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, *
     if T > 1:
         out = linear_recurrence(np.swapaxes(J[:0:-1], -1, -2), G[1:], G[0], method=method, backend=backend,
                                 workers=workers, return_trace=trace if trace is not None else False,
-                                engine_options=engine_options)
+                                engine_options=engine_options, kernels=kernels)
         G[1:] = out[0] if trace is not None else out
     lam = G[::-1]
     lam_h, lam_c = lam[..., :H], (lam[..., H:] if lstm else None)

@@ -60,12 +60,12 @@ def run_layers(model, u, h0, c0, kern, ws=None, fresh_top=False):
 
 
 def backward_layers(model, tape, dH, h0, c0, kern, path, *, with_inputs, ws=None, backend="vectorized",
-                    workers=None, trace=None, engine_options=None):
+                    workers=None, trace=None, engine_options=None, kernels=None):
     """The parameters' gradients from the loss terms ``dH`` of the top layer, going down the layers.
 
     ``path`` is ``"backprop"`` (the kernel set's backprop through time) or a
     scan schedule name (:func:`chainprod.recurrent_grad.scan_backward` on
-    ``backend``). Returns ``(grads, du, dh0, dc0)``: ``grads`` by torch's
+    ``backend``, run by ``kernels``). Returns ``(grads, du, dh0, dc0)``: ``grads`` by torch's
     names (in the model's order), ``du`` the adjoint of the bottom layer's
     inputs (a new array; None without ``with_inputs``) and per layer the
     initial states' adjoints (``dc0`` entries None but for the LSTM).
@@ -80,7 +80,8 @@ def backward_layers(model, tape, dH, h0, c0, kern, path, *, with_inputs, ws=None
             dX, dW_hh, db_hh, dh0[layer], dc0[layer] = kern.backward(*args, out=_empty(ws, X.shape, X.dtype))
         else:
             dX, dW_hh, db_hh, dh0[layer], dc0[layer] = scan_backward(
-                *args, method=path, backend=backend, workers=workers, trace=trace, engine_options=engine_options)
+                *args, method=path, backend=backend, workers=workers, trace=trace, engine_options=engine_options,
+                kernels=kernels)
         GH = X.shape[2]
         dX2 = dX.reshape(-1, GH)
         # parameters are shared over time: their gradients sum over every step and sample

@@ -204,25 +204,28 @@ def _probe(layer, method, Tp, N, backend, workers, kernels):
     states = _loops(kernels)[0]
 
     loop = best_seconds(lambda: states(layer.params["a"], X, h, np.empty_like(X)), 3)
-    scan = best_seconds(lambda: linear_recurrence(A, X, h, method=method, backend=backend, workers=workers), 2)
+    scan = best_seconds(lambda: linear_recurrence(A, X, h, method=method, backend=backend, workers=workers,
+                                                  kernels=kernels), 2)
     return loop, scan
 
 
-def _scan_states(layer, uu, h, method, backend, workers, trace, engine_options):
+def _scan_states(layer, uu, h, method, backend, workers, trace, engine_options, kernels):
     T, N = uu.shape[:2]
     X = (uu.reshape(T * N, layer.d_in) @ layer.params["B"].T).reshape(T, N, layer.d)
     A = Diag(np.broadcast_to(layer.params["a"], (T, layer.d)))  # one a for every step: a view, no copy
     return linear_recurrence(A, X, h, method=method, backend=backend, workers=workers,
-                             return_trace=trace if trace is not None else False, engine_options=engine_options)
+                             return_trace=trace if trace is not None else False, engine_options=engine_options,
+                             kernels=kernels)
 
 
-def _scan_adjoints(layer, G, H, h, method, backend, workers, trace, engine_options):
+def _scan_adjoints(layer, G, H, h, method, backend, workers, trace, engine_options, kernels):
     """``lambda`` by :func:`~chainprod.linear_recurrence` in reversed time, and ``da``."""
     T = G.shape[0]
     A = Diag(np.broadcast_to(layer.params["a"], (T, layer.d)))
     try:
         out = linear_recurrence(A, G[::-1], method=method, backend=backend, workers=workers,
-                                return_trace=trace if trace is not None else False, engine_options=engine_options)
+                                return_trace=trace if trace is not None else False, engine_options=engine_options,
+                                kernels=kernels)
     except NonFiniteError as e:
         s = e.layers[1]
         raise NonFiniteError(f"adjoint lambda_t at step t={T - 1 - s} is not finite: the reverse recurrence "
@@ -314,7 +317,7 @@ def value_and_grad(layer, u, y=None, *, loss=None, method="auto", backend="vecto
     if H is None and sched is None:
         H = run_states(layer, uu, h, kernels, trace)
     elif H is None:
-        H = _scan_states(layer, uu, h, method, backend, workers, trace, engine_options)
+        H = _scan_states(layer, uu, h, method, backend, workers, trace, engine_options, kernels)
         H = H[0] if trace is not None else H
     Y = outputs(layer, uu, H)
     value, g = _loss_terms(layer, Y, y, loss)
@@ -329,7 +332,7 @@ def value_and_grad(layer, u, y=None, *, loss=None, method="auto", backend="vecto
         if trace is not None:
             trace.add(TraceEvent(1, "main", t0, trace.clock(), T, "adjoint loop"))
     else:
-        L, da = _scan_adjoints(layer, G, H, h, method, backend, workers, trace, engine_options)
+        L, da = _scan_adjoints(layer, G, H, h, method, backend, workers, trace, engine_options, kernels)
     L2 = L.reshape(T * N, layer.d)
     grads = {"a": da, "B": L2.T @ u2, "C": g2.T @ H2}
     if layer.has_feedthrough:

@@ -75,21 +75,35 @@ def test_every_scan_of_the_registry_is_here():
     assert "tree" not in SCANS
 
 
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
 @pytest.mark.parametrize("backend,workers", LOCAL, ids=LOCAL_IDS)
 @pytest.mark.parametrize("method", SCANS)
 @pytest.mark.parametrize("batched", [False, True], ids=["one", "batched"])
 @pytest.mark.parametrize("kind", ["dense", "diag"])
-def test_equals_the_loop_float64(kind, batched, method, backend, workers):
+def test_equals_the_loop_float64(kind, batched, method, backend, workers, kernels):
     A, b, h0 = problem(kind, batched)
-    check(cp.linear_recurrence(A, b, h0, method=method, backend=backend, workers=workers), A, b, h0)
+    check(cp.linear_recurrence(A, b, h0, method=method, backend=backend, workers=workers, kernels=kernels), A, b,
+          h0)
 
 
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
 @pytest.mark.parametrize("method", SCANS)
 @pytest.mark.parametrize("batched", [False, True], ids=["one", "batched"])
 @pytest.mark.parametrize("kind", ["dense", "diag"])
-def test_equals_the_loop_float32(kind, batched, method):
+def test_equals_the_loop_float32(kind, batched, method, kernels):
     A, b, h0 = problem(kind, batched, np.float32, T=200, seed=1)
-    check(cp.linear_recurrence(A, b, h0, method=method), A, b, h0, np.float32)
+    check(cp.linear_recurrence(A, b, h0, method=method, kernels=kernels), A, b, h0, np.float32)
+
+
+@pytest.mark.parametrize("d", [1, 3, 4, 7, 9])
+@pytest.mark.parametrize("kind", ["dense", "diag"])
+def test_the_compiled_loop_equals_numpys_at_every_width(kind, d):
+    # the compiled loop takes a dense A four rows at a time: widths below, at and past a multiple of four
+    A, b, h0 = problem(kind, True, T=40, N=2, d=d, seed=5)
+    got = cp.linear_recurrence(A, b, h0, method="sequential", kernels="numba")
+    ref = cp.linear_recurrence(A, b, h0, method="sequential", kernels="numpy")
+    np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-13)
+    check(got, A, b, h0)
 
 
 @pytest.mark.parametrize("backend", ["serial", "vectorized", "threads"])
@@ -114,9 +128,9 @@ def test_shapes_mixed_batch_axes_and_default_h0(kind):
         (a_one, b[:, 0], h0),  # only h0 carries the batch
         (a_one, b[:, 0], h0[0]),  # nothing does: (T, d)
     ]
-    for method in ("sequential", "sklansky", "chunked"):
+    for method, kernels in itertools.product(("sequential", "sklansky", "chunked"), ("numba", "numpy")):
         for A_, b_, h_ in cases:
-            check(cp.linear_recurrence(A_, b_, h_, method=method), A_, b_, h_)
+            check(cp.linear_recurrence(A_, b_, h_, method=method, kernels=kernels), A_, b_, h_)
     assert cp.linear_recurrence(a_one, b[:, 0], method="sklansky").shape == (9, 3)
     # lists of steps are arrays too
     steps = list(A.values if kind == "diag" else A)
@@ -134,14 +148,42 @@ def test_one_step_and_a_long_diagonal_sequence():
 
 def test_traces():
     A, b, h0 = problem("dense", True)
-    states, trace = cp.linear_recurrence(A, b, h0, method="sklansky", return_trace=True)
+    # the numpy reference runs a scan on the executor, round by round; the compiled scan is one task
+    states, trace = cp.linear_recurrence(A, b, h0, method="sklansky", return_trace=True, kernels="numpy")
     assert trace.schedule.name == "sklansky" and trace.rounds == trace.schedule.rounds
-    states, trace = cp.linear_recurrence(A, b, h0, method="sequential", return_trace=True)
-    assert trace.schedule is None and "loop" in trace.note and trace.events[0].ops == 23
+    states, trace = cp.linear_recurrence(A, b, h0, method="sklansky", return_trace=True, kernels="numba")
+    (event,) = trace.events
+    assert trace.schedule.name == "sklansky" and event.ops == trace.schedule.num_ops and "compiled" in event.task
+    for kernels in ("numba", "numpy"):
+        states, trace = cp.linear_recurrence(A, b, h0, method="sequential", return_trace=True, kernels=kernels)
+        assert trace.schedule is None and "loop" in trace.note and trace.events[0].ops == 23
     given = cp.Trace()
     out = cp.linear_recurrence(A, b, h0, method="brent_kung", return_trace=given)
     assert out[1] is given and given.events
 
+
+
+@pytest.mark.parametrize("scan_wins", [True, False])
+def test_compiled_auto_runs_a_proposed_scan_only_if_it_beats_the_compiled_loop(monkeypatch, scan_wins):
+    # a long diagonal recurrence, where the cost model (which prices the numpy loop) proposes a scan; the two
+    # timings are replaced so that each outcome is taken for sure (the scan is timed first, then the loop)
+    import chainprod.recurrence as rec
+
+    A, b, h0 = problem("diag", True, T=3000, N=2, d=2, seed=3)
+    proposed = cp.linear_recurrence(A, b, h0, return_trace=True, kernels="numpy")[1].schedule
+    assert proposed is not None and proposed.is_scan
+    timings = iter([1.0, 2.0] if scan_wins else [2.0, 1.0])
+    monkeypatch.setattr(rec, "best_seconds", lambda fn, repeats: (fn(), next(timings))[1])
+    cp.clear_caches()
+    for _ in range(2):  # the second call reuses the first one's answer (no timing left to take)
+        states, trace = cp.linear_recurrence(A, b, h0, return_trace=True, kernels="numba")
+        check(states, A, b, h0)
+        if scan_wins:
+            assert trace.schedule.name == proposed.name and "ran the scan" in trace.note
+        else:
+            assert trace.schedule is None and "ran the compiled loop" in trace.note
+        assert f"the cost model proposed {proposed.name!r}" in trace.note
+    cp.clear_caches()
 
 # -- the algebra ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kinds", list(itertools.product(["affine", "affine_diag"], repeat=3)))
@@ -189,29 +231,33 @@ def _inputs(kind="dense"):
     return problem(kind, True, T=6, N=2, d=3, seed=5)
 
 
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
 @pytest.mark.parametrize("method", ["sequential", "sklansky"])
 @pytest.mark.parametrize("kind", ["dense", "diag"])
-def test_inputs_are_never_modified(kind, method):
+def test_inputs_are_never_modified(kind, method, kernels):
     A, b, h0 = _inputs(kind)
     arrays = [A.values if kind == "diag" else A, b, h0]
     before = [x.copy() for x in arrays]
     for x in arrays:
         x.setflags(write=False)  # a write would raise
-    states = cp.linear_recurrence(A, b, h0, method=method)
+    states = cp.linear_recurrence(A, b, h0, method=method, kernels=kernels)
     states[:] = 0.0  # the result is the caller's own array
     for x, y in zip(arrays, before):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("method,kernels", [("sequential", "numba"), ("sequential", "numpy"), ("sklansky", "numba")])
 @pytest.mark.parametrize("kind", ["dense", "diag"])
 @pytest.mark.parametrize("where", ["A", "b"])
-@pytest.mark.parametrize("value", [np.nan, np.inf])
-def test_nan_or_inf_names_the_step(kind, where, value):
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_names_the_step(kind, where, value, method, kernels):
+    # the compiled loop checks its inputs only once a state is not finite: every bad entry makes one so
     A, b, h0 = _inputs(kind)
+    h0[:] = 0.0  # a zero state times an infinity is NaN: still caught
     target = b if where == "b" else (A.values if kind == "diag" else A)
     target[4, 1, 2] = value
     with pytest.raises(ValueError, match=r"step t=4 \(first at index \(1, 2"):
-        cp.linear_recurrence(A, b, h0)
+        cp.linear_recurrence(A, b, h0, method=method, kernels=kernels)
 
 
 def test_shape_errors_say_what_was_expected():
@@ -264,17 +310,20 @@ def test_method_errors():
         cp.linear_recurrence(A, b, method=3)
     with pytest.raises(ValueError, match="unknown backend"):
         cp.linear_recurrence(A, b, method="sklansky", backend="nope")
+    with pytest.raises(ValueError, match="unknown kernels 'fortran'; valid kernels: numba, numpy"):
+        cp.linear_recurrence(A, b, kernels="fortran")
     for method in ("sequential", "sklansky"):
         with pytest.raises(TypeError, match="takes no engine options"):
             cp.linear_recurrence(A, b, method=method, engine_options={"timeout": 5})
 
 
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
 @pytest.mark.parametrize("method", ["sequential", "sklansky"])
-def test_overflow_names_the_step(method):
+def test_overflow_names_the_step(method, kernels):
     T, d = 400, 2
     A = Diag(np.full((T, d), 10.0))
     with pytest.raises(NonFiniteError, match=r"step t=30[0-9]") as info:
-        cp.linear_recurrence(A, np.ones((T, d)), method=method)
+        cp.linear_recurrence(A, np.ones((T, d)), method=method, kernels=kernels)
     assert info.value.layers[0] == 0 and 300 <= info.value.layers[1] <= 310
 
 

@@ -31,19 +31,28 @@ from numba import njit, prange
 
 from .numba_blas import NOTRANS, gemm
 
-__all__ = ["affine_scan_kernel", "affine_loop_kernel", "form_affine_blocks", "form_affine_diag_blocks"]
+__all__ = ["affine_scan_kernel", "affine_loop_kernel", "form_affine_blocks", "form_affine_diag_blocks", "linear_loop"]
+
+# the plain loop's sizes and offsets are unsigned: numba then indexes without the check for a negative index
+_U = np.uint64
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
+def _apply_diag(buf, lo, ro, oo, N, d):
+    """:func:`_apply` for a diagonal map, every offset unsigned (as :func:`_compose_diag`)."""
+    for b in range(N):
+        h = lo + b * d
+        m = ro + b * (d + d)
+        o = oo + b * d
+        for i in range(d):  # element i reads only element i: safe in place
+            buf[o + i] = buf[m + i] * buf[h + i] + buf[m + d + i]
 
 
 @njit(cache=True, error_model="numpy")
 def _apply(buf, lo, ro, oo, N, d, diag, tmp):
     """State at ``oo`` <- map at ``ro`` applied to the state at ``lo`` (every batch element)."""
     if diag:
-        for b in range(N):
-            h = lo + b * d
-            m = ro + b * 2 * d
-            o = oo + b * d
-            for i in range(d):  # element i reads only element i: safe in place
-                buf[o + i] = buf[m + i] * buf[h + i] + buf[m + d + i]
+        _apply_diag(buf, _U(lo), _U(ro), _U(oo), _U(N), _U(d))
         return
     w = d + 1
     for b in range(N):
@@ -60,21 +69,29 @@ def _apply(buf, lo, ro, oo, N, d, diag, tmp):
             buf[o + i] = tmp[i] + buf[m + i * w + d]
 
 
+@njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
+def _compose_diag(buf, lo, ro, oo, N, d):
+    """:func:`_compose` for diagonal maps, every offset unsigned (no negative-index checks between the
+    loads: the loop vectorises)."""
+    d2 = d + d
+    for b in range(N):
+        l_ = lo + b * d2
+        r_ = ro + b * d2
+        o = oo + b * d2
+        for i in range(d):  # element i reads only element i of each operand: safe in place
+            a2 = buf[r_ + i]
+            c2 = buf[r_ + d + i]
+            a1 = buf[l_ + i]
+            c1 = buf[l_ + d + i]
+            buf[o + i] = a2 * a1
+            buf[o + d + i] = a2 * c1 + c2
+
+
 @njit(cache=True, error_model="numpy")
 def _compose(buf, lo, ro, oo, N, d, diag, tmp, cross):
     """Map at ``oo`` <- map at ``ro`` composed after the map at ``lo`` (every batch element)."""
     if diag:
-        for b in range(N):
-            l_ = lo + b * 2 * d
-            r_ = ro + b * 2 * d
-            o = oo + b * 2 * d
-            for i in range(d):
-                a2 = buf[r_ + i]
-                c2 = buf[r_ + d + i]
-                a1 = buf[l_ + i]
-                c1 = buf[l_ + d + i]
-                buf[o + i] = a2 * a1
-                buf[o + d + i] = a2 * c1 + c2
+        _compose_diag(buf, _U(lo), _U(ro), _U(oo), _U(N), _U(d))
         return
     w = d + 1
     size = d * w
@@ -209,6 +226,65 @@ def affine_loop_kernel(buf, pos_off, h0, diag, states):
         if bad:
             return t
     return -1
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False)
+def linear_loop(A, b, h0, out, T, N, d, a_step, a_batch, b_step, b_batch, diag):
+    """``out[t, n] = A_t[n] out[t-1, n] + b_t[n]`` (``out[-1] = h0``) from the inputs as given: no blocks.
+
+    Every array is flat, C order. Step ``t``'s transition starts at ``t
+    a_step`` of ``A`` and sample ``n``'s at ``n a_batch`` past it (0 when
+    ``A`` has no batch axis: one transition for every sample); ``b`` the
+    same with ``b_step``, ``b_batch``. A dense ``A_t[n]`` is ``d x d``
+    row-major, a diagonal one ``d`` numbers. ``out`` is ``(T, N, d)``,
+    ``h0`` ``(N, d)``. Each state is ``A h`` summed over ``j`` in order
+    (four rows at a time: four independent sums in flight, where one would
+    wait on the adder every term), then ``b`` added: the order of
+    :func:`affine_loop_kernel`. Overflow is not checked here (the caller
+    reads the states once after).
+    """
+    z = T - T
+    one = _U(1)
+    for t in range(T):
+        so = t * N * d
+        po = so - N * d if t > z else z
+        hp = out if t > z else h0
+        at = t * a_step
+        bt = t * b_step
+        for n in range(N):
+            ho = po + n * d
+            oo = so + n * d
+            ao = at + n * a_batch
+            bo = bt + n * b_batch
+            if diag:
+                for i in range(d):
+                    out[oo + i] = A[ao + i] * hp[ho + i] + b[bo + i]
+                continue
+            i = z
+            while i + _U(4) <= d:
+                r0 = ao + i * d
+                r1 = r0 + d
+                r2 = r1 + d
+                r3 = r2 + d
+                s0 = s1 = s2 = s3 = out.dtype.type(0.0)
+                for j in range(d):
+                    hj = hp[ho + j]
+                    s0 += A[r0 + j] * hj
+                    s1 += A[r1 + j] * hj
+                    s2 += A[r2 + j] * hj
+                    s3 += A[r3 + j] * hj
+                out[oo + i] = s0 + b[bo + i]
+                out[oo + i + one] = s1 + b[bo + i + one]
+                out[oo + i + _U(2)] = s2 + b[bo + i + _U(2)]
+                out[oo + i + _U(3)] = s3 + b[bo + i + _U(3)]
+                i += _U(4)
+            while i < d:
+                r0 = ao + i * d
+                s0 = out.dtype.type(0.0)
+                for j in range(d):
+                    s0 += A[r0 + j] * hp[ho + j]
+                out[oo + i] = s0 + b[bo + i]
+                i += one
 
 
 @njit(cache=True, error_model="numpy")
