@@ -44,8 +44,10 @@ How the kernels are built:
   for. Otherwise one thread; the caller's threads serve the products
   around the kernels (``X``, ``dW_ih``) and ``dW_hh``'s after the loop.
 - ``error_model="numpy"``, ``boundscheck=False`` and ``fastmath=False``
-  (IEEE arithmetic in the written order, no fused multiply-add),
-  ``cache=True``: compiled once per machine and dtype.
+  (IEEE arithmetic in the written order), ``cache=True``: compiled once per
+  machine and dtype. The products with ``W_hh`` fuse each multiply-add where
+  the machine can (:func:`~.recurrent_numba_simd.vmuladd`); the activations
+  do not.
 """
 
 from __future__ import annotations

@@ -187,102 +187,6 @@ def forward_chunks(cell, X, W, WTp, b, h0, c0, Hs, Z, coef, T, N, H, nchunks, bl
                      blas)
 
 
-@njit(cache=True, inline="always", error_model="numpy", boundscheck=False)
-def _cell_vjp(cell, t, N, H, Hp, n0, NB, hp, ho, c0, Hs, Z, dX, dh, dc, dG, dGn, tb, keep_gn):
-    """Step ``t``'s gate gradients into ``dX`` (and ``dG`` for the GRU), from ``dh`` = the adjoint of ``h_t``.
-
-    ``dh`` holds the group's rows at stride ``Hp``, ``dc`` at stride ``H``.
-    Leaves in them the part of the adjoint of ``h_{t-1}`` (``c_{t-1}``) that
-    does not pass through ``W_hh`` (nothing for the RNN and the LSTM: the
-    product then overwrites ``dh``).
-    """
-    G, K = _sizes(cell, H)
-    GH = G * H
-    NH = NB * H
-    H2 = H + H
-    H3 = H2 + H
-    H4 = H2 + H2
-    one = Hs.dtype.type(1.0)
-    zero = Hs.dtype.type(0.0)
-    r0 = t * N + n0
-    xo = r0 * GH
-    so = r0 * H
-    if cell == 0:
-        for n in range(NB):
-            for j in range(H):
-                h = Hs[so + n * H + j]
-                dX[xo + n * H + j] = dh[n * Hp + j] * (one - h * h)
-    elif cell == 1:
-        for n in range(NB):
-            for j in range(H):
-                dX[xo + n * H + j] = dh[n * Hp + j] if Hs[so + n * H + j] > zero else zero  # relu'(0) = 0
-    elif cell == 2:
-        for n in range(NB):
-            zo = (r0 + n) * K
-            xn = xo + n * GH
-            po = ho + n * H
-            do = n * Hp
-            for j in range(H):
-                rr = Z[zo + j]
-                zz = Z[zo + H + j]
-                nn = Z[zo + H2 + j]
-                d = dh[do + j]
-                dan = d * (one - zz) * (one - nn * nn)
-                dX[xn + j] = dan * Z[zo + H3 + j] * (rr * (one - rr))
-                dX[xn + H + j] = d * (hp[po + j] - nn) * (zz * (one - zz))
-                dX[xn + H2 + j] = dan
-                dh[do + j] = d * zz
-            go = n * GH
-            for j in range(H2):
-                dG[go + j] = dX[xn + j]
-            for j in range(H):  # the n-chunk of h W_hh^T + b_hh enters scaled by r
-                dG[go + H2 + j] = dX[xn + H2 + j] * Z[zo + j]
-            if keep_gn:
-                for j in range(H):
-                    dGn[so + n * H + j] = dG[go + H2 + j]
-    else:
-        for n in range(NB):
-            zo = (r0 + n) * K + H4
-            for j in range(H):
-                tb[n * H + j] = Z[zo + j]
-        for k in range(padded(NH)):
-            tb[k] = tanh(tb[k])
-        for n in range(NB):
-            zo = (r0 + n) * K
-            xn = xo + n * GH
-            do = n * Hp
-            co = n * H
-            # one output per loop: each loop then has few pairs of arrays whose overlap LLVM must rule out
-            # before it vectorises (the LSTM's vjp at N = 16, H = 20: 0.71 -> 0.51 us a step, in the cache)
-            for j in range(H):
-                oo = Z[zo + H3 + j]
-                dX[xn + H3 + j] = dh[do + j] * tb[co + j] * (oo * (one - oo))
-            for j in range(H):
-                tc = tb[co + j]
-                dc[co + j] += dh[do + j] * Z[zo + H3 + j] * (one - tc * tc)
-            for j in range(H):
-                ii = Z[zo + j]
-                dX[xn + j] = dc[co + j] * Z[zo + H2 + j] * (ii * (one - ii))
-            if t > 0:  # c_{t-1}: the previous step's row of Z, or c0
-                _forget_vjp(Z, zo, Z, (r0 - N + n) * K + H4, dX, xn, dc, co, H)
-            else:
-                _forget_vjp(Z, zo, c0, (n0 + n) * H, dX, xn, dc, co, H)
-            for j in range(H):
-                gg = Z[zo + H2 + j]
-                dX[xn + H2 + j] = dc[co + j] * Z[zo + j] * (one - gg * gg)
-            for j in range(H):
-                dc[co + j] *= Z[zo + H + j]  # the adjoint of c_{t-1}
-
-
-@njit(cache=True, inline="always", error_model="numpy", boundscheck=False)
-def _forget_vjp(Z, zo, cprev, cpo, dX, xn, dc, co, H):
-    """The LSTM's ``f``-gate gradient of one sample into ``dX`` (``c_{t-1}`` from ``cprev[cpo:]``)."""
-    one = Z.dtype.type(1.0)
-    for j in range(H):
-        ff = Z[zo + H + j]
-        dX[xn + H + j] = dc[co + j] * cprev[cpo + j] * (ff * (one - ff))
-
-
 @njit(cache=True, error_model="numpy", boundscheck=False)
 def backward_loop(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWp, db, dh_all, dc_all, dGn, T, N, H, n0, n1, blas, blas_dw):
     """Backprop of samples ``n0 .. n1 - 1`` through all steps, last to first: ``dX``, ``db`` and ``dW``.
@@ -314,6 +218,12 @@ def backward_loop(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWp, db, dh_all, dc_all, 
     tb = np.zeros(padded(NH), dt)
     hq = np.zeros(NB * Hp, dt)  # h_{t-1} in rows of Hp, for dW_hh in the loop
     beta = 1.0 if gru else 0.0  # the GRU's dh already holds z * dh_t, which does not pass through W_hh
+    keep_gn = blas_dw and gru
+    H2 = H + H
+    H3 = H2 + H
+    H4 = H2 + H2
+    one = dt.type(1.0)
+    zero = dt.type(0.0)
     for s in range(T):
         t = T - _U(1) - s
         r0 = t * N + n0
@@ -328,7 +238,83 @@ def backward_loop(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWp, db, dh_all, dc_all, 
         for n in range(NB):
             for j in range(H):
                 dh[n * Hp + j] += dHs[so + n * H + j]
-        _cell_vjp(cell, t, N, H, Hp, n0, NB, hp, ho, c0, Hs, Z, dX, dh, dc, dG, dGn, tb, blas_dw and gru)
+        # step t's gate gradients into dX (and dG for the GRU) from dh, the adjoint of h_t; left in dh (dc):
+        # the part of the adjoint of h_{t-1} (c_{t-1}) that does not pass through W_hh (nothing for the RNN
+        # and the LSTM: the product then overwrites dh). Written here, not in a function of its own: inlined
+        # from one, its dozen array arguments cost about 100 ns a step in references taken and dropped (the
+        # tanh RNN's backward step at N = 1, H = 8: 185 -> 85 ns)
+        xo = r0 * GH
+        if cell == 0:
+            for n in range(NB):
+                for j in range(H):
+                    h = Hs[so + n * H + j]
+                    dX[xo + n * H + j] = dh[n * Hp + j] * (one - h * h)
+        elif cell == 1:
+            for n in range(NB):
+                for j in range(H):
+                    dX[xo + n * H + j] = dh[n * Hp + j] if Hs[so + n * H + j] > zero else zero  # relu'(0) = 0
+        elif cell == 2:
+            for n in range(NB):
+                zo = (r0 + n) * K
+                xn = xo + n * GH
+                po = ho + n * H
+                do = n * Hp
+                for j in range(H):
+                    rr = Z[zo + j]
+                    zz = Z[zo + H + j]
+                    nn = Z[zo + H2 + j]
+                    d = dh[do + j]
+                    dan = d * (one - zz) * (one - nn * nn)
+                    dX[xn + j] = dan * Z[zo + H3 + j] * (rr * (one - rr))
+                    dX[xn + H + j] = d * (hp[po + j] - nn) * (zz * (one - zz))
+                    dX[xn + H2 + j] = dan
+                    dh[do + j] = d * zz
+                go = n * GH
+                for j in range(H2):
+                    dG[go + j] = dX[xn + j]
+                for j in range(H):  # the n-chunk of h W_hh^T + b_hh enters scaled by r
+                    dG[go + H2 + j] = dX[xn + H2 + j] * Z[zo + j]
+                if keep_gn:
+                    for j in range(H):
+                        dGn[so + n * H + j] = dG[go + H2 + j]
+        else:
+            for n in range(NB):
+                zo = (r0 + n) * K + H4
+                for j in range(H):
+                    tb[n * H + j] = Z[zo + j]
+            for k in range(padded(NH)):
+                tb[k] = tanh(tb[k])
+            for n in range(NB):
+                zo = (r0 + n) * K
+                xn = xo + n * GH
+                do = n * Hp
+                co = n * H
+                # one output per loop: each loop then has few pairs of arrays whose overlap LLVM must rule out
+                # before it vectorises (the LSTM's vjp at N = 16, H = 20: 0.71 -> 0.51 us a step, in the cache)
+                for j in range(H):
+                    oo = Z[zo + H3 + j]
+                    dX[xn + H3 + j] = dh[do + j] * tb[co + j] * (oo * (one - oo))
+                for j in range(H):
+                    tc = tb[co + j]
+                    dc[co + j] += dh[do + j] * Z[zo + H3 + j] * (one - tc * tc)
+                for j in range(H):
+                    ii = Z[zo + j]
+                    dX[xn + j] = dc[co + j] * Z[zo + H2 + j] * (ii * (one - ii))
+                if t > 0:  # the f-gate, from c_{t-1}: the previous step's row of Z, or c0
+                    cpo = (r0 - N + n) * K + H4
+                    for j in range(H):
+                        ff = Z[zo + H + j]
+                        dX[xn + H + j] = dc[co + j] * Z[cpo + j] * (ff * (one - ff))
+                else:
+                    cpo = (n0 + n) * H
+                    for j in range(H):
+                        ff = Z[zo + H + j]
+                        dX[xn + H + j] = dc[co + j] * c0[cpo + j] * (ff * (one - ff))
+                for j in range(H):
+                    gg = Z[zo + H2 + j]
+                    dX[xn + H2 + j] = dc[co + j] * Z[zo + j] * (one - gg * gg)
+                for j in range(H):
+                    dc[co + j] *= Z[zo + H + j]  # the adjoint of c_{t-1}
         # the gate gradients that meet W_hh: dX's own rows, but the GRU's n-chunk is scaled by r (dG)
         src = dG if gru else dX
         go = _U(0) if gru else r0 * GH
