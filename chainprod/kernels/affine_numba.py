@@ -49,6 +49,40 @@ def _apply_diag(buf, lo, ro, oo, N, d):
 
 
 @njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
+def _matvec(M, m, stride, x, xo, c, co, cstride, out, oo, d):
+    """``out[oo + i] = sum_j M[m + i stride + j] x[xo + j] + c[co + i cstride]``, ``i < d``: each row's sum
+    along the row, in order, four rows at a time (four sums in flight, where one would wait on the adder
+    every term). Every offset unsigned."""
+    four = _U(4)
+    i = d - d
+    while i + four <= d:
+        r0 = m + i * stride
+        r1 = r0 + stride
+        r2 = r1 + stride
+        r3 = r2 + stride
+        s0 = s1 = s2 = s3 = out.dtype.type(0.0)
+        for j in range(d):
+            xj = x[xo + j]
+            s0 += M[r0 + j] * xj
+            s1 += M[r1 + j] * xj
+            s2 += M[r2 + j] * xj
+            s3 += M[r3 + j] * xj
+        ci = co + i * cstride
+        out[oo + i] = s0 + c[ci]
+        out[oo + i + _U(1)] = s1 + c[ci + cstride]
+        out[oo + i + _U(2)] = s2 + c[ci + cstride + cstride]
+        out[oo + i + _U(3)] = s3 + c[ci + cstride + cstride + cstride]
+        i += four
+    while i < d:
+        r0 = m + i * stride
+        s0 = out.dtype.type(0.0)
+        for j in range(d):
+            s0 += M[r0 + j] * x[xo + j]
+        out[oo + i] = s0 + c[co + i * cstride]
+        i += _U(1)
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False, inline="always")
 def _apply_dense(buf, lo, ro, oo, N, d, tmp):
     """:func:`_apply` for a dense map: each row's sum over ``j`` in order along the row (contiguous), four
     rows at a time (four sums in flight), into ``tmp`` first (the state may be its own output).
@@ -58,35 +92,9 @@ def _apply_dense(buf, lo, ro, oo, N, d, tmp):
     1.3x slower than the numpy executor's.
     """
     w = d + _U(1)
-    four = _U(4)
     for b in range(N):
-        h = lo + b * d
         m = ro + b * d * w
-        i = d - d
-        while i + four <= d:
-            r0 = m + i * w
-            r1 = r0 + w
-            r2 = r1 + w
-            r3 = r2 + w
-            s0 = s1 = s2 = s3 = buf.dtype.type(0.0)
-            for j in range(d):
-                hj = buf[h + j]
-                s0 += buf[r0 + j] * hj
-                s1 += buf[r1 + j] * hj
-                s2 += buf[r2 + j] * hj
-                s3 += buf[r3 + j] * hj
-            tmp[i] = s0 + buf[r0 + d]
-            tmp[i + _U(1)] = s1 + buf[r1 + d]
-            tmp[i + _U(2)] = s2 + buf[r2 + d]
-            tmp[i + _U(3)] = s3 + buf[r3 + d]
-            i += four
-        while i < d:
-            r0 = m + i * w
-            s0 = buf.dtype.type(0.0)
-            for j in range(d):
-                s0 += buf[r0 + j] * buf[h + j]
-            tmp[i] = s0 + buf[r0 + d]
-            i += _U(1)
+        _matvec(buf, m, w, buf, lo + b * d, buf, m + d, w, tmp, d - d, d)
         o = oo + b * d
         for k in range(d):
             buf[o + k] = tmp[k]
@@ -293,31 +301,7 @@ def linear_loop(A, b, h0, out, T, N, d, a_step, a_batch, b_step, b_batch, diag):
                 for i in range(d):
                     out[oo + i] = A[ao + i] * hp[ho + i] + b[bo + i]
                 continue
-            i = z
-            while i + _U(4) <= d:
-                r0 = ao + i * d
-                r1 = r0 + d
-                r2 = r1 + d
-                r3 = r2 + d
-                s0 = s1 = s2 = s3 = out.dtype.type(0.0)
-                for j in range(d):
-                    hj = hp[ho + j]
-                    s0 += A[r0 + j] * hj
-                    s1 += A[r1 + j] * hj
-                    s2 += A[r2 + j] * hj
-                    s3 += A[r3 + j] * hj
-                out[oo + i] = s0 + b[bo + i]
-                out[oo + i + one] = s1 + b[bo + i + one]
-                out[oo + i + _U(2)] = s2 + b[bo + i + _U(2)]
-                out[oo + i + _U(3)] = s3 + b[bo + i + _U(3)]
-                i += _U(4)
-            while i < d:
-                r0 = ao + i * d
-                s0 = out.dtype.type(0.0)
-                for j in range(d):
-                    s0 += A[r0 + j] * hp[ho + j]
-                out[oo + i] = s0 + b[bo + i]
-                i += one
+            _matvec(A, ao, d, hp, ho, b, bo, one, out, oo, d)
 
 
 @njit(cache=True, error_model="numpy")
