@@ -163,9 +163,10 @@ def linear_recurrence(A, b, h0=None, *, method="auto", backend="vectorized", wor
         else:
             blocks = blocks if blocks is not None else _blocks(inp)
             states = _scan(inp, blocks, sched, executor, workers, trace, engine_options)
-    if checked_after and not all_finite(states):
-        _check_steps(inp)
-    _check_states(states, sched)
+    if not all_finite(states):  # one pass over the states, also where the inputs were checked after
+        if checked_after:
+            _check_steps(inp)  # a NaN or infinity in the inputs, named by its step
+        _overflowed(states, sched)
     states = states if inp.batched else states[:, 0]
     return (states, trace) if return_trace else states
 
@@ -436,9 +437,8 @@ def _loop(inp, trace):
     return out
 
 
-def _check_states(states, sched):
-    if all_finite(states):
-        return
+def _overflowed(states, sched):
+    """Raise :class:`NonFiniteError` for the first step whose state (of finite inputs) is not finite."""
     states = to_numpy(states)  # the failing case only: read back to say where
     T = states.shape[0]
     ok = np.isfinite(states.reshape(T, -1)).all(axis=1)

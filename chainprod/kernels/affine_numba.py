@@ -243,6 +243,7 @@ def affine_loop_kernel(buf, pos_off, h0, diag, states):
     n, N, d = states.shape
     w = d + 1
     zero = buf.dtype.type(0.0)
+    flat, h0f = states.reshape(-1), h0.reshape(-1)  # C order both (run_affine's): the dense step's layout
     for t in range(n):
         prev = h0 if t == 0 else states[t - 1]
         out = states[t]
@@ -256,13 +257,11 @@ def affine_loop_kernel(buf, pos_off, h0, diag, states):
                     bad += 1 if v - v != zero else 0
             else:
                 m = pos_off[t] + b * d * w
-                for i in range(d):  # each row's sum along the row, in order (why: _apply_dense)
-                    r = m + i * w
-                    s = zero
-                    for j in range(d):
-                        s += buf[r + j] * prev[b, j]
-                    v = s + buf[r + d]
-                    out[b, i] = v
+                ho = b * d if t == 0 else (t - 1) * N * d + b * d
+                _matvec(buf, _U(m), _U(w), h0f if t == 0 else flat, _U(ho), buf, _U(m + d), _U(w), flat,
+                        _U(t * N * d + b * d), _U(d))
+                for i in range(d):
+                    v = out[b, i]
                     bad += 1 if v - v != zero else 0
         if bad:
             return t

@@ -27,9 +27,9 @@ per product on the 2-core AMD EPYC development VM (float32, one thread;
 product then sum / fused): ``16 x 256`` times ``256 x 64`` 5.85 / 4.58 us,
 ``16 x 20`` times ``20 x 80`` 0.66 / 0.54 us; a row alone by eight vectors
 and fused, against paired with itself and not, ``1 x 256`` times
-``256 x 64``: 0.36 against 0.76 us. A vector reads and writes whole rows of ``lanes`` values: the matrices these
-products take have rows padded to a multiple of :func:`lanes` (the caller
-pads them with zeros).
+``256 x 64``: 0.36 against 0.76 us. A vector reads and writes whole rows
+of ``lanes`` values: the matrices these products take have rows padded to a
+multiple of :func:`lanes` (the caller pads them with zeros).
 
 Importing this module imports numba. numba's on-disk cache keys a compiled
 function on its own file only: after editing this module, delete the cached
@@ -212,31 +212,29 @@ def rows_times(out, oo, ostride, a, ao, astride, astep, K, B, bstride, width, NB
     L = lanes(out)
     L4 = L + L + L + L
     n = NB - NB  # zero, unsigned
-    while n < NB:
-        two = n + _ONE < NB
-        if not two:  # a row alone (every row at batch 1): eight vectors of it at a time, no second row's work
-            _one_row(out, oo + n * ostride, a, ao + n * astride, astep, K, B, bstride, width, L, accumulate)
-            break
+    while n + _ONE < NB:  # rows in pairs
         o0 = oo + n * ostride
-        o1 = o0 + ostride if two else o0
+        o1 = o0 + ostride
         a0 = ao + n * astride
-        a1 = a0 + astride if two else a0
+        a1 = a0 + astride
         c = width - width
         while c < width:
             left = width - c
             if left >= L4:
-                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 4, two, accumulate)
+                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 4, accumulate)
                 c += L4
             elif left >= L4 - L:
-                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 3, two, accumulate)
+                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 3, accumulate)
                 c += L4 - L
             elif left >= L + L:
-                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 2, two, accumulate)
+                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 2, accumulate)
                 c += L + L
             else:
-                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 1, two, accumulate)
+                _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, c, bstride, L, 1, accumulate)
                 c += L
-        n += _ONE + _ONE if two else _ONE
+        n += _ONE + _ONE
+    if n < NB:  # a row alone (every row at batch 1): eight vectors of it at a time, no second row's work
+        _one_row(out, oo + n * ostride, a, ao + n * astride, astep, K, B, bstride, width, L, accumulate)
 
 
 _ONE = np.uint64(1)
@@ -305,16 +303,16 @@ def _row_block(out, o0, a, a0, astep, K, B, c, bstride, L, nvec, accumulate):
 
 
 @njit(cache=True, inline="always", error_model="numpy", boundscheck=False)
-def _block(out, o0, o1, a, a0, a1, astep, K, B, c, bstride, L, nvec, two, accumulate):
-    """``nvec`` (1 to 4) vectors of row ``o0`` (and of row ``o1`` when ``two``) summed over ``k``."""
+def _block(out, o0, o1, a, a0, a1, astep, K, B, c, bstride, L, nvec, accumulate):
+    """``nvec`` (1 to 4) vectors of rows ``o0`` and ``o1`` summed over ``k``."""
     s0 = _start(out, o0, accumulate)
     s1 = _start(out, o0 + L, accumulate and nvec > 1)
     s2 = _start(out, o0 + L + L, accumulate and nvec > 2)
     s3 = _start(out, o0 + L + L + L, accumulate and nvec > 3)
-    t0 = _start(out, o1, accumulate and two)
-    t1 = _start(out, o1 + L, accumulate and two and nvec > 1)
-    t2 = _start(out, o1 + L + L, accumulate and two and nvec > 2)
-    t3 = _start(out, o1 + L + L + L, accumulate and two and nvec > 3)
+    t0 = _start(out, o1, accumulate)
+    t1 = _start(out, o1 + L, accumulate and nvec > 1)
+    t2 = _start(out, o1 + L + L, accumulate and nvec > 2)
+    t3 = _start(out, o1 + L + L + L, accumulate and nvec > 3)
     for k in range(K):
         x = vsplat(a[a0 + k * astep])
         y = vsplat(a[a1 + k * astep])
@@ -341,14 +339,13 @@ def _block(out, o0, o1, a, a0, a1, astep, K, B, c, bstride, L, nvec, two, accumu
         vstore(out, o0 + L + L, s2)
     if nvec > 3:
         vstore(out, o0 + L + L + L, s3)
-    if two:
-        vstore(out, o1, t0)
-        if nvec > 1:
-            vstore(out, o1 + L, t1)
-        if nvec > 2:
-            vstore(out, o1 + L + L, t2)
-        if nvec > 3:
-            vstore(out, o1 + L + L + L, t3)
+    vstore(out, o1, t0)
+    if nvec > 1:
+        vstore(out, o1 + L, t1)
+    if nvec > 2:
+        vstore(out, o1 + L + L, t2)
+    if nvec > 3:
+        vstore(out, o1 + L + L + L, t3)
 
 
 @njit(cache=True, inline="always", error_model="numpy", boundscheck=False)
