@@ -59,7 +59,7 @@ import numpy as np
 
 from . import crossover, numba_blas
 from .recurrent_numba_loops import backward_chunks, backward_loop, forward_chunks, forward_loop
-from .recurrent_numba_simd import padded_width
+from .recurrent_numba_simd import padded_width, panel_width, panels
 from .recurrent_numpy import out_arrays, saved_width
 
 __all__ = ["CELLS", "DW_BLAS_MIN", "GATES", "PARALLEL_MIN_WORK", "STEP_BLAS_MIN", "STEP_BLAS_MIN_BATCH", "backward",
@@ -158,6 +158,15 @@ def _padded_rows(a):
     return out
 
 
+#: ``pw`` for a matrix in C order (one panel as wide as any row)
+_C_ORDER = np.uint64(1 << 62)
+
+
+def _panels(a):
+    """``a`` in the loops' layout (:func:`.recurrent_numba_simd.panels`) and its panel width, unsigned."""
+    return panels(a), np.uint64(panel_width(a.dtype))
+
+
 def _unsigned(*sizes):
     # the loops take every size unsigned (why: recurrent_numba_loops)
     return tuple(np.uint64(n) for n in sizes)
@@ -191,11 +200,12 @@ def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
     Hs, Z = out_arrays(out, ((T, N, H), (T, N, K)), X.dtype)
     nchunks = _chunks(T, N, G * H, H)
     blas = _step_blas(N // nchunks, G * H, H, X.dtype)
-    WTp = _padded_rows(W_hh.T)  # the products' rows: a step adds h[k] * W_hh[:, k] to the gates
+    # the products' rows: a step adds h[k] * W_hh[:, k] to the gates; in panels for the loops, in C order for BLAS
+    WTp, pw = (_padded_rows(W_hh.T), _C_ORDER) if blas else _panels(W_hh.T)
     coef = np.ones((G, H), X.dtype)
     if cell == "lstm":
         coef[2] = 2  # the g-gate's tanh(v) = 2 sigmoid(2 v) - 1, in the sigmoid gates' loop
-    args = (_CODES[cell], X.reshape(-1), W_hh.reshape(-1), WTp.reshape(-1), b_hh, h0.reshape(-1), c0.reshape(-1),
+    args = (_CODES[cell], X.reshape(-1), W_hh.reshape(-1), WTp.reshape(-1), pw, b_hh, h0.reshape(-1), c0.reshape(-1),
             Hs.reshape(-1), Z.reshape(-1), coef.reshape(-1), *_unsigned(T, N, H))
     with _one_blas_thread(N * G * H * H, blas):
         if nchunks == 1:
@@ -231,9 +241,9 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, out=No
     (dX,) = out_arrays(None if out is None else (out,), ((T, N, GH),), dtype)
     db = np.zeros(GH)  # summed in float64 over every step and sample (why: recurrent_numba_loops)
     dGn = np.empty((T, N, H) if blas_dw and G == 3 else (0, 0, H), dtype)  # the GRU's r * dn, for dW_hh
-    Wp = _padded_rows(W_hh)
-    Hp = Wp.shape[1]
-    args = (_CODES[cell], W_hh.reshape(-1), Wp.reshape(-1), h0.reshape(-1), c0.reshape(-1), Hs.reshape(-1),
+    Wp, pw = _panels(W_hh)
+    Hp = padded_width(H, dtype)
+    args = (_CODES[cell], W_hh.reshape(-1), Wp, pw, h0.reshape(-1), c0.reshape(-1), Hs.reshape(-1),
             Z.reshape(-1), dHs.reshape(-1), dX.reshape(-1))
     with _one_blas_thread(N * GH * H, blas):
         if nchunks == 1:

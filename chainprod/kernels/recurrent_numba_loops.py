@@ -76,11 +76,12 @@ def _whole_vectors(n, L):
 
 
 @njit(cache=True, error_model="numpy", boundscheck=False)
-def forward_loop(cell, X, W, WTp, b, h0, c0, Hs, Z, coef, T, N, H, n0, n1, blas):
+def forward_loop(cell, X, W, WTp, pw, b, h0, c0, Hs, Z, coef, T, N, H, n0, n1, blas):
     """Every state of samples ``n0 .. n1 - 1`` into ``Hs`` and their saved gates into ``Z``.
 
     ``WTp`` is ``W_hh^T`` with its rows padded to whole vectors (``H x
-    GHp``, zeros beyond ``G H``); ``coef`` (``G H``) is the LSTM's: 2 on the
+    GHp``, zeros beyond ``G H``) in panels of ``pw`` columns
+    (:func:`~.recurrent_numba_simd.panels`; C order for BLAS); ``coef`` (``G H``) is the LSTM's: 2 on the
     ``g``-gate, 1 elsewhere. The gates of a step are kept in rows of ``GHp``.
     """
     G, K = _sizes(cell, H)
@@ -118,7 +119,7 @@ def forward_loop(cell, X, W, WTp, b, h0, c0, Hs, Z, coef, T, N, H, n0, n1, blas)
             else:
                 gemm(NOTRANS, TRANS, NB, GH, H, hp, ho, H, W, 0, H, 1.0, gh, 0, GHp)
         else:
-            rows_times(gh, _U(0), GHp, hp, ho, H, _U(1), H, WTp, GHp, GHp, NB, True)
+            rows_times(gh, _U(0), GHp, hp, ho, H, _U(1), H, WTp, pw, GHp, NB, True)
         so = r0 * H  # the group's states at step t
         if cell == 0:
             for k in range(padded(NB * GHp)):
@@ -179,19 +180,21 @@ def forward_loop(cell, X, W, WTp, b, h0, c0, Hs, Z, coef, T, N, H, n0, n1, blas)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def forward_chunks(cell, X, W, WTp, b, h0, c0, Hs, Z, coef, T, N, H, nchunks, blas):
+def forward_chunks(cell, X, W, WTp, pw, b, h0, c0, Hs, Z, coef, T, N, H, nchunks, blas):
     """:func:`forward_loop` on ``nchunks`` contiguous groups of the batch, one per thread."""
     for c in prange(nchunks):
         g = _U(c)  # prange's index is signed
-        forward_loop(cell, X, W, WTp, b, h0, c0, Hs, Z, coef, T, N, H, g * N // nchunks, (g + _U(1)) * N // nchunks,
-                     blas)
+        forward_loop(cell, X, W, WTp, pw, b, h0, c0, Hs, Z, coef, T, N, H, g * N // nchunks,
+                     (g + _U(1)) * N // nchunks, blas)
 
 
 @njit(cache=True, error_model="numpy", boundscheck=False)
-def backward_loop(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWp, db, dh_all, dc_all, dGn, T, N, H, n0, n1, blas, blas_dw):
+def backward_loop(cell, W, Wp, pw, h0, c0, Hs, Z, dHs, dX, dWp, db, dh_all, dc_all, dGn, T, N, H, n0, n1, blas,
+                  blas_dw):
     """Backprop of samples ``n0 .. n1 - 1`` through all steps, last to first: ``dX``, ``db`` and ``dW``.
 
-    ``Wp`` is ``W_hh`` with rows padded to whole vectors (``G H x Hp``).
+    ``Wp`` is ``W_hh`` with rows padded to whole vectors (``G H x Hp``) in
+    panels of ``pw`` columns (:func:`~.recurrent_numba_simd.panels`).
     ``dh_all`` (``dc_all``), ``(N, H)``: the adjoint arriving at the last
     state on entry, ``dh0`` (``dc0``) on return (the group's rows).
     ``dWp`` (``G H x Hp``, the same padding) and ``db`` (float64) are added to;
@@ -331,7 +334,7 @@ def backward_loop(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWp, db, dh_all, dc_all, 
                 for j in range(H):
                     hq[n * Hp + j] = hp[ho + n * H + j]
             rows_times(dWp, _U(0), Hp, src, go, _U(1), GH, NB, hq, Hp, Hp, GH, True)
-        rows_times(dh, _U(0), Hp, src, go, GH, _U(1), GH, Wp, Hp, Hp, NB, gru)
+        rows_times(dh, _U(0), Hp, src, go, GH, _U(1), GH, Wp, pw, Hp, NB, gru)
     for n in range(NB):
         for j in range(H):
             dh_all[(n0 + n) * H + j] = dh[n * Hp + j]
@@ -340,7 +343,7 @@ def backward_loop(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWp, db, dh_all, dc_all, 
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def backward_chunks(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWs, dbs, dh, dc, dGn, T, N, H, nchunks, blas, blas_dw):
+def backward_chunks(cell, W, Wp, pw, h0, c0, Hs, Z, dHs, dX, dWs, dbs, dh, dc, dGn, T, N, H, nchunks, blas, blas_dw):
     """:func:`backward_loop` on ``nchunks`` contiguous groups of the batch, one per thread.
 
     ``dWs`` ``(nchunks, G H Hp)`` and ``dbs`` ``(nchunks, G H)``: zeros on
@@ -348,5 +351,5 @@ def backward_chunks(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWs, dbs, dh, dc, dGn, 
     """
     for c in prange(nchunks):
         g = _U(c)
-        backward_loop(cell, W, Wp, h0, c0, Hs, Z, dHs, dX, dWs[c], dbs[c], dh, dc, dGn, T, N, H, g * N // nchunks,
+        backward_loop(cell, W, Wp, pw, h0, c0, Hs, Z, dHs, dX, dWs[c], dbs[c], dh, dc, dGn, T, N, H, g * N // nchunks,
                       (g + _U(1)) * N // nchunks, blas, blas_dw)
