@@ -29,7 +29,8 @@ product then sum / fused): ``16 x 256`` times ``256 x 64`` 5.85 / 4.58 us,
 and fused, against paired with itself and not, ``1 x 256`` times
 ``256 x 64``: 0.36 against 0.76 us. A vector reads and writes whole rows
 of ``lanes`` values: the matrices these products take have rows padded to a
-multiple of :func:`lanes` (the caller pads them with zeros).
+multiple of :func:`lanes` (the caller pads them with zeros), and ``B`` is
+kept in panels of :data:`PANEL_VECTORS` vectors' columns (:func:`panels`).
 
 Importing this module imports numba. numba's on-disk cache keys a compiled
 function on its own file only: after editing this module, delete the cached
