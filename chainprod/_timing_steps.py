@@ -24,15 +24,31 @@ import numpy as np
 from ._timing import Timing, time_passes
 from .layers import Dense
 
-__all__ = ["thread_limit", "grad_clearer", "measure_call", "measure_matmuls", "measure_torch_step"]
+__all__ = ["SETTLE_SECONDS", "thread_limit", "grad_clearer", "measure_call", "measure_matmuls",
+           "measure_torch_step"]
 
 
 # -- a torch model's training step, any call, and the BLAS floor --------------------------------------
+#: seconds a row waits before it starts for BLAS threads of earlier work to stop spinning: OpenBLAS's
+#: threads spin 2^28 cycles after a call (its default; about 0.1 s) before they sleep
+SETTLE_SECONDS = 0.2
+
+
 @contextlib.contextmanager
 def thread_limit(P):
     """Run the block on ``P`` threads: torch's intra-op threads (if torch is loaded), numba's (if loaded) and BLAS.
 
-    All are restored afterwards. numba's count matters even on the
+    All are restored afterwards. The block starts :data:`SETTLE_SECONDS`
+    later, once the threads of the BLAS calls before it sleep: OpenBLAS's
+    threads spin for about 0.1 s after a call (numpy's library; chainprod's
+    kernels load scipy's with a shorter spin), and a row timed while they
+    spin shares the cores with them. On the 2-core development VM
+    ``cp.torch_backward`` of an MLP (width 256, depth 8, batch 128, float32)
+    on two threads took 2.2 or 6.3 ms a call, alternately, in the 0.1 s after
+    a numpy product on two threads, and torch's own step 6.6 ms against 2.6
+    (its first step after the product 116 ms). Shutting the threads down
+    instead made it worse: setting a library's thread count (threadpoolctl
+    does, around every compiled call) then starts new threads, which spin. numba's count matters even on the
     ``vectorized`` backend: the compiled kernels cut a large batch over
     numba's threads, so a row said to run on one thread must not find two.
     Without threadpoolctl, BLAS keeps its own thread count (``pip install
@@ -62,6 +78,7 @@ def thread_limit(P):
         if torch is not None:
             torch.set_num_threads(int(P))
             stack.callback(torch.set_num_threads, before)
+        time.sleep(SETTLE_SECONDS)
         yield
 
 
