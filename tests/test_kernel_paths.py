@@ -187,7 +187,7 @@ def test_without_a_way_to_limit_blas_threads_parallel_regions_keep_out_of_blas(m
     x, cotangent = inputs(chain, 6, np.float64)
     Y, _ = ref.forward(pc, x)
     V = np.random.default_rng(4).standard_normal(pc.tape_size(6))
-    monkeypatch.setattr(numba_blas, "_BLAS_LIMITER", False)
+    monkeypatch.setattr(numba_blas, "_BLAS_LIBRARIES", False)
     monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)
     with numba_blas.one_blas_thread() as limited:
         assert limited is False
@@ -399,3 +399,29 @@ def test_the_batch_of_one_plan_kept_on_a_packed_chain_follows_every_crossover_ch
             # one sample's products follow the "row" form, a batch's the "rows" form
             assert k.serial_plan(pc, 1)[1] == limit and k.serial_plan(pc, 2)[1] == limit + 100
     assert k.serial_plan(pc, 1) == plain
+
+
+def test_blas_threads_limits_every_blas_library_and_restores_each_count():
+    """Inside the block every BLAS library loaded runs ``n`` threads; after it, each has its own count back."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from chainprod.kernels import numba_blas
+
+    if not numba_blas.blas_available():
+        pytest.skip("numba finds no BLAS here")
+
+    def counts():
+        return sorted((i["filepath"], i["num_threads"]) for i in threadpoolctl.threadpool_info()
+                      if i["user_api"] == "blas")
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):  # restores every library's count at the end
+        libs = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+        libs[0].set_num_threads(1)  # with two libraries loaded, they start from different counts
+        before = counts()
+        assert dict(before)[libs[0].filepath] == 1
+        with numba_blas.blas_threads(2) as limited:
+            assert limited is True
+            assert all(n == 2 for _, n in counts())
+            with numba_blas.blas_threads(3):  # nested: set back to the outer block's count
+                assert all(n == 3 for _, n in counts())
+            assert all(n == 2 for _, n in counts())
+        assert counts() == before

@@ -166,32 +166,56 @@ def warm_up():
         gemm(NOTRANS, NOTRANS, 1, 1, 1, one, 0, 1, one, 0, 1, 0.0, out, 0, 1)
 
 
-_BLAS_LIMITER = None
+_BLAS_LIBRARIES = None
 
 
-def _limiter():
-    """A threadpoolctl controller of the BLAS libraries now loaded, or False (made once)."""
-    global _BLAS_LIMITER
-    if _BLAS_LIMITER is None:
+def _libraries():
+    """threadpoolctl's controllers of the BLAS libraries now loaded, or False without threadpoolctl (made once)."""
+    global _BLAS_LIBRARIES
+    if _BLAS_LIBRARIES is None:
         if importlib.util.find_spec("threadpoolctl") is None:
-            _BLAS_LIMITER = False
+            _BLAS_LIBRARIES = False
         else:
             from threadpoolctl import ThreadpoolController
 
             blas_available()  # scipy's BLAS is loaded by now, so the controller sees it
-            _BLAS_LIMITER = ThreadpoolController().select(user_api="blas")
-    return _BLAS_LIMITER
+            _BLAS_LIBRARIES = tuple(ThreadpoolController().select(user_api="blas").lib_controllers)
+    return _BLAS_LIBRARIES
 
 
-@contextlib.contextmanager
-def blas_threads(n):
-    """Limit BLAS to ``n`` threads inside the block; yields False (and limits nothing) without threadpoolctl."""
-    lim = _limiter()
-    if not lim:
-        yield False
-        return
-    with lim.limit(limits=int(n)):
-        yield True
+class blas_threads:
+    """Limit BLAS to ``n`` threads inside the block; ``as`` gives False (and limits nothing) without threadpoolctl.
+
+    Each library's count is read and set directly, and set back on exit only
+    where it changed: threadpoolctl's own ``limit`` reads every library's
+    version and architecture on entry, 16 us of every compiled call that
+    limits BLAS (twice in a training step; measured, two libraries loaded).
+    """
+
+    __slots__ = ("n", "saved")
+
+    def __init__(self, n):
+        self.n = int(n)
+        self.saved = ()
+
+    def __enter__(self):
+        libs = _libraries()
+        if not libs:
+            return False
+        saved = []
+        for lib in libs:
+            before = lib.get_num_threads()
+            if before != self.n:
+                lib.set_num_threads(self.n)
+                saved.append((lib, before))
+        self.saved = saved
+        return True
+
+    def __exit__(self, *exc):
+        for lib, before in self.saved:
+            lib.set_num_threads(before)
+        self.saved = ()
+        return False
 
 
 def one_blas_thread():
