@@ -24,7 +24,7 @@ from .errors import NonFiniteError  # also re-exported for users of chainprod.gr
 from .executors import EXECUTORS, Executor, Trace, get_executor, valid_backends
 from .forward_methods import add_forward_note, chain_tape
 from .layers import Chain
-from .quick import chain_profile, serve, serve_backward, shared_ones
+from .quick import chain_profile, mse_terms, serve, serve_backward, shared_ones
 from .schedules import Schedule
 from .tape import Tape, forward, layer_tape, resolve_kernels
 
@@ -42,11 +42,11 @@ def _sum_cotangent(out, y):
 
 
 def _mse_value(out, y):
-    return np.mean((out - y) ** 2)
+    return mse_terms(out, y)[0]
 
 
 def _mse_cotangent(out, y):
-    return 2.0 * (out - y) / out.size
+    return mse_terms(out, y)[1]
 
 
 LOSSES = {
@@ -117,13 +117,21 @@ def _loss(tape, y, loss, want_value):
             raise TypeError(f"y is {y.dtype} but the chain is {out.dtype}")
     if not want_value and loss == "sum":
         return None, shared_ones(out.shape, out.dtype)
-    value_fn, cotangent_fn = LOSSES[loss]
     # Finite outputs far from y can overflow the squares (the value is then inf, the correctly rounded
     # answer) or the difference (an infinite cotangent, which the backward pass reports as a NonFiniteError
     # naming the layers): numpy's RuntimeWarning would only repeat that, without the layers.
     with np.errstate(over="ignore", invalid="ignore"):
-        value, cotangent = (float(value_fn(out, y)) if want_value else None), cotangent_fn(out, y)
-    if not np.isfinite(cotangent).all():
+        if loss == "mse":
+            value, cotangent = mse_terms(out, y)
+            # a finite sum of squares holds only finite differences, and (out - y) * (2 / n) is then finite:
+            # the cotangent is read again only where the squares overflowed or met a NaN
+            finite = np.isfinite(value) or bool(np.isfinite(cotangent).all())
+            value = value if want_value else None
+        else:
+            value_fn, cotangent_fn = LOSSES[loss]
+            value, cotangent = (float(value_fn(out, y)) if want_value else None), cotangent_fn(out, y)
+            finite = bool(np.isfinite(cotangent).all())
+    if not finite:
         L = len(tape.chain)
         raise NonFiniteError(f"the cotangent of the {loss} loss overflowed: the model output (layer {L - 1}) and "
                              f"the targets y are too far apart for {out.dtype}", (L - 1, L - 1))

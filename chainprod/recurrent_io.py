@@ -150,13 +150,16 @@ def loss_terms(Hs, y, loss, *, batch_first, dtype, ws=None):
     if yy.dtype != dtype:
         raise TypeError(f"y is {yy.dtype} but the model is {dtype}: pass y in the model's dtype")
     yy = yy.transpose(1, 0, 2) if batch_first else yy
-    bad = _first_bad_step(yy)
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.subtract(Hs, yy, out=dH)
+        rows = diff.reshape(diff.shape[0], -1)
+        # no squared copy: a sum per step in the dtype (short), the steps' sums in float64
+        value = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) / diff.size
+    # the states are finite (checked as they were made): a finite value leaves no NaN or infinity in y, so
+    # y is searched for one (the step named) only when the value is not finite
+    bad = None if np.isfinite(value) else _first_bad_step(yy)
     if bad is not None:
         raise ValueError(f"y: contains NaN or infinity at step t={bad[0]}")
-    diff = np.subtract(Hs, yy, out=dH)
-    rows = diff.reshape(diff.shape[0], -1)
-    # no squared copy: a sum per step in the dtype (short), the steps' sums in float64
-    value = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) / diff.size
     diff *= Hs.dtype.type(2.0 / diff.size)
     return value, diff
 

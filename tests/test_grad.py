@@ -345,9 +345,13 @@ def test_an_overflowing_loss_raises_no_runtime_warning(kernels):
         assert value == np.inf and g[0][0].tolist() == [[2e200]] and g[0][1].tolist() == [2e200]
         with pytest.raises(cp.NonFiniteError, match="layer 1"):  # then the gradient overflows: said with the layer
             cp.value_and_grad(two, x, y, kernels=kernels, method="backprop")
+        # the cotangent is (out - y) * (2 / n): with one output, 2 (out - y) overflows though out - y does not
         with pytest.raises(cp.NonFiniteError, match="cotangent of the mse loss overflowed") as e:
-            cp.value_and_grad(small, x, np.full((2, 1), -1.7e308), kernels=kernels)
+            cp.value_and_grad(small, x[:1], np.full((1, 1), -1.7e308), kernels=kernels)
     assert e.value.layers == (0, 0)
+    # with two outputs, (out - y) * (2 / 2) is finite: the gradient's sum over the batch is what overflows
+    with pytest.raises(cp.NonFiniteError, match="parameter gradient of layer 0"):
+        cp.value_and_grad(small, x, np.full((2, 1), -1.7e308), kernels=kernels)
 
 
 def test_backprop_does_not_fail_on_unneeded_input_jacobian():
