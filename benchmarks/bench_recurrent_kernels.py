@@ -183,6 +183,10 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=3, help="calls of a row in a row, per round")
     ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "torch", "jax", "floor"])
     args = ap.parse_args(argv)
+    if "torch" not in args.skip:
+        from chainprod._timing_steps import load_torch_first
+
+        load_torch_first()  # before numba's threads start (set_threads): torch's P = 2 steps were 8x slower
     if args.quick:
         args.hidden, args.steps, args.threads = [8, 20], [1000], [1]
     dtype = np.dtype(args.dtype)

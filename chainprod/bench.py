@@ -64,6 +64,7 @@ import numpy as np
 
 from . import cost
 from ._timing import backprop_kernels, library_versions, machine_info, machine_label
+from ._timing_steps import load_torch_first
 from .bench_rows import (
     BASELINES,
     BOUNDS,
@@ -359,6 +360,8 @@ def run_sweep(sweep: Sweep, out_dir: str, *, progress="auto", command=None, log=
 
 
 def _sweep(sweep, out_dir, progress, command, log, model, wait, interrupts):
+    if sweep.torch_models or sweep.sequences:
+        load_torch_first()  # before the sweep's first compiled call starts numba's threads (why: load_torch_first)
     model = model or cost.load_model()
     info = machine_info()
     label = machine_label(info)

@@ -21,6 +21,7 @@ from importlib.metadata import version
 import numpy as np
 
 from . import cost
+from ._timing_steps import load_torch_first
 from ._validate import FLOAT_DTYPES
 from .bench import BASELINES, PRESETS, SHARDED, Sweep, read_results, run_sweep
 from .bench_sequences import add_sequence_arguments
@@ -301,6 +302,8 @@ def _bench(a, interrupts):
     say = (lambda *args, **kw: None) if a.quiet else print
     sweep = _sweep_from_args(a)
     cmd = "chainprod " + " ".join(shlex.quote(x) for x in a._argv)
+    if sweep.torch_models or sweep.sequences:
+        load_torch_first()  # before calibrating starts numba's threads (why: load_torch_first)
     notes = [] if a.no_calibrate else [_calibrate_if_needed(sweep, a.quick, say)]
     interrupts.check()
     meta = run_sweep(sweep, a.out, progress="none" if (a.quiet or a.no_progress) else "auto", command=cmd, log=say,

@@ -610,3 +610,31 @@ def test_a_thread_limit_entered_first_in_a_process_reaches_numba_and_every_blas(
     numba_threads, libraries, most = map(int, out.stdout.split())
     assert numba_threads == 1 and most == 1, out.stdout + out.stderr
     assert libraries >= 1
+
+
+def test_a_sweep_with_torch_rows_loads_torch_before_numba_starts_its_threads(tmp_path):
+    """A sweep whose chain rows start numba's threads before its torch rows has torch loaded by then.
+
+    numba's ``omp`` layer started before torch loads made torch's two-thread steps 8x slower
+    (``_timing_steps.load_torch_first``). The first start of numba's threads is watched in a fresh process.
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    pytest.importorskip("numba")
+    code = ("import sys\n"
+            "import numba.np.ufunc.parallel as par\n"
+            "seen, launch = [], par._launch_threads\n"
+            "def watch():\n"
+            "    seen.append('torch' in sys.modules)\n"
+            "    launch()\n"
+            "par._launch_threads = watch\n"
+            "from chainprod.bench import Sweep, run_sweep\n"
+            "sweep = Sweep(depths=[16], widths=[8], workers=[2], backends=['threads'], structures=['dense'],\n"
+            "              baselines=['backprop'], torch_models=[(8, 2, 4, 'float32')], repeats=1)\n"
+            "run_sweep(sweep, sys.argv[1], progress='none', log=lambda *a: None)\n"
+            "print(seen[:1])\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[True]"], out.stdout
