@@ -70,9 +70,11 @@ def thread_limit(P):
     a numpy product on two threads, and torch's own step 6.6 ms against 2.6
     (its first step after the product 116 ms). Shutting the threads down
     instead made it worse: setting a library's thread count (threadpoolctl
-    does, around every compiled call) then starts new threads, which spin. numba's count matters even on the
-    ``vectorized`` backend: the compiled kernels cut a large batch over
-    numba's threads, so a row said to run on one thread must not find two.
+    does, around every compiled call) then starts new threads, which spin.
+
+    numba's count matters even on the ``vectorized`` backend: the compiled
+    kernels cut a large batch over numba's threads, so a row said to run on
+    one thread must not find two.
     Without threadpoolctl, BLAS keeps its own thread count (``pip install
     threadpoolctl``). XLA's pool is not reached.
     """

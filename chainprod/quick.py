@@ -43,7 +43,7 @@ __all__ = ["chain_profile", "local_method", "mse_terms", "serve", "serve_backwar
 _ONES: dict = {}
 
 
-def mse_terms(out, y):
+def mse_terms(out, y, into=None):
     """``(value, cotangent)`` of the mean squared error of ``out`` against ``y``, ``out - y`` formed once.
 
     The value is the squares' sum per row in the arrays' dtype, the rows' sums
@@ -54,9 +54,10 @@ def mse_terms(out, y):
     128 x 256 float32. A finite value holds only finite differences, and then
     a finite cotangent: callers read the cotangent for NaN or infinity only
     where the value is not finite. numpy's overflow warnings are the caller's
-    to silence.
+    to silence. The cotangent is written into ``into`` where given (shaped
+    like ``out``: a workspace's array), else into a new array.
     """
-    d = np.subtract(out, y)
+    d = np.subtract(out, y, out=into)
     rows = d.reshape(d.shape[0], -1)
     value = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) / d.size  # no squared copy
     return value, np.multiply(d, d.dtype.type(2.0 / d.size), out=d)

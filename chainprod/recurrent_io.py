@@ -17,6 +17,7 @@ from .cost import AUTO, valid_schedules
 from .errors import NonFiniteError
 from .executors import EXECUTORS, Executor, valid_backends
 from .kernels.recurrent import default_recurrent_kernels
+from .quick import mse_terms
 
 __all__ = ["LOSSES", "check_finite_states", "check_options", "loss_terms", "read_sequence", "read_state",
            "resolve_kernels", "resolve_loss"]
@@ -151,17 +152,13 @@ def loss_terms(Hs, y, loss, *, batch_first, dtype, ws=None):
         raise TypeError(f"y is {yy.dtype} but the model is {dtype}: pass y in the model's dtype")
     yy = yy.transpose(1, 0, 2) if batch_first else yy
     with np.errstate(over="ignore", invalid="ignore"):
-        diff = np.subtract(Hs, yy, out=dH)
-        rows = diff.reshape(diff.shape[0], -1)
-        # no squared copy: a sum per step in the dtype (short), the steps' sums in float64
-        value = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) / diff.size
+        value, dH = mse_terms(Hs, yy, into=dH)  # the squares summed per step, the steps' sums in float64
     # the states are finite (checked as they were made): a finite value leaves no NaN or infinity in y, so
     # y is searched for one (the step named) only when the value is not finite
     bad = None if np.isfinite(value) else _first_bad_step(yy)
     if bad is not None:
         raise ValueError(f"y: contains NaN or infinity at step t={bad[0]}")
-    diff *= Hs.dtype.type(2.0 / diff.size)
-    return value, diff
+    return value, dH
 
 
 def check_options(method, backend):

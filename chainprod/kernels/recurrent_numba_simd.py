@@ -200,6 +200,8 @@ def padded_width(n, dtype):
 #: vectors in a panel's row: :func:`rows_times` reads ``B`` in panels of this many vectors' columns, each
 #: panel contiguous (:func:`panels`), and a lone row takes a panel's row eight vectors at a time
 PANEL_VECTORS = 8
+
+
 def panel_width(dtype):
     """Columns in one panel of ``B`` (:data:`PANEL_VECTORS` vectors of ``dtype``)."""
     return PANEL_VECTORS * (VECTOR_BYTES // np.dtype(dtype).itemsize)
@@ -273,14 +275,11 @@ def rows_times(out, oo, ostride, a, ao, astride, astep, K, B, pw, width, NB, acc
         a0 = ao + n * astride
         a1 = a0 + astride
         c = zero
-        p0 = zero  # the panel of column c: columns p0 .. p0 + w - 1, row k of column c at p0 K + k w + c - p0
+        p0 = zero  # the panel of column c: columns p0 .. p0 + w - 1 (_panel_of)
         w = min(pw, width)
         while c < width:  # a block never crosses a panel's edge: panels are whole multiples of 4 L wide
             left = width - c
-            if c - p0 == w:
-                p0 = c
-                w = min(pw, width - c)
-            b = p0 * K + (c - p0)
+            p0, w, b = _panel_of(c, p0, w, pw, width, K)
             if left >= L4:
                 _block(out, o0 + c, o1 + c, a, a0, a1, astep, K, B, b, w, L, 4, accumulate)
                 c += L4
@@ -301,6 +300,20 @@ def rows_times(out, oo, ostride, a, ao, astride, astep, K, B, pw, width, NB, acc
 _ONE = np.uint64(1)
 
 
+@njit(cache=True, inline="always")
+def _panel_of(c, p0, w, pw, width, K):
+    """``(p0, w, b)`` at column ``c``: its panel (columns ``p0 .. p0 + w - 1``) and where row 0 of ``c`` is in ``B``.
+
+    ``p0, w`` are the panel of the block before (a block never crosses a
+    panel's edge), moved on where ``c`` starts the next; row ``k`` of column
+    ``c`` is at ``b + k w``. Only integers: inlined, it takes no reference.
+    """
+    if c - p0 == w:
+        p0 = c
+        w = min(pw, width - c)
+    return p0, w, p0 * K + (c - p0)
+
+
 @njit(cache=True, inline="always", error_model="numpy", boundscheck=False)
 def _one_row(out, o0, a, a0, astep, K, B, pw, width, L, accumulate):
     """:func:`rows_times` of one row: up to eight vectors of it at a time (eight sums in flight)."""
@@ -311,10 +324,7 @@ def _one_row(out, o0, a, a0, astep, K, B, pw, width, L, accumulate):
     w = min(pw, width)
     while c < width:
         left = width - c
-        if c - p0 == w:
-            p0 = c
-            w = min(pw, width - c)
-        b = p0 * K + (c - p0)
+        p0, w, b = _panel_of(c, p0, w, pw, width, K)
         if left >= L8:
             _row_block(out, o0 + c, a, a0, astep, K, B, b, w, L, 8, accumulate)
             c += L8
