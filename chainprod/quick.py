@@ -37,8 +37,8 @@ from .kernels import LayerGrads, get_kernels, pack
 from .layers import Chain
 from .tape import Tape, resolve_kernels
 
-__all__ = ["chain_profile", "local_method", "mse_terms", "serve", "serve_backward", "shared_ones", "try_backward",
-           "try_grad"]
+__all__ = ["chain_profile", "local_method", "mse_terms", "serve", "serve_backward", "shared_ones", "sum_of_squares",
+           "try_backward", "try_grad"]
 
 _ONES: dict = {}
 
@@ -46,8 +46,8 @@ _ONES: dict = {}
 def mse_terms(out, y, into=None):
     """``(value, cotangent)`` of the mean squared error of ``out`` against ``y``, ``out - y`` formed once.
 
-    The value is the squares' sum per row in the arrays' dtype, the rows' sums
-    in float64, over the number of entries; the cotangent is ``(out - y) *
+    The value is :func:`sum_of_squares` of the difference over the number of
+    entries; the cotangent is ``(out - y) *
     (2 / n)`` in the dtype, as torch's ``mse_loss`` forms its gradient. Three
     passes over memory where the value and the cotangent apart took eight
     (the mean of a squared copy, then ``2 (out - y) / n``): 22 -> 10 us at
@@ -58,9 +58,25 @@ def mse_terms(out, y, into=None):
     like ``out``: a workspace's array), else into a new array.
     """
     d = np.subtract(out, y, out=into)
-    rows = d.reshape(d.shape[0], -1)
-    value = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) / d.size  # no squared copy
-    return value, np.multiply(d, d.dtype.type(2.0 / d.size), out=d)
+    return sum_of_squares(d) / d.size, np.multiply(d, d.dtype.type(2.0 / d.size), out=d)
+
+
+#: values per piece of :func:`sum_of_squares`
+SQUARES_PIECE = 1024
+
+
+def sum_of_squares(a):
+    """The sum of the squares of ``a``'s values: pieces of :data:`SQUARES_PIECE` in its dtype, their sums in float64.
+
+    Pieces of the flat array (a copy where ``a`` is not contiguous), not rows: numpy's row-wise product costs a call
+    per row, and the recurrent models' states have rows of ``N H`` values (a
+    float32 ``(1000, 1, 8)`` array: 16.7 us by rows of 8, 2.6 us in pieces).
+    """
+    flat = a.reshape(-1)
+    whole = flat.size - flat.size % SQUARES_PIECE
+    rows = flat[:whole].reshape(-1, SQUARES_PIECE)
+    tail = flat[whole:]
+    return float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) + float(np.dot(tail, tail))
 
 
 def shared_ones(shape, dtype):

@@ -41,6 +41,7 @@ from .recurrent_io import (
     resolve_loss,
 )
 from .recurrent_layers import backward_layers, run_layers
+from .recurrent_quick import try_value_and_grad
 
 __all__ = ["GRU", "LSTM", "RNN", "Recurrent"]
 
@@ -322,6 +323,10 @@ class Recurrent:
         ``forward_options``: the forward pass (:func:`chainprod.grad`). Torch,
         JAX or CuPy inputs: :func:`chainprod.recurrent_array.value_and_grad`.
         """
+        done = try_value_and_grad(self, x, y, loss, method, backend, workers, return_trace, engine_options, kernels, h0,
+                                  with_inputs, forward, forward_options)
+        if done is not None:  # the common call of a training loop, on its short path (why: recurrent_quick)
+            return done
         if is_foreign(x, y, h0):  # torch, JAX or CuPy arrays: computed in their library, on their device
             return recurrent_array.value_and_grad(
                 self, x, y, loss=loss, method=method, backend=backend, workers=workers, return_trace=return_trace,

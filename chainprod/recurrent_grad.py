@@ -26,7 +26,7 @@ from .blocks import BlockSeq, Segment
 from .cost import AUTO, predict, predict_backprop, resolve_schedule
 from .recurrence import best_seconds, linear_recurrence
 
-__all__ = ["auto_uses_scan", "scan_backward", "state_jacobians", "step_grads"]
+__all__ = ["auto_uses_scan", "probe_scan", "probed_loop_wins", "scan_backward", "state_jacobians", "step_grads"]
 
 
 def _chunks(a, H, k):
@@ -165,6 +165,22 @@ PROBE_STEPS = 256
 _CHOICES = PlanCache(maxsize=128)
 
 
+def _probe_key(cell, sched, X_shape, H, dtype, backend, workers, kern_name):
+    T, N, GH = X_shape
+    return (cell, sched, min(T, PROBE_STEPS), (N, GH), H, str(dtype), str(getattr(backend, "name", backend)), workers,
+            kern_name)
+
+
+def probed_loop_wins(cell, sched, X_shape, H, dtype, backend, workers, kern_name):
+    """True where :func:`probe_scan` has already timed backprop through time faster than ``sched`` for this problem.
+
+    False where it has not been timed (in this process, since the caches were
+    last cleared) or the scan won. Measures nothing.
+    """
+    known = _CHOICES.peek(_probe_key(cell, sched, X_shape, H, dtype, backend, workers, kern_name))
+    return known is not None and not known[1] < known[0]
+
+
 def probe_scan(kern, kern_name, sched, args, *, backend, workers):
     """Seconds per step of the kernel set's ``backward`` and of the scan ``sched``, on the first steps of ``args``.
 
@@ -178,8 +194,7 @@ def probe_scan(kern, kern_name, sched, args, *, backend, workers):
     cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs = args
     Tp = min(X.shape[0], PROBE_STEPS)
     part = (cell, X[:Tp], W_hh, b_hh, h0, c0, Hs[:Tp], Z[:Tp], dHs[:Tp])
-    key = (cell, sched, Tp, X.shape[1:], Hs.shape[2], str(X.dtype), str(getattr(backend, "name", backend)), workers,
-           kern_name)
+    key = _probe_key(cell, sched, X.shape, Hs.shape[2], X.dtype, backend, workers, kern_name)
 
     def measure():
         loop = best_seconds(lambda: kern.backward(*part), 3) / Tp

@@ -19,8 +19,8 @@ from .executors import EXECUTORS, Executor, valid_backends
 from .kernels.recurrent import default_recurrent_kernels
 from .quick import mse_terms
 
-__all__ = ["LOSSES", "check_finite_states", "check_options", "loss_terms", "read_sequence", "read_state",
-           "resolve_kernels", "resolve_loss"]
+__all__ = ["LOSSES", "all_finite_steps", "check_finite_states", "check_options", "loss_terms", "read_sequence",
+           "read_state", "resolve_kernels", "resolve_loss"]
 
 LOSSES = ("sum", "mse")
 
@@ -33,15 +33,23 @@ def _first_bad_step(arr):
     """The first step ``t`` (axis 0) holding a NaN or infinity, and the index inside it; None if all finite."""
     # the common case: np.isfinite over blocks of steps of about 2^20 values (a bounded temporary); a float64
     # sum of the values, tried before, took 103 against 28 us on 320 000 float32 values (the cast)
-    T = arr.shape[0]
-    k = max(1, (1 << 20) // max(1, arr[:1].size))
-    if all(np.isfinite(arr[t:t + k]).all() for t in range(0, T, k)):
-        return None
+    if arr.size <= 1 << 20:  # one block: no generator (a few us of a short sequence's call)
+        if np.isfinite(arr).all():
+            return None
+    else:
+        k = max(1, (1 << 20) // max(1, arr[:1].size))
+        if all(np.isfinite(arr[t:t + k]).all() for t in range(0, arr.shape[0], k)):
+            return None
     bad = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
     if not bad.any():
         return None
     t = int(np.flatnonzero(bad)[0])
     return t, tuple(int(i) for i in np.argwhere(~np.isfinite(arr[t]))[0])
+
+
+def all_finite_steps(arr) -> bool:
+    """True when the array ``arr`` (time first) holds no NaN or infinity (checked in blocks of steps)."""
+    return _first_bad_step(arr) is None
 
 
 def read_sequence(x, *, input_size, batch_first, dtype, what="input"):

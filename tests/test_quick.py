@@ -297,3 +297,23 @@ def test_the_local_method_is_kept_on_the_chain_until_the_caches_are_cleared(monk
     finally:
         monkeypatch.undo()
         cp.clear_caches()
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (5,), (1000, 1, 8), (3, 1024), (7, 300), (2049,)])  # pieces, tails
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sum_of_squares_in_pieces_equals_a_float64_sum(shape, dtype):
+    from chainprod.quick import mse_terms, sum_of_squares
+
+    a = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    want = float(np.sum(a.astype(np.float64) ** 2))
+    got = sum_of_squares(a)
+    assert isinstance(got, float)
+    assert got == pytest.approx(want, rel=1e-6 if dtype == np.float32 else 1e-13, abs=0)
+    if a.ndim == 2:  # a strided view: read through a copy, same sum
+        assert sum_of_squares(a.T) == pytest.approx(want, rel=1e-6 if dtype == np.float32 else 1e-13, abs=0)
+    if a.size:
+        out, y = a + 1, np.ones_like(a)
+        d = (out - y).astype(np.float64)  # the difference as the dtype rounds it
+        value, cot = mse_terms(out, y)
+        assert value == pytest.approx(np.sum(d * d) / a.size, rel=1e-6 if dtype == np.float32 else 1e-13, abs=0)
+        np.testing.assert_allclose(cot, 2 * d / a.size, rtol=1e-6 if dtype == np.float32 else 1e-13)

@@ -152,6 +152,23 @@ def test_panels_layout_and_alignment(dtype):
                 assert flat[p0 * K + k * w + c - p0] == full[k, c], (K, cols, k, c)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_to_panels_of_a_transpose_and_in_c_order(dtype):
+    """``to_panels(b, True, pw)`` is ``panels(b.T)``; a ``pw`` at least the width gives C order, rows padded."""
+    from chainprod.kernels.recurrent_numba_simd import padded_width, panel_width, panels, to_panels
+
+    rng = np.random.default_rng(6)
+    pw = panel_width(dtype)
+    for R, C in ((1, 1), (3, pw + 5), (2 * pw + 1, 4), (20, 80)):
+        b = rng.standard_normal((R, C)).astype(dtype)
+        np.testing.assert_array_equal(to_panels(b, True, np.uint64(pw)), panels(b.T))
+        c_order = to_panels(b, True, np.uint64(1 << 62))
+        assert c_order.ctypes.data % 64 == 0
+        full = np.zeros((C, padded_width(R, dtype)), dtype)
+        full[:, :R] = b.T
+        np.testing.assert_array_equal(c_order.reshape(C, -1), full)
+
+
 def test_float32_activations():
     """The float32 ``sigmoid`` and ``tanh`` within 4e-7 of float64 numpy over their whole range, NaN kept."""
     from numba import njit

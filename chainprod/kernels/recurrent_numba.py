@@ -58,8 +58,7 @@ import numba
 import numpy as np
 
 from . import crossover, numba_blas
-from .recurrent_numba_loops import backward_chunks, backward_loop, forward_chunks, forward_loop
-from .recurrent_numba_simd import padded_width, panel_width, panels
+from .recurrent_numba_loops import backward_call, forward_call
 from .recurrent_numpy import out_arrays, saved_width
 
 __all__ = ["CELLS", "DW_BLAS_MIN", "GATES", "PARALLEL_MIN_WORK", "STEP_BLAS_MIN", "STEP_BLAS_MIN_BATCH", "backward",
@@ -150,28 +149,6 @@ def _one_blas_thread(step_macs, blas):
     return numba_blas.one_blas_thread()
 
 
-def _padded_rows(a):
-    """A C-order copy of the matrix ``a`` with its rows padded with zeros to whole vectors (the products' layout)."""
-    rows, cols = a.shape
-    out = np.zeros((rows, padded_width(cols, a.dtype)), a.dtype)
-    out[:, :cols] = a
-    return out
-
-
-#: ``pw`` for a matrix in C order (one panel as wide as any row)
-_C_ORDER = np.uint64(1 << 62)
-
-
-def _panels(a):
-    """``a`` in the loops' layout (:func:`.recurrent_numba_simd.panels`) and its panel width, unsigned."""
-    return panels(a), np.uint64(panel_width(a.dtype))
-
-
-def _unsigned(*sizes):
-    # the loops take every size unsigned (why: recurrent_numba_loops)
-    return tuple(np.uint64(n) for n in sizes)
-
-
 def _chunks(T, N, GH, H):
     """Groups of the batch to run on numba's threads (1: one loop on the caller's thread).
 
@@ -200,18 +177,8 @@ def forward(cell, X, W_hh, b_hh, h0, c0, out=None):
     Hs, Z = out_arrays(out, ((T, N, H), (T, N, K)), X.dtype)
     nchunks = _chunks(T, N, G * H, H)
     blas = _step_blas(N // nchunks, G * H, H, X.dtype)
-    # the products' rows: a step adds h[k] * W_hh[:, k] to the gates; in panels for the loops, in C order for BLAS
-    WTp, pw = (_padded_rows(W_hh.T), _C_ORDER) if blas else _panels(W_hh.T)
-    coef = np.ones((G, H), X.dtype)
-    if cell == "lstm":
-        coef[2] = 2  # the g-gate's tanh(v) = 2 sigmoid(2 v) - 1, in the sigmoid gates' loop
-    args = (_CODES[cell], X.reshape(-1), W_hh.reshape(-1), WTp.reshape(-1), pw, b_hh, h0.reshape(-1), c0.reshape(-1),
-            Hs.reshape(-1), Z.reshape(-1), coef.reshape(-1), *_unsigned(T, N, H))
     with _one_blas_thread(N * G * H * H, blas):
-        if nchunks == 1:
-            forward_loop(*args, *_unsigned(0, N), blas)
-        else:
-            forward_chunks(*args, _unsigned(nchunks)[0], blas)
+        forward_call(_CODES[cell], X, W_hh, b_hh, h0, c0, Hs, Z, nchunks, blas)
     return Hs, Z
 
 
@@ -239,25 +206,9 @@ def backward(cell, X, W_hh, b_hh, h0, c0, Hs, Z, dHs, dhT=None, dcT=None, out=No
     blas = _step_blas(N // nchunks, GH, H, dtype)
     blas_dw = T * N * GH * H >= DW_BLAS_MIN and T > 0 and numba_blas.blas_available()
     (dX,) = out_arrays(None if out is None else (out,), ((T, N, GH),), dtype)
-    db = np.zeros(GH)  # summed in float64 over every step and sample (why: recurrent_numba_loops)
     dGn = np.empty((T, N, H) if blas_dw and G == 3 else (0, 0, H), dtype)  # the GRU's r * dn, for dW_hh
-    Wp, pw = _panels(W_hh)
-    Hp = padded_width(H, dtype)
-    args = (_CODES[cell], W_hh.reshape(-1), Wp, pw, h0.reshape(-1), c0.reshape(-1), Hs.reshape(-1),
-            Z.reshape(-1), dHs.reshape(-1), dX.reshape(-1))
     with _one_blas_thread(N * GH * H, blas):
-        if nchunks == 1:
-            dWp = np.zeros((GH, Hp), dtype)
-            backward_loop(*args, dWp.reshape(-1), db, dh.reshape(-1), dc.reshape(-1), dGn.reshape(-1),
-                          *_unsigned(T, N, H, 0, N), blas, blas_dw)
-        else:
-            dWs = np.zeros((nchunks, GH * Hp), dtype)  # each group's sums, added up below
-            dbs = np.zeros((nchunks, GH))
-            backward_chunks(*args, dWs, dbs, dh.reshape(-1), dc.reshape(-1), dGn.reshape(-1),
-                            *_unsigned(T, N, H, nchunks), blas, blas_dw)
-            dWp = dWs.sum(axis=0).reshape(GH, Hp)
-            db += dbs.sum(axis=0)
-    dW = np.ascontiguousarray(dWp[:, :H])
+        dW, db = backward_call(_CODES[cell], W_hh, h0, c0, Hs, Z, dHs, dX, dh, dc, dGn, nchunks, blas, blas_dw)
     if blas_dw:
         _dw_after(G, T, N, H, dX, dGn, Hs, h0, dW)
     return dX, dW, db.astype(dtype), dh, (dc if lstm else None)

@@ -50,13 +50,16 @@ from numba import njit, prange
 
 from .numba_blas import NOTRANS, TRANS, gemm
 from .recurrent_numba_act import gate, padded, sigmoid, tanh
-from .recurrent_numba_simd import lanes, prefetch_range, rows_times
+from .recurrent_numba_simd import PANEL_VECTORS, lanes, prefetch_range, rows_times, to_panels
 
-__all__ = ["backward_chunks", "backward_loop", "forward_chunks", "forward_loop"]
+__all__ = ["backward_call", "backward_chunks", "backward_loop", "forward_call", "forward_chunks", "forward_loop"]
 
 # every size, offset and index of the loops is unsigned: numba then indexes an array without the check
 # for a negative index (a select per access that keeps LLVM from seeing consecutive addresses)
 _U = np.uint64
+
+#: ``pw`` for a matrix in C order (one panel as wide as any row): the layout BLAS reads
+C_ORDER = _U(1 << 62)
 
 
 @njit(cache=True, inline="always")
@@ -353,3 +356,72 @@ def backward_chunks(cell, W, Wp, pw, h0, c0, Hs, Z, dHs, dX, dWs, dbs, dh, dc, d
         g = _U(c)
         backward_loop(cell, W, Wp, pw, h0, c0, Hs, Z, dHs, dX, dWs[c], dbs[c], dh, dc, dGn, T, N, H, g * N // nchunks,
                       (g + _U(1)) * N // nchunks, blas, blas_dw)
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False)
+def _panel_cols(a, blas):
+    """The panel width the step's products read ``W_hh`` in: C order for BLAS, else :data:`PANEL_VECTORS` vectors."""
+    return C_ORDER if blas else _U(PANEL_VECTORS) * lanes(a)
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False)
+def forward_call(cell, X, W, b, h0, c0, Hs, Z, nchunks, blas):
+    """The forward pass from the checked arrays of :func:`chainprod.kernels.recurrent_numba.forward`, all in one call.
+
+    ``X`` ``(T, N, G H)``, ``W`` ``(G H, H)``, ``h0`` and ``c0`` ``(N, H)``
+    (``c0`` ``(0, H)`` but for the LSTM), ``Hs`` and ``Z`` the outputs; C
+    order, one dtype. Lays out ``W_hh^T`` for the products and the LSTM's
+    ``coef``, then runs :func:`forward_loop` (or :func:`forward_chunks` on
+    ``nchunks`` groups): what the Python wrapper did in about 20 us a call.
+    """
+    T, N, GH = X.shape
+    H = W.shape[1]
+    pw = _panel_cols(X, blas)
+    WTp = to_panels(W, True, pw)
+    coef = np.ones(GH, X.dtype)
+    if cell == 3:
+        coef[H + H:H + H + H] = 2  # the g-gate's tanh(v) = 2 sigmoid(2 v) - 1, in the sigmoid gates' loop
+    args_X, args_W, args_h0, args_c0 = X.reshape(-1), W.reshape(-1), h0.reshape(-1), c0.reshape(-1)
+    if nchunks == 1:
+        forward_loop(cell, args_X, args_W, WTp, pw, b, args_h0, args_c0, Hs.reshape(-1), Z.reshape(-1), coef, _U(T),
+                     _U(N), _U(H), _U(0), _U(N), blas)
+    else:
+        forward_chunks(cell, args_X, args_W, WTp, pw, b, args_h0, args_c0, Hs.reshape(-1), Z.reshape(-1), coef, _U(T),
+                       _U(N), _U(H), _U(nchunks), blas)
+
+
+@njit(cache=True, error_model="numpy", boundscheck=False)
+def backward_call(cell, W, h0, c0, Hs, Z, dHs, dX, dh, dc, dGn, nchunks, blas, blas_dw):
+    """Backprop through time from :func:`chainprod.kernels.recurrent_numba.backward`'s checked arrays: ``(dW, db)``.
+
+    Shapes as :func:`forward_call`'s; ``dX`` the output, ``dh`` and ``dc``
+    the adjoints arriving at the last state (``dc`` ``(0, H)`` but for the
+    LSTM), overwritten with ``dh0`` and ``dc0``; ``dGn`` as
+    :func:`backward_loop` takes it. Returns ``dW_hh`` ``(G H, H)``, C order
+    (without ``blas_dw``: else zeros, for the caller's products) and
+    ``db_hh`` in float64.
+    """
+    T, N, H = Hs.shape
+    GH = W.shape[0]
+    pw = _panel_cols(Hs, False)  # a step's BLAS reads W as it is stored: the panels serve the loops alone
+    Wp = to_panels(W, False, pw)
+    L = lanes(Hs)
+    Hp = (_U(H) + (L - _U(1))) // L * L
+    args = (cell, W.reshape(-1), Wp, pw, h0.reshape(-1), c0.reshape(-1), Hs.reshape(-1), Z.reshape(-1),
+            dHs.reshape(-1), dX.reshape(-1))
+    if nchunks == 1:
+        dWp = np.zeros(GH * Hp, Hs.dtype)
+        db = np.zeros(GH)  # summed in float64 over every step and sample (why: the module docstring)
+        backward_loop(*args, dWp, db, dh.reshape(-1), dc.reshape(-1), dGn.reshape(-1), _U(T), _U(N), _U(H), _U(0),
+                      _U(N), blas, blas_dw)
+    else:
+        dWs = np.zeros((nchunks, GH * Hp), Hs.dtype)  # each group's sums, added up below
+        dbs = np.zeros((nchunks, GH))
+        backward_chunks(*args, dWs, dbs, dh.reshape(-1), dc.reshape(-1), dGn.reshape(-1), _U(T), _U(N), _U(H),
+                        _U(nchunks), blas, blas_dw)
+        dWp = dWs[0].copy()
+        db = dbs[0].copy()
+        for g in range(1, nchunks):
+            dWp += dWs[g]
+            db += dbs[g]
+    return dWp.reshape(GH, Hp)[:, :H].copy(), db
