@@ -51,7 +51,7 @@ STACK = [
     ["chainprod.autotune", "chainprod.quick"],
     ["chainprod.grad"],
     ["chainprod.products", "chainprod.recurrence", "chainprod.recurrent_io", "chainprod.recurrent_grad",
-     "chainprod.recurrent_layers"],
+     "chainprod.recurrent_layers", "chainprod.recurrent_quick"],
     ["chainprod.recurrent", "chainprod.rnn", "chainprod.ssm_grad", "chainprod.ssm",
      "chainprod.recurrent_array", "chainprod.recurrent_array_cells", "chainprod.ssm_array"],
     ["chainprod.newton_models", "chainprod.newton_steps", "chainprod.newton_solve", "chainprod.newton"],

@@ -10,7 +10,11 @@ How the kernels are built:
 
 - **One compiled loop over every step** per call (:mod:`.recurrent_numba_loops`):
   the Python functions here only check dtypes and shapes, allocate the
-  outputs and choose the paths below. No allocation and no Python per step.
+  outputs and choose the paths below; one compiled call
+  (:func:`~.recurrent_numba_loops.forward_call`, ``backward_call``) lays out
+  ``W_hh`` for the products and runs the loop (the same layout made in
+  numpy, a call's fixed cost was 29 against 10 us forward and 22 against
+  11 us backward at ``H = 8``). No allocation and no Python per step.
 - **Per-step products in registers.** Each step multiplies the ``N``
   states by ``W_hh`` (forward: ``h W_hh^T``; backward: the adjoint
   ``dG W_hh``): :func:`.recurrent_numba_simd.rows_times` keeps up to eight
