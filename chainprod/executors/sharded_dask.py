@@ -277,6 +277,12 @@ class DaskShards:
                     if f.status == "error":
                         self._raise(b, f)
                     if f.status == "cancelled":
+                        gone = self._gone()
+                        if gone:
+                            # a worker left: the scheduler cancels the calls that needed data only it held
+                            # (a replacement's scattered parameters, when its new worker dies before its
+                            # create call runs: seen in the chaos test on a slower host)
+                            raise ShardLost(gone, f"the call on shard {b} was cancelled: its worker left")
                         raise DistributedError(f"dask: the call on shard {b} was cancelled", "dask",
                                                f"shard {b}")
                 if all(f.status == "finished" for f in futs):
