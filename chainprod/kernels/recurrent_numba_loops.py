@@ -419,9 +419,6 @@ def backward_call(cell, W, h0, c0, Hs, Z, dHs, dX, dh, dc, dGn, nchunks, blas, b
         dbs = np.zeros((nchunks, GH))
         backward_chunks(*args, dWs, dbs, dh.reshape(-1), dc.reshape(-1), dGn.reshape(-1), _U(T), _U(N), _U(H),
                         _U(nchunks), blas, blas_dw)
-        dWp = dWs[0].copy()
-        db = dbs[0].copy()
-        for g in range(1, nchunks):
-            dWp += dWs[g]
-            db += dbs[g]
+        dWp = dWs.sum(axis=0)
+        db = dbs.sum(axis=0)
     return dWp.reshape(GH, Hp)[:, :H].copy(), db
